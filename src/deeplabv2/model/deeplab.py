@@ -1,0 +1,176 @@
+"""DeepLab v2: atrous backbone + ASPP head + bilinear upsampling (Chen et al., TPAMI 2018)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..preprocessing import CAFFE_BGR, Preprocessing
+from .aspp import ASPP
+from .resnet import ResNet
+from .vgg import VGG16, VGGASPP
+
+RESNET_DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
+DEFAULT_RATES = (6, 12, 18, 24)
+
+
+class DeepLabV2(nn.Module):
+    """Backbone -> ASPP -> bilinear upsampling.
+
+    ``model(x)`` returns ``(N, C, H, W)`` logits at the input size (bilinear,
+    ``align_corners=False``), in train and eval mode alike; ``model.logits(x)`` returns the
+    stride-8 ``(N, C, h, w)`` scores the paper's loss uses. ``x`` is the preprocessed input
+    (see :attr:`preprocessing`); ``model.preprocess(rgb_uint8)`` produces it.
+
+    ``config`` is the plain dict that :func:`build_model` rebuilds the architecture from; it is
+    saved in this project's checkpoints next to the preprocessing and the backbone layout.
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, config: dict[str, Any],
+                 preprocessing: Preprocessing = CAFFE_BGR):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.config = dict(config)
+        self.preprocessing = preprocessing
+        self.output_stride = 8
+        self.load_report = None  # set by load_weights
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.config["num_classes"])
+
+    @property
+    def layout(self) -> str:
+        return getattr(self.backbone, "layout", "caffe")
+
+    def preprocess(self, images) -> torch.Tensor:
+        """RGB ``uint8`` ``(H, W, 3)``/``(N, H, W, 3)`` -> this model's ``(N, 3, H, W)`` input."""
+        return self.preprocessing(images)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Stride-8 class scores ``(N, C, ceil(H/8), ceil(W/8))`` (for 512x1024: 65x129)."""
+        return self.head(self.backbone(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(self.logits(x), size=x.shape[-2:], mode="bilinear",
+                             align_corners=False)
+
+    # -- optimisation ------------------------------------------------------------------------
+    def param_groups(self, lr: float, weight_decay: float = 5e-4) -> list[dict]:
+        """SGD parameter groups by module ownership (cf. the Caffe solver's lr_mult/decay_mult).
+
+        * ``backbone``: weights at 1x lr with weight decay;
+        * ``backbone_bias``: backbone conv biases (VGG) at 2x lr, no decay;
+        * ``backbone_norm``: BN scale/shift, only when BN is trainable: 1x lr, no decay;
+        * ``head``: ASPP weights at 10x lr with weight decay;
+        * ``head_bias``: ASPP biases at 20x lr, no decay.
+
+        Every trainable parameter is in exactly one group; frozen ones are in none. Each group
+        carries ``lr_mult`` so that a schedule can set ``group["lr"] = lr_mult * base_lr``.
+        """
+        norm_types = (nn.BatchNorm2d, nn.GroupNorm, nn.SyncBatchNorm)
+        norm_params = {id(p) for m in self.backbone.modules() if isinstance(m, norm_types)
+                       for p in m.parameters(recurse=False)}
+        buckets: dict[str, list[nn.Parameter]] = {k: [] for k in
+                                                  ("backbone", "backbone_bias", "backbone_norm",
+                                                   "head", "head_bias")}
+        for p in self.backbone.parameters():
+            if not p.requires_grad:
+                continue
+            key = "backbone_norm" if id(p) in norm_params else (
+                "backbone" if p.ndim > 1 else "backbone_bias")
+            buckets[key].append(p)
+        for p in self.head.parameters():
+            if p.requires_grad:
+                buckets["head" if p.ndim > 1 else "head_bias"].append(p)
+        settings = {"backbone": (1.0, weight_decay), "backbone_bias": (2.0, 0.0),
+                    "backbone_norm": (1.0, 0.0), "head": (10.0, weight_decay),
+                    "head_bias": (20.0, 0.0)}
+        groups = []
+        for name, params in buckets.items():
+            if params:
+                mult, wd = settings[name]
+                groups.append({"name": name, "params": params, "lr": lr * mult,
+                               "lr_mult": mult, "weight_decay": wd})
+        return groups
+
+
+def build_model(config: dict[str, Any], preprocessing: Preprocessing | None = None) -> DeepLabV2:
+    """Build the architecture described by ``config`` (the dict stored as ``model.config``).
+
+    Keys: ``backbone`` ("resnet" or "vgg16"), ``num_classes``, ``atrous_rates``, and for a
+    ResNet ``blocks`` (blocks per stage), ``width`` (stem channels, 64 for the real network),
+    ``frozen_bn`` and ``layout`` ("caffe" or "torchvision").
+    """
+    cfg = dict(config)
+    known = {"backbone", "num_classes", "atrous_rates", "blocks", "width", "frozen_bn", "layout"}
+    unknown = set(cfg) - known
+    if unknown:
+        raise ValueError(f"unknown model config keys {sorted(unknown)}; valid: {sorted(known)}")
+    num_classes = int(cfg["num_classes"])
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    rates = tuple(int(r) for r in cfg.get("atrous_rates", DEFAULT_RATES))
+    cfg["atrous_rates"] = list(rates)
+    kind = cfg.get("backbone", "resnet")
+    if kind == "resnet":
+        blocks = tuple(int(b) for b in cfg.get("blocks", RESNET_DEPTHS[101]))
+        width = int(cfg.get("width", 64))
+        frozen = bool(cfg.get("frozen_bn", True))
+        layout = cfg.get("layout", "caffe")
+        cfg.update(blocks=list(blocks), width=width, frozen_bn=frozen, layout=layout)
+        backbone = ResNet(blocks, frozen_bn=frozen, layout=layout, width=width)
+        head = ASPP(backbone.out_channels, num_classes, rates)
+    elif kind == "vgg16":
+        for k in ("blocks", "width", "frozen_bn", "layout"):
+            if k in cfg:
+                raise ValueError(f"model config key {k!r} does not apply to the vgg16 backbone")
+        backbone = VGG16()
+        head = VGGASPP(backbone.out_channels, num_classes, rates)
+    else:
+        raise ValueError(f"unknown backbone {kind!r}; expected 'resnet' or 'vgg16'")
+    cfg["backbone"] = kind
+    cfg.pop("layout", None)  # the layout follows the weights: read it from model.layout
+    return DeepLabV2(backbone, head, cfg, preprocessing or CAFFE_BGR)
+
+
+def _with_weights(model: DeepLabV2, weights, head: str) -> DeepLabV2:
+    if weights is not None:
+        from ..weights import load_weights
+        load_weights(model, weights, head=head)
+    return model
+
+
+def deeplabv2_resnet101(num_classes: int = 19, *, weights=None, frozen_bn: bool = True,
+                        atrous_rates=DEFAULT_RATES, head: str = "auto") -> DeepLabV2:
+    """DeepLab v2 with the atrous ResNet-101 (the paper's main model).
+
+    ``weights`` is a path to any layout :func:`deeplabv2.load_weights` accepts; the model then
+    follows that file's backbone layout and preprocessing. ``frozen_bn=False`` makes BN
+    trainable (for training from scratch). ``head`` is passed to ``load_weights``.
+    """
+    model = build_model({"backbone": "resnet", "blocks": RESNET_DEPTHS[101],
+                         "num_classes": num_classes, "frozen_bn": frozen_bn,
+                         "atrous_rates": atrous_rates})
+    return _with_weights(model, weights, head)
+
+
+def deeplabv2_resnet50(num_classes: int = 19, *, weights=None, frozen_bn: bool = True,
+                       atrous_rates=DEFAULT_RATES, head: str = "auto") -> DeepLabV2:
+    """DeepLab v2 with an atrous ResNet-50 backbone."""
+    model = build_model({"backbone": "resnet", "blocks": RESNET_DEPTHS[50],
+                         "num_classes": num_classes, "frozen_bn": frozen_bn,
+                         "atrous_rates": atrous_rates})
+    return _with_weights(model, weights, head)
+
+
+def deeplabv2_vgg16(num_classes: int = 21, *, weights=None, atrous_rates=DEFAULT_RATES,
+                    head: str = "auto") -> DeepLabV2:
+    """DeepLab-ASPP-L over VGG-16: four fc6/fc7/fc8 branches, summed."""
+    model = build_model({"backbone": "vgg16", "num_classes": num_classes,
+                         "atrous_rates": atrous_rates})
+    return _with_weights(model, weights, head)

@@ -1,0 +1,135 @@
+"""Atrous ResNet backbone of DeepLab v2 (Chen et al., TPAMI 2018, Sec. 4).
+
+The layout follows the Caffe MSRA ResNet that the DeepLab init files were converted from
+(cf. DeepLab-v2 ``prototxt/ResNet-101``):
+
+* stem: 7x7/2 convolution, BN, ReLU, 3x3/2 max-pool with padding 1 and ``ceil_mode=True``;
+* bottleneck: 1x1 (carries the stride), 3x3 dilated (padding = dilation), 1x1 expansion x4;
+* layer3 and layer4 run at stride 1 with dilation 2 and 4 in *every* block, the first included,
+  which gives an output stride of 8.
+
+Weights trained with the torchvision layout (stride on the 3x3 convolution, ``ceil_mode=False``)
+are supported by switching :attr:`ResNet.layout`; the parameters are the same either way.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+#: layout name -> (stride on the first 1x1 conv?, max-pool ceil_mode)
+LAYOUTS = {"caffe": (True, True), "torchvision": (False, False)}
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """BatchNorm with fixed statistics and affine parameters.
+
+    ``weight``/``bias`` are parameters with ``requires_grad=False`` (so they are counted and
+    saved like BN's) and ``running_mean``/``running_var`` are buffers that nothing updates,
+    in train mode or eval mode. The DeepLab init files were trained with batch statistics that
+    a batch of 10 crops cannot re-estimate (paper, Sec. 4.1), hence frozen.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5):
+        super().__init__()
+        self.num_features = num_features
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(num_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(num_features), requires_grad=False)
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def scale_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(scale, shift)`` such that ``bn(x) == x * scale + shift`` per channel."""
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        return scale, self.bias - self.running_mean * scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.scale_shift()
+        return x * scale.view(1, -1, 1, 1).to(x.dtype) + shift.view(1, -1, 1, 1).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}"
+
+
+def make_norm(frozen: bool):
+    """Return the norm-layer factory: frozen BN (fine-tuning) or trainable BN (from scratch)."""
+    return FrozenBatchNorm2d if frozen else nn.BatchNorm2d
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, dilation: int = 1,
+                 downsample: nn.Module | None = None, norm=FrozenBatchNorm2d):
+        super().__init__()
+        self.stride = stride
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, stride=stride, bias=False)
+        self.bn1 = norm(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=dilation,
+                               dilation=dilation, bias=False)
+        self.bn2 = norm(planes)
+        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        self.bn3 = norm(planes * 4)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def set_stride_in_1x1(self, stride_in_1x1: bool) -> None:
+        """Put this block's stride on the 1x1 (Caffe) or on the 3x3 (torchvision) conv."""
+        s = (self.stride, self.stride)
+        self.conv1.stride, self.conv2.stride = (s, (1, 1)) if stride_in_1x1 else ((1, 1), s)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+class ResNet(nn.Module):
+    """Dilated ResNet returning the stride-8 ``(N, 2048, H/8, W/8)`` features of layer4."""
+
+    def __init__(self, blocks: tuple[int, int, int, int], frozen_bn: bool = True,
+                 layout: str = "caffe", width: int = 64):
+        super().__init__()
+        norm = make_norm(frozen_bn)
+        self.blocks = tuple(blocks)
+        self.conv1 = nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False)
+        self.bn1 = norm(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True)
+        self.inplanes = width
+        # (planes, stride, dilation) per stage; output stride 8 as in the paper (Sec. 3.1).
+        stages = [(width, 1, 1), (width * 2, 2, 1), (width * 4, 1, 2), (width * 8, 1, 4)]
+        for i, ((planes, stride, dilation), n) in enumerate(zip(stages, blocks), start=1):
+            self.add_module(f"layer{i}", self._make_layer(planes, n, stride, dilation, norm))
+        self.out_channels = width * 8 * Bottleneck.expansion
+        self.layout = "caffe"
+        self.set_layout(layout)
+
+    def _make_layer(self, planes, n, stride, dilation, norm) -> nn.Sequential:
+        downsample = None
+        if stride != 1 or self.inplanes != planes * Bottleneck.expansion:
+            downsample = nn.Sequential(
+                nn.Conv2d(self.inplanes, planes * 4, 1, stride=stride, bias=False),
+                norm(planes * 4))
+        layers = [Bottleneck(self.inplanes, planes, stride, dilation, downsample, norm)]
+        self.inplanes = planes * 4
+        layers += [Bottleneck(self.inplanes, planes, 1, dilation, None, norm) for _ in range(1, n)]
+        return nn.Sequential(*layers)
+
+    def set_layout(self, layout: str) -> None:
+        """Follow the layout that the loaded weights were trained with (see :data:`LAYOUTS`)."""
+        if layout not in LAYOUTS:
+            raise ValueError(f"unknown ResNet layout {layout!r}; expected one of {sorted(LAYOUTS)}")
+        stride_in_1x1, ceil_mode = LAYOUTS[layout]
+        for m in self.modules():
+            if isinstance(m, Bottleneck):
+                m.set_stride_in_1x1(stride_in_1x1)
+        self.maxpool.ceil_mode = ceil_mode
+        self.layout = layout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))

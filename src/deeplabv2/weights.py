@@ -1,0 +1,373 @@
+"""Strict loading of weight files into :class:`DeepLabV2`, and this project's checkpoint format.
+
+Accepted layouts (detected from the key names; ``layout=`` overrides):
+
+=====================  ==========================================================  =========
+layout                 what it is                                                  expects
+=====================  ==========================================================  =========
+``deeplab_caffe``      DeepLab init files converted from Caffe                     BGR 0-255
+                       (``DeepLab_resnet_pretrained_imagenet.pth``,
+                       ``MS_DeepLab_resnet_pretrained_COCO_init.pth``): ``Scale.``
+                       prefix, head ``Scale.layer5.conv2d_list.{0-3}``
+``deeplab_pytorch``    checkpoints of the common DeepLab/AdaptSegNet/ADVENT code:   BGR 0-255
+                       no prefix, head ``layer6.conv2d_list.{0-3}`` (``layer5`` is
+                       then the multi-level auxiliary head on layer3, dropped)
+``torchvision_resnet`` torchvision/timm ResNet-50/101 (stride on the 3x3 conv,      RGB [0,1]
+                       ``fc.*`` classifier)                                         mean/std
+``torchvision_vgg``    torchvision VGG-16 (``features.*``, ``classifier.*``)       RGB [0,1]
+``deeplabv2``          this project's ``.pth`` / ``.safetensors`` checkpoints      recorded
+=====================  ==========================================================  =========
+
+Every key of the file is loaded, renamed or deliberately dropped and counted in the returned
+:class:`LoadReport`. A missing backbone key or a backbone shape mismatch is an error naming the
+key. Files are read with ``torch.load(weights_only=True)``: a pickle that carries code is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import tempfile
+import zipfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .preprocessing import CAFFE_BGR, TORCHVISION_RGB, Preprocessing
+
+FORMAT = "deeplabv2"
+FORMAT_VERSION = 1
+_CONTAINER_KEYS = ("model", "state_dict", "model_state_dict", "net")
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP and torch.compile wrappers
+
+
+class WeightsError(ValueError):
+    """A weights file that cannot be loaded into the model; the message names file and key."""
+
+
+@dataclass
+class LoadReport:
+    """What :func:`load_weights` did with every key of the file."""
+
+    path: str
+    layout: str
+    loaded: dict[str, str] = field(default_factory=dict)  # file key -> model key
+    dropped: dict[str, str] = field(default_factory=dict)  # file key -> reason
+    not_in_file: list[str] = field(default_factory=list)  # model keys left as initialised
+    head_loaded: bool = False
+    preprocessing: Preprocessing | None = None
+    backbone_layout: str | None = None
+
+    @property
+    def renamed(self) -> int:
+        return sum(1 for k, v in self.loaded.items() if k != v)
+
+    def summary(self) -> str:
+        reasons = Counter(self.dropped.values())
+        lines = [f"{self.path}: layout {self.layout}, {len(self.loaded)} tensors loaded "
+                 f"({self.renamed} renamed), {len(self.dropped)} dropped"]
+        lines += [f"  dropped {n}: {reason}" for reason, n in reasons.items()]
+        if self.not_in_file:
+            lines.append(f"  left as initialised ({len(self.not_in_file)}): "
+                         + ", ".join(self.not_in_file[:4]) + (" ..." if len(self.not_in_file) > 4 else ""))
+        return "\n".join(lines)
+
+    __str__ = summary
+
+
+# -- reading files ------------------------------------------------------------------------------
+def read_file(path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Return ``(state_dict, metadata)`` from a ``.pth``/``.pt`` or ``.safetensors`` file.
+
+    ``metadata`` holds this project's checkpoint fields (``format``, ``model_config``,
+    ``preprocessing``, ``layout``, ``classes``) when present, else is empty.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such weights file")
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "weights only" in str(e).lower() or "weights_only" in str(e).lower():
+            raise WeightsError(f"{path}: refused: the file holds pickled code or objects, not "
+                               f"only tensors ({first[:160]})") from None
+        raise WeightsError(f"{path}: not a readable PyTorch weights file ({first[:160]})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise WeightsError(f"{path}: truncated or corrupt weights file ({first[:160]})") from None
+    return _unwrap(obj, path)
+
+
+def _read_safetensors(path: Path):
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise WeightsError(f"{path}: truncated or corrupt safetensors file ({first[:160]})") from None
+    metadata = {}
+    for k, v in meta.items():
+        try:
+            metadata[k] = json.loads(v)
+        except json.JSONDecodeError:
+            metadata[k] = v
+    return state, metadata
+
+
+def _unwrap(obj, path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    if not isinstance(obj, dict):
+        raise WeightsError(f"{path}: expected a state dict, found {type(obj).__name__}")
+    metadata: dict[str, Any] = {}
+    if obj.get("format") == FORMAT:
+        metadata = {k: v for k, v in obj.items() if k != "model" and not k.endswith("_state")}
+        obj = obj["model"]
+    else:
+        for key in _CONTAINER_KEYS:
+            if isinstance(obj.get(key), dict) and not isinstance(obj.get(key), torch.Tensor):
+                obj = obj[key]
+                break
+    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise WeightsError(f"{path}: entry {bad[0]!r} is a {type(obj[bad[0]]).__name__}, "
+                           "not a tensor: not a state dict")
+    if not obj:
+        raise WeightsError(f"{path}: the file holds no tensors")
+    return dict(obj), metadata
+
+
+# -- detecting and converting layouts -----------------------------------------------------------
+def _strip_wrappers(state: dict) -> dict:
+    out = {}
+    for k, v in state.items():
+        for prefix in _WRAPPER_PREFIXES:
+            while k.startswith(prefix):
+                k = k[len(prefix):]
+        out[k] = v
+    return out
+
+
+def detect_layout(state: dict[str, torch.Tensor]) -> str:
+    """Name the layout of a (wrapper-stripped) state dict; see the module docstring."""
+    keys = list(state)
+    if any(k.startswith(("backbone.", "head.")) for k in keys):
+        return "deeplabv2"
+    if any(k.startswith("Scale.") for k in keys):
+        return "deeplab_caffe"
+    if any(k.startswith("features.") for k in keys):
+        return "torchvision_vgg"
+    if any(k.startswith("layer1.") for k in keys):
+        if any(re.match(r"layer[56]\.conv2d_list\.", k) for k in keys):
+            return "deeplab_pytorch"
+        return "torchvision_resnet"
+    raise WeightsError(f"unrecognised weights layout (first keys: {keys[:3]})")
+
+
+_HEAD = re.compile(r"^layer([56])\.conv2d_list\.(\d+)\.(weight|bias)$")
+
+
+def _map_resnet_key(key: str, layout: str, has_layer6: bool) -> tuple[str | None, str | None]:
+    """Return ``(model_key, None)`` or ``(None, reason it is dropped)`` for a ResNet file key."""
+    if layout == "deeplab_caffe":
+        if not key.startswith("Scale."):
+            return None, "not under the 'Scale.' backbone of a DeepLab init file"
+        key = key[len("Scale."):]
+    if key.endswith("num_batches_tracked"):
+        return None, "BatchNorm step counter (not used by frozen BN)"
+    if key.startswith("fc."):
+        return None, "ImageNet classifier fc.* (no counterpart in DeepLab v2)"
+    m = _HEAD.match(key)
+    if m:
+        level, branch, kind = m.groups()
+        if level == "5" and has_layer6:
+            return None, "multi-level auxiliary head layer5 (on layer3 features)"
+        return f"head.convs.{branch}.{kind}", None
+    if key.split(".")[0] in ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4"):
+        return "backbone." + key, None
+    return None, None  # unknown: an error for the caller to raise
+
+
+def _map_vgg_key(key: str) -> tuple[str | None, str | None]:
+    if key.startswith("classifier."):
+        return None, ("ImageNet VGG classifier (4096-channel fc6/fc7/fc8; DeepLab-ASPP's "
+                      "1024-channel dilated fc6/fc7 start from initialisation)")
+    if key.startswith("features."):
+        return "backbone." + key, None
+    return None, None
+
+
+_PREPROCESSING = {"deeplab_caffe": CAFFE_BGR, "deeplab_pytorch": CAFFE_BGR,
+                  "torchvision_resnet": TORCHVISION_RGB, "torchvision_vgg": TORCHVISION_RGB}
+_BACKBONE_LAYOUT = {"deeplab_caffe": "caffe", "deeplab_pytorch": "caffe",
+                    "torchvision_resnet": "torchvision"}
+
+
+def load_weights(model, path, *, head: str = "auto", layout: str | None = None) -> LoadReport:
+    """Load ``path`` into ``model`` strictly and return a :class:`LoadReport`.
+
+    ``head``: ``"auto"`` loads the ASPP head when the file has one of matching shape and
+    otherwise leaves it initialised and says so; ``"require"`` makes a missing or mismatched
+    head an error (use it to evaluate a trained checkpoint); ``"skip"`` never loads it.
+    The model's backbone layout (``caffe``/``torchvision``) and preprocessing are set to the
+    file's. Raises :class:`WeightsError` naming the file and key on any other mismatch.
+    """
+    if head not in ("auto", "require", "skip"):
+        raise ValueError(f"head must be 'auto', 'require' or 'skip', got {head!r}")
+    raw, metadata = read_file(path)
+    state = _strip_wrappers(raw)
+    try:
+        detected = detect_layout(state)
+    except WeightsError as e:
+        raise WeightsError(f"{path}: {e}") from None
+    layout = layout or detected
+    report = LoadReport(path=str(path), layout=layout)
+    kind = model.config["backbone"]
+    if layout == "torchvision_vgg" and kind != "vgg16" or layout != "torchvision_vgg" and \
+            layout != "deeplabv2" and kind == "vgg16":
+        raise WeightsError(f"{path}: holds {layout} weights, but the model's backbone is {kind}")
+
+    target = model.state_dict()
+    mapped: dict[str, torch.Tensor] = {}
+    has_layer6 = any(k.startswith("layer6.") for k in state)
+    for key, tensor in state.items():
+        if layout == "deeplabv2":
+            dst, reason = (key, None) if key in target or key.startswith(("backbone.", "head.")) \
+                else (None, None)
+            if dst and dst.endswith("num_batches_tracked") and dst not in target:
+                dst, reason = None, "BatchNorm step counter (not used by frozen BN)"
+        elif layout == "torchvision_vgg":
+            dst, reason = _map_vgg_key(key)
+        else:
+            dst, reason = _map_resnet_key(key, layout, has_layer6)
+        if reason is not None:
+            report.dropped[key] = reason
+            continue
+        if dst is None or dst not in target:
+            raise WeightsError(f"{path}: key {key!r} has no counterpart in the model "
+                               f"({layout} layout into a DeepLab v2 {kind} model)")
+        mapped[dst] = tensor
+        report.loaded[key] = dst
+
+    head_keys = [k for k in target if k.startswith("head.")]
+    file_head = {k for k in mapped if k.startswith("head.")}
+    head_ok = bool(file_head) and all(k in mapped and mapped[k].shape == target[k].shape
+                                      for k in head_keys)
+    if head == "require" and not head_ok:
+        missing = [k for k in head_keys if k not in mapped]
+        why = (f"has no head key {missing[0]!r}" if missing else
+               "has a head of another shape: " + ", ".join(
+                   f"{k} {tuple(mapped[k].shape)} vs {tuple(target[k].shape)}"
+                   for k in head_keys if mapped[k].shape != target[k].shape)[:200])
+        raise WeightsError(f"{path}: {why}")
+    if file_head and (head == "skip" or not head_ok):
+        reason = ("head not requested (head='skip')" if head == "skip" else
+                  "head of another shape than the model's (e.g. other number of classes); "
+                  "the model's head stays initialised")
+        for src, dst in list(report.loaded.items()):
+            if dst.startswith("head."):
+                report.dropped[src] = reason
+                del report.loaded[src]
+                del mapped[dst]
+    report.head_loaded = any(k.startswith("head.") for k in mapped)
+
+    for key, t in target.items():
+        if key in mapped:
+            if mapped[key].shape != t.shape:
+                src = next(s for s, d in report.loaded.items() if d == key)
+                raise WeightsError(f"{path}: shape mismatch for {src!r}: file "
+                                   f"{tuple(mapped[key].shape)}, model {tuple(t.shape)}")
+        elif key.startswith("head.") or key.endswith("num_batches_tracked"):
+            report.not_in_file.append(key)
+        else:
+            raise WeightsError(f"{path}: missing backbone key {key!r} (the file's {layout} "
+                               f"weights do not fit this {_describe(model)})")
+
+    # Follow the weights' layout and preprocessing before copying.
+    if layout == "deeplabv2":
+        backbone_layout = metadata.get("layout", "caffe")
+        pre = metadata.get("preprocessing")
+        report.preprocessing = Preprocessing.from_dict(pre) if pre else model.preprocessing
+    else:
+        backbone_layout = _BACKBONE_LAYOUT.get(layout)
+        report.preprocessing = _PREPROCESSING[layout]
+    if backbone_layout and hasattr(model.backbone, "set_layout"):
+        model.backbone.set_layout(backbone_layout)
+    report.backbone_layout = backbone_layout
+    model.preprocessing = report.preprocessing
+    with torch.no_grad():
+        for key, tensor in mapped.items():
+            target[key].copy_(tensor)
+    assert len(report.loaded) + len(report.dropped) == len(state)
+    model.load_report = report
+    return report
+
+
+def _describe(model) -> str:
+    c = model.config
+    if c["backbone"] == "resnet":
+        return f"ResNet with blocks {tuple(c['blocks'])} and width {c['width']}"
+    return "VGG-16"
+
+
+# -- writing this project's checkpoints ---------------------------------------------------------
+def checkpoint_metadata(model, classes=None) -> dict[str, Any]:
+    return {"format": FORMAT, "version": FORMAT_VERSION, "model_config": dict(model.config),
+            "layout": model.layout, "preprocessing": model.preprocessing.to_dict(),
+            "classes": list(classes) if classes is not None else None}
+
+
+def atomic_write(path, write) -> None:
+    """Call ``write(tmp_path)`` then rename onto ``path``: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_weights(model, path, classes=None, **extra) -> None:
+    """Save ``model`` as this project's ``.pth`` (default) or ``.safetensors`` checkpoint.
+
+    The file records the architecture config, backbone layout, preprocessing and class names, so
+    :func:`load_model` rebuilds the model from it alone. ``extra`` (``.pth`` only) adds plain
+    fields such as training state.
+    """
+    meta = checkpoint_metadata(model, classes)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import save_file
+        if extra:
+            raise ValueError("extra fields are only stored in .pth checkpoints")
+        header = {k: json.dumps(v) for k, v in meta.items()}
+        atomic_write(path, lambda tmp: save_file(state, tmp, metadata=header))
+    else:
+        atomic_write(path, lambda tmp: torch.save({**meta, "model": state, **extra}, tmp))
+
+
+def load_model(path, *, device="cpu"):
+    """Rebuild a model from one of this project's checkpoints and load it (head required)."""
+    from .model import build_model
+    _, metadata = read_file(path)
+    if metadata.get("format") != FORMAT or "model_config" not in metadata:
+        raise WeightsError(f"{path}: not a deeplabv2 checkpoint (no model_config recorded); "
+                           "build the model and call load_weights instead")
+    model = build_model(metadata["model_config"])
+    load_weights(model, path, head="require")
+    return model.to(device)
