@@ -26,10 +26,8 @@ key. Files are read with ``torch.load(weights_only=True)``: a pickle that carrie
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import re
-import tempfile
 import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -38,6 +36,7 @@ from typing import Any
 
 import torch
 
+from .fileio import atomic_write
 from .preprocessing import CAFFE_BGR, TORCHVISION_RGB, Preprocessing
 
 FORMAT = "deeplabv2"
@@ -92,8 +91,16 @@ def read_file(path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         raise WeightsError(f"{path}: no such weights file")
     if path.suffix == ".safetensors":
         return _read_safetensors(path)
+    return _unwrap(torch_load(path), path)
+
+
+def torch_load(path) -> Any:
+    """``torch.load(weights_only=True)`` on the CPU with one-line errors naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such weights file")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "weights only" in str(e).lower() or "weights_only" in str(e).lower():
@@ -103,7 +110,6 @@ def read_file(path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise WeightsError(f"{path}: truncated or corrupt weights file ({first[:160]})") from None
-    return _unwrap(obj, path)
 
 
 def _read_safetensors(path: Path):
@@ -177,9 +183,7 @@ _HEAD = re.compile(r"^layer([56])\.conv2d_list\.(\d+)\.(weight|bias)$")
 
 def _map_resnet_key(key: str, layout: str, has_layer6: bool) -> tuple[str | None, str | None]:
     """Return ``(model_key, None)`` or ``(None, reason it is dropped)`` for a ResNet file key."""
-    if layout == "deeplab_caffe":
-        if not key.startswith("Scale."):
-            return None, "not under the 'Scale.' backbone of a DeepLab init file"
+    if layout == "deeplab_caffe" and key.startswith("Scale."):
         key = key[len("Scale."):]
     if key.endswith("num_batches_tracked"):
         return None, "BatchNorm step counter (not used by frozen BN)"
@@ -220,9 +224,16 @@ def load_weights(model, path, *, head: str = "auto", layout: str | None = None) 
     The model's backbone layout (``caffe``/``torchvision``) and preprocessing are set to the
     file's. Raises :class:`WeightsError` naming the file and key on any other mismatch.
     """
+    raw, metadata = read_file(path)
+    return load_state(model, raw, metadata, source=path, head=head, layout=layout)
+
+
+def load_state(model, raw: dict[str, torch.Tensor], metadata: dict[str, Any], *, source,
+               head: str = "auto", layout: str | None = None) -> LoadReport:
+    """:func:`load_weights` on a state dict already read (``source`` names it in messages)."""
     if head not in ("auto", "require", "skip"):
         raise ValueError(f"head must be 'auto', 'require' or 'skip', got {head!r}")
-    raw, metadata = read_file(path)
+    path = source
     state = _strip_wrappers(raw)
     try:
         detected = detect_layout(state)
@@ -240,9 +251,8 @@ def load_weights(model, path, *, head: str = "auto", layout: str | None = None) 
     has_layer6 = any(k.startswith("layer6.") for k in state)
     for key, tensor in state.items():
         if layout == "deeplabv2":
-            dst, reason = (key, None) if key in target or key.startswith(("backbone.", "head.")) \
-                else (None, None)
-            if dst and dst.endswith("num_batches_tracked") and dst not in target:
+            dst, reason = key, None
+            if key.endswith("num_batches_tracked") and key not in target:
                 dst, reason = None, "BatchNorm step counter (not used by frozen BN)"
         elif layout == "torchvision_vgg":
             dst, reason = _map_vgg_key(key)
@@ -319,37 +329,23 @@ def _describe(model) -> str:
 
 
 # -- writing this project's checkpoints ---------------------------------------------------------
-def checkpoint_metadata(model, classes=None) -> dict[str, Any]:
+def checkpoint_metadata(model, classes=None, palette=None) -> dict[str, Any]:
     return {"format": FORMAT, "version": FORMAT_VERSION, "model_config": dict(model.config),
             "layout": model.layout, "preprocessing": model.preprocessing.to_dict(),
-            "classes": list(classes) if classes is not None else None}
+            "classes": list(classes) if classes is not None else None,
+            "palette": [[int(c) for c in rgb] for rgb in palette] if palette is not None
+            else None}
 
 
-def atomic_write(path, write) -> None:
-    """Call ``write(tmp_path)`` then rename onto ``path``: a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def save_weights(model, path, classes=None, **extra) -> None:
+def save_weights(model, path, classes=None, palette=None, **extra) -> None:
     """Save ``model`` as this project's ``.pth`` (default) or ``.safetensors`` checkpoint.
 
-    The file records the architecture config, backbone layout, preprocessing and class names, so
+    The file records the architecture config, backbone layout, preprocessing, class names and
+    their colours, so
     :func:`load_model` rebuilds the model from it alone. ``extra`` (``.pth`` only) adds plain
     fields such as training state.
     """
-    meta = checkpoint_metadata(model, classes)
+    meta = checkpoint_metadata(model, classes, palette)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if str(path).endswith(".safetensors"):
         from safetensors.torch import save_file
@@ -362,12 +358,17 @@ def save_weights(model, path, classes=None, **extra) -> None:
 
 
 def load_model(path, *, device="cpu"):
-    """Rebuild a model from one of this project's checkpoints and load it (head required)."""
+    """Rebuild a model from one of this project's checkpoints and load it (head required).
+
+    The returned model also carries the checkpoint's ``classes`` and ``palette`` (or None).
+    """
     from .model import build_model
-    _, metadata = read_file(path)
+    state, metadata = read_file(path)
     if metadata.get("format") != FORMAT or "model_config" not in metadata:
         raise WeightsError(f"{path}: not a deeplabv2 checkpoint (no model_config recorded); "
                            "build the model and call load_weights instead")
     model = build_model(metadata["model_config"])
-    load_weights(model, path, head="require")
+    load_state(model, state, metadata, source=path, head="require")
+    model.classes = metadata.get("classes")
+    model.palette = metadata.get("palette")
     return model.to(device)

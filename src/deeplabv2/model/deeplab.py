@@ -55,9 +55,13 @@ class DeepLabV2(nn.Module):
         """Stride-8 class scores ``(N, C, ceil(H/8), ceil(W/8))`` (for 512x1024: 65x129)."""
         return self.head(self.backbone(x))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.interpolate(self.logits(x), size=x.shape[-2:], mode="bilinear",
-                             align_corners=False)
+    def forward(self, x: torch.Tensor, upsample: bool = True) -> torch.Tensor:
+        """Logits upsampled to the input size, or the stride-8 scores with ``upsample=False``
+        (the form a DDP-wrapped model is called in for the paper's stride-8 loss)."""
+        logits = self.logits(x)
+        if not upsample:
+            return logits
+        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
     # -- optimisation ------------------------------------------------------------------------
     def param_groups(self, lr: float, weight_decay: float = 5e-4) -> list[dict]:
