@@ -33,6 +33,113 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from .config import load_config
+    from .train import train
+    cfg = load_config(args.config, args.overrides)
+    result = train(cfg, resume=args.resume)
+    if result.metrics is not None and _is_main():
+        print(f"final val mIoU {100 * result.metrics['miou']:.2f}  (best "
+              f"{100 * (result.best_miou or 0):.2f}); checkpoints in {result.out_dir}")
+    return 0
+
+
+def _is_main() -> bool:
+    import os
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _eval_dataset(cfg, split):
+    from .data import build_dataset
+    d = cfg.data
+    return build_dataset(d.dataset, d.root, split or cfg.eval.split, **d.options)
+
+
+def _add_inference_args(sp) -> None:
+    sp.add_argument("--scales", type=float, nargs="+", default=None,
+                    help="test scales, e.g. 0.5 0.75 1 (probabilities averaged)")
+    sp.add_argument("--flip", action="store_true", help="also average the mirrored image")
+    sp.add_argument("--sliding", type=int, default=None, metavar="CROP",
+                    help="sliding windows of CROPxCROP instead of the whole image")
+    sp.add_argument("--stride", type=int, default=None, help="window stride (default 2/3 CROP)")
+
+
+def _inference(args, base: dict | None = None):
+    from .inference import InferenceConfig
+    d = dict(base or {})
+    if args.scales:
+        d["scales"] = args.scales
+    if args.flip:
+        d["flip"] = True
+    if args.sliding:
+        d.update(mode="sliding", crop_size=args.sliding, stride=args.stride)
+    return InferenceConfig.from_dict(d)
+
+
+def cmd_evaluate(args) -> int:
+    from .config import load_config
+    from .evaluate import evaluate
+    from .metrics import format_table, save_json
+    from .weights import load_model
+    cfg = load_config(args.config, args.overrides)
+    from .distributed import pick_device
+    device = pick_device(cfg.train.device)
+    model = load_model(args.checkpoint, device=device)
+    ds = _eval_dataset(cfg, args.split)
+    ds.check(limit=0 if len(ds) else None)
+    if model.num_classes != ds.num_classes:
+        raise ValueError(f"{args.checkpoint}: model has {model.num_classes} classes, dataset "
+                         f"{cfg.data.dataset!r} has {ds.num_classes}")
+    inference = _inference(args, cfg.eval.inference().to_dict())
+    print(f"evaluating {args.checkpoint} on {cfg.data.dataset} {ds.split} ({len(ds)} images), "
+          f"{inference.describe()}")
+    results = evaluate(model, ds, device=device, limit=args.limit, amp=args.amp,
+                       num_workers=cfg.data.num_workers, inference=inference, progress=True)
+    print(format_table(results, list(ds.classes)))
+    if args.out:
+        save_json(results, list(ds.classes), args.out)
+        print(f"metrics written to {args.out}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .predict import predict_files
+    from .weights import load_model
+    from .distributed import pick_device
+    device = pick_device(args.device)
+    model = load_model(args.checkpoint, device=device)
+    palette = model.palette
+    if palette is None:
+        from .data import voc_palette
+        palette = voc_palette(model.num_classes)
+    result = predict_files(model, args.inputs, args.out, palette, device=device,
+                           save_probs=args.probs, amp=args.amp, inference=_inference(args))
+    print(f"{len(result.written)} predictions written to {args.out}")
+    for path, why in result.failed.items():
+        print(f"failed: {why}", file=sys.stderr)
+    return 1 if result.failed else 0
+
+
+def cmd_score(args) -> int:
+    from .config import load_config
+    from .metrics import format_table, save_json
+    from .score import score_folder
+    cfg = load_config(args.config, args.overrides)
+    ds = _eval_dataset(cfg, args.split)
+    results = score_folder(args.predictions, ds, id_format=args.id_format)
+    print(format_table(results, list(ds.classes)))
+    if args.out:
+        save_json(results, list(ds.classes), args.out)
+        print(f"metrics written to {args.out}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+    run_demo(args.out, args.overrides)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="deeplabv2", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -44,6 +151,49 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--weights", default=None, help="weights file to load (optional)")
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=cmd_info)
+
+    tr = sub.add_parser("train", help="train a model as a config says (torchrun for DDP)")
+    tr.add_argument("-c", "--config", required=True, help="packaged config name or YAML path")
+    tr.add_argument("--resume", nargs="?", const="auto", default=None,
+                    help="resume from a checkpoint (default: OUT_DIR/last.pth)")
+    tr.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.iterations=100")
+    tr.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("evaluate", help="mIoU of a checkpoint on a dataset split")
+    ev.add_argument("checkpoint")
+    ev.add_argument("-c", "--config", required=True, help="config naming the dataset")
+    ev.add_argument("--split", default=None, help="split (default: the config's eval.split)")
+    ev.add_argument("--limit", type=int, default=None, help="only the first N images")
+    ev.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
+    ev.add_argument("--out", default=None, help="write the metrics as JSON here")
+    _add_inference_args(ev)
+    ev.add_argument("overrides", nargs="*", help="section.key=value")
+    ev.set_defaults(func=cmd_evaluate)
+
+    pr = sub.add_parser("predict", help="segment image files, folders or globs")
+    pr.add_argument("checkpoint")
+    pr.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
+    pr.add_argument("-o", "--out", required=True, help="output folder")
+    pr.add_argument("--probs", action="store_true", help="also save probabilities (.npy)")
+    pr.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
+    pr.add_argument("--device", default="auto")
+    _add_inference_args(pr)
+    pr.set_defaults(func=cmd_predict)
+
+    sc = sub.add_parser("score", help="score a folder of saved predictions against a split")
+    sc.add_argument("predictions", help="folder of prediction PNGs")
+    sc.add_argument("-c", "--config", required=True, help="config naming the dataset")
+    sc.add_argument("--split", default=None, help="split (default: the config's eval.split)")
+    sc.add_argument("--id-format", choices=("auto", "label", "train"), default="auto",
+                    help="Cityscapes: label ids (official submission format) or train ids")
+    sc.add_argument("--out", default=None, help="write the metrics as JSON here")
+    sc.add_argument("overrides", nargs="*", help="section.key=value")
+    sc.set_defaults(func=cmd_score)
+
+    de = sub.add_parser("demo", help="synthetic data: train -> evaluate -> predict -> report")
+    de.add_argument("--out", default="reports/demo", help="report folder")
+    de.add_argument("overrides", nargs="*", help="section.key=value for the demo config")
+    de.set_defaults(func=cmd_demo)
     return p
 
 
@@ -53,7 +203,8 @@ def main(argv=None) -> int:
         return args.func(args)
     except Exception as e:  # one clear line for the user's mistakes, full trace with -v later
         from .weights import WeightsError
-        if isinstance(e, (WeightsError, FileNotFoundError, ValueError)):
+        from .train import TrainingError
+        if isinstance(e, (WeightsError, FileNotFoundError, ValueError, TrainingError)):
             print(f"deeplabv2 {args.command}: error: {e}", file=sys.stderr)
             return 2
         raise

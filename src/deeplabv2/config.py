@@ -1,0 +1,198 @@
+"""Experiment configuration: one complete YAML per experiment, overridable by ``key=value``.
+
+A config has four sections, each a dataclass whose fields are the valid keys: ``model``,
+``data``, ``train``, ``eval``. A key that is not a field is an error listing the valid ones, so
+a typo never silently falls back to a default. ``-c NAME`` finds ``NAME.yaml`` among the
+packaged configs (``deeplabv2/configs``); a path is read as is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message names the key and the valid ones."""
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet"  # "resnet" or "vgg16"
+    blocks: list[int] = field(default_factory=lambda: [3, 4, 23, 3])  # ResNet-101
+    width: int = 64
+    num_classes: int | None = None  # None: the dataset's number of classes
+    atrous_rates: list[int] = field(default_factory=lambda: [6, 12, 18, 24])
+    frozen_bn: bool = True
+    weights: str | None = None  # init file (DeepLab init, torchvision, ...); None: random init
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "cityscapes"
+    root: str | None = None
+    train_split: str = "train"
+    val_split: str = "val"
+    crop_size: list[int] = field(default_factory=lambda: [512, 1024])  # (height, width)
+    scale_range: list[float] = field(default_factory=lambda: [0.5, 1.5])
+    flip: bool = True
+    batch_size: int = 2  # per process
+    num_workers: int = 2
+    check: str = "all"  # read every sample before training: "all", "none" or a number
+    options: dict[str, Any] = field(default_factory=dict)  # extra dataset arguments
+
+
+@dataclass
+class TrainConfig:
+    iterations: int = 20000
+    lr: float = 2.5e-4
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    poly_power: float = 0.9
+    accumulate: int = 1  # gradient accumulation steps per iteration
+    loss_at: str = "stride8"  # "stride8": labels downsampled (paper); "full": logits upsampled
+    msc_scales: list[float] = field(default_factory=list)  # [] off; the paper's MSC: [1, 0.75, 0.5]
+    amp: str = "none"  # "none", "bf16", "fp16" (fp16 on CUDA only)
+    channels_last: bool = False
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1"
+    seed: int = 0
+    out_dir: str = "runs/experiment"
+    checkpoint_every: int = 1000
+    val_every: int = 0  # 0: validate only at the end
+    val_limit: int = 0  # validate on the first N images only (0: all)
+    log_every: int = 10
+    tensorboard: bool = True
+    progress: bool = True
+    threads: int = 0  # torch CPU threads per process (0: leave PyTorch's default)
+
+
+@dataclass
+class EvalConfig:
+    split: str = "val"
+    mode: str = "whole"  # "whole" or "sliding"
+    scales: list[float] = field(default_factory=lambda: [1.0])
+    flip: bool = False
+    crop_size: list[int] | int | None = None  # sliding window [h, w]
+    stride: list[int] | int | None = None  # default: 2/3 of crop_size
+
+    def inference(self):
+        """The :class:`deeplabv2.inference.InferenceConfig` these settings describe."""
+        from .inference import InferenceConfig
+        return InferenceConfig.from_dict({k: getattr(self, k) for k in InferenceConfig.keys()})
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_SECTION_TYPES = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig,
+                  "eval": EvalConfig}
+
+
+def _section(name: str, values: dict) -> Any:
+    cls = _SECTION_TYPES[name]
+    valid = [f.name for f in dataclasses.fields(cls)]
+    if not isinstance(values, dict):
+        raise ConfigError(f"section {name!r} must be a mapping, got {values!r}")
+    for key in values:
+        if key not in valid:
+            raise ConfigError(f"unknown key {name}.{key}; valid keys of {name!r}: "
+                              + ", ".join(valid))
+    return cls(**values)
+
+
+def from_dict(d: dict) -> Config:
+    d = d or {}
+    for key in d:
+        if key not in _SECTION_TYPES:
+            raise ConfigError(f"unknown section {key!r}; valid sections: "
+                              + ", ".join(_SECTION_TYPES))
+    cfg = Config(**{name: _section(name, d.get(name, {})) for name in _SECTION_TYPES})
+    validate(cfg)
+    return cfg
+
+
+def resolve_path(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    packaged = CONFIG_DIR / f"{name_or_path}.yaml"
+    if packaged.is_file():
+        return packaged
+    names = sorted(q.stem for q in CONFIG_DIR.glob("*.yaml"))
+    raise ConfigError(f"{name_or_path}: no such config file, and not a packaged config "
+                      f"({', '.join(names)})")
+
+
+def load_config(name_or_path: str | None = None, overrides: list[str] = ()) -> Config:
+    """Read a YAML config (or the defaults) and apply ``section.key=value`` overrides."""
+    d: dict = {}
+    if name_or_path:
+        path = resolve_path(name_or_path)
+        try:
+            d = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML ({e})") from None
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        parts = key.split(".")
+        if not sep or len(parts) != 2:
+            raise ConfigError(f"override {item!r} must look like section.key=value "
+                              "(e.g. train.iterations=100)")
+        section, name = parts
+        d.setdefault(section, {})
+        if isinstance(d[section], dict):
+            d[section][name] = yaml.safe_load(value) if value != "" else None
+    return from_dict(d)
+
+
+def validate(cfg: Config) -> None:
+    t, m, data = cfg.train, cfg.model, cfg.data
+    choices = {("train", "amp"): (t.amp, ("none", "bf16", "fp16")),
+               ("train", "loss_at"): (t.loss_at, ("stride8", "full")),
+               ("model", "backbone"): (m.backbone, ("resnet", "vgg16"))}
+    for (sec, key), (value, valid) in choices.items():
+        if value not in valid:
+            raise ConfigError(f"{sec}.{key}={value!r}; valid values: {', '.join(valid)}")
+    positive = {"train.iterations": t.iterations, "train.accumulate": t.accumulate,
+                "data.batch_size": data.batch_size, "train.checkpoint_every": t.checkpoint_every,
+                "train.log_every": t.log_every}
+    for key, value in positive.items():
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+    if t.lr <= 0:
+        raise ConfigError(f"train.lr must be > 0, got {t.lr}")
+    if len(data.crop_size) != 2 or min(data.crop_size) < 1:
+        raise ConfigError(f"data.crop_size must be [height, width], got {data.crop_size}")
+    lo, hi = data.scale_range
+    if not 0 < lo <= hi:
+        raise ConfigError(f"data.scale_range must be [low, high] with 0 < low <= high, got "
+                          f"{data.scale_range}")
+    try:
+        cfg.eval.inference()
+    except ValueError as e:
+        raise ConfigError(f"eval: {e}") from None
+    if any(s <= 0 for s in t.msc_scales):
+        raise ConfigError(f"train.msc_scales must be positive, got {t.msc_scales}")
+    if t.msc_scales and t.loss_at != "stride8":
+        raise ConfigError("train.msc_scales needs train.loss_at=stride8 (each of the four "
+                          "outputs is compared with labels resized to its own size)")
+    if data.check not in ("all", "none") and not str(data.check).isdigit():
+        raise ConfigError(f"data.check must be 'all', 'none' or a number, got {data.check!r}")
+
+
+def save_config(cfg: Config, path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

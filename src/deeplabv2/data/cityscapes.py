@@ -1,0 +1,97 @@
+"""Cityscapes (Cordts et al., CVPR 2016), fine annotations, 19 evaluated classes.
+
+Official layout under ``root``::
+
+    leftImg8bit/{split}/{city}/{city}_{seq}_{frame}_leftImg8bit.png        RGB 2048x1024
+    gtFine/{split}/{city}/{city}_{seq}_{frame}_gtFine_labelIds.png         label ids 0..33
+    gtFine/{split}/{city}/{city}_{seq}_{frame}_gtFine_labelTrainIds.png    optional, train ids
+
+``labelIds`` are mapped to train ids (0..18, 255 = not evaluated) by the official label table
+(:mod:`deeplabv2.data.cityscapes_labels`); where a ``labelTrainIds`` file (written by
+cityscapesScripts' ``createTrainIdLabelImgs.py``) lies beside it, that one is read as is.
+Split ``test`` has no public labels: its samples load with an all-255 label, for prediction.
+:func:`train_to_label_ids` turns predictions back into label ids, the submission format.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .base import DatasetError, SegmentationDataset, read_label_png, require_dir, require_root
+from .cityscapes_labels import CLASSES, LABEL_TO_TRAIN, TRAIN_TO_LABEL
+
+IMAGE_SUFFIX = "_leftImg8bit.png"
+
+# Official colours of the 19 train ids (cityscapesScripts ``helpers/labels.py``), train id order.
+PALETTE = np.array([
+    (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153),
+    (153, 153, 153), (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152),
+    (70, 130, 180), (220, 20, 60), (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100),
+    (0, 80, 100), (0, 0, 230), (119, 11, 32)], dtype=np.uint8)
+
+# train id -> label id for every uint8 value; 255 and other non-train ids -> 0 "unlabeled".
+_TRAIN_TO_LABEL_LUT = np.zeros(256, dtype=np.uint8)
+_TRAIN_TO_LABEL_LUT[:len(TRAIN_TO_LABEL)] = TRAIN_TO_LABEL
+
+
+def label_ids_to_train_ids(label_ids: np.ndarray) -> np.ndarray:
+    """``uint8`` label ids ``(H, W)`` -> ``uint8`` train ids; unevaluated ids become 255."""
+    return LABEL_TO_TRAIN[label_ids]
+
+
+def train_to_label_ids(train_ids) -> np.ndarray:
+    """Train ids (0..18; 255 or any other value = no class) -> ``uint8`` label ids, the official
+    submission format; "no class" becomes 0 ``unlabeled``. Accepts an array or tensor of any
+    shape and integer dtype."""
+    if hasattr(train_ids, "detach"):
+        train_ids = train_ids.detach().cpu().numpy()
+    arr = np.asarray(train_ids)
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"train ids must be integers, got dtype {arr.dtype}")
+    if arr.size and (arr.min() < 0 or arr.max() > 255):
+        raise ValueError(f"train ids must lie in 0..255, got {int(arr.min())}..{int(arr.max())}")
+    return _TRAIN_TO_LABEL_LUT[arr.astype(np.intp)]
+
+
+class CityscapesDataset(SegmentationDataset):
+    """Cityscapes ``split`` (``train``, ``val``, ``test``; ``train_extra`` with
+    ``annotation="gtCoarse"``) as ``(image, train ids)``; see the module docstring."""
+
+    classes = CLASSES
+    palette = PALETTE
+
+    def __init__(self, root, split: str = "train", transform=None, seed: int = 0,
+                 annotation: str = "gtFine"):
+        root = require_root(root)
+        super().__init__(root, split, transform, seed)
+        image_dir = require_dir(root / "leftImg8bit" / split, f"Cityscapes {split!r} image")
+        images = sorted(image_dir.glob(f"*/*{IMAGE_SUFFIX}"))
+        if not images:
+            raise DatasetError(f"{image_dir}: split {split!r} is empty (no "
+                               f"{{city}}/*{IMAGE_SUFFIX} files)")
+        if split == "test":
+            self.samples = [(image, None) for image in images]
+            return
+        label_dir = require_dir(root / annotation / split, f"Cityscapes {split!r} {annotation}")
+        for image in images:
+            frame = image.name[:-len(IMAGE_SUFFIX)]
+            train_ids = label_dir / image.parent.name / f"{frame}_{annotation}_labelTrainIds.png"
+            label_ids = label_dir / image.parent.name / f"{frame}_{annotation}_labelIds.png"
+            if train_ids.is_file():
+                self.samples.append((image, train_ids))
+            elif label_ids.is_file():
+                self.samples.append((image, label_ids))
+            else:
+                raise DatasetError(f"{label_ids}: missing label file for image {image}")
+
+    def name(self, index: int) -> str:
+        """``{city}_{seq}_{frame}``: the prefix the official evaluation matches files by."""
+        return self.samples[index][0].name[:-len(IMAGE_SUFFIX)]
+
+    def read_label(self, path: Path) -> np.ndarray:
+        raw = read_label_png(path)
+        if path.name.endswith("_labelTrainIds.png"):
+            return raw
+        return label_ids_to_train_ids(raw)

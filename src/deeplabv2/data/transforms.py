@@ -1,0 +1,116 @@
+"""Per-sample transforms: ``t(image, label, rng) -> {"image", "label"}``.
+
+Input: RGB ``uint8`` ``(H, W, 3)`` image and ``uint8`` ``(H, W)`` label (train ids, 255 =
+ignore), plus an ``np.random.Generator`` that the dataset seeds by ``(seed, epoch, index)``.
+Output: ``"image"`` a ``float32`` ``(3, h, w)`` tensor already normalised by the given
+:class:`~deeplabv2.preprocessing.Preprocessing`, ``"label"`` an ``int64`` ``(h, w)`` tensor.
+
+Resizing uses PIL on ``uint8`` arrays (fast, and runs inside DataLoader workers): the image
+bilinearly, the label with NEAREST only, so no label value is ever invented by interpolation.
+Both use PIL's pixel-centre convention, so image and label stay aligned at any scale. On one
+core (what a DataLoader worker gets) a 375x500 VOC image -> 321x321 crop takes about 7 ms, a
+1024x2048 Cityscapes frame -> 513x1025 crop about 50 ms.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..preprocessing import CAFFE_BGR, Preprocessing
+from .base import IGNORE_INDEX
+
+
+def _pair(size) -> tuple[int, int]:
+    h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    if h <= 0 or w <= 0:
+        raise ValueError(f"crop_size must be positive, got {size}")
+    return h, w
+
+
+def resize_pair(image: np.ndarray, label: np.ndarray, height: int, width: int):
+    """Resize an RGB ``uint8`` image (bilinear) and its ``uint8`` label (nearest) to
+    ``height x width``; both stay ``uint8`` numpy arrays."""
+    if image.shape[:2] == (height, width):
+        return image, label
+    im = Image.fromarray(image).resize((width, height), Image.BILINEAR)
+    lb = Image.fromarray(label).resize((width, height), Image.NEAREST)
+    return np.asarray(im), np.asarray(lb)
+
+
+class TrainTransform:
+    """DeepLab v2 training augmentation: random scale, pad, random crop, horizontal flip.
+
+    1. scale by ``s ~ U(scale_range)`` (image bilinear, label nearest);
+    2. flip left-right with probability 0.5 when ``flip``;
+    3. pad at the bottom/right up to ``crop_size`` where the scaled image is smaller: the
+       image with the preprocessing's mean pixel (exactly 0 after normalisation), the label
+       with ``ignore_index``;
+    4. take a random ``crop_size`` window.
+
+    Cf. the DeepLab v2 Caffe ``ImageSegData`` layer (``crop_size``, ``mirror``, mean-value
+    padding) and the random scaling of the paper (Sec. 4.1, scales 0.5 to 1.5).
+    ``crop_size`` is ``(h, w)`` or an int; returns ``{"image": float32 (3, h, w),
+    "label": int64 (h, w)}``.
+    """
+
+    def __init__(self, crop_size, scale_range=(0.5, 1.5), flip: bool = True,
+                 preprocessing: Preprocessing = CAFFE_BGR, ignore_index: int = IGNORE_INDEX):
+        self.crop_size = _pair(crop_size)
+        lo, hi = float(scale_range[0]), float(scale_range[1])
+        if not 0 < lo <= hi:
+            raise ValueError(f"scale_range must satisfy 0 < low <= high, got {scale_range}")
+        self.scale_range = (lo, hi)
+        self.flip = bool(flip)
+        self.preprocessing = preprocessing
+        self.ignore_index = int(ignore_index)
+
+    def __repr__(self) -> str:
+        return (f"TrainTransform(crop_size={self.crop_size}, scale_range={self.scale_range}, "
+                f"flip={self.flip}, preprocessing={self.preprocessing}, "
+                f"ignore_index={self.ignore_index})")
+
+    def __call__(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> dict:
+        ch, cw = self.crop_size
+        # Draw everything first, in a fixed order, so a sample depends only on the rng seed.
+        s = rng.uniform(*self.scale_range)
+        do_flip = self.flip and rng.random() < 0.5
+        u_y, u_x = rng.random(2)
+
+        h, w = label.shape
+        sh, sw = max(1, round(h * s)), max(1, round(w * s))
+        image, label = resize_pair(image, label, sh, sw)
+        if do_flip:
+            image, label = image[:, ::-1], label[:, ::-1]
+
+        # Crop window in the padded (max(sh, ch) x max(sw, cw)) canvas; only its overlap with
+        # the real image needs normalising, the rest stays 0 (= mean pixel) / ignore.
+        y0 = int(u_y * (max(sh, ch) - ch + 1))
+        x0 = int(u_x * (max(sw, cw) - cw + 1))
+        img_crop = np.array(image[y0:y0 + ch, x0:x0 + cw])  # a writable copy for torch
+        lbl_crop = label[y0:y0 + ch, x0:x0 + cw]
+        vh, vw = lbl_crop.shape
+
+        out_image = torch.zeros(3, ch, cw, dtype=torch.float32)
+        out_image[:, :vh, :vw] = self.preprocessing(img_crop)[0]
+        out_label = torch.full((ch, cw), self.ignore_index, dtype=torch.int64)
+        out_label[:vh, :vw] = torch.from_numpy(lbl_crop.astype(np.int64))
+        return {"image": out_image, "label": out_label}
+
+
+class EvalTransform:
+    """The whole image, normalised; no randomness (``rng`` is ignored and may be ``None``).
+
+    Returns ``{"image": float32 (3, H, W), "label": int64 (H, W)}``.
+    """
+
+    def __init__(self, preprocessing: Preprocessing = CAFFE_BGR):
+        self.preprocessing = preprocessing
+
+    def __repr__(self) -> str:
+        return f"EvalTransform(preprocessing={self.preprocessing})"
+
+    def __call__(self, image: np.ndarray, label: np.ndarray, rng=None) -> dict:
+        return {"image": self.preprocessing(np.array(image))[0],  # writable copy for torch
+                "label": torch.from_numpy(label.astype(np.int64))}

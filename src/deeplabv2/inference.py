@@ -1,0 +1,232 @@
+"""Inference: class probabilities of preprocessed images. No training imports here.
+
+One entry point, :func:`infer`, runs every test-time mode the paper reports (Sec. 4):
+
+* ``mode="whole"``: the image in one pass (``predict_probs``);
+* ``mode="sliding"``: overlapping ``crop_size`` windows every ``stride`` pixels, for images
+  too large for memory in one pass (the paper's Cityscapes runs, Sec. 4.4);
+* ``scales``: multi-scale inputs (the paper's "MSC" at test time, e.g. ``(0.5, 0.75, 1.0)``);
+* ``flip``: adds the mirrored image to every scale.
+
+Every pass ends in a softmax; the probabilities of all passes are brought to the input size
+and averaged. :class:`InferenceConfig` holds a mode as a value that evaluation and prediction
+can take as their ``predict(model, x)`` callable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+from torch.nn import functional as F
+
+MODES = ("whole", "sliding")
+
+
+def autocast_context(device: torch.device, amp: str):
+    """``torch.autocast`` for ``amp`` in {"none", "bf16", "fp16"} (fp16 on CUDA only)."""
+    if amp in ("none", None):
+        return contextlib.nullcontext()
+    if amp == "fp16" and device.type != "cuda":
+        raise ValueError("amp=fp16 needs a CUDA device; use bf16 on the CPU")
+    if amp not in ("bf16", "fp16"):
+        raise ValueError(f"amp must be 'none', 'bf16' or 'fp16', got {amp!r}")
+    return torch.autocast(device_type=device.type,
+                          dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+@torch.no_grad()
+def predict_probs(model, images: torch.Tensor, *, amp: str = "none",
+                  channels_last: bool = False) -> torch.Tensor:
+    """Whole-image inference: ``(N, 3, H, W)`` preprocessed input -> ``(N, C, H, W)`` float32
+    softmax probabilities at the input size (scores upsampled bilinearly before the softmax)."""
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    with autocast_context(images.device, amp):
+        logits = model(images)
+    return F.softmax(logits.float(), dim=1)
+
+
+# -- argument checks ----------------------------------------------------------------------------
+def _pair(value, name: str) -> tuple[int, int] | None:
+    """``None``, an int or ``(h, w)`` -> ``None`` or a pair of positive ints."""
+    if value is None:
+        return None
+    pair = (value, value) if isinstance(value, (int, float)) else tuple(value)
+    if len(pair) != 2 or any(not isinstance(v, (int, float)) or int(v) != v or v < 1
+                             for v in pair):
+        raise ValueError(f"{name} must be a positive int or [height, width], got {value!r}")
+    return int(pair[0]), int(pair[1])
+
+
+def _scales(scales) -> tuple[float, ...]:
+    if isinstance(scales, (int, float)):
+        scales = (scales,)
+    scales = tuple(float(s) for s in scales)
+    if not scales:
+        raise ValueError("scales must name at least one scale, got an empty list")
+    for s in scales:
+        if not (math.isfinite(s) and s > 0):
+            raise ValueError(f"scales must be positive, got {s} in {list(scales)}")
+    return scales
+
+
+def _window(mode: str, crop_size, stride) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
+    """Checked ``(crop_size, stride)``; the stride defaults to 2/3 of the crop (513 -> 342)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
+    crop, step = _pair(crop_size, "crop_size"), _pair(stride, "stride")
+    if mode == "sliding" and crop is None:
+        raise ValueError("mode='sliding' needs crop_size (e.g. 513 or [513, 513])")
+    if crop is not None and step is None:
+        step = (max(1, 2 * crop[0] // 3), max(1, 2 * crop[1] // 3))
+    if crop is not None and (step[0] > crop[0] or step[1] > crop[1]):
+        raise ValueError(f"stride {list(step)} is larger than crop_size {list(crop)}: the "
+                         f"windows would leave pixels unseen")
+    return crop, step
+
+
+def scaled_size(height: int, width: int, scale: float) -> tuple[int, int]:
+    """The input size at ``scale``, rounded up (321 at 0.5 -> 161, 0.75 -> 241, as Caffe's
+    ``Interp`` layer of the MSC prototxt gives)."""
+    # The epsilon keeps 100 * 0.7 = 70.00000000000001 at 70.
+    return (max(1, math.ceil(height * scale - 1e-6)), max(1, math.ceil(width * scale - 1e-6)))
+
+
+def window_starts(length: int, crop: int, stride: int) -> list[int]:
+    """Offsets of the windows along one side: every ``stride`` pixels, the last one moved back
+    to end exactly at the border (``length`` >= ``crop``; 10, 4, 3 -> [0, 3, 6])."""
+    if length <= crop:
+        return [0]
+    count = math.ceil((length - crop) / stride) + 1
+    return [min(i * stride, length - crop) for i in range(count)]
+
+
+# -- the passes ---------------------------------------------------------------------------------
+def _forward_probs(model, x: torch.Tensor, amp: str, channels_last: bool) -> torch.Tensor:
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with autocast_context(x.device, amp):
+        logits = model(x)
+    return F.softmax(logits.float(), dim=1)
+
+
+def _sliding_probs(model, x: torch.Tensor, crop: tuple[int, int], stride: tuple[int, int],
+                   amp: str, channels_last: bool) -> torch.Tensor:
+    """Window-averaged ``(N, C, H, W)`` probabilities of one preprocessed ``(N, 3, H, W)``.
+
+    The input is padded at the bottom/right with zeros to at least one window: after
+    preprocessing zero is the mean pixel, the value the network saw as "nothing" in training.
+    Each window's probabilities are added into a sum and a count map, whose ratio is returned
+    with the padding cropped off.
+    """
+    n, _, height, width = x.shape
+    pad_h, pad_w = max(crop[0] - height, 0), max(crop[1] - width, 0)
+    if pad_h or pad_w:
+        x = F.pad(x, (0, pad_w, 0, pad_h), value=0.0)
+    padded_h, padded_w = x.shape[-2:]
+    total = None
+    count = torch.zeros(1, 1, padded_h, padded_w, device=x.device)
+    for top in window_starts(padded_h, crop[0], stride[0]):
+        for left in window_starts(padded_w, crop[1], stride[1]):
+            window = x[:, :, top:top + crop[0], left:left + crop[1]]
+            probs = _forward_probs(model, window, amp, channels_last)
+            if total is None:
+                total = torch.zeros(n, probs.shape[1], padded_h, padded_w, device=x.device)
+            total[:, :, top:top + crop[0], left:left + crop[1]] += probs
+            count[:, :, top:top + crop[0], left:left + crop[1]] += 1
+    return (total / count)[:, :, :height, :width]
+
+
+@torch.no_grad()
+def infer(model, x: torch.Tensor, *, mode: str = "whole", scales=(1.0,), flip: bool = False,
+          crop_size=None, stride=None, amp: str = "none",
+          channels_last: bool = False) -> torch.Tensor:
+    """Class probabilities of a preprocessed ``(N, 3, H, W)`` batch: ``(N, C, H, W)`` float32.
+
+    ``mode``: ``"whole"`` (one pass) or ``"sliding"`` (``crop_size`` windows every ``stride``
+    pixels, an int or ``[height, width]`` each; ``stride`` defaults to 2/3 of the crop and must
+    not exceed it; ``crop_size``/``stride`` are not used by ``"whole"``). ``scales``: the input
+    is resized bilinearly by each scale, run in ``mode``, and its probabilities resized
+    bilinearly back to ``H x W`` (scale 1 is run on ``x`` itself). ``flip``: each scale is also
+    run mirrored left-right and the result mirrored back. All passes are softmaxed and averaged
+    with equal weight. The model is called as given: put it in eval mode first.
+    """
+    crop, step = _window(mode, crop_size, stride)
+    scales = _scales(scales)
+    height, width = x.shape[-2:]
+    total = None
+    passes = 0
+    for scale in scales:
+        xs = x if scale == 1.0 else F.interpolate(x, size=scaled_size(height, width, scale),
+                                                  mode="bilinear", align_corners=False)
+        for mirrored in ((False, True) if flip else (False,)):
+            xi = xs.flip(-1) if mirrored else xs
+            if mode == "sliding":
+                probs = _sliding_probs(model, xi, crop, step, amp, channels_last)
+            else:
+                probs = _forward_probs(model, xi, amp, channels_last)
+            if mirrored:
+                probs = probs.flip(-1)
+            if probs.shape[-2:] != (height, width):
+                probs = F.interpolate(probs, size=(height, width), mode="bilinear",
+                                      align_corners=False)
+            total = probs if total is None else total + probs
+            passes += 1
+    return total if passes == 1 else total / passes
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    """A test-time mode of :func:`infer` as a value; ``config(model, x)`` runs it, so it can be
+    passed wherever a ``predict(model, x) -> (N, C, H, W) probabilities`` callable is taken.
+
+    ``InferenceConfig()`` is whole-image, single-scale inference.
+    """
+
+    mode: str = "whole"
+    scales: tuple[float, ...] = (1.0,)
+    flip: bool = False
+    crop_size: tuple[int, int] | None = None
+    stride: tuple[int, int] | None = None
+
+    def __post_init__(self):
+        crop, step = _window(self.mode, self.crop_size, self.stride)
+        object.__setattr__(self, "scales", _scales(self.scales))
+        object.__setattr__(self, "flip", bool(self.flip))
+        object.__setattr__(self, "crop_size", crop)
+        object.__setattr__(self, "stride", step)
+
+    @classmethod
+    def keys(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "InferenceConfig":
+        """From plain values (e.g. a config's ``eval`` section restricted to :meth:`keys`)."""
+        d = dict(d or {})
+        unknown = set(d) - set(cls.keys())
+        if unknown:
+            raise ValueError(f"unknown inference keys {sorted(unknown)}; valid: "
+                             f"{', '.join(cls.keys())}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+
+    def describe(self) -> str:
+        """One line for logs and reports, e.g. ``sliding 513x513 / 342x342, scales 0.5,1, flip``."""
+        text = "whole image" if self.mode == "whole" else (
+            f"sliding {self.crop_size[0]}x{self.crop_size[1]} / "
+            f"{self.stride[0]}x{self.stride[1]}")
+        if self.scales != (1.0,):
+            text += ", scales " + ",".join(f"{s:g}" for s in self.scales)
+        return text + (", flip" if self.flip else "")
+
+    def __call__(self, model, x: torch.Tensor, *, amp: str = "none",
+                 channels_last: bool = False) -> torch.Tensor:
+        return infer(model, x, mode=self.mode, scales=self.scales, flip=self.flip,
+                     crop_size=self.crop_size, stride=self.stride, amp=amp,
+                     channels_last=channels_last)

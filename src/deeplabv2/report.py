@@ -1,0 +1,70 @@
+"""The demo's report folder: metrics, per-class table, curves, confusion matrix, overlays."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .metrics import format_table, save_json
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def training_curve(history: list[dict], path, val_points: list[tuple[int, float]] = ()) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
+    its = [h["iteration"] for h in history]
+    ax.plot(its, [h["loss"] for h in history], label="training loss")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("cross-entropy")
+    ax.grid(alpha=0.3)
+    if val_points:
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*val_points), "o-", color="tab:orange", label="val mIoU")
+        ax2.set_ylabel("val mIoU")
+        ax2.set_ylim(0, 1)
+    ax.set_title("training")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def confusion_figure(confusion, class_names, path) -> None:
+    """Row-normalised confusion matrix (rows: ground truth) as a heat map."""
+    plt = _pyplot()
+    m = np.asarray(confusion, dtype=np.float64)
+    m = m / np.maximum(m.sum(1, keepdims=True), 1)
+    n = len(class_names)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * n, 0.8 + 0.5 * n), dpi=110)
+    ax.imshow(m, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(n), class_names, rotation=45, ha="right")
+    ax.set_yticks(range(n), class_names)
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                    color="white" if m[i, j] > 0.5 else "black")
+    ax.set_xlabel("prediction")
+    ax.set_ylabel("ground truth")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_report(out_dir, *, metrics: dict, class_names, history, extra: dict) -> Path:
+    """Write ``metrics.json``, ``iou_table.txt``, ``training_curve.png``, ``confusion.png`` and
+    ``summary.json`` (``extra``: baseline, timings, settings) into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_json(metrics, class_names, out / "metrics.json")
+    (out / "iou_table.txt").write_text(format_table(metrics, class_names) + "\n")
+    training_curve(history, out / "training_curve.png")
+    confusion_figure(metrics["confusion"], class_names, out / "confusion.png")
+    (out / "summary.json").write_text(json.dumps(extra, indent=2) + "\n")
+    return out

@@ -1,0 +1,142 @@
+"""The training loop: recipe pieces, exact resume, NaN handling, configs, DDP under torchrun."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from deeplabv2 import load_model
+from deeplabv2.config import ConfigError, load_config, save_config
+from deeplabv2.train import (IterationBatchSampler, TrainingError, poly_lr,
+                             segmentation_loss, train, weights_digest)
+
+TINY = ["model.blocks=[1, 1, 1, 1]", "model.width=8", "data.dataset=synthetic",
+        "data.crop_size=[48, 64]", "data.scale_range=[0.75, 1.25]", "data.batch_size=2",
+        "data.num_workers=0", "data.options={num_samples: 12, size: [48, 64]}",
+        "train.lr=0.01", "train.log_every=1", "train.tensorboard=false",
+        "train.progress=false", "train.val_limit=2", "train.threads=1"]
+
+
+def tiny_config(tmp_path, *more):
+    return load_config(None, [*TINY, f"train.out_dir={tmp_path}", *more])
+
+
+def test_poly_lr():
+    assert poly_lr(0.01, 0, 100) == 0.01
+    assert poly_lr(0.01, 50, 100) == pytest.approx(0.01 * 0.5 ** 0.9)
+    assert poly_lr(0.01, 100, 100) == 0.0
+
+
+def test_sampler_ranks_partition_the_global_batch_and_resume_continues():
+    one = list(IterationBatchSampler(10, 4, seed=3, total_steps=6))
+    r0 = list(IterationBatchSampler(10, 2, seed=3, total_steps=6, rank=0, world_size=2))
+    r1 = list(IterationBatchSampler(10, 2, seed=3, total_steps=6, rank=1, world_size=2))
+    assert [a + b for a, b in zip(r0, r1)] == one
+    assert list(IterationBatchSampler(10, 4, seed=3, total_steps=6, start_step=4)) == one[4:]
+    # every epoch is a permutation: the first 10 samples are each index once
+    first_epoch = [i for batch in one for e, i in batch if e == 0]
+    assert sorted(first_epoch) == list(range(10))
+    assert one != list(IterationBatchSampler(10, 4, seed=4, total_steps=6))
+
+
+def test_stride8_loss_downsamples_labels_with_nearest():
+    logits = torch.zeros(1, 3, 2, 2)
+    logits[0, 1] = 10.0  # predicts class 1 everywhere
+    labels = torch.ones(1, 16, 16, dtype=torch.long)
+    labels[0, :8, :8] = 255  # ignored
+    assert segmentation_loss(logits, labels, "stride8") < 1e-3
+    labels[0, 8:, 8:] = 2
+    assert segmentation_loss(logits, labels, "stride8") > 1.0
+    assert segmentation_loss(logits, torch.full((1, 16, 16), 255), "full") == 0
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match="unknown key train.iteratons; valid keys of 'train': "
+                                          "iterations, lr"):
+        load_config(None, ["train.iteratons=5"])
+    with pytest.raises(ConfigError, match="unknown section 'optim'"):
+        load_config(None, ["optim.lr=5"])
+    with pytest.raises(ConfigError, match="train.amp='fp32'; valid values: none, bf16, fp16"):
+        load_config(None, ["train.amp=fp32"])
+    with pytest.raises(ConfigError, match="nope: no such config file"):
+        load_config("nope")
+
+
+@pytest.mark.parametrize("name", ["voc12_aug", "cityscapes", "cityscapes_512x1024", "gta5",
+                                  "demo"])
+def test_packaged_configs_are_valid(name):
+    cfg = load_config(name)
+    assert cfg.train.iterations > 0
+
+
+def test_resume_continues_exactly(tmp_path):
+    """3 iterations, a crash, a resume to 6 == 6 iterations uninterrupted (same weights)."""
+    full = train(tiny_config(tmp_path / "full", "train.iterations=6",
+                             "train.checkpoint_every=3"))
+
+    def crash(iteration, logs):
+        if iteration == 4:  # after the checkpoint at 3, during the 4th
+            raise KeyboardInterrupt
+
+    part_dir = tmp_path / "part"
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(part_dir, "train.iterations=6", "train.checkpoint_every=3"),
+              on_iteration=crash)
+    resumed = train(tiny_config(part_dir, "train.iterations=6", "train.checkpoint_every=3"),
+                    resume="auto")
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert [h["iteration"] for h in resumed.history] == list(range(1, 7))
+    # the model trained: weights differ from a fresh initialisation
+    assert (part_dir / "model.pth").is_file() and (part_dir / "best.pth").is_file()
+    assert full.metrics["miou"] == resumed.metrics["miou"]
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    cfg = tiny_config(tmp_path, "train.iterations=50", "train.checkpoint_every=1",
+                      "train.lr=1.0e+12", "model.frozen_bn=false")
+    with pytest.raises(TrainingError, match=r"loss is (nan|inf) at iteration \d+") as e:
+        train(cfg)
+    assert str(tmp_path / "last.pth") in str(e.value)
+    model = load_model(tmp_path / "last.pth")
+    assert all(torch.isfinite(v).all() for v in model.state_dict().values()
+               if v.is_floating_point())
+
+
+def test_gradient_accumulation_equals_the_bigger_batch(tmp_path):
+    """batch 2 x 2 accumulation steps == batch 4 (BN frozen so batch statistics don't differ)."""
+    big = train(tiny_config(tmp_path / "big", "train.iterations=2", "data.batch_size=4",
+                            "data.scale_range=[1, 1]"))
+    acc = train(tiny_config(tmp_path / "acc", "train.iterations=2", "train.accumulate=2",
+                            "data.scale_range=[1, 1]"))
+    for k, v in big.model.state_dict().items():
+        assert torch.allclose(v, acc.model.state_dict()[k], rtol=1e-4, atol=1e-6), k
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_match_one_process(tmp_path):
+    """2 CPU processes (gloo) x batch 2 == 1 process x batch 4: identical weights on both
+    ranks, equal to the single-process result within float tolerance. Frozen BN and no
+    ignored pixels (scale 1, crop inside the image), so the averages are the same."""
+    common = [*TINY, "data.scale_range=[1, 1]", "train.iterations=3",
+              "train.checkpoint_every=3"]
+    cfg_path = tmp_path / "ddp.yaml"
+    save_config(load_config(None, [*common, f"train.out_dir={tmp_path / 'ddp'}"]), cfg_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           "--standalone", "-m", "deeplabv2", "train", "-c", str(cfg_path),
+           "train.progress=false"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ddp = load_model(tmp_path / "ddp" / "model.pth")
+    single = train(load_config(None, [*common, "data.batch_size=4",
+                                      f"train.out_dir={tmp_path / 'one'}"])).model
+    for k, v in single.state_dict().items():
+        assert torch.allclose(v, ddp.state_dict()[k], rtol=1e-4, atol=1e-6), k
+    replicas = json.loads((tmp_path / "ddp" / "replicas.json").read_text())
+    assert replicas["world_size"] == 2
+    assert replicas["sha256"][0] == replicas["sha256"][1] == weights_digest(ddp)
