@@ -69,7 +69,8 @@ def score_folder(pred_dir, dataset, *, id_format: str = "auto") -> dict:
     if len(dataset) == 0:
         raise ScoreError("the dataset split has no samples to score")
     C = dataset.num_classes
-    cityscapes = all(_CITYSCAPES_IMAGE.match(Path(image).stem) for image, _ in dataset.samples)
+    cityscapes = bool(dataset.samples) and all(
+        _CITYSCAPES_IMAGE.match(Path(image).stem) for image, _ in dataset.samples)
     if cityscapes:
         if C != NUM_CLASSES:
             raise ScoreError(f"a Cityscapes split must have {NUM_CLASSES} classes, not {C}")
@@ -89,16 +90,11 @@ def score_folder(pred_dir, dataset, *, id_format: str = "auto") -> dict:
     joint = np.zeros((C, 256), dtype=np.int64)
     first_file_with: dict[int, Path] = {}  # raw value -> first file holding it, for messages
     for i, pred_path in enumerate(pred_files):
-        label_path = dataset.samples[i][1]
-        if label_path is None:
-            raise ScoreError(f"{dataset.samples[i][0]}: sample has no ground truth to score")
-        # read_label skips decoding the image that load() would read too
-        gt = (dataset.read_label(label_path) if hasattr(dataset, "read_label")
-              else dataset.load(i)[1])
+        gt = _ground_truth(dataset, i)
         pred = _read_prediction(pred_path)
         if pred.shape != gt.shape:
             raise ScoreError(f"{pred_path}: prediction is {pred.shape[1]}x{pred.shape[0]} but "
-                             f"ground truth {label_path} is {gt.shape[1]}x{gt.shape[0]}")
+                             f"ground truth of {dataset.name(i)} is {gt.shape[1]}x{gt.shape[0]}")
         for value in np.flatnonzero(np.bincount(pred.ravel(), minlength=256)):
             first_file_with.setdefault(int(value), pred_path)
         valid = gt < C  # drops 255 = ignore
@@ -167,6 +163,19 @@ def _value_to_class(num_classes: int, id_format: str) -> np.ndarray:
         out[:num_classes] = np.arange(num_classes)
         out[_VOID] = num_classes
     return out
+
+
+def _ground_truth(dataset, i: int) -> np.ndarray:
+    """Train-id labels of sample ``i``: read without decoding the image where the dataset lists
+    files and its labels need no resizing to the image; else through ``load``."""
+    if not dataset.samples:  # generated data (the synthetic set)
+        return dataset.load(i)[1]
+    label_path = dataset.samples[i][1]
+    if label_path is None:
+        raise ScoreError(f"{dataset.samples[i][0]}: sample has no ground truth to score")
+    if getattr(dataset, "labels_match_images", True):
+        return dataset.read_label(label_path)
+    return dataset.load(i)[1]
 
 
 def _read_prediction(path: Path) -> np.ndarray:

@@ -135,12 +135,10 @@ class TrainResult:
     model: DeepLabV2 | None = None
 
 
-def _check_dataset(ds, how: str, is_main: bool) -> None:
-    if how == "none":
-        if len(ds) == 0:
-            ds.check(limit=0)
-        return
-    ds.check(limit=None if how == "all" else int(how))
+def _check_dataset(ds, how: str) -> None:
+    """``data.check``: read every sample ("all"), the first N, or none (emptiness is always
+    an error)."""
+    ds.check(limit=None if how == "all" else 0 if how == "none" else int(how))
 
 
 def _build_model(cfg: Config, num_classes: int) -> DeepLabV2:
@@ -180,8 +178,8 @@ def train(cfg: Config, resume: str | None = None,
     # Data: checked up front so that a bad file fails now, not hours into the run.
     train_ds = build_dataset(d.dataset, d.root, d.train_split, seed=t.seed, **d.options)
     val_ds = build_dataset(d.dataset, d.root, d.val_split, seed=t.seed, **d.options)
-    _check_dataset(train_ds, d.check, info.is_main)
-    _check_dataset(val_ds, d.check, info.is_main)
+    _check_dataset(train_ds, d.check)
+    _check_dataset(val_ds, d.check)
     classes, palette = list(train_ds.classes), train_ds.palette
 
     model = _build_model(cfg, train_ds.num_classes).to(device)
@@ -196,7 +194,6 @@ def train(cfg: Config, resume: str | None = None,
     if resume:
         state = load_checkpoint(resume, model, optimizer, scaler)
         start, best = int(state["iteration"]), state.get("best_miou")
-        torch.manual_seed(t.seed + info.rank + start)  # dropout draws continue deterministically
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.yaml")
@@ -226,6 +223,9 @@ def train(cfg: Config, resume: str | None = None,
     window_loss, window_start = 0.0, time.perf_counter()
     net.train()
     for it in range(start, t.iterations):
+        # Random draws inside the network (VGG's dropout) are a function of (seed, iteration,
+        # rank) too, so that a resumed run continues them exactly on every rank.
+        torch.manual_seed((t.seed * 1_000_003 + it) * 1_009 + info.rank)
         lr = poly_lr(t.lr, it, t.iterations, t.poly_power)
         set_lr(optimizer, lr)
         loss_sum = torch.zeros((), device=device)

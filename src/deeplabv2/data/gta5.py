@@ -34,6 +34,7 @@ class GTA5Dataset(SegmentationDataset):
 
     classes = CLASSES
     palette = PALETTE
+    labels_match_images = False  # a label file may need resizing to its image (see load)
 
     def __init__(self, root, split: str = "train", transform=None, seed: int = 0):
         root = require_root(root)

@@ -16,6 +16,8 @@ synthetic      :class:`~.synthetic.SyntheticDataset`       train, val (no root n
 
 from __future__ import annotations
 
+import inspect
+
 from pathlib import Path
 from typing import NamedTuple
 
@@ -66,6 +68,11 @@ def build_dataset(name: str, root, split: str, transform=None, seed: int = 0,
     ``annotation`` for ``cityscapes``). ``root`` is not used by ``synthetic``.
     """
     cls = _class_of(name)
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    unknown = sorted(set(kwargs) - accepted)
+    if unknown:
+        raise DatasetError(f"dataset {name!r} takes no option {unknown[0]!r} (data.options); "
+                           f"it takes: {', '.join(sorted(accepted - {'transform', 'seed'}))}")
     if name == "voc12_aug" and split == "train":
         split = "train_aug"
     if cls is SyntheticDataset:

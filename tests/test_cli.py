@@ -1,0 +1,83 @@
+"""The command line end to end on synthetic data: train -> evaluate -> predict -> score."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from deeplabv2.cli import main
+from deeplabv2.config import load_config, save_config
+from deeplabv2.data import build_dataset
+
+from test_train import TINY
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    cfg_path = root / "tiny.yaml"
+    save_config(load_config(None, [*TINY, "train.iterations=4", f"train.out_dir={root / 'run'}",
+                                   "data.options={num_samples: 6, size: [48, 64]}"]), cfg_path)
+    assert main(["train", "-c", str(cfg_path)]) == 0
+    return root, cfg_path
+
+
+def test_evaluate_predict_score_agree(trained, capsys):
+    root, cfg_path = trained
+    ckpt = root / "run" / "model.pth"
+    assert main(["evaluate", str(ckpt), "-c", str(cfg_path), "--out", str(root / "m.json")]) == 0
+    out = capsys.readouterr().out
+    assert "mIoU" in out and "road" in out
+    evaluated = json.loads((root / "m.json").read_text())
+
+    # predict the validation images from files, then score the written PNGs against the split
+    ds = build_dataset("synthetic", None, "val", num_samples=6, size=[48, 64])
+    images = root / "val_images"
+    images.mkdir()
+    for i in range(len(ds)):
+        Image.fromarray(ds.load(i)[0]).save(images / f"{ds.name(i)}.png")
+    assert main(["predict", str(ckpt), str(images), "-o", str(root / "pred"), "--probs"]) == 0
+    label = np.asarray(Image.open(root / "pred" / f"{ds.name(0)}.png"))
+    assert label.shape == (48, 64) and label.max() < ds.num_classes
+    probs = np.load(root / "pred" / f"{ds.name(0)}.npy")
+    assert probs.shape == (ds.num_classes, 48, 64)
+    assert (root / "pred" / f"{ds.name(0)}_overlay.jpg").is_file()
+    assert main(["score", str(root / "pred"), "-c", str(cfg_path), "--out",
+                 str(root / "s.json")]) == 0
+    scored = json.loads((root / "s.json").read_text())
+    assert scored["miou"] == pytest.approx(evaluated["miou"], abs=1e-9)
+
+
+def test_predict_keeps_going_past_a_corrupt_file(trained, tmp_path, capsys):
+    root, _ = trained
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("a", "c"):
+        Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(folder / f"{name}.jpg")
+    (folder / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    code = main(["predict", str(root / "run" / "model.pth"), str(folder), "-o",
+                 str(tmp_path / "out"), "--flip", "--scales", "0.75", "1"])
+    assert code == 1
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["a.png", "c.png"]
+    err = capsys.readouterr().err
+    assert "b.png" in err and "unreadable image" in err
+
+
+def test_sliding_evaluation_runs(trained, capsys):
+    root, cfg_path = trained
+    assert main(["evaluate", str(root / "run" / "model.pth"), "-c", str(cfg_path),
+                 "--sliding", "32", "--limit", "2"]) == 0
+    assert "sliding" in capsys.readouterr().out
+
+
+def test_bad_inputs_are_one_line_errors(trained, tmp_path, capsys):
+    root, cfg_path = trained
+    assert main(["evaluate", str(tmp_path / "none.pth"), "-c", str(cfg_path)]) == 2
+    assert "none.pth: no such weights file" in capsys.readouterr().err
+    assert main(["train", "-c", str(cfg_path), "data.dataset=cityscapes", "data.options={}",
+                 f"data.root={tmp_path / 'missing'}"]) == 2
+    assert "missing" in capsys.readouterr().err
+    assert main(["train", "-c", str(cfg_path), "train.lr_typo=1"]) == 2
+    assert "unknown key train.lr_typo" in capsys.readouterr().err
