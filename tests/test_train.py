@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -130,8 +131,15 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
            "--standalone", "-m", "deeplabv2", "train", "-c", str(cfg_path),
            "train.progress=false"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # own process group, so that a hang kills torchrun *and* its workers
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    assert proc.returncode == 0, stderr[-3000:]
     ddp = load_model(tmp_path / "ddp" / "model.pth")
     single = train(load_config(None, [*common, "data.batch_size=4",
                                       f"train.out_dir={tmp_path / 'one'}"])).model
