@@ -55,6 +55,14 @@ def _eval_dataset(cfg, split):
     return build_dataset(d.dataset, d.root, split or cfg.eval.split, **d.options)
 
 
+def _print_metrics(results: dict, classes: list, out) -> None:
+    from .metrics import format_table, save_json
+    print(format_table(results, classes))
+    if out:
+        save_json(results, classes, out)
+        print(f"metrics written to {out}")
+
+
 def _add_inference_args(sp) -> None:
     sp.add_argument("--scales", type=float, nargs="+", default=None,
                     help="test scales, e.g. 0.5 0.75 1 (probabilities averaged)")
@@ -79,7 +87,6 @@ def _inference(args, base: dict | None = None):
 def cmd_evaluate(args) -> int:
     from .config import load_config
     from .evaluate import evaluate
-    from .metrics import format_table, save_json
     from .weights import load_model
     cfg = load_config(args.config, args.overrides)
     from .distributed import pick_device
@@ -95,10 +102,7 @@ def cmd_evaluate(args) -> int:
           f"{inference.describe()}")
     results = evaluate(model, ds, device=device, limit=args.limit, amp=args.amp,
                        num_workers=cfg.data.num_workers, inference=inference, progress=True)
-    print(format_table(results, list(ds.classes)))
-    if args.out:
-        save_json(results, list(ds.classes), args.out)
-        print(f"metrics written to {args.out}")
+    _print_metrics(results, list(ds.classes), args.out)
     return 0
 
 
@@ -122,15 +126,11 @@ def cmd_predict(args) -> int:
 
 def cmd_score(args) -> int:
     from .config import load_config
-    from .metrics import format_table, save_json
     from .score import score_folder
     cfg = load_config(args.config, args.overrides)
     ds = _eval_dataset(cfg, args.split)
     results = score_folder(args.predictions, ds, id_format=args.id_format)
-    print(format_table(results, list(ds.classes)))
-    if args.out:
-        save_json(results, list(ds.classes), args.out)
-        print(f"metrics written to {args.out}")
+    _print_metrics(results, list(ds.classes), args.out)
     return 0
 
 

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from .data.cityscapes_labels import IGNORE_INDEX, LABEL_TO_TRAIN, LABELS, NUM_CLASSES
+from .data.base import DatasetError, read_label_png
 from .metrics import ConfusionMatrix
 
 ID_FORMATS = ("auto", "label", "train")
@@ -181,16 +181,6 @@ def _ground_truth(dataset, i: int) -> np.ndarray:
 def _read_prediction(path: Path) -> np.ndarray:
     """Single-channel PNG as ``uint8`` ``(H, W)``; palette PNGs give their indices."""
     try:
-        with Image.open(path) as im:
-            if im.mode not in ("L", "P", "I", "I;16"):
-                raise ScoreError(f"{path}: prediction has mode {im.mode}; expected a "
-                                 "single-channel (L or palette) PNG")
-            pred = np.asarray(im)
-    except OSError as e:
-        raise ScoreError(f"{path}: unreadable prediction ({e})") from None
-    if pred.dtype != np.uint8:
-        bad = pred[(pred < 0) | (pred > 255)]
-        if bad.size:
-            raise ScoreError(f"{path}: prediction value {int(bad[0])} does not fit 0..255")
-        pred = pred.astype(np.uint8)
-    return pred
+        return read_label_png(path)
+    except DatasetError as e:
+        raise ScoreError(f"prediction {e}") from None  # "prediction PATH: what is wrong"
