@@ -81,3 +81,19 @@ def test_bad_inputs_are_one_line_errors(trained, tmp_path, capsys):
     assert "missing" in capsys.readouterr().err
     assert main(["train", "-c", str(cfg_path), "train.lr_typo=1"]) == 2
     assert "unknown key train.lr_typo" in capsys.readouterr().err
+
+
+def test_crf_in_evaluate_predict_and_search(trained, tmp_path, capsys):
+    root, cfg_path = trained
+    ckpt = str(root / "run" / "model.pth")
+    assert main(["evaluate", ckpt, "-c", str(cfg_path), "--crf", "--limit", "2"]) == 0
+    assert "dense CRF" in capsys.readouterr().out
+    assert main(["crf-search", ckpt, "-c", str(cfg_path), "--limit", "2", "--bi-w", "3", "4",
+                 "--bi-xy-std", "20", "--bi-rgb-std", "5", "--out", str(tmp_path / "g.json")]) == 0
+    out = capsys.readouterr().out
+    assert "no CRF" in out and "best:" in out
+    grid = json.loads((tmp_path / "g.json").read_text())["results"]
+    assert [r["crf"] and r["crf"]["bi_w"] for r in grid] == [None, 3, 4]
+    assert main(["evaluate", ckpt, "-c", str(cfg_path), "eval.crf=true",
+                 "eval.crf_params={bi_w: -1}"]) == 2
+    assert "bi_w must be a finite number >= 0" in capsys.readouterr().err

@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from .config import load_config
+
 ARCHS = ("resnet101", "resnet50", "vgg16")
 
 
@@ -34,7 +36,6 @@ def cmd_info(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .config import load_config
     from .train import train
     cfg = load_config(args.config, args.overrides)
     result = train(cfg, resume=args.resume)
@@ -64,6 +65,9 @@ def _print_metrics(results: dict, classes: list, out) -> None:
 
 
 def _add_inference_args(sp) -> None:
+    sp.add_argument("--crf", action="store_true",
+                    help="refine with the dense CRF (DeepLab's published parameters, or the "
+                         "config's eval.crf_params)")
     sp.add_argument("--scales", type=float, nargs="+", default=None,
                     help="test scales, e.g. 0.5 0.75 1 (probabilities averaged)")
     sp.add_argument("--flip", action="store_true", help="also average the mirrored image")
@@ -84,8 +88,47 @@ def _inference(args, base: dict | None = None):
     return InferenceConfig.from_dict(d)
 
 
+def _crf(args, cfg):
+    """The DenseCRF asked for by ``--crf`` or the config's ``eval.crf`` (None: no CRF)."""
+    from .crf import DenseCRF
+    if cfg is not None and cfg.eval.crf:
+        return cfg.eval.dense_crf()
+    if not args.crf:
+        return None
+    return DenseCRF.from_dict(cfg.eval.crf_params) if cfg is not None else DenseCRF()
+
+
+def cmd_crf_search(args) -> int:
+    import itertools
+    import json
+    from .crf import DenseCRF
+    from .evaluate import crf_search
+    from .distributed import pick_device
+    from .weights import load_model
+    cfg = load_config(args.config, args.overrides)
+    device = pick_device(cfg.train.device)
+    model = load_model(args.checkpoint, device=device)
+    ds = _eval_dataset(cfg, args.split)
+    base = cfg.eval.crf_params
+    grid = [DenseCRF.from_dict({**base, "bi_w": w, "bi_xy_std": xy, "bi_rgb_std": rgb})
+            for w, xy, rgb in itertools.product(args.bi_w, args.bi_xy_std, args.bi_rgb_std)]
+    results = crf_search(model, ds, grid, device=device, limit=args.limit,
+                         inference=cfg.eval.inference(), progress=True)
+    print(f"{'bi_w':>6} {'bi_xy_std':>10} {'bi_rgb_std':>11} {'mIoU %':>8}")
+    for r in results:
+        c = r["crf"]
+        cols = ("no CRF", "", "") if c is None else (c["bi_w"], c["bi_xy_std"], c["bi_rgb_std"])
+        print(f"{cols[0]:>6} {cols[1]:>10} {cols[2]:>11} {100 * r['miou']:8.2f}")
+    best = max(results, key=lambda r: r["miou"])
+    print(f"best: {best['crf'] or 'no CRF'} (mIoU {100 * best['miou']:.2f} on "
+          f"{min(args.limit or len(ds), len(ds))} images)")
+    if args.out:
+        from .fileio import atomic_write_text
+        atomic_write_text(args.out, json.dumps({"results": results, "best": best}, indent=2))
+    return 0
+
+
 def cmd_evaluate(args) -> int:
-    from .config import load_config
     from .evaluate import evaluate
     from .weights import load_model
     cfg = load_config(args.config, args.overrides)
@@ -99,9 +142,11 @@ def cmd_evaluate(args) -> int:
                          f"{cfg.data.dataset!r} has {ds.num_classes}")
     inference = _inference(args, cfg.eval.inference().to_dict())
     print(f"evaluating {args.checkpoint} on {cfg.data.dataset} {ds.split} ({len(ds)} images), "
-          f"{inference.describe()}")
+          f"{inference.describe()}{', dense CRF' if args.crf or cfg.eval.crf else ''}")
+    crf = _crf(args, cfg)
     results = evaluate(model, ds, device=device, limit=args.limit, amp=args.amp,
-                       num_workers=cfg.data.num_workers, inference=inference, progress=True)
+                       num_workers=cfg.data.num_workers, inference=inference, crf=crf,
+                       progress=True)
     _print_metrics(results, list(ds.classes), args.out)
     return 0
 
@@ -117,7 +162,8 @@ def cmd_predict(args) -> int:
         from .data import voc_palette
         palette = voc_palette(model.num_classes)
     result = predict_files(model, args.inputs, args.out, palette, device=device,
-                           save_probs=args.probs, amp=args.amp, inference=_inference(args))
+                           save_probs=args.probs, amp=args.amp, inference=_inference(args),
+                           crf=_crf(args, None))
     print(f"{len(result.written)} predictions written to {args.out}")
     for path, why in result.failed.items():
         print(f"failed: {why}", file=sys.stderr)
@@ -125,7 +171,6 @@ def cmd_predict(args) -> int:
 
 
 def cmd_score(args) -> int:
-    from .config import load_config
     from .score import score_folder
     cfg = load_config(args.config, args.overrides)
     ds = _eval_dataset(cfg, args.split)
@@ -180,6 +225,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inference_args(pr)
     pr.set_defaults(func=cmd_predict)
 
+    cs = sub.add_parser("crf-search", help="grid search of the dense CRF on a validation subset")
+    cs.add_argument("checkpoint")
+    cs.add_argument("-c", "--config", required=True, help="config naming the dataset")
+    cs.add_argument("--split", default=None)
+    cs.add_argument("--limit", type=int, default=100, help="first N images (paper: 100)")
+    cs.add_argument("--bi-w", type=float, nargs="+", default=[3, 4, 5])
+    cs.add_argument("--bi-xy-std", type=float, nargs="+", default=[50, 67, 80])
+    cs.add_argument("--bi-rgb-std", type=float, nargs="+", default=[3, 4, 5])
+    cs.add_argument("--out", default=None, help="write every setting's mIoU as JSON here")
+    cs.add_argument("overrides", nargs="*", help="section.key=value")
+    cs.set_defaults(func=cmd_crf_search)
+
     sc = sub.add_parser("score", help="score a folder of saved predictions against a split")
     sc.add_argument("predictions", help="folder of prediction PNGs")
     sc.add_argument("-c", "--config", required=True, help="config naming the dataset")
@@ -198,7 +255,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # section.key=value overrides may come after options too (argparse stops at the first)
+    if extra and hasattr(args, "overrides") and all(
+            "=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except Exception as e:  # one clear line for the user's mistakes, full trace with -v later

@@ -80,6 +80,14 @@ class EvalConfig:
     flip: bool = False
     crop_size: list[int] | int | None = None  # sliding window [h, w]
     stride: list[int] | int | None = None  # default: 2/3 of crop_size
+    crf: bool = False  # refine with the dense CRF (paper Sec. 3.4)
+    crf_params: dict[str, Any] = field(default_factory=dict)  # DenseCRF fields; {}: defaults
+
+    def dense_crf(self):
+        """The :class:`deeplabv2.crf.DenseCRF` of ``crf_params`` (or None with ``crf`` off)."""
+        from .crf import DenseCRF
+        params = DenseCRF.from_dict(self.crf_params)
+        return params if self.crf else None
 
     def inference(self):
         """The :class:`deeplabv2.inference.InferenceConfig` these settings describe."""
@@ -183,6 +191,7 @@ def validate(cfg: Config) -> None:
                           f"{data.scale_range}")
     try:
         cfg.eval.inference()
+        cfg.eval.dense_crf()
     except ValueError as e:
         raise ConfigError(f"eval: {e}") from None
     if any(s <= 0 for s in t.msc_scales):

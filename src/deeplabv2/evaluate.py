@@ -26,13 +26,15 @@ class _Raw(torch.utils.data.Dataset):
 @torch.no_grad()
 def evaluate(model, dataset, *, device=None, limit: int | None = None, amp: str = "none",
              channels_last: bool = False, num_workers: int = 0, predict=None,
-             inference: InferenceConfig | None = None, progress: bool = False) -> dict:
+             inference: InferenceConfig | None = None, crf=None,
+             progress: bool = False) -> dict:
     """Metrics of ``model`` on ``dataset`` (every image, or the first ``limit``).
 
     Under DDP each rank evaluates every ``world_size``-th image and the confusion matrices are
     summed, so every rank returns the metrics of the whole split. ``inference`` chooses whole
     image, sliding window, multi-scale and flip (default: whole image); ``predict(model, x)``
-    may replace it altogether (it must return ``(N, C, H, W)`` probabilities). Returns
+    may replace it altogether (it must return ``(N, C, H, W)`` probabilities). ``crf`` (a
+    :class:`deeplabv2.crf.DenseCRF`) refines the probabilities with the image. Returns
     :meth:`ConfusionMatrix.compute`'s dict plus ``"confusion"`` (the ``(C, C)`` counts).
     """
     device = torch.device(device or next(model.parameters()).device)
@@ -53,9 +55,43 @@ def evaluate(model, dataset, *, device=None, limit: int | None = None, amp: str 
         else:
             probs = (inference or InferenceConfig())(model, x, amp=amp,
                                                      channels_last=channels_last)
+        if crf is not None:
+            probs = crf(probs, image.to(device))
         cm.update(probs.argmax(1), label.to(device))
     model.train(was_training)
     cm.reduce_()
     results = cm.compute()
     results["confusion"] = cm.matrix.cpu().tolist()
+    return results
+
+
+@torch.no_grad()
+def crf_search(model, dataset, grid: list, *, device=None, limit: int | None = None,
+               inference: InferenceConfig | None = None, progress: bool = False) -> list[dict]:
+    """The paper's CRF grid search (Sec. 4.1): mIoU of each :class:`DenseCRF` in ``grid`` on
+    the first ``limit`` images (and of no CRF, as ``None``), computing the network's
+    probabilities once per image. Returns ``[{"crf": params or None, "miou", ...}]``."""
+    device = torch.device(device or next(model.parameters()).device)
+    n = len(dataset) if not limit else min(limit, len(dataset))
+    settings = [None, *grid]
+    matrices = [ConfusionMatrix(dataset.num_classes, device=device) for _ in settings]
+    indices = range(n)
+    if progress:
+        from tqdm.auto import tqdm
+        indices = tqdm(indices, desc="crf-search", unit="img", dynamic_ncols=True)
+    model.eval()
+    for i in indices:
+        image, label = dataset.load(i)
+        x = model.preprocess(image).to(device)
+        probs = (inference or InferenceConfig())(model, x)
+        target = torch.from_numpy(label.astype("int64")).to(device)[None]
+        rgb = torch.from_numpy(image).to(device)[None]
+        for crf, cm in zip(settings, matrices):
+            refined = probs if crf is None else crf(probs, rgb)
+            cm.update(refined.argmax(1), target)
+    results = []
+    for crf, cm in zip(settings, matrices):
+        r = cm.compute()
+        results.append({"crf": None if crf is None else crf.to_dict(), "miou": r["miou"],
+                        "pixel_accuracy": r["pixel_accuracy"]})
     return results

@@ -56,11 +56,12 @@ def save_label_png(label: np.ndarray, palette: np.ndarray, path) -> None:
 @torch.no_grad()
 def predict_files(model, inputs, out_dir, palette, *, device=None, save_probs: bool = False,
                   amp: str = "none", progress: bool = True, predict=None,
-                  inference: InferenceConfig | None = None) -> PredictResult:
+                  inference: InferenceConfig | None = None, crf=None) -> PredictResult:
     """Predict every image in ``inputs`` (file, folder, glob or a list of them) into ``out_dir``.
 
     ``inference`` chooses whole image / sliding window / scales / flip (default: whole image);
-    ``predict(model, x)`` may replace it altogether. Returns what was written and what
+    ``predict(model, x)`` may replace it altogether; ``crf`` (a :class:`deeplabv2.crf.DenseCRF`)
+    refines the probabilities with the image. Returns what was written and what
     failed; the caller decides the exit code.
     """
     device = torch.device(device or next(model.parameters()).device)
@@ -81,6 +82,8 @@ def predict_files(model, inputs, out_dir, palette, *, device=None, save_probs: b
         x = model.preprocess(image).to(device)
         probs = (predict(model, x) if predict is not None else
                  (inference or InferenceConfig())(model, x, amp=amp))
+        if crf is not None:
+            probs = crf(probs, torch.from_numpy(image).to(device)[None])
         label = probs.argmax(1)[0].to(torch.uint8).cpu().numpy()
         stem = out_dir / Path(path).stem
         save_label_png(label, palette, f"{stem}.png")
