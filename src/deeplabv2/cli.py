@@ -251,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--out", default="reports/demo", help="report folder")
     de.add_argument("overrides", nargs="*", help="section.key=value for the demo config")
     de.set_defaults(func=cmd_demo)
+
+    from .bench import register as register_bench  # adds "bench" and "export"
+    register_bench(sub)
     return p
 
 

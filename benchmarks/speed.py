@@ -1,0 +1,113 @@
+"""DeepLab v2 ResNet-101 speed on this CPU: eager FP32 against each faster mode and ONNX Runtime.
+
+One run, one process, one machine: plain eager FP32 (frozen BN as separate ops, NCHW) is the
+baseline; BN-folded channels-last FP32, bf16, ONNX Runtime (and torch.compile with
+``--compile``) are timed at 321x321 and 512x1024 (batch 1), then a training step of 2 x 321x321
+crops in FP32 against bf16 autocast + channels-last. Writes a Markdown report with the table,
+the command, the CPU model and the date. Weights are random: speed does not depend on them.
+
+    python benchmarks/speed.py                       # writes benchmarks/speed_results.md
+    python benchmarks/speed.py --iterations 2 --warmup 1 --json speed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import deeplabv2
+from deeplabv2.bench import bench, format_table
+from deeplabv2.model import build_model
+
+
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return platform.processor() or "unknown"
+    for line in out.splitlines():
+        if line.startswith("Model name:"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+def cpu_flags() -> str:
+    """The vector extensions that decide bf16 speed (native bf16 needs AVX512-BF16 or AMX)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split("flags", 1)[1].split("\n", 1)[0].split()
+    except (OSError, IndexError):
+        return "unknown"
+    keep = [f for f in flags if f.startswith(("avx", "amx"))]
+    return " ".join(sorted(set(keep))) or "none"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", nargs="+", default=["321x321", "512x1024"])
+    p.add_argument("--iterations", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--compile", action="store_true", help="also time torch.compile (slow start)")
+    p.add_argument("--tiny", action="store_true", help="a tiny network, to try the script")
+    p.add_argument("--out", default=str(Path(__file__).with_name("speed_results.md")))
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    if args.tiny:
+        model = build_model({"backbone": "resnet", "blocks": [1, 1, 1, 1], "width": 8,
+                             "num_classes": 19})
+    else:
+        model = deeplabv2.deeplabv2_resnet101(num_classes=19)
+    sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes]
+    modes = ["eager", "fast", "bf16"] + (["compile"] if args.compile else []) + ["onnxruntime"]
+    start = time.perf_counter()
+    result = bench(model, sizes, modes, args.iterations, args.warmup, args.threads)
+    elapsed = time.perf_counter() - start
+    result.update(cpu=cpu_model(), cpu_flags=cpu_flags(), elapsed_s=elapsed,
+                  date=datetime.date.today().isoformat(), tiny=args.tiny)
+    table = format_table(result)
+    print(table)
+    command = "python " + " ".join(["benchmarks/speed.py", *(argv or sys.argv[1:])])
+    import onnxruntime
+    title = "a tiny ResNet (--tiny), not ResNet-101" if args.tiny else "ResNet-101"
+    report = f"""# DeepLab v2 {title}: speed on the CPU
+
+* command: `{command}`
+* CPU: {result["cpu"]} ({result["threads"]} threads; vector extensions: {result["cpu_flags"]})
+* date: {result["date"]}; torch {torch.__version__}, onnxruntime {onnxruntime.__version__}
+* {args.warmup} warm-up call(s), then the median of {args.iterations} timed call(s) per row;
+  the whole run took {elapsed / 60:.1f} min.
+
+The machine is shared with other jobs: the timings are indicative, not precise.
+Inference is batch 1, whole image, logits upsampled to the input size. "vs eager" is the
+speed-up over the eager FP32 model (unfolded frozen BN, NCHW) at the same size; for the
+training rows it is bf16 autocast + channels-last against FP32 NCHW (forward, stride-8 loss,
+backward, SGD step on 2 crops). GFLOP/s counts the convolutions only
+(`torch.utils.flop_counter`, multiply-add = 2), the backward pass as twice the forward.
+Peak RSS is the process's peak so far, so it only grows down the table.
+
+Modes: `eager` the model as built; `fast` BN folded + channels-last FP32
+(`deeplabv2.fast.optimize_for_inference`); `bf16` the same with bfloat16 weights and
+activations; `onnxruntime` the ONNX export (dynamic height/width, exported once at the first
+size) in ONNX Runtime's CPU provider with {result["threads"]} intra-op threads.
+
+{table}
+"""
+    Path(args.out).write_text(report)
+    print(f"report written to {args.out}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""Export a model for deployment: ONNX (dynamic height and width) and TorchScript.
+
+Both exports take the BN-folded fp32 network (:func:`deeplabv2.fast.fold_batchnorm`), whose
+input is the preprocessed ``(N, 3, H, W)`` float32 image and whose output is the logits
+upsampled to the input size, ``(N, C, H, W)`` float32. Preprocessing (channel order, mean,
+scale) is *not* part of the graph: apply ``model.preprocessing`` first, as for the PyTorch model.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .fast import fold_batchnorm
+
+
+class _UpsampledLogits(nn.Module):
+    """``image -> logits at the input size``: one tensor in, one out, no Python flags to trace."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.net(image)
+
+
+def _deploy_copy(model: nn.Module) -> nn.Module:
+    """Folded fp32 eval-mode copy in the default (NCHW) layout, gradients off."""
+    net = fold_batchnorm(model).eval().float()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return _UpsampledLogits(net).eval()
+
+
+def export_onnx(model: nn.Module, path, height: int, width: int, opset: int = 17) -> Path:
+    """Write ``model`` as ONNX to ``path`` and return the path.
+
+    Input ``image``: ``(batch, 3, height, width)`` float32; output ``logits``:
+    ``(batch, C, height, width)`` float32, upsampled bilinearly to the input size. The batch,
+    height and width axes are dynamic; ``height``/``width`` only size the example input used
+    for tracing. Uses the TorchScript-based exporter (``dynamo=False``), which needs only
+    the ``onnx`` package.
+    """
+    net = _deploy_copy(model)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    example = torch.zeros(1, 3, int(height), int(width))
+    axes = {0: "batch", 2: "height", 3: "width"}
+    with warnings.catch_warnings(), torch.no_grad():
+        # The legacy exporter warns that it is deprecated; it is the simple, dependable path.
+        warnings.simplefilter("ignore", category=DeprecationWarning)
+        warnings.simplefilter("ignore", category=FutureWarning)
+        torch.onnx.export(net, (example,), str(path), input_names=["image"],
+                          output_names=["logits"], dynamic_axes={"image": axes, "logits": axes},
+                          opset_version=opset, do_constant_folding=True, dynamo=False)
+    return path
+
+
+def export_torchscript(model: nn.Module, path, height: int = 321, width: int = 321) -> Path:
+    """Trace the folded ``model`` with ``torch.jit.trace`` and save it to ``path``.
+
+    The traced module maps a preprocessed ``(N, 3, H, W)`` float32 input to ``(N, C, H, W)``
+    logits at any input size (the upsampling size is read from the input's shape in the
+    graph); load it with ``torch.jit.load(path)``.
+    """
+    net = _deploy_copy(model)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    example = torch.zeros(1, 3, int(height), int(width))
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore", category=DeprecationWarning)
+        warnings.simplefilter("ignore", category=FutureWarning)
+        traced = torch.jit.trace(net, (example,), check_trace=False)
+        torch.jit.save(traced, str(path))
+    return path

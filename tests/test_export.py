@@ -1,0 +1,78 @@
+"""ONNX and TorchScript exports reproduce the PyTorch logits, at more than one input size."""
+
+import warnings
+
+import pytest
+import torch
+
+from deeplabv2.export import export_onnx, export_torchscript
+from deeplabv2.model import FrozenBatchNorm2d, build_model
+
+TINY = {"backbone": "resnet", "blocks": [1, 1, 1, 1], "width": 8, "num_classes": 5}
+SIZES = [(64, 96), (45, 77)]  # the second is not the traced size and not a multiple of 8
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = build_model(TINY).eval()
+    with torch.no_grad():  # non-trivial BN, so that the folded export is checked too
+        for bn in m.modules():
+            if isinstance(bn, FrozenBatchNorm2d):
+                bn.weight.uniform_(0.5, 1.5)
+                bn.running_mean.normal_(0, 0.3)
+                bn.running_var.uniform_(0.5, 2.0)
+        for conv in m.head.convs:
+            conv.weight.normal_(0, 0.1)
+    return m
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-4) -> bool:
+    return (a - b).abs().max().item() <= rtol * b.abs().max().item()
+
+
+def test_onnxruntime_reproduces_the_logits_at_two_sizes(model, tmp_path):
+    ort = pytest.importorskip("onnxruntime", reason="onnxruntime not installed (extra 'export')")
+    path = export_onnx(model, tmp_path / "tiny.onnx", height=64, width=96)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["image"]
+    assert [o.name for o in session.get_outputs()] == ["logits"]
+    for height, width in SIZES:
+        x = torch.randn(2, 3, height, width)
+        with torch.no_grad():
+            ref = model(x)
+        (out,) = session.run(["logits"], {"image": x.numpy()})
+        assert out.shape == (2, 5, height, width)
+        assert _close(torch.from_numpy(out), ref)
+
+
+def test_torchscript_reproduces_the_logits_at_two_sizes(model, tmp_path):
+    path = export_torchscript(model, tmp_path / "tiny.pt", height=64, width=96)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        traced = torch.jit.load(str(path))
+    names = {m.original_name for m in traced.modules()}
+    assert "Conv2d" in names and "FrozenBatchNorm2d" not in names  # folded
+    for height, width in SIZES:
+        x = torch.randn(1, 3, height, width)
+        with torch.no_grad():
+            ref, out = model(x), traced(x)
+        assert out.shape == (1, 5, height, width)
+        assert _close(out, ref)
+
+
+def test_export_subcommand_writes_both_files(model, tmp_path):
+    import argparse
+
+    from deeplabv2.bench import register
+    from deeplabv2.weights import save_weights
+    pytest.importorskip("onnx", reason="onnx not installed (extra 'export')")
+    checkpoint = tmp_path / "tiny.pth"
+    save_weights(model, checkpoint)
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["export", str(checkpoint), "--onnx", str(tmp_path / "m.onnx"),
+                              "--torchscript", str(tmp_path / "m.pt"), "--height", "40",
+                              "--width", "56"])
+    assert args.func(args) == 0
+    assert (tmp_path / "m.onnx").stat().st_size > 0 and (tmp_path / "m.pt").stat().st_size > 0

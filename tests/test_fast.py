@@ -1,0 +1,158 @@
+"""BN folding and the inference-only model: same logits, no BN left, original untouched."""
+
+import pytest
+import torch
+from torch import nn
+
+from deeplabv2.fast import InferenceModel, fold_batchnorm, optimize_for_inference
+from deeplabv2.model import FrozenBatchNorm2d, build_model
+
+TINY = {"backbone": "resnet", "blocks": [1, 1, 1, 1], "width": 8, "num_classes": 5}
+BN_TYPES = (FrozenBatchNorm2d, nn.BatchNorm2d)
+
+
+def _randomise_bn(model: nn.Module, seed: int = 0) -> None:
+    """Statistics and affine parameters far from the identity, so a wrong fold shows."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, BN_TYPES):
+                c = m.num_features
+                m.weight.copy_(torch.rand(c, generator=g) * 1.5 + 0.25)
+                m.bias.copy_(torch.randn(c, generator=g) * 0.5)
+                m.running_mean.copy_(torch.randn(c, generator=g) * 0.5)
+                m.running_var.copy_(torch.rand(c, generator=g) * 2 + 0.1)
+
+
+def _tiny(frozen_bn: bool = True, layout: str = "caffe") -> nn.Module:
+    torch.manual_seed(0)
+    model = build_model({**TINY, "frozen_bn": frozen_bn, "layout": layout})
+    _randomise_bn(model)
+    with torch.no_grad():  # head scores comparable in size to the features
+        for conv in model.head.convs:
+            conv.weight.normal_(0, 0.1)
+    return model.eval()
+
+
+def _bn_params(model: nn.Module) -> tuple[int, int]:
+    """(number of BN parameters, number of BN channels)."""
+    bns = [m for m in model.modules() if isinstance(m, BN_TYPES)]
+    return sum(p.numel() for m in bns for p in m.parameters()), sum(m.num_features for m in bns)
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, rtol: float) -> bool:
+    return (a - b).abs().max().item() <= rtol * b.abs().max().item()
+
+
+@pytest.mark.parametrize("layout", ["caffe", "torchvision"])
+@pytest.mark.parametrize("frozen_bn", [True, False])
+def test_folded_logits_equal_the_original(layout, frozen_bn):
+    model = _tiny(frozen_bn, layout)
+    folded = fold_batchnorm(model)
+    x = torch.randn(2, 3, 45, 61)
+    with torch.no_grad():
+        ref, out = model(x), folded(x)
+    assert out.shape == ref.shape == (2, 5, 45, 61)
+    assert _close(out, ref, 1e-4)
+    assert not any(isinstance(m, BN_TYPES) for m in folded.modules())
+    assert folded.layout == layout
+
+
+def test_fold_drops_the_bn_parameters_and_leaves_the_original_untouched():
+    model = _tiny()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    n_before = sum(p.numel() for p in model.parameters())
+    bn_params, bn_channels = _bn_params(model)
+    assert bn_params == 2 * bn_channels > 0
+    folded = fold_batchnorm(model)
+    # BN scale and shift (2 C) are gone; each folded conv gained a bias of C.
+    assert sum(p.numel() for p in folded.parameters()) == n_before - bn_params + bn_channels
+    assert folded.backbone.layer1[0].conv1.bias is not None
+    assert isinstance(folded.backbone.layer1[0].downsample[1], nn.Identity)
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert _bn_params(model) == (bn_params, bn_channels)
+
+
+def test_training_mode_batchnorm_is_not_folded():
+    model = _tiny(frozen_bn=False).train()
+    folded = fold_batchnorm(model)
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in folded.modules()) == \
+        sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_optimize_for_inference_fp32_matches_eager(channels_last):
+    model = _tiny()
+    fast = optimize_for_inference(model, channels_last=channels_last)
+    assert isinstance(fast, InferenceModel) and not fast.training
+    assert fast.num_classes == 5 and fast.preprocessing == model.preprocessing
+    x = torch.randn(1, 3, 50, 50)
+    with torch.no_grad():
+        ref, out = model(x), fast(x)
+        ref8, out8 = model.logits(x), fast.logits(x)
+    assert out.dtype == torch.float32 and _close(out, ref, 1e-4)
+    assert out8.shape == ref8.shape and _close(out8, ref8, 1e-4)
+    if channels_last:
+        conv = fast.model.backbone.conv1.weight
+        assert conv.is_contiguous(memory_format=torch.channels_last)
+    assert model.backbone.bn1.__class__ is FrozenBatchNorm2d  # original not folded in place
+
+
+def test_optimize_for_inference_bf16_is_close_and_returns_float32():
+    model = _tiny()
+    fast = optimize_for_inference(model, dtype="bf16")
+    assert fast.model.backbone.conv1.weight.dtype == torch.bfloat16
+    x = torch.randn(1, 3, 41, 41)
+    with torch.no_grad():
+        ref, out = model(x), fast(x)
+    assert out.dtype == torch.float32 and _close(out, ref, 5e-2)
+
+
+def test_optimize_for_inference_rejects_an_unknown_dtype():
+    with pytest.raises(ValueError, match="dtype"):
+        optimize_for_inference(_tiny(), dtype="int8")
+
+
+# -- bench: a smoke test of the measurement, not of the timings ----------------------------------
+def test_bench_reports_positive_numbers_per_size_and_mode():
+    import json
+
+    from deeplabv2.bench import bench, forward_flops
+    model = _tiny()
+    modes = ["eager", "fast", "bf16"]
+    result = bench(model, [(33, 41), (24, 24)], modes, iterations=1, warmup=0, threads=1,
+                   train_size=(65, 65))
+    json.dumps(result)  # plain types only
+    assert result["threads"] == 1
+    rows = result["inference"]
+    assert [(tuple(r["size"]), r["mode"]) for r in rows] == \
+        [(s, m) for s in [(33, 41), (24, 24)] for m in modes]
+    for r in rows:
+        for key in ("flops", "median_s", "mean_s", "min_s", "gflops_per_s", "peak_rss_mib",
+                    "speedup_vs_eager"):
+            assert r[key] > 0, key
+    assert rows[0]["flops"] > rows[3]["flops"]  # the larger input costs more
+    fp32, bf16 = result["train"]
+    assert (fp32["amp"], fp32["channels_last"], bf16["amp"], bf16["channels_last"]) == \
+        ("none", False, "bf16", True)
+    # backward counted as twice the forward of the batch of 2
+    assert fp32["batch"] == 2 and fp32["flops"] == 3 * forward_flops(model, 65, 65, batch=2)
+    assert all(t[k] > 0 for t in (fp32, bf16) for k in ("median_s", "gflops_per_s"))
+    assert not model.training and isinstance(model.backbone.bn1, FrozenBatchNorm2d)
+
+
+def test_bench_and_export_subcommands_parse():
+    import argparse
+
+    from deeplabv2.bench import cmd_bench, cmd_export, register
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["bench", "--sizes", "321x321", "512x1024", "--modes", "eager",
+                              "bf16", "--json", "out.json"])
+    assert args.func is cmd_bench and args.sizes == ["321x321", "512x1024"]
+    assert args.modes == ["eager", "bf16"] and args.json == "out.json"
+    args = parser.parse_args(["export", "ckpt.pth", "--onnx", "o.onnx", "--torchscript", "o.pt",
+                              "--height", "512", "--width", "1024"])
+    assert args.func is cmd_export and (args.height, args.width) == (512, 1024)
