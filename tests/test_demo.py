@@ -1,0 +1,22 @@
+"""The demo pipeline writes its whole report (a few iterations here; `make demo` trains fully)."""
+
+import json
+
+from deeplabv2.demo import run_demo
+
+
+def test_demo_writes_the_report(tmp_path, capsys):
+    out = tmp_path / "report"
+    summary = run_demo(out, ["train.iterations=3", "train.progress=false",
+                             "train.tensorboard=false", "data.num_workers=0",
+                             "data.options={num_samples: 8}"])
+    for name in ("summary.json", "metrics.json", "iou_table.txt", "training_curve.png",
+                 "confusion.png", "examples.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert len(list((out / "predictions").glob("*.png"))) == 6
+    assert len(list((out / "predictions").glob("*_overlay.jpg"))) == 6
+    written = json.loads((out / "summary.json").read_text())
+    assert written["val_miou"] == summary["val_miou"]
+    assert 0 <= written["colour_baseline_miou"] <= 1
+    assert json.loads((out / "metrics.json").read_text())["classes"]["pole"]
+    assert f"report: {out.resolve()}" in capsys.readouterr().out
