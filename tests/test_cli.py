@@ -60,7 +60,7 @@ def test_predict_keeps_going_past_a_corrupt_file(trained, tmp_path, capsys):
     code = main(["predict", str(root / "run" / "model.pth"), str(folder), "-o",
                  str(tmp_path / "out"), "--flip", "--scales", "0.75", "1"])
     assert code == 1
-    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["a.png", "c.png"]
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["a.png", "c.png", "legend.png"]
     err = capsys.readouterr().err
     assert "b.png" in err and "unreadable image" in err
 
@@ -97,3 +97,32 @@ def test_crf_in_evaluate_predict_and_search(trained, tmp_path, capsys):
     assert main(["evaluate", ckpt, "-c", str(cfg_path), "eval.crf=true",
                  "eval.crf_params={bi_w: -1}"]) == 2
     assert "bi_w must be a finite number >= 0" in capsys.readouterr().err
+
+
+def test_predict_batches_cityscapes_ids_and_legend(tmp_path):
+    from deeplabv2 import build_model, save_weights
+    from deeplabv2.data import CityscapesDataset
+    from deeplabv2.data.cityscapes_labels import TRAIN_TO_LABEL
+    model = build_model({"backbone": "resnet", "blocks": [1, 1, 1, 1], "width": 8,
+                         "num_classes": 19})
+    ckpt = tmp_path / "city.pth"
+    save_weights(model, ckpt, classes=CityscapesDataset.classes, palette=CityscapesDataset.palette)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(1)
+    for i, size in enumerate([(40, 56), (40, 56), (40, 56), (32, 48)]):
+        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(
+            photos / f"frankfurt_000000_00{i}_leftImg8bit.png")
+    outs = {}
+    for bs in (1, 3):
+        out = tmp_path / f"out{bs}"
+        assert main(["predict", str(ckpt), str(photos), "-o", str(out), "--batch-size", str(bs),
+                     "--cityscapes-ids"]) == 0
+        outs[bs] = out
+    for p in sorted(photos.iterdir()):
+        a = np.asarray(Image.open(outs[1] / f"{p.stem}.png"))
+        b = np.asarray(Image.open(outs[3] / f"{p.stem}.png"))
+        assert np.array_equal(a, b)  # batching does not change the result
+        ids = np.asarray(Image.open(outs[3] / f"{p.stem}_labelIds.png"))
+        assert np.array_equal(ids, np.asarray(TRAIN_TO_LABEL, dtype=np.uint8)[a])
+    assert (outs[3] / "legend.png").stat().st_size > 0

@@ -13,7 +13,8 @@ def test_demo_writes_the_report(tmp_path, capsys):
     for name in ("summary.json", "metrics.json", "iou_table.txt", "training_curve.png",
                  "confusion.png", "examples.png"):
         assert (out / name).stat().st_size > 0, name
-    assert len(list((out / "predictions").glob("*.png"))) == 6
+    assert len(list((out / "predictions").glob("synthetic_*.png"))) == 6
+    assert (out / "predictions" / "legend.png").is_file()
     assert len(list((out / "predictions").glob("*_overlay.jpg"))) == 6
     written = json.loads((out / "summary.json").read_text())
     assert written["val_miou"] == summary["val_miou"]

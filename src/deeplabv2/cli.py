@@ -163,7 +163,10 @@ def cmd_predict(args) -> int:
         palette = voc_palette(model.num_classes)
     result = predict_files(model, args.inputs, args.out, palette, device=device,
                            save_probs=args.probs, amp=args.amp, inference=_inference(args),
-                           crf=_crf(args, None))
+                           crf=_crf(args, None), batch_size=args.batch_size,
+                           cityscapes_ids=args.cityscapes_ids,
+                           class_names=model.classes or
+                           [f"class {i}" for i in range(model.num_classes)])
     print(f"{len(result.written)} predictions written to {args.out}")
     for path, why in result.failed.items():
         print(f"failed: {why}", file=sys.stderr)
@@ -222,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--probs", action="store_true", help="also save probabilities (.npy)")
     pr.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
     pr.add_argument("--device", default="auto")
+    pr.add_argument("--batch-size", type=int, default=4, help="images of equal size per batch")
+    pr.add_argument("--cityscapes-ids", action="store_true",
+                    help="also write *_labelIds.png (Cityscapes submission format)")
     _add_inference_args(pr)
     pr.set_defaults(func=cmd_predict)
 

@@ -58,7 +58,8 @@ def run_demo(out_dir="reports/demo", overrides=()) -> dict:
     inputs.mkdir(parents=True, exist_ok=True)
     for i in range(NUM_EXAMPLES):
         Image.fromarray(val_ds.load(i)[0]).save(inputs / f"{val_ds.name(i)}.png")
-    pred = predict_files(model, inputs, out / "predictions", val_ds.palette, progress=False)
+    pred = predict_files(model, inputs, out / "predictions", val_ds.palette, progress=False,
+                         class_names=classes)
     _example_panel(val_ds, out / "predictions", out / "examples.png")
 
     summary = {
