@@ -2,7 +2,7 @@
 
 Mean-field inference with a Potts compatibility and two Gaussian kernels: a smoothness kernel on
 pixel position and an appearance (bilateral) kernel on position and RGB colour. One update is
-(Krähenbühl & Koltun, Algorithm 1; DeepLab v2, Sec. 3.2)::
+(Krähenbühl & Koltun, Algorithm 1; the DeepLab v2 paper's fully connected CRF section)::
 
     Q <- softmax( log p  +  pos_w * K_pos(Q)  +  bi_w * K_bi(Q) )      per pixel, over classes
 
@@ -69,7 +69,7 @@ class PermutohedralLattice:
     filter it is accurate where points are dense relative to the kernel (a few per cent) and
     underestimates the tails between isolated points.
 
-    The construction is Adams et al. 2010 (Sec. 3-4) as densecrf's ``Permutohedral`` implements
+    The construction is Adams et al.'s (2010) as densecrf's ``Permutohedral`` implements
     it, so outputs match densecrf's to float rounding. Where densecrf hashes vertex keys, this
     packs them into sorted int64 codes (``torch.sort`` and ``torch.searchsorted``); splat, the
     d+1 blurs and slice are sparse matrices, built once and reused by every call. Vertices are
@@ -241,7 +241,7 @@ def _enclosing_simplices(f: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """
     d, count = f.shape
     dev = f.device
-    # Elevate onto the hyperplane x . 1 = 0 of R^{d+1} (Adams et al. Sec. 3.1), scaled so that
+    # Elevate onto the hyperplane x . 1 = 0 of R^{d+1} (Adams et al., p. 5), scaled so that
     # the whole filter has standard deviation 1 in feature units (ibid. p. 6).
     inv_std = np.float32(math.sqrt(2.0 / 3.0) * (d + 1))
     scale = [float(np.float32(1.0 / math.sqrt((i + 1) * (i + 2)) * float(inv_std)))
@@ -414,7 +414,7 @@ class DenseCRF:
     """Dense CRF parameters; calling it refines a batch of class probabilities.
 
     The defaults are those released with DeepLab v2's ResNet-101 PASCAL VOC 2012 model (the
-    ``DenseCRF`` layer of its test prototxt; the paper's Sec. 4.1 describes their search):
+    ``DenseCRF`` layer of its test prototxt; the paper's VOC experiments describe the search):
     10 mean-field iterations, appearance kernel ``bi_w=4, bi_xy_std=67, bi_rgb_std=3``,
     smoothness kernel ``pos_w=3, pos_xy_std=1``. Standard deviations are in pixels and in
     0-255 intensity levels. A weight of 0 leaves its kernel out.
