@@ -61,7 +61,8 @@ def _pair(value, name: str) -> tuple[int, int] | None:
     return int(pair[0]), int(pair[1])
 
 
-def _scales(scales) -> tuple[float, ...]:
+def check_scales(scales) -> tuple[float, ...]:
+    """A scale or a list of them as a tuple of positive floats; ValueError naming a bad one."""
     if isinstance(scales, (int, float)):
         scales = (scales,)
     scales = tuple(float(s) for s in scales)
@@ -105,14 +106,6 @@ def window_starts(length: int, crop: int, stride: int) -> list[int]:
 
 
 # -- the passes ---------------------------------------------------------------------------------
-def _forward_probs(model, x: torch.Tensor, amp: str, channels_last: bool) -> torch.Tensor:
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    with autocast_context(x.device, amp):
-        logits = model(x)
-    return F.softmax(logits.float(), dim=1)
-
-
 def _sliding_probs(model, x: torch.Tensor, crop: tuple[int, int], stride: tuple[int, int],
                    amp: str, channels_last: bool) -> torch.Tensor:
     """Window-averaged ``(N, C, H, W)`` probabilities of one preprocessed ``(N, 3, H, W)``.
@@ -132,7 +125,7 @@ def _sliding_probs(model, x: torch.Tensor, crop: tuple[int, int], stride: tuple[
     for top in window_starts(padded_h, crop[0], stride[0]):
         for left in window_starts(padded_w, crop[1], stride[1]):
             window = x[:, :, top:top + crop[0], left:left + crop[1]]
-            probs = _forward_probs(model, window, amp, channels_last)
+            probs = predict_probs(model, window, amp=amp, channels_last=channels_last)
             if total is None:
                 total = torch.zeros(n, probs.shape[1], padded_h, padded_w, device=x.device)
             total[:, :, top:top + crop[0], left:left + crop[1]] += probs
@@ -155,7 +148,7 @@ def infer(model, x: torch.Tensor, *, mode: str = "whole", scales=(1.0,), flip: b
     with equal weight. The model is called as given: put it in eval mode first.
     """
     crop, step = _window(mode, crop_size, stride)
-    scales = _scales(scales)
+    scales = check_scales(scales)
     height, width = x.shape[-2:]
     total = None
     passes = 0
@@ -167,7 +160,7 @@ def infer(model, x: torch.Tensor, *, mode: str = "whole", scales=(1.0,), flip: b
             if mode == "sliding":
                 probs = _sliding_probs(model, xi, crop, step, amp, channels_last)
             else:
-                probs = _forward_probs(model, xi, amp, channels_last)
+                probs = predict_probs(model, xi, amp=amp, channels_last=channels_last)
             if mirrored:
                 probs = probs.flip(-1)
             if probs.shape[-2:] != (height, width):
@@ -194,7 +187,7 @@ class InferenceConfig:
 
     def __post_init__(self):
         crop, step = _window(self.mode, self.crop_size, self.stride)
-        object.__setattr__(self, "scales", _scales(self.scales))
+        object.__setattr__(self, "scales", check_scales(self.scales))
         object.__setattr__(self, "flip", bool(self.flip))
         object.__setattr__(self, "crop_size", crop)
         object.__setattr__(self, "stride", step)

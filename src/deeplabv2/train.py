@@ -152,8 +152,7 @@ def _build_model(cfg: Config, num_classes: int) -> DeepLabV2:
                          f"has {num_classes} classes")
     model = build_model(config)
     if m.weights:
-        report = load_weights(model, m.weights)
-        model.load_report = report
+        load_weights(model, m.weights)  # sets model.load_report
     return model
 
 

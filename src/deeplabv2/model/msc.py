@@ -10,14 +10,13 @@ to its own score map.
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..inference import scaled_size
+from ..inference import check_scales, scaled_size
 
 PAPER_SCALES = (1.0, 0.75, 0.5)
 
@@ -40,14 +39,8 @@ class MSC(nn.Module):
 
     def __init__(self, model: nn.Module, scales=PAPER_SCALES):
         super().__init__()
-        scales = tuple(float(s) for s in scales)
-        if not scales:
-            raise ValueError("MSC needs at least one scale, got an empty list")
-        for s in scales:
-            if not (math.isfinite(s) and s > 0):
-                raise ValueError(f"MSC scales must be positive, got {s} in {list(scales)}")
         self.model = model
-        self.scales = scales
+        self.scales = check_scales(scales)
 
     # -- the wrapped model's interface ---------------------------------------------------------
     @property
