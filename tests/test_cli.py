@@ -49,6 +49,28 @@ def test_evaluate_predict_score_agree(trained, capsys):
     assert scored["miou"] == pytest.approx(evaluated["miou"], abs=1e-9)
 
 
+def test_evaluate_fast_default_matches_eager_and_bf16_is_close(trained, tmp_path, capsys):
+    """The default path (BN folded, channels-last) gives the eager model's metrics; bf16 runs."""
+    root, cfg_path = trained
+    ckpt = str(root / "run" / "model.pth")
+    runs = {}
+    for name, extra in [("fast", []), ("eager", ["--eager"]), ("bf16", ["--precision", "bf16"]),
+                        ("eager_bf16", ["--eager", "--precision", "bf16"])]:
+        out = tmp_path / f"{name}.json"
+        assert main(["evaluate", ckpt, "-c", str(cfg_path), "--out", str(out), *extra]) == 0
+        runs[name] = json.loads(out.read_text())
+    log = capsys.readouterr().out
+    assert "fp32 eager" in log and "bf16" in log
+    assert runs["fast"]["miou"] == pytest.approx(runs["eager"]["miou"], abs=1e-6)
+    for name in ("bf16", "eager_bf16"):
+        assert runs[name]["miou"] == pytest.approx(runs["eager"]["miou"], abs=0.05)
+    assert main(["evaluate", ckpt, "-c", str(cfg_path), "--precision", "fp16"]) == 2
+    assert "fp16 needs a CUDA device" in capsys.readouterr().err
+    assert main(["predict", ckpt, str(tmp_path), "-o", str(tmp_path / "p"), "--eager",
+                 "--compile"]) == 2
+    assert "--compile works on the optimized network" in capsys.readouterr().err
+
+
 def test_predict_keeps_going_past_a_corrupt_file(trained, tmp_path, capsys):
     root, _ = trained
     folder = tmp_path / "photos"

@@ -102,7 +102,7 @@ def test_optimize_for_inference_fp32_matches_eager(channels_last):
 
 def test_optimize_for_inference_bf16_is_close_and_returns_float32():
     model = _tiny()
-    fast = optimize_for_inference(model, dtype="bf16")
+    fast = optimize_for_inference(model, precision="bf16")
     assert fast.model.backbone.conv1.weight.dtype == torch.bfloat16
     x = torch.randn(1, 3, 41, 41)
     with torch.no_grad():
@@ -110,9 +110,9 @@ def test_optimize_for_inference_bf16_is_close_and_returns_float32():
     assert out.dtype == torch.float32 and _close(out, ref, 5e-2)
 
 
-def test_optimize_for_inference_rejects_an_unknown_dtype():
-    with pytest.raises(ValueError, match="dtype"):
-        optimize_for_inference(_tiny(), dtype="int8")
+def test_optimize_for_inference_rejects_an_unknown_precision():
+    with pytest.raises(ValueError, match="precision"):
+        optimize_for_inference(_tiny(), precision="int8")
 
 
 # -- bench: a smoke test of the measurement, not of the timings ----------------------------------
@@ -141,6 +141,25 @@ def test_bench_reports_positive_numbers_per_size_and_mode():
     assert fp32["batch"] == 2 and fp32["flops"] == 3 * forward_flops(model, 65, 65, batch=2)
     assert all(t[k] > 0 for t in (fp32, bf16) for k in ("median_s", "gflops_per_s"))
     assert not model.training and isinstance(model.backbone.bn1, FrozenBatchNorm2d)
+
+
+def test_mode_accuracy_counts_changed_labels_and_miou_against_eager():
+    from deeplabv2.bench import format_accuracy_table, mode_accuracy
+    from deeplabv2.data import build_dataset
+    model = _tiny()
+    ds = build_dataset("synthetic", None, "val", num_samples=2, size=[40, 56])
+    result = mode_accuracy(model, ds, ("fast", "bf16"), threads=1)
+    assert result["images"] == 2 and result["pixels"] == 2 * 40 * 56
+    fast, bf16 = result["modes"]["fast"], result["modes"]["bf16"]
+    # folding is exact up to rounding: the same labels, the same mIoU
+    assert fast["max_rel_logit_diff"] < 1e-4 and fast["labels_changed"] < 1e-3
+    assert abs(fast["miou_diff_points"]) < 0.1
+    # bf16 (8 mantissa bits) differs measurably, and the counts say so
+    assert 1e-4 < bf16["max_rel_logit_diff"] < 0.2 and 0 <= bf16["labels_changed"] < 0.5
+    assert bf16["miou_diff_points"] == pytest.approx(100 * (bf16["miou"] - result["eager_miou"]))
+    table = format_accuracy_table(result)
+    assert "eager fp32 (reference)" in table and "| bf16 |" in table
+    assert not model.training
 
 
 def test_bench_and_export_subcommands_parse():

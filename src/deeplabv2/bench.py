@@ -99,11 +99,11 @@ def _inference_runners(model: nn.Module, modes, sizes, threads):
         if mode == "eager":
             run = model
         elif mode == "fast":
-            run = optimize_for_inference(model, dtype="fp32")
+            run = optimize_for_inference(model, precision="fp32")
         elif mode == "bf16":
-            run = optimize_for_inference(model, dtype="bf16")
+            run = optimize_for_inference(model, precision="bf16")
         elif mode == "compile":
-            run = optimize_for_inference(model, dtype="fp32", compile=True)
+            run = optimize_for_inference(model, precision="fp32", compile=True)
         elif mode == "onnxruntime":
             run = _onnx_runner(model, *sizes[0], threads)
         else:
@@ -200,6 +200,68 @@ def bench(model: nn.Module, sizes, modes=DEFAULT_MODES, iterations: int = 3, war
     model.train(was_training)
     return {"threads": torch.get_num_threads(), "torch": torch.__version__,
             "inference": rows, "train": train}
+
+
+@torch.no_grad()
+def mode_accuracy(model: nn.Module, dataset, modes=("fast", "bf16", "onnxruntime"), *,
+                  limit: int | None = None, threads: int | None = None) -> dict:
+    """What each inference mode costs in accuracy, against eager FP32 on a labelled dataset.
+
+    Every image (or the first ``limit``) goes through the eager FP32 model and through each of
+    ``modes`` (names from :data:`MODES`), whole image at batch 1. Per mode: the fraction of
+    pixels whose label differs from eager FP32's, the mIoU and its difference from eager FP32's
+    in points (percent), and the largest ``max|logits - eager| / max|eager|`` over the images.
+    Use a trained model: an untrained deep network's logits are too chaotic to say anything.
+    """
+    from .metrics import ConfusionMatrix
+    if threads:
+        torch.set_num_threads(int(threads))
+    was_training = model.training
+    model.eval()
+    n = len(dataset) if not limit else min(limit, len(dataset))
+    if n == 0:
+        raise ValueError("mode_accuracy needs at least one image")
+    first = model.preprocess(dataset.load(0)[0])
+    runners = _inference_runners(model, ("eager", *modes), [tuple(first.shape[-2:])], threads)
+    cms = {mode: ConfusionMatrix(dataset.num_classes) for mode in runners}
+    changed = {mode: 0 for mode in runners}
+    worst = {mode: 0.0 for mode in runners}
+    pixels = 0
+    for i in range(n):
+        image, label = dataset.load(i)
+        x = model.preprocess(image)
+        target = torch.from_numpy(label.astype("int64"))[None]
+        ref = None
+        for mode, (run, _) in runners.items():
+            logits = torch.as_tensor(run(x)).float()
+            if ref is None:
+                ref = logits
+                ref_labels = ref.argmax(1)
+            pred = logits.argmax(1)
+            cms[mode].update(pred, target)
+            changed[mode] += int((pred != ref_labels).sum())
+            worst[mode] = max(worst[mode], float((logits - ref).abs().max() / ref.abs().max()))
+        pixels += ref_labels.numel()
+    model.train(was_training)
+    ref_miou = cms["eager"].compute()["miou"]
+    out = {"images": n, "pixels": pixels, "eager_miou": ref_miou, "modes": {}}
+    for mode in modes:
+        miou = cms[mode].compute()["miou"]
+        out["modes"][mode] = {"miou": miou, "miou_diff_points": 100 * (miou - ref_miou),
+                              "labels_changed": changed[mode] / pixels,
+                              "max_rel_logit_diff": worst[mode]}
+    return out
+
+
+def format_accuracy_table(result: dict) -> str:
+    """:func:`mode_accuracy`'s result as a Markdown table."""
+    lines = ["| mode | mIoU % | mIoU diff (points) | labels changed | max rel. logit diff |",
+             "| --- | ---: | ---: | ---: | ---: |",
+             f"| eager fp32 (reference) | {100 * result['eager_miou']:.2f} | 0 | 0 | 0 |"]
+    for mode, r in result["modes"].items():
+        lines.append(f"| {mode} | {100 * r['miou']:.2f} | {r['miou_diff_points']:+.3f} | "
+                     f"{100 * r['labels_changed']:.3f}% | {r['max_rel_logit_diff']:.1e} |")
+    return "\n".join(lines)
 
 
 # -- command line ---------------------------------------------------------------------------------

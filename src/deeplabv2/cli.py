@@ -76,6 +76,30 @@ def _add_inference_args(sp) -> None:
     sp.add_argument("--stride", type=int, default=None, help="window stride (default 2/3 CROP)")
 
 
+def _add_runtime_args(sp) -> None:
+    sp.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                    help="fp32 (default), bf16 (CPU with native bf16, or GPU) or fp16 (GPU)")
+    sp.add_argument("--eager", action="store_true",
+                    help="run the network as loaded (BN unfolded, NCHW; bf16/fp16 by autocast) "
+                         "instead of the BN-folded channels-last copy")
+    sp.add_argument("--compile", action="store_true",
+                    help="torch.compile the folded network (the first image compiles for minutes)")
+
+
+def _runtime(model, args, device):
+    """``(network, amp)`` for evaluate/predict: by default a BN-folded, channels-last copy in
+    ``--precision`` (:func:`deeplabv2.fast.optimize_for_inference`); ``--eager`` keeps the
+    loaded model and runs reduced precision by autocast."""
+    if args.precision == "fp16" and device.type != "cuda":
+        raise ValueError("--precision fp16 needs a CUDA device; use bf16 on the CPU")
+    if args.eager:
+        if args.compile:
+            raise ValueError("--compile works on the optimized network; drop --eager")
+        return model, ("none" if args.precision == "fp32" else args.precision)
+    from .fast import optimize_for_inference
+    return optimize_for_inference(model, precision=args.precision, compile=args.compile), "none"
+
+
 def _inference(args, base: dict | None = None):
     from .inference import InferenceConfig
     d = dict(base or {})
@@ -141,10 +165,12 @@ def cmd_evaluate(args) -> int:
         raise ValueError(f"{args.checkpoint}: model has {model.num_classes} classes, dataset "
                          f"{cfg.data.dataset!r} has {ds.num_classes}")
     inference = _inference(args, cfg.eval.inference().to_dict())
+    net, amp = _runtime(model, args, device)
     print(f"evaluating {args.checkpoint} on {cfg.data.dataset} {ds.split} ({len(ds)} images), "
-          f"{inference.describe()}{', dense CRF' if args.crf or cfg.eval.crf else ''}")
+          f"{inference.describe()}{', dense CRF' if args.crf or cfg.eval.crf else ''}, "
+          f"{args.precision}{' eager' if args.eager else ''}")
     crf = _crf(args, cfg)
-    results = evaluate(model, ds, device=device, limit=args.limit, amp=args.amp,
+    results = evaluate(net, ds, device=device, limit=args.limit, amp=amp,
                        num_workers=cfg.data.num_workers, inference=inference, crf=crf,
                        progress=True)
     _print_metrics(results, list(ds.classes), args.out)
@@ -161,8 +187,9 @@ def cmd_predict(args) -> int:
     if palette is None:
         from .data import voc_palette
         palette = voc_palette(model.num_classes)
-    result = predict_files(model, args.inputs, args.out, palette, device=device,
-                           save_probs=args.probs, amp=args.amp, inference=_inference(args),
+    net, amp = _runtime(model, args, device)
+    result = predict_files(net, args.inputs, args.out, palette, device=device,
+                           save_probs=args.probs, amp=amp, inference=_inference(args),
                            crf=_crf(args, None), batch_size=args.batch_size,
                            cityscapes_ids=args.cityscapes_ids,
                            class_names=model.classes or
@@ -212,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("-c", "--config", required=True, help="config naming the dataset")
     ev.add_argument("--split", default=None, help="split (default: the config's eval.split)")
     ev.add_argument("--limit", type=int, default=None, help="only the first N images")
-    ev.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
+    _add_runtime_args(ev)
     ev.add_argument("--out", default=None, help="write the metrics as JSON here")
     _add_inference_args(ev)
     ev.add_argument("overrides", nargs="*", help="section.key=value")
@@ -223,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
     pr.add_argument("-o", "--out", required=True, help="output folder")
     pr.add_argument("--probs", action="store_true", help="also save probabilities (.npy)")
-    pr.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
+    _add_runtime_args(pr)
     pr.add_argument("--device", default="auto")
     pr.add_argument("--batch-size", type=int, default=4, help="images of equal size per batch")
     pr.add_argument("--cityscapes-ids", action="store_true",

@@ -19,6 +19,7 @@ from .colour_baseline import colour_baseline_miou
 from .config import load_config
 from .data import build_dataset
 from .evaluate import evaluate
+from .fast import optimize_for_inference
 from .metrics import format_table
 from .predict import predict_files
 from .report import write_report
@@ -42,11 +43,12 @@ def run_demo(out_dir="reports/demo", overrides=()) -> dict:
     result = train(cfg)
     train_seconds = time.perf_counter() - started
 
-    # 2. evaluate the checkpoint as `deeplabv2 evaluate` would
+    # 2. evaluate the checkpoint as `deeplabv2 evaluate` would: BN folded, channels-last, fp32
     model = load_model(result.out_dir / "model.pth")
+    net = optimize_for_inference(model)
     val_ds = build_dataset(d.dataset, d.root, d.val_split, **d.options)
     train_ds = build_dataset(d.dataset, d.root, d.train_split, **d.options)
-    metrics = evaluate(model, val_ds)
+    metrics = evaluate(net, val_ds)
     classes = list(val_ds.classes)
     print(format_table(metrics, classes))
 
@@ -58,7 +60,7 @@ def run_demo(out_dir="reports/demo", overrides=()) -> dict:
     inputs.mkdir(parents=True, exist_ok=True)
     for i in range(NUM_EXAMPLES):
         Image.fromarray(val_ds.load(i)[0]).save(inputs / f"{val_ds.name(i)}.png")
-    pred = predict_files(model, inputs, out / "predictions", val_ds.palette, progress=False,
+    pred = predict_files(net, inputs, out / "predictions", val_ds.palette, progress=False,
                          class_names=classes)
     _example_panel(val_ds, out / "predictions", out / "examples.png")
 

@@ -23,6 +23,7 @@ from torch import nn
 from .model.resnet import FrozenBatchNorm2d
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = tuple(DTYPES)
 
 
 def _bn_scale_shift(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -117,6 +118,11 @@ class InferenceModel(nn.Module):
     def num_classes(self) -> int:
         return int(self.config["num_classes"])
 
+    def preprocess(self, images) -> torch.Tensor:
+        """RGB ``uint8`` images -> the ``float32`` ``(N, 3, H, W)`` input (the source's
+        preprocessing; the dtype and layout change happens in :meth:`forward`)."""
+        return self.preprocessing(images)
+
     def forward(self, x: torch.Tensor, upsample: bool = True) -> torch.Tensor:
         x = x.to(self.dtype)
         if self.channels_last:
@@ -128,11 +134,11 @@ class InferenceModel(nn.Module):
         return self(x, upsample=False)
 
 
-def optimize_for_inference(model: nn.Module, *, dtype: str = "fp32", channels_last: bool = True,
-                           compile: bool = False) -> InferenceModel:
+def optimize_for_inference(model: nn.Module, *, precision: str = "fp32",
+                           channels_last: bool = True, compile: bool = False) -> InferenceModel:
     """An eval-mode, BN-folded copy of ``model`` for inference only (``model`` is unchanged).
 
-    ``dtype``: ``"fp32"``, ``"bf16"`` or ``"fp16"``. Reduced precision converts the *weights*
+    ``precision``: ``"fp32"``, ``"bf16"`` or ``"fp16"``. Reduced precision converts the *weights*
     once (``model.to(bfloat16)``) and the input at each call, rather than running under
     ``torch.autocast``: autocast re-casts every conv weight on every call, and on the CPU that
     costs time without saving any (see ``benchmarks/speed_results.md``). The logits come back
@@ -143,14 +149,16 @@ def optimize_for_inference(model: nn.Module, *, dtype: str = "fp32", channels_la
     in natively. ``compile=True`` wraps the network in ``torch.compile`` (needs a C++ compiler
     on the CPU; the first call then takes minutes for ResNet-101).
     """
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    net = fold_batchnorm(model).eval()
+    if precision not in DTYPES:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    was_training = model.training
+    net = fold_batchnorm(model.eval()).eval()  # eval first: BatchNorm2d folds its running stats
+    model.train(was_training)
     for p in net.parameters():
         p.requires_grad_(False)
-    net = net.to(DTYPES[dtype])
+    net = net.to(DTYPES[precision])
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
     if compile:
         net = torch.compile(net)
-    return InferenceModel(net, DTYPES[dtype], channels_last, source=model).eval()
+    return InferenceModel(net, DTYPES[precision], channels_last, source=model).eval()

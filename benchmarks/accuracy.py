@@ -1,0 +1,86 @@
+"""What each fast inference mode costs in accuracy, on a trained model: labels changed and mIoU.
+
+Runs the checkpoint (by default the one ``make demo`` trains, ``reports/demo/run/model.pth``)
+over a labelled split (by default the demo's synthetic validation scenes) in eager FP32 and in
+each mode, and records per mode the fraction of pixels whose label changes against eager FP32,
+the mIoU difference in points and the largest relative logit difference. Writes a Markdown
+report with the command, the CPU and the date.
+
+    make demo && python benchmarks/accuracy.py
+    python benchmarks/accuracy.py run/model.pth -c cityscapes --split val --limit 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from deeplabv2.bench import MODES, format_accuracy_table, mode_accuracy
+from deeplabv2.config import load_config
+from deeplabv2.data import build_dataset
+from deeplabv2.weights import load_model
+
+sys.path.insert(0, str(Path(__file__).parent))
+from speed import cpu_flags, cpu_model  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("checkpoint", nargs="?", default="reports/demo/run/model.pth")
+    p.add_argument("-c", "--config", default="demo", help="config naming the dataset")
+    p.add_argument("--split", default=None, help="split (default: the config's eval.split)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N images")
+    p.add_argument("--modes", nargs="+", choices=[m for m in MODES if m != "eager"],
+                   default=["fast", "bf16", "onnxruntime"])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default=str(Path(__file__).with_name("accuracy_results.md")))
+    p.add_argument("--json", default=None)
+    p.add_argument("overrides", nargs="*", help="section.key=value for the config")
+    args = p.parse_args(argv)
+
+    if not Path(args.checkpoint).is_file():
+        p.error(f"{args.checkpoint}: no such checkpoint (run `make demo` first, or name one)")
+    cfg = load_config(args.config, args.overrides)
+    d = cfg.data
+    ds = build_dataset(d.dataset, d.root, args.split or cfg.eval.split, **d.options)
+    model = load_model(args.checkpoint)
+    start = time.perf_counter()
+    result = mode_accuracy(model, ds, args.modes, limit=args.limit, threads=args.threads)
+    elapsed = time.perf_counter() - start
+    table = format_accuracy_table(result)
+    print(table)
+    command = "python " + " ".join(["benchmarks/accuracy.py", *(argv or sys.argv[1:])])
+    m = model.config
+    report = f"""# Accuracy of the fast inference modes on a trained model
+
+* command: `{command}`
+* model: `{args.checkpoint}`: {m.get('backbone')} blocks {m.get('blocks')}, width
+  {m.get('width')}, {model.num_classes} classes
+* data: {d.dataset} {ds.split}, {result['images']} images, {result['pixels']:,} pixels
+* CPU: {cpu_model()} ({torch.get_num_threads()} threads; vector extensions: {cpu_flags()})
+* date: {datetime.date.today().isoformat()}; torch {torch.__version__}; took {elapsed:.0f} s
+
+Whole image, batch 1. "labels changed" is the fraction of pixels whose argmax differs from
+eager FP32 (BN as separate ops, NCHW); "mIoU diff" is the mode's mIoU minus eager FP32's, in
+points; "max rel. logit diff" is the largest `max|logits - eager| / max|eager|` over the images.
+Modes: `fast` BN folded + channels-last FP32 (the default of `evaluate`/`predict`); `bf16` the
+same in bfloat16 (`--precision bf16`); `onnxruntime` the ONNX export in ONNX Runtime (CPU);
+`compile` `fast` under `torch.compile`.
+
+{table}
+"""
+    Path(args.out).write_text(report)
+    print(f"report written to {args.out}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
