@@ -4,7 +4,11 @@ import pytest
 import torch
 from torch import nn
 
-from deeplabv2.fast import InferenceModel, fold_batchnorm, optimize_for_inference
+from torch.nn import functional as F
+
+from deeplabv2.atrous import atrous_conv3x3, nnpack_available, use_atrous_winograd
+from deeplabv2.fast import (FusedBottleneck, InferenceModel, fold_batchnorm,
+                            optimize_for_inference)
 from deeplabv2.model import FrozenBatchNorm2d, build_model
 
 TINY = {"backbone": "resnet", "blocks": [1, 1, 1, 1], "width": 8, "num_classes": 5}
@@ -100,6 +104,65 @@ def test_optimize_for_inference_fp32_matches_eager(channels_last):
     assert model.backbone.bn1.__class__ is FrozenBatchNorm2d  # original not folded in place
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("shape,dilation", [((1, 16, 8, 13, 17), 2), ((2, 8, 12, 9, 10), 4),
+                                            ((1, 5, 3, 7, 7), 3), ((1, 4, 4, 3, 5), 6),
+                                            ((1, 24, 24, 16, 32), 2)])
+def test_atrous_winograd_equals_the_dilated_convolution(shape, dilation, channels_last):
+    if not nnpack_available():
+        pytest.skip("this torch has no NNPACK")
+    n, c, co, h, w = shape
+    g = torch.Generator().manual_seed(h * w + dilation)
+    x = torch.randn(n, c, h, w, generator=g)
+    weight, bias = torch.randn(co, c, 3, 3, generator=g), torch.randn(co, generator=g)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    ref = F.conv2d(x.double(), weight.double(), bias.double(), padding=dilation,
+                   dilation=dilation)
+    out = atrous_conv3x3(x, weight, bias, dilation)
+    assert out.shape == ref.shape and _close(out, ref, 1e-4)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    assert out.is_contiguous(memory_format=fmt)
+
+
+def test_fused_and_winograd_network_equals_eager_and_falls_back_with_autograd():
+    if not nnpack_available():
+        pytest.skip("this torch has no NNPACK")
+    model = _tiny()
+    fast = optimize_for_inference(model)  # CPU fp32 defaults: fold, channels-last, fuse
+    kinds = [type(m) for m in fast.modules()]
+    assert kinds.count(FusedBottleneck) == 4  # one block per stage
+    # TINY's 8-32 channels are below the Winograd threshold; take them all to test the path
+    wino = optimize_for_inference(model, fuse=True, winograd=False)
+    # layer3 (d=2), layer4 (d=4) and the four ASPP branches (d=6..24, 5 output channels)
+    assert use_atrous_winograd(wino.model, min_channels=1) == 6
+    x = torch.randn(2, 3, 45, 61)
+    with torch.no_grad():
+        ref = model(x)
+        for net in (fast, wino):
+            assert _close(net(x), ref, 1e-4)
+    with torch.enable_grad():  # autograd takes the plain ops, same result
+        assert _close(wino(x).detach(), ref, 1e-4)
+    plain = optimize_for_inference(model, fuse=False, winograd=False)
+    assert FusedBottleneck not in [type(m) for m in plain.modules()]
+
+
+def test_the_real_resnet101_optimized_equals_eager():
+    """ResNet-101 as it is deployed: 33 fused blocks, 26 Winograd atrous convolutions (23 in
+    layer3, 3 in layer4), logits within 1e-4 of the eager network."""
+    torch.manual_seed(0)
+    model = build_model({"backbone": "resnet", "blocks": [3, 4, 23, 3], "num_classes": 19})
+    model.eval()
+    fast = optimize_for_inference(model)
+    kinds = [type(m).__name__ for m in fast.modules()]
+    assert kinds.count("FusedBottleneck") == 33
+    if nnpack_available():
+        assert kinds.count("AtrousWinogradConv2d") == 26
+    x = torch.randn(1, 3, 97, 129)
+    with torch.no_grad():
+        assert _close(fast(x), model(x), 1e-4)
+
+
 def test_optimize_for_inference_bf16_is_close_and_returns_float32():
     model = _tiny()
     fast = optimize_for_inference(model, precision="bf16")
@@ -119,9 +182,9 @@ def test_optimize_for_inference_rejects_an_unknown_precision():
 def test_bench_reports_positive_numbers_per_size_and_mode():
     import json
 
-    from deeplabv2.bench import bench, forward_flops
+    from deeplabv2.bench import bench, format_table, forward_flops
     model = _tiny()
-    modes = ["eager", "fast", "bf16"]
+    modes = ["eager", "fold", "fast", "bf16"]
     result = bench(model, [(33, 41), (24, 24)], modes, iterations=1, warmup=0, threads=1,
                    train_size=(65, 65))
     json.dumps(result)  # plain types only
@@ -133,13 +196,16 @@ def test_bench_reports_positive_numbers_per_size_and_mode():
         for key in ("flops", "median_s", "mean_s", "min_s", "gflops_per_s", "peak_rss_mib",
                     "speedup_vs_eager"):
             assert r[key] > 0, key
-    assert rows[0]["flops"] > rows[3]["flops"]  # the larger input costs more
-    fp32, bf16 = result["train"]
-    assert (fp32["amp"], fp32["channels_last"], bf16["amp"], bf16["channels_last"]) == \
-        ("none", False, "bf16", True)
+    assert rows[0]["flops"] > rows[4]["flops"]  # the larger input costs more
+    fp32, fp32_cl, bf16 = result["train"]
+    assert [(t["amp"], t["channels_last"]) for t in result["train"]] == \
+        [("none", False), ("none", True), ("bf16", True)]
+    assert result["conv_peak"]["gflops_per_s"] == max(result["conv_peak"]["per_shape"].values())
+    assert all(r["percent_of_peak"] > 0 for r in rows)
+    assert "% of conv peak" in format_table(result) and "Convolution peak" in format_table(result)
     # backward counted as twice the forward of the batch of 2
     assert fp32["batch"] == 2 and fp32["flops"] == 3 * forward_flops(model, 65, 65, batch=2)
-    assert all(t[k] > 0 for t in (fp32, bf16) for k in ("median_s", "gflops_per_s"))
+    assert all(t[k] > 0 for t in (fp32, fp32_cl, bf16) for k in ("median_s", "gflops_per_s"))
     assert not model.training and isinstance(model.backbone.bn1, FrozenBatchNorm2d)
 
 

@@ -8,8 +8,11 @@ on a shared machine they are indicative only.
 Inference modes:
 
 * ``eager``: the model as given (frozen BN as separate ops, NCHW, fp32);
-* ``fast``: :func:`deeplabv2.fast.optimize_for_inference`, fp32 (BN folded, channels-last);
-* ``bf16``: the same with bfloat16 weights and activations;
+* ``fold``: frozen BN folded into the convolutions, channels-last, fp32 (nothing else);
+* ``fast``: :func:`deeplabv2.fast.optimize_for_inference`, fp32: ``fold`` plus, on the CPU,
+  ReLU and residual sums fused into the convolutions and Winograd atrous convolutions (what
+  ``evaluate`` and ``predict`` run by default);
+* ``bf16``: BN folded, channels-last, bfloat16 weights and activations;
 * ``compile``: ``fast`` under ``torch.compile`` (the compile time is reported separately);
 * ``onnxruntime``: the ONNX export (:func:`deeplabv2.export.export_onnx`) in ONNX Runtime.
 """
@@ -28,7 +31,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-MODES = ("eager", "fast", "bf16", "compile", "onnxruntime")
+MODES = ("eager", "fold", "fast", "bf16", "compile", "onnxruntime")
 DEFAULT_MODES = ("eager", "fast", "bf16")
 
 
@@ -76,6 +79,25 @@ def _summary(warm: list[float], times: list[float], flops: int | None) -> dict:
     return out
 
 
+def conv_peak_gflops(iterations: int = 3, threads: int | None = None) -> dict:
+    """The machine's practical convolution peak: the best GFLOP/s of direct fp32 convolutions
+    (channels-last, the shapes that dominate DeepLab v2 at 512x1024), batch 1, no autograd."""
+    if threads:
+        torch.set_num_threads(int(threads))
+    shapes = {"3x3 256->256 d2 65x129": (256, 256, 3, 2), "1x1 1024->256 65x129": (1024, 256, 1, 1),
+              "3x3 512->512 d4 65x129": (512, 512, 3, 4)}
+    out = {}
+    g = torch.Generator().manual_seed(0)
+    for name, (cin, cout, k, d) in shapes.items():
+        conv = nn.Conv2d(cin, cout, k, padding=d * (k // 2), dilation=d).eval()
+        conv = conv.to(memory_format=torch.channels_last)
+        x = torch.randn(1, cin, 65, 129, generator=g).contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            _, times = _time(lambda: conv(x), iterations, 1)
+        out[name] = 2 * cin * cout * k * k * 65 * 129 / min(times) / 1e9
+    return {"gflops_per_s": max(out.values()), "per_shape": out}
+
+
 def _onnx_runner(model: nn.Module, height: int, width: int, threads: int | None):
     import onnxruntime as ort
     from .export import export_onnx
@@ -98,6 +120,8 @@ def _inference_runners(model: nn.Module, modes, sizes, threads):
         start = time.perf_counter()
         if mode == "eager":
             run = model
+        elif mode == "fold":
+            run = optimize_for_inference(model, precision="fp32", fuse=False, winograd=False)
         elif mode == "fast":
             run = optimize_for_inference(model, precision="fp32")
         elif mode == "bf16":
@@ -153,7 +177,7 @@ def train_step_time(model: nn.Module, *, batch: int = 2, size=(321, 321), amp: s
 
 def bench(model: nn.Module, sizes, modes=DEFAULT_MODES, iterations: int = 3, warmup: int = 1,
           threads: int | None = None, *, train_step: bool = True, train_batch: int = 2,
-          train_size=(321, 321)) -> dict:
+          train_size=(321, 321), peak: bool = True) -> dict:
     """Time ``model`` (a DeepLabV2 in any state; it is not changed) and return a plain dict.
 
     ``sizes``: ``(height, width)`` pairs; ``modes``: names from :data:`MODES`; ``threads``:
@@ -162,9 +186,10 @@ def bench(model: nn.Module, sizes, modes=DEFAULT_MODES, iterations: int = 3, war
     Returns ``{"threads", "torch", "inference": [{"size", "mode", "flops", "median_s",
     "mean_s", "min_s", "iterations", "first_call_s", "gflops_per_s", "speedup_vs_eager",
     "prepare_s", "peak_rss_mib"}, ...], "train": [{...}, ...]}``; ``speedup_vs_eager`` is
-    present when ``eager`` is among the modes, and ``train`` holds fp32 NCHW and bf16
-    channels-last steps of ``train_batch`` images of ``train_size`` (empty when
-    ``train_step=False``).
+    present when ``eager`` is among the modes, and ``train`` holds fp32 NCHW, fp32
+    channels-last and bf16 channels-last steps of ``train_batch`` images of ``train_size``
+    (empty when ``train_step=False``). With ``peak``, ``"conv_peak"`` holds
+    :func:`conv_peak_gflops` and every row its ``"percent_of_peak"``.
     """
     if threads:
         torch.set_num_threads(int(threads))
@@ -192,14 +217,20 @@ def bench(model: nn.Module, sizes, modes=DEFAULT_MODES, iterations: int = 3, war
             rows.append(row)
     train = []
     if train_step:
-        for amp, channels_last in (("none", False), ("bf16", True)):
+        for amp, channels_last in (("none", False), ("none", True), ("bf16", True)):
             train.append(train_step_time(model, batch=train_batch, size=train_size, amp=amp,
                                          channels_last=channels_last, iterations=iterations,
                                          warmup=warmup))
-        train[1]["speedup_vs_fp32"] = train[0]["median_s"] / train[1]["median_s"]
+        for row in train[1:]:
+            row["speedup_vs_fp32"] = train[0]["median_s"] / row["median_s"]
     model.train(was_training)
-    return {"threads": torch.get_num_threads(), "torch": torch.__version__,
-            "inference": rows, "train": train}
+    result = {"threads": torch.get_num_threads(), "torch": torch.__version__,
+              "inference": rows, "train": train}
+    if peak:
+        result["conv_peak"] = conv_peak_gflops(iterations, threads)
+        for row in rows + train:
+            row["percent_of_peak"] = 100 * row["gflops_per_s"] / result["conv_peak"]["gflops_per_s"]
+    return result
 
 
 @torch.no_grad()
@@ -275,18 +306,27 @@ def _size(text: str) -> tuple[int, int]:
 
 def format_table(result: dict) -> str:
     """The inference and training rows of :func:`bench` as a Markdown table."""
-    lines = ["| size | mode | median s | GFLOP/s | vs eager | peak RSS MiB |",
-             "| --- | --- | ---: | ---: | ---: | ---: |"]
+    lines = ["| size | mode | median s | GFLOP/s | % of conv peak | vs eager | peak RSS MiB |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+
+    def pct(r):
+        return f"{r['percent_of_peak']:.0f}%" if "percent_of_peak" in r else "-"
+
     for r in result["inference"]:
         lines.append(f"| {r['size'][0]}x{r['size'][1]} | {r['mode']} | {r['median_s']:.3f} | "
-                     f"{r.get('gflops_per_s', 0):.1f} | {r.get('speedup_vs_eager', 1):.2f}x | "
-                     f"{r['peak_rss_mib']:.0f} |")
+                     f"{r.get('gflops_per_s', 0):.1f} | {pct(r)} | "
+                     f"{r.get('speedup_vs_eager', 1):.2f}x | {r['peak_rss_mib']:.0f} |")
     for i, r in enumerate(result["train"]):
-        mode = "train fp32" if r["amp"] == "none" else f"train {r['amp']}+channels_last"
+        mode = "train " + ("fp32" if r["amp"] == "none" else r["amp"]) + \
+            ("+channels_last" if r["channels_last"] else "")
         ratio = f"{r['speedup_vs_fp32']:.2f}x" if i else "1.00x"
         lines.append(f"| {r['batch']}x{r['size'][0]}x{r['size'][1]} | {mode} | "
-                     f"{r['median_s']:.3f} | {r.get('gflops_per_s', 0):.1f} | {ratio} | "
-                     f"{r['peak_rss_mib']:.0f} |")
+                     f"{r['median_s']:.3f} | {r.get('gflops_per_s', 0):.1f} | {pct(r)} | "
+                     f"{ratio} | {r['peak_rss_mib']:.0f} |")
+    if "conv_peak" in result:
+        per = ", ".join(f"{k} {v:.0f}" for k, v in result["conv_peak"]["per_shape"].items())
+        lines.append(f"\nConvolution peak {result['conv_peak']['gflops_per_s']:.0f} GFLOP/s "
+                     f"(best direct fp32 convolution, channels-last: {per}).")
     return "\n".join(lines)
 
 

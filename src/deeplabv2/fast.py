@@ -20,7 +20,8 @@ import copy
 import torch
 from torch import nn
 
-from .model.resnet import FrozenBatchNorm2d
+from .atrous import use_atrous_winograd
+from .model.resnet import Bottleneck, FrozenBatchNorm2d
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PRECISIONS = tuple(DTYPES)
@@ -94,6 +95,77 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     return folded
 
 
+def _mkldnn_conv(conv: nn.Conv2d, x: torch.Tensor, unary: str = "none",
+                 other: torch.Tensor | None = None) -> torch.Tensor:
+    """``conv(x)``, then ``+ other`` if given, then ``unary`` ("relu" or "none"), in one
+    oneDNN convolution with post-ops (the CPU kernels ``torch.compile`` also lowers to)."""
+    args = (conv.weight, conv.bias, list(conv.padding), list(conv.stride), list(conv.dilation),
+            conv.groups)
+    if other is None:
+        return torch.ops.mkldnn._convolution_pointwise(x, *args, unary, [], "")
+    return torch.ops.mkldnn._convolution_pointwise.binary(x, other, *args, "add", 1.0, unary,
+                                                          [], "")
+
+
+def _fusable(x: torch.Tensor) -> bool:
+    """Whether oneDNN's fused convolution takes ``x`` (bf16 only on CPUs with native bf16)."""
+    return (x.device.type == "cpu" and not torch.is_grad_enabled()
+            and x.is_contiguous(memory_format=torch.channels_last)
+            and (x.dtype == torch.float32 or (x.dtype == torch.bfloat16
+                                              and torch.ops.mkldnn._is_mkldnn_bf16_supported())))
+
+
+class FusedBottleneck(nn.Module):
+    """A BN-folded :class:`~deeplabv2.model.resnet.Bottleneck` whose ReLUs and residual sum run
+    as post-ops of its convolutions on the CPU: conv1+ReLU, conv2+ReLU and conv3+identity+ReLU
+    each in one pass, where the plain block makes separate passes over its 256-2048-channel
+    maps for every ReLU and for the sum. Same function (tests); other devices, dtypes, layouts
+    and autograd take the plain path."""
+
+    def __init__(self, block: Bottleneck):
+        super().__init__()
+        if not all(isinstance(getattr(block, f"bn{k}"), nn.Identity) for k in (1, 2, 3)):
+            raise ValueError("FusedBottleneck needs a block whose BNs are folded")
+        self.conv1, self.conv2, self.conv3 = block.conv1, block.conv2, block.conv3
+        ds = block.downsample
+        if ds is not None and not (isinstance(ds, nn.Sequential) and len(ds) == 2
+                                   and isinstance(ds[0], nn.Conv2d)
+                                   and isinstance(ds[1], nn.Identity)):
+            raise ValueError("FusedBottleneck needs a folded (conv, Identity) downsample")
+        self.downsample = None if ds is None else ds[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _fusable(x):
+            identity = x if self.downsample is None else self.downsample(x)
+            out = torch.relu(self.conv1(x))
+            out = torch.relu(self.conv2(out))
+            return torch.relu(self.conv3(out) + identity)
+        identity = x if self.downsample is None else _mkldnn_conv(self.downsample, x)
+        out = _mkldnn_conv(self.conv1, x, "relu")
+        if type(self.conv2) is nn.Conv2d:
+            out = _mkldnn_conv(self.conv2, out, "relu")
+        else:  # e.g. the Winograd atrous convolution
+            out = torch.relu_(self.conv2(out))
+        return _mkldnn_conv(self.conv3, out, "relu", other=identity)
+
+
+def fuse_bottlenecks(model: nn.Module) -> int:
+    """Replace, in place, every BN-folded Bottleneck of ``model`` by a :class:`FusedBottleneck`;
+    returns how many (0 where this torch has no oneDNN)."""
+    if not torch.backends.mkldnn.is_available():
+        return 0
+    replaced = 0
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, Bottleneck):
+                try:
+                    setattr(module, name, FusedBottleneck(child))
+                    replaced += 1
+                except ValueError:
+                    pass
+    return replaced
+
+
 class InferenceModel(nn.Module):
     """A model prepared by :func:`optimize_for_inference`.
 
@@ -135,7 +207,9 @@ class InferenceModel(nn.Module):
 
 
 def optimize_for_inference(model: nn.Module, *, precision: str = "fp32",
-                           channels_last: bool = True, compile: bool = False) -> InferenceModel:
+                           channels_last: bool = True, fuse: bool | None = None,
+                           winograd: bool | None = None,
+                           compile: bool = False) -> InferenceModel:
     """An eval-mode, BN-folded copy of ``model`` for inference only (``model`` is unchanged).
 
     ``precision``: ``"fp32"``, ``"bf16"`` or ``"fp16"``. Reduced precision converts the *weights*
@@ -146,7 +220,11 @@ def optimize_for_inference(model: nn.Module, *, precision: str = "fp32",
     (AVX512-BF16/AMX) bf16 convolutions are emulated and slower than fp32; fp16 is slower still.
 
     ``channels_last`` stores weights and activations NHWC, the layout oneDNN convolutions run
-    in natively. ``compile=True`` wraps the network in ``torch.compile`` (needs a C++ compiler
+    in natively. ``fuse`` runs each ResNet block's ReLUs and residual sum as post-ops of its
+    convolutions (:class:`FusedBottleneck`; ``None``: on for channels-last on the CPU).
+    ``winograd`` runs the dilated 3x3 convolutions of layer3/layer4 as tiled
+    Winograd convolutions (:mod:`deeplabv2.atrous`; ~1e-5 relative rounding per layer);
+    ``None`` (default) turns it on for fp32 on the CPU where NNPACK is available. ``compile=True`` wraps the network in ``torch.compile`` (needs a C++ compiler
     on the CPU; the first call then takes minutes for ResNet-101).
     """
     if precision not in DTYPES:
@@ -157,6 +235,17 @@ def optimize_for_inference(model: nn.Module, *, precision: str = "fp32",
     for p in net.parameters():
         p.requires_grad_(False)
     net = net.to(DTYPES[precision])
+    on_cpu = all(p.device.type == "cpu" for p in net.parameters())
+    if winograd is None:
+        winograd = on_cpu and precision == "fp32" and not compile
+    if winograd:
+        if not on_cpu or precision != "fp32":
+            raise ValueError("winograd=True needs an fp32 model on the CPU")
+        use_atrous_winograd(net)
+    if fuse is None:
+        fuse = on_cpu and channels_last and not compile
+    if fuse:
+        fuse_bottlenecks(net)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
     if compile:
