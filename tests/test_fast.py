@@ -135,7 +135,7 @@ def test_fused_and_winograd_network_equals_eager_and_falls_back_with_autograd():
     # TINY's 8-32 channels are below the Winograd threshold; take them all to test the path
     wino = optimize_for_inference(model, fuse=True, winograd=False)
     # layer3 (d=2), layer4 (d=4) and the four ASPP branches (d=6..24, 5 output channels)
-    assert use_atrous_winograd(wino.model, min_channels=1) == 6
+    assert use_atrous_winograd(wino.model, min_channels=1, min_pixels=1) == 6
     x = torch.randn(2, 3, 45, 61)
     with torch.no_grad():
         ref = model(x)
@@ -147,20 +147,25 @@ def test_fused_and_winograd_network_equals_eager_and_falls_back_with_autograd():
     assert FusedBottleneck not in [type(m) for m in plain.modules()]
 
 
-def test_the_real_resnet101_optimized_equals_eager():
+def test_the_real_resnet101_optimized_equals_eager(monkeypatch):
     """ResNet-101 as it is deployed: 33 fused blocks, 26 Winograd atrous convolutions (23 in
-    layer3, 3 in layer4), logits within 1e-4 of the eager network."""
+    layer3, 3 in layer4) that run at 65x65 scores, logits within 1e-4 of the eager network."""
+    import deeplabv2.atrous as atrous
     torch.manual_seed(0)
     model = build_model({"backbone": "resnet", "blocks": [3, 4, 23, 3], "num_classes": 19})
     model.eval()
     fast = optimize_for_inference(model)
     kinds = [type(m).__name__ for m in fast.modules()]
     assert kinds.count("FusedBottleneck") == 33
-    if nnpack_available():
-        assert kinds.count("AtrousWinogradConv2d") == 26
-    x = torch.randn(1, 3, 97, 129)
+    calls = []
+    monkeypatch.setattr(atrous, "atrous_conv3x3",
+                        lambda *a: calls.append(a[3]) or atrous_conv3x3(*a))
+    x = torch.randn(1, 3, 513, 513)  # 65x65 scores: above the Winograd threshold
     with torch.no_grad():
         assert _close(fast(x), model(x), 1e-4)
+    if nnpack_available():
+        assert kinds.count("AtrousWinogradConv2d") == 26
+        assert sorted(calls) == [2] * 23 + [4] * 3
 
 
 def test_optimize_for_inference_bf16_is_close_and_returns_float32():

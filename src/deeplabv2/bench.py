@@ -177,7 +177,8 @@ def train_step_time(model: nn.Module, *, batch: int = 2, size=(321, 321), amp: s
 
 def bench(model: nn.Module, sizes, modes=DEFAULT_MODES, iterations: int = 3, warmup: int = 1,
           threads: int | None = None, *, train_step: bool = True, train_batch: int = 2,
-          train_size=(321, 321), peak: bool = True) -> dict:
+          train_size=(321, 321), train_iterations: int | None = None,
+          train_warmup: int | None = None, peak: bool = True) -> dict:
     """Time ``model`` (a DeepLabV2 in any state; it is not changed) and return a plain dict.
 
     ``sizes``: ``(height, width)`` pairs; ``modes``: names from :data:`MODES`; ``threads``:
@@ -188,7 +189,8 @@ def bench(model: nn.Module, sizes, modes=DEFAULT_MODES, iterations: int = 3, war
     "prepare_s", "peak_rss_mib"}, ...], "train": [{...}, ...]}``; ``speedup_vs_eager`` is
     present when ``eager`` is among the modes, and ``train`` holds fp32 NCHW, fp32
     channels-last and bf16 channels-last steps of ``train_batch`` images of ``train_size``
-    (empty when ``train_step=False``). With ``peak``, ``"conv_peak"`` holds
+    (empty when ``train_step=False``), timed ``train_iterations`` times after ``train_warmup``
+    untimed steps (default: ``iterations`` and ``warmup``). With ``peak``, ``"conv_peak"`` holds
     :func:`conv_peak_gflops` and every row its ``"percent_of_peak"``.
     """
     if threads:
@@ -219,8 +221,9 @@ def bench(model: nn.Module, sizes, modes=DEFAULT_MODES, iterations: int = 3, war
     if train_step:
         for amp, channels_last in (("none", False), ("none", True), ("bf16", True)):
             train.append(train_step_time(model, batch=train_batch, size=train_size, amp=amp,
-                                         channels_last=channels_last, iterations=iterations,
-                                         warmup=warmup))
+                                         channels_last=channels_last,
+                                         iterations=train_iterations or iterations,
+                                         warmup=warmup if train_warmup is None else train_warmup))
         for row in train[1:]:
             row["speedup_vs_fp32"] = train[0]["median_s"] / row["median_s"]
     model.train(was_training)
