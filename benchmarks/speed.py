@@ -104,7 +104,9 @@ speed-up over the eager FP32 model (unfolded frozen BN, NCHW) at the same size; 
 training rows it is against the FP32 NCHW step (forward, stride-8 loss, backward, SGD step on
 2 crops). GFLOP/s counts the convolutions as direct convolutions (`torch.utils.flop_counter`,
 multiply-add = 2; the backward pass as twice the forward), so a mode that uses Winograd can
-pass 100% of the direct-convolution peak. Peak RSS is the process's peak so far, so it only
+pass 100% of the direct-convolution peak. "max rel. diff" is `max|logits - eager| /
+max|eager|` of the last call (random weights: see `accuracy_results.md` for labels and mIoU
+on a trained model). Peak RSS is the process's peak so far, so it only
 grows down the table.
 
 Modes: `eager` the model as built; `fold` BN folded into the convolutions + channels-last;

@@ -207,6 +207,9 @@ def test_bench_reports_positive_numbers_per_size_and_mode():
         [("none", False), ("none", True), ("bf16", True)]
     assert result["conv_peak"]["gflops_per_s"] == max(result["conv_peak"]["per_shape"].values())
     assert all(r["percent_of_peak"] > 0 for r in rows)
+    diffs = {r["mode"]: r["max_rel_diff_vs_eager"] for r in rows[:4]}
+    assert diffs["eager"] == 0 and diffs["fold"] < 1e-4 and diffs["fast"] < 1e-4
+    assert 1e-4 < diffs["bf16"] < 0.2
     assert "% of conv peak" in format_table(result) and "Convolution peak" in format_table(result)
     # backward counted as twice the forward of the batch of 2
     assert fp32["batch"] == 2 and fp32["flops"] == 3 * forward_flops(model, 65, 65, batch=2)

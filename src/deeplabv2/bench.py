@@ -204,18 +204,24 @@ def bench(model: nn.Module, sizes, modes=DEFAULT_MODES, iterations: int = 3, war
     for height, width in sizes:
         flops = forward_flops(model, height, width)
         x = torch.randn(1, 3, height, width, generator=torch.Generator().manual_seed(0))
-        eager_median = None
+        eager_median = eager_out = None
         for mode in modes:
             run, prepare_s = runners[mode]
+            outputs = []
             with torch.no_grad():
-                warm, times = _time(lambda: run(x), iterations, warmup)
+                warm, times = _time(lambda: outputs.append(torch.as_tensor(run(x))),
+                                    iterations, warmup)
             row = {"size": [height, width], "mode": mode, "flops": flops,
                    **_summary(warm, times, flops), "prepare_s": prepare_s,
                    "peak_rss_mib": peak_rss_mib()}
+            out = outputs[-1].float()
+            del outputs
             if mode == "eager":
-                eager_median = row["median_s"]
+                eager_median, eager_out = row["median_s"], out
             if eager_median is not None:
                 row["speedup_vs_eager"] = eager_median / row["median_s"]
+                row["max_rel_diff_vs_eager"] = float((out - eager_out).abs().max()
+                                                     / eager_out.abs().max())
             rows.append(row)
     train = []
     if train_step:
@@ -309,8 +315,8 @@ def _size(text: str) -> tuple[int, int]:
 
 def format_table(result: dict) -> str:
     """The inference and training rows of :func:`bench` as a Markdown table."""
-    lines = ["| size | mode | median s | GFLOP/s | % of conv peak | vs eager | peak RSS MiB |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| size | mode | median s | GFLOP/s | % of conv peak | vs eager | max rel. diff "
+             "| peak RSS MiB |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
 
     def pct(r):
         return f"{r['percent_of_peak']:.0f}%" if "percent_of_peak" in r else "-"
@@ -318,14 +324,15 @@ def format_table(result: dict) -> str:
     for r in result["inference"]:
         lines.append(f"| {r['size'][0]}x{r['size'][1]} | {r['mode']} | {r['median_s']:.3f} | "
                      f"{r.get('gflops_per_s', 0):.1f} | {pct(r)} | "
-                     f"{r.get('speedup_vs_eager', 1):.2f}x | {r['peak_rss_mib']:.0f} |")
+                     f"{r.get('speedup_vs_eager', 1):.2f}x | "
+                     f"{r.get('max_rel_diff_vs_eager', 0):.1e} | {r['peak_rss_mib']:.0f} |")
     for i, r in enumerate(result["train"]):
         mode = "train " + ("fp32" if r["amp"] == "none" else r["amp"]) + \
             ("+channels_last" if r["channels_last"] else "")
         ratio = f"{r['speedup_vs_fp32']:.2f}x" if i else "1.00x"
         lines.append(f"| {r['batch']}x{r['size'][0]}x{r['size'][1]} | {mode} | "
                      f"{r['median_s']:.3f} | {r.get('gflops_per_s', 0):.1f} | {pct(r)} | "
-                     f"{ratio} | {r['peak_rss_mib']:.0f} |")
+                     f"{ratio} | - | {r['peak_rss_mib']:.0f} |")
     if "conv_peak" in result:
         per = ", ".join(f"{k} {v:.0f}" for k, v in result["conv_peak"]["per_shape"].items())
         lines.append(f"\nConvolution peak {result['conv_peak']['gflops_per_s']:.0f} GFLOP/s "
