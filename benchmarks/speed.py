@@ -107,7 +107,8 @@ multiply-add = 2; the backward pass as twice the forward), so a mode that uses W
 pass 100% of the direct-convolution peak. "max rel. diff" is `max|logits - eager| /
 max|eager|` of the last call (random weights: see `accuracy_results.md` for labels and mIoU
 on a trained model). Peak RSS is the process's peak so far, so it only
-grows down the table.
+grows down the table. The timed calls of one size go round-robin over the modes (each mode
+warmed up first), so that a change in the machine's load touches every mode alike.
 
 Modes: `eager` the model as built; `fold` BN folded into the convolutions + channels-last;
 `fast` what `evaluate`/`predict` run by default (`deeplabv2.fast.optimize_for_inference`):

@@ -204,18 +204,24 @@ def bench(model: nn.Module, sizes, modes=DEFAULT_MODES, iterations: int = 3, war
     for height, width in sizes:
         flops = forward_flops(model, height, width)
         x = torch.randn(1, 3, height, width, generator=torch.Generator().manual_seed(0))
+        # Warm-up per mode, then the timed calls round-robin over the modes, so that a change
+        # in the machine's load during the run affects every mode alike.
+        warm, times, outputs = {}, {m: [] for m in modes}, {}
+        with torch.no_grad():
+            for mode in modes:
+                warm[mode], _ = _time(lambda: runners[mode][0](x), 0, warmup)
+            for _ in range(iterations):
+                for mode in modes:
+                    start = time.perf_counter()
+                    out = runners[mode][0](x)
+                    times[mode].append(time.perf_counter() - start)
+                    outputs[mode] = out
         eager_median = eager_out = None
         for mode in modes:
-            run, prepare_s = runners[mode]
-            outputs = []
-            with torch.no_grad():
-                warm, times = _time(lambda: outputs.append(torch.as_tensor(run(x))),
-                                    iterations, warmup)
             row = {"size": [height, width], "mode": mode, "flops": flops,
-                   **_summary(warm, times, flops), "prepare_s": prepare_s,
+                   **_summary(warm[mode], times[mode], flops), "prepare_s": runners[mode][1],
                    "peak_rss_mib": peak_rss_mib()}
-            out = outputs[-1].float()
-            del outputs
+            out = torch.as_tensor(outputs.pop(mode)).float()
             if mode == "eager":
                 eager_median, eager_out = row["median_s"], out
             if eager_median is not None:

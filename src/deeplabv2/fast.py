@@ -1,11 +1,18 @@
-"""Faster inference: batch norm folded into the convolutions, channels-last, bf16, compile.
+"""Faster inference: batch norm folded into the convolutions, channels-last, fused ResNet
+blocks, Winograd atrous convolutions, bf16/fp16, compile.
 
 * :func:`fold_batchnorm` returns a copy in which every BN that directly follows a convolution
   is merged into that convolution (``W' = W * s``, ``b' = b * s + t`` with ``bn(y) = y * s + t``)
   and replaced by ``nn.Identity``: the same function, 53 fewer elementwise passes over the
   feature maps of ResNet-101.
-* :func:`optimize_for_inference` adds the memory layout, the dtype and ``torch.compile`` and
-  returns an :class:`InferenceModel` that takes and returns ``float32`` tensors.
+* :class:`FusedBottleneck` runs a folded ResNet block's ReLUs and residual sum as post-ops of
+  its oneDNN convolutions (CPU).
+* :mod:`deeplabv2.atrous` runs the dilated 3x3 convolutions of layer3/layer4 as one Winograd
+  convolution over the tiled sub-grids (CPU, fp32, maps of 64x64 and more).
+* :func:`optimize_for_inference` puts these together with the memory layout, the precision
+  and ``torch.compile``, and returns an :class:`InferenceModel` that takes and returns
+  ``float32`` tensors. ``deeplabv2 evaluate`` and ``predict`` run it by default
+  (``--precision``, ``--eager``, ``--compile``).
 
 Which BN "follows a conv" is read from the module structure, not traced: inside an
 ``nn.Sequential`` a BN right after a conv, and elsewhere a child ``bn<k>`` next to a child
