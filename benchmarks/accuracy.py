@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from deeplabv2.data import build_dataset
 from deeplabv2.weights import load_model
 
 sys.path.insert(0, str(Path(__file__).parent))
-from speed import cpu_flags, cpu_model  # noqa: E402
+from speed import cpu_flags, cpu_model, write_outputs  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -37,7 +36,7 @@ def main(argv=None) -> int:
     p.add_argument("--split", default=None, help="split (default: the config's eval.split)")
     p.add_argument("--limit", type=int, default=None, help="only the first N images")
     p.add_argument("--modes", nargs="+", choices=[m for m in MODES if m != "eager"],
-                   default=["fast", "bf16", "onnxruntime"])
+                   default=["fold", "fast", "winograd-all", "bf16", "onnxruntime"])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(Path(__file__).with_name("accuracy_results.md")))
     p.add_argument("--json", default=None)
@@ -69,16 +68,17 @@ def main(argv=None) -> int:
 Whole image, batch 1. "labels changed" is the fraction of pixels whose argmax differs from
 eager FP32 (BN as separate ops, NCHW); "mIoU diff" is the mode's mIoU minus eager FP32's, in
 points; "max rel. logit diff" is the largest `max|logits - eager| / max|eager|` over the images.
-Modes: `fast` BN folded + channels-last FP32 (the default of `evaluate`/`predict`); `bf16` the
-same in bfloat16 (`--precision bf16`); `onnxruntime` the ONNX export in ONNX Runtime (CPU);
-`compile` `fast` under `torch.compile`.
+Modes: `fold` BN folded + channels-last FP32; `fast` what `evaluate`/`predict` run by default:
+`fold` plus ReLU/residual sums fused into the oneDNN convolutions and, on maps of 64x64 and
+more with 128+ channels, Winograd atrous convolutions (none in the demo's small network);
+`winograd-all` `fast` with every dilated 3x3 convolution, the ASPP's included, through
+Winograd whatever its size (the worst case of that path's rounding); `bf16` BN folded, channels-last, in
+bfloat16 (`--precision bf16`); `compile` `fold` under `torch.compile` (freezing);
+`onnxruntime` the ONNX export in ONNX Runtime (CPU).
 
 {table}
 """
-    Path(args.out).write_text(report)
-    print(f"report written to {args.out}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    write_outputs(report, args.out, result, args.json)
     return 0
 
 

@@ -52,6 +52,14 @@ def cpu_flags() -> str:
     return " ".join(sorted(set(keep))) or "none"
 
 
+def write_outputs(report: str, out, result: dict, json_path=None) -> None:
+    """The Markdown report to ``out`` and, when asked, the raw result as JSON."""
+    Path(out).write_text(report)
+    print(f"report written to {out}")
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", nargs="+", default=["321x321", "512x1024"])
@@ -120,10 +128,7 @@ size) in ONNX Runtime's CPU provider with {result["threads"]} intra-op threads.
 
 {table}
 """
-    Path(args.out).write_text(report)
-    print(f"report written to {args.out}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    write_outputs(report, args.out, result, args.json)
     return 0
 
 

@@ -222,7 +222,9 @@ def test_mode_accuracy_counts_changed_labels_and_miou_against_eager():
     from deeplabv2.data import build_dataset
     model = _tiny()
     ds = build_dataset("synthetic", None, "val", num_samples=2, size=[40, 56])
-    result = mode_accuracy(model, ds, ("fast", "bf16"), threads=1)
+    result = mode_accuracy(model, ds, ("fast", "winograd-all", "bf16"), threads=1)
+    wino = result["modes"]["winograd-all"]
+    assert wino["max_rel_logit_diff"] < 1e-4 and wino["labels_changed"] < 1e-3
     assert result["images"] == 2 and result["pixels"] == 2 * 40 * 56
     fast, bf16 = result["modes"]["fast"], result["modes"]["bf16"]
     # folding is exact up to rounding: the same labels, the same mIoU

@@ -12,6 +12,8 @@ Inference modes:
 * ``fast``: :func:`deeplabv2.fast.optimize_for_inference`, fp32: ``fold`` plus, on the CPU,
   ReLU and residual sums fused into the convolutions and Winograd atrous convolutions (what
   ``evaluate`` and ``predict`` run by default);
+* ``winograd-all``: ``fast`` with every dilated 3x3 convolution (the ASPP's too) through
+  Winograd, whatever its size: the worst case of that path's rounding, for accuracy checks;
 * ``bf16``: BN folded, channels-last, bfloat16 weights and activations;
 * ``compile``: ``fast`` under ``torch.compile`` (the compile time is reported separately);
 * ``onnxruntime``: the ONNX export (:func:`deeplabv2.export.export_onnx`) in ONNX Runtime.
@@ -31,7 +33,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-MODES = ("eager", "fold", "fast", "bf16", "compile", "onnxruntime")
+MODES = ("eager", "fold", "fast", "winograd-all", "bf16", "compile", "onnxruntime")
 DEFAULT_MODES = ("eager", "fast", "bf16")
 
 
@@ -124,6 +126,12 @@ def _inference_runners(model: nn.Module, modes, sizes, threads):
             run = optimize_for_inference(model, precision="fp32", fuse=False, winograd=False)
         elif mode == "fast":
             run = optimize_for_inference(model, precision="fp32")
+        elif mode == "winograd-all":
+            from .atrous import use_atrous_winograd
+            run = optimize_for_inference(model, precision="fp32", winograd=False)
+            if not use_atrous_winograd(run.model, min_channels=1, min_pixels=1):
+                raise ValueError("winograd-all: no NNPACK in this torch, or no dilated 3x3 "
+                                 "convolution in the model")
         elif mode == "bf16":
             run = optimize_for_inference(model, precision="bf16")
         elif mode == "compile":
