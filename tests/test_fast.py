@@ -135,7 +135,8 @@ def test_fused_and_winograd_network_equals_eager_and_falls_back_with_autograd():
     # TINY's 8-32 channels are below the Winograd threshold; take them all to test the path
     wino = optimize_for_inference(model, fuse=True, winograd=False)
     # layer3 (d=2), layer4 (d=4) and the four ASPP branches (d=6..24, 5 output channels)
-    assert use_atrous_winograd(wino.model, min_channels=1, min_pixels=1) == 6
+    assert use_atrous_winograd(wino.model, min_channels=1, min_pixels=1,
+                               max_overhead=float("inf")) == 6
     x = torch.randn(2, 3, 45, 61)
     with torch.no_grad():
         ref = model(x)
@@ -145,6 +146,24 @@ def test_fused_and_winograd_network_equals_eager_and_falls_back_with_autograd():
         assert _close(wino(x).detach(), ref, 1e-4)
     plain = optimize_for_inference(model, fuse=False, winograd=False)
     assert FusedBottleneck not in [type(m) for m in plain.modules()]
+
+
+def test_winograd_only_where_the_tiling_pays():
+    from deeplabv2.atrous import worth_tiling
+    assert worth_tiling(65, 129, 2) and worth_tiling(65, 129, 4) and worth_tiling(65, 65, 4)
+    assert not worth_tiling(41, 41, 2)  # too small a map
+    assert not worth_tiling(65, 129, 24)  # 3x6 sub-grids: the zero borders would double the work
+    assert worth_tiling(65, 129, 24, max_overhead=float("inf"))
+
+
+def test_the_real_vgg16_optimized_equals_eager():
+    from deeplabv2.model import deeplabv2_vgg16
+    torch.manual_seed(0)
+    model = deeplabv2_vgg16(num_classes=21).eval()
+    fast = optimize_for_inference(model)
+    x = torch.randn(1, 3, 161, 193)
+    with torch.no_grad():
+        assert _close(fast(x), model(x), 1e-4)
 
 
 def test_the_real_resnet101_optimized_equals_eager(monkeypatch):

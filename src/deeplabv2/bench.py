@@ -129,7 +129,8 @@ def _inference_runners(model: nn.Module, modes, sizes, threads):
         elif mode == "winograd-all":
             from .atrous import use_atrous_winograd
             run = optimize_for_inference(model, precision="fp32", winograd=False)
-            if not use_atrous_winograd(run.model, min_channels=1, min_pixels=1):
+            if not use_atrous_winograd(run.model, min_channels=1, min_pixels=1,
+                                       max_overhead=float("inf")):
                 raise ValueError("winograd-all: no NNPACK in this torch, or no dilated 3x3 "
                                  "convolution in the model")
         elif mode == "bf16":
