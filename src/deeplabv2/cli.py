@@ -136,8 +136,9 @@ def cmd_crf_search(args) -> int:
     base = cfg.eval.crf_params
     grid = [DenseCRF.from_dict({**base, "bi_w": w, "bi_xy_std": xy, "bi_rgb_std": rgb})
             for w, xy, rgb in itertools.product(args.bi_w, args.bi_xy_std, args.bi_rgb_std)]
-    results = crf_search(model, ds, grid, device=device, limit=args.limit,
-                         inference=cfg.eval.inference(), progress=True)
+    net, amp = _runtime(model, args, device)
+    results = crf_search(net, ds, grid, device=device, limit=args.limit,
+                         inference=cfg.eval.inference(), amp=amp, progress=True)
     print(f"{'bi_w':>6} {'bi_xy_std':>10} {'bi_rgb_std':>11} {'mIoU %':>8}")
     for r in results:
         c = r["crf"]
@@ -267,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     cs.add_argument("--bi-xy-std", type=float, nargs="+", default=[50, 67, 80])
     cs.add_argument("--bi-rgb-std", type=float, nargs="+", default=[3, 4, 5])
     cs.add_argument("--out", default=None, help="write every setting's mIoU as JSON here")
+    _add_runtime_args(cs)
     cs.add_argument("overrides", nargs="*", help="section.key=value")
     cs.set_defaults(func=cmd_crf_search)
 

@@ -67,7 +67,8 @@ def evaluate(model, dataset, *, device=None, limit: int | None = None, amp: str 
 
 @torch.no_grad()
 def crf_search(model, dataset, grid: list, *, device=None, limit: int | None = None,
-               inference: InferenceConfig | None = None, progress: bool = False) -> list[dict]:
+               inference: InferenceConfig | None = None, amp: str = "none",
+               progress: bool = False) -> list[dict]:
     """The paper's CRF grid search (Sec. 4.1): mIoU of each :class:`DenseCRF` in ``grid`` on
     the first ``limit`` images (and of no CRF, as ``None``), computing the network's
     probabilities once per image. Returns ``[{"crf": params or None, "miou", ...}]``."""
@@ -83,7 +84,7 @@ def crf_search(model, dataset, grid: list, *, device=None, limit: int | None = N
     for i in indices:
         image, label = dataset.load(i)
         x = model.preprocess(image).to(device)
-        probs = (inference or InferenceConfig())(model, x)
+        probs = (inference or InferenceConfig())(model, x, amp=amp)
         target = torch.from_numpy(label.astype("int64")).to(device)[None]
         rgb = torch.from_numpy(image).to(device)[None]
         for crf, cm in zip(settings, matrices):
