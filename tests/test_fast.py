@@ -184,6 +184,8 @@ def test_the_real_resnet101_optimized_equals_eager(monkeypatch):
         assert _close(fast(x), model(x), 1e-4)
     if nnpack_available():
         assert kinds.count("AtrousWinogradConv2d") == 26
+        wino = [m for m in fast.modules() if type(m).__name__ == "AtrousWinogradConv2d"]
+        assert all(m.weight.is_contiguous() for m in wino)  # NCHW, as NNPACK takes it
         assert sorted(calls) == [2] * 23 + [4] * 3
 
 

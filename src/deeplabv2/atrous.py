@@ -6,9 +6,10 @@ independent *undilated* 3x3 convolutions, one per sub-grid ``x[..., a::d, b::d]`
 "space to batch" of the original DeepLab (``atrous`` in Caffe, Sec. 3.1 of the paper). We lay
 the ``d * d`` sub-grids side by side in one image, each in a border of zeros one pixel wide
 (the zeros its own padding would read), run one undilated convolution on that image with
-NNPACK's Winograd kernels, and put the outputs back in place. Winograd transforms take about
-2.2x fewer multiplications than direct convolution for 3x3 kernels; oneDNN has no such kernel
-for AVX2 CPUs, where it runs dilated 3x3 convolutions directly.
+NNPACK's Winograd kernels, and put the outputs back in place. Winograd F(6x6, 3x3) on 8x8
+tiles needs 64 multiplications per output tile and channel pair where the direct convolution
+needs 324 (the transforms take back part of that); oneDNN has no Winograd kernel for AVX2 CPUs,
+where it runs dilated 3x3 convolutions directly.
 
 Only fp32, CPU, stride 1, groups 1 and ``padding == dilation`` ("same" size) are handled:
 :func:`winograd_eligible` says which convolutions qualify, and :func:`use_atrous_winograd`
@@ -54,6 +55,8 @@ def atrous_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
                    dilation: int) -> torch.Tensor:
     """``F.conv2d(x, weight, bias, padding=dilation, dilation=dilation)`` for a 3x3 ``weight``,
     computed as one undilated NNPACK (Winograd) convolution over the tiled sub-grids."""
+    if not nnpack_available():
+        raise RuntimeError("atrous_conv3x3 needs NNPACK, which this torch build lacks")
     n, c, height, width = x.shape
     d = int(dilation)
     h, w = -(-height // d), -(-width // d)  # the largest sub-grid (the first row/column)
