@@ -15,7 +15,8 @@ Inference modes:
 * ``winograd-all``: ``fast`` with every dilated 3x3 convolution (the ASPP's too) through
   Winograd, whatever its size: the worst case of that path's rounding, for accuracy checks;
 * ``bf16``: BN folded, channels-last, bfloat16 weights and activations;
-* ``compile``: ``fast`` under ``torch.compile`` (the compile time is reported separately);
+* ``compile``: ``fold`` under ``torch.compile`` with freezing, whose own fusion replaces
+  ``fast``'s (the compile time is the row's ``first_call_s``);
 * ``onnxruntime``: the ONNX export (:func:`deeplabv2.export.export_onnx`) in ONNX Runtime.
 """
 

@@ -77,13 +77,15 @@ def _add_inference_args(sp) -> None:
 
 
 def _add_runtime_args(sp) -> None:
-    sp.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+    from .fast import PRECISIONS
+    sp.add_argument("--precision", choices=PRECISIONS, default="fp32",
                     help="fp32 (default), bf16 (CPU with native bf16, or GPU) or fp16 (GPU)")
     sp.add_argument("--eager", action="store_true",
                     help="run the network as loaded (BN unfolded, NCHW; bf16/fp16 by autocast) "
                          "instead of the BN-folded channels-last copy")
     sp.add_argument("--compile", action="store_true",
-                    help="torch.compile the folded network (the first image compiles for minutes)")
+                    help="torch.compile the folded network (the first image compiles for "
+                         "tens of seconds)")
 
 
 def _runtime(model, args, device):
