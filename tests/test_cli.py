@@ -99,7 +99,7 @@ def test_bad_inputs_are_one_line_errors(trained, tmp_path, capsys):
     assert main(["evaluate", str(tmp_path / "none.pth"), "-c", str(cfg_path)]) == 2
     assert "none.pth: no such weights file" in capsys.readouterr().err
     assert main(["train", "-c", str(cfg_path), "data.dataset=cityscapes", "data.options={}",
-                 f"data.root={tmp_path / 'missing'}"]) == 2
+                 f"data.root={tmp_path / 'missing'}", f"train.out_dir={tmp_path / 'run'}"]) == 2
     assert "missing" in capsys.readouterr().err
     assert main(["train", "-c", str(cfg_path), "train.lr_typo=1"]) == 2
     assert "unknown key train.lr_typo" in capsys.readouterr().err

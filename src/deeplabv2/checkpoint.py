@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from .digest import non_finite_keys
 from .weights import WeightsError, _unwrap, load_state, save_weights, torch_load
 
 
@@ -33,6 +34,10 @@ def load_checkpoint(path, model, optimizer, scaler=None) -> dict:
     path = Path(path)
     obj = torch_load(path)
     state, metadata = _unwrap(obj, path)
+    bad = non_finite_keys(state)
+    if bad:  # never resume into NaN weights (files written by this version cannot hold them)
+        raise WeightsError(f"{path}: damaged: {bad[0]} holds NaN/inf; resume from an earlier "
+                           "checkpoint")
     report = load_state(model, state, metadata, source=path, head="require")
     missing = [k for k in ("optimizer_state", "rng_state", "train_state") if k not in obj]
     if missing:

@@ -35,10 +35,20 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _with_device(args) -> list:
+    """The overrides plus ``train.device`` from ``--device`` (when given)."""
+    extra = [f"train.device={args.device}"] if getattr(args, "device", None) else []
+    return [*args.overrides, *extra]
+
+
 def cmd_train(args) -> int:
     from .train import train
-    cfg = load_config(args.config, args.overrides)
-    result = train(cfg, resume=args.resume)
+    cfg = load_config(args.config, _with_device(args))
+    if args.resume and args.resume_from:
+        raise ValueError("--resume continues OUT_DIR/last.pth and --from PATH another "
+                         "checkpoint: give one of them")
+    result = train(cfg, resume=args.resume_from or args.resume, overwrite=args.overwrite,
+                   allow_changes=args.allow_changes)
     if result.metrics is not None and _is_main():
         print(f"final val mIoU {100 * result.metrics['miou']:.2f}  (best "
               f"{100 * (result.best_miou or 0):.2f}); checkpoints in {result.out_dir}")
@@ -158,7 +168,7 @@ def cmd_crf_search(args) -> int:
 def cmd_evaluate(args) -> int:
     from .evaluate import evaluate
     from .weights import load_model
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, _with_device(args))
     from .distributed import pick_device
     device = pick_device(cfg.train.device)
     model = load_model(args.checkpoint, device=device)
@@ -220,6 +230,7 @@ def cmd_demo(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="deeplabv2", description=__doc__)
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="parameters, FLOPs, output stride and shape of a model")
     info.add_argument("--model", choices=ARCHS, default="resnet101")
@@ -232,8 +243,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser("train", help="train a model as a config says (torchrun for DDP)")
     tr.add_argument("-c", "--config", required=True, help="packaged config name or YAML path")
-    tr.add_argument("--resume", nargs="?", const="auto", default=None,
-                    help="resume from a checkpoint (default: OUT_DIR/last.pth)")
+    tr.add_argument("--resume", action="store_const", const="auto", default=None,
+                    help="continue the run in train.out_dir from its last.pth (an error if "
+                         "there is none); --resume=PATH is --from PATH")
+    tr.add_argument("--from", dest="resume_from", default=None, metavar="PATH",
+                    help="continue from the training checkpoint PATH (writing into "
+                         "train.out_dir)")
+    tr.add_argument("--overwrite", action="store_true",
+                    help="replace the run already in train.out_dir (its checkpoints, history "
+                         "and logs are deleted first); without it such a folder is refused")
+    tr.add_argument("--allow-changes", action="store_true",
+                    help="resume even though settings that change the run (lr, iterations, "
+                         "batch, crop, model...) differ from the checkpoint's")
+    tr.add_argument("--device", default=None,
+                    help="auto, cpu, cuda or cuda:N (default: the config's train.device)")
     tr.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.iterations=100")
     tr.set_defaults(func=cmd_train)
 
@@ -244,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, default=None, help="only the first N images")
     _add_runtime_args(ev)
     ev.add_argument("--out", default=None, help="write the metrics as JSON here")
+    ev.add_argument("--device", default=None,
+                    help="auto, cpu, cuda or cuda:N (default: the config's train.device)")
     _add_inference_args(ev)
     ev.add_argument("overrides", nargs="*", help="section.key=value")
     ev.set_defaults(func=cmd_evaluate)
@@ -254,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("-o", "--out", required=True, help="output folder")
     pr.add_argument("--probs", action="store_true", help="also save probabilities (.npy)")
     _add_runtime_args(pr)
-    pr.add_argument("--device", default="auto")
+    pr.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     pr.add_argument("--batch-size", type=int, default=4, help="images of equal size per batch")
     pr.add_argument("--cityscapes-ids", action="store_true",
                     help="also write *_labelIds.png (Cityscapes submission format)")
@@ -291,11 +316,49 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .bench import register as register_bench  # adds "bench" and "export"
     register_bench(sub)
+    for sp in sub.choices.values():  # every option's help says its default
+        sp.formatter_class = _HelpWithDefaults
+        for action in sp._actions:
+            if action.option_strings and action.help is None:
+                action.help = action.dest.replace("_", " ")
     return p
+
+
+class _HelpWithDefaults(argparse.HelpFormatter):
+    """Appends ``(default: X)`` to every option's help that does not already say it."""
+
+    def _get_help_string(self, action):
+        h = action.help or ""
+        if not action.option_strings or action.required or "default" in h \
+                or action.default is argparse.SUPPRESS or isinstance(action, argparse._StoreConstAction) \
+                or isinstance(action, (argparse._StoreTrueAction, argparse._VersionAction)):
+            return h
+        return h + (" (default: none)" if action.default is None else " (default: %(default)s)")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("deeplabv2")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _unambiguous_resume(argv: list) -> list:
+    """``--resume=PATH`` means ``--from PATH``; a bare ``--resume`` never takes the next word
+    (``--resume data.num_workers=0`` is the flag and an override)."""
+    out = []
+    for a in argv:
+        if a.startswith("--resume="):
+            out += ["--from", a.split("=", 1)[1]]
+        else:
+            out.append(a)
+    return out
 
 
 def main(argv=None) -> int:
     parser = build_parser()
+    argv = _unambiguous_resume(list(sys.argv[1:] if argv is None else argv))
     args, extra = parser.parse_known_args(argv)
     # section.key=value overrides may come after options too (argparse stops at the first)
     if extra and hasattr(args, "overrides") and all(
@@ -305,13 +368,31 @@ def main(argv=None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside the training loop
+        print(f"deeplabv2 {args.command}: interrupted", file=sys.stderr)
+        return 130
     except Exception as e:  # one clear line for the user's mistakes, full trace with -v later
+        from .fileio import LockError
         from .weights import WeightsError
-        from .train import TrainingError
-        if isinstance(e, (WeightsError, FileNotFoundError, ValueError, TrainingError)):
-            print(f"deeplabv2 {args.command}: error: {e}", file=sys.stderr)
+        from .train import Interrupted, TrainingError
+        if isinstance(e, Interrupted):
+            print(f"deeplabv2 {args.command}: {e}", file=sys.stderr)
+            return e.exit_code
+        if isinstance(e, (WeightsError, OSError, ValueError, TrainingError, LockError)):
+            print(f"deeplabv2 {args.command}: error: {_one_line(e)}", file=sys.stderr)
             return 2
         raise
+
+
+def _one_line(e: Exception) -> str:
+    """The error's message on one line (an OSError without our wording gets its file named)."""
+    if isinstance(e, OSError) and e.filename and str(e.filename) not in str(e):
+        text = f"{e.filename}: {e.strerror or e}"
+    elif isinstance(e, OSError) and e.strerror and e.filename:
+        text = f"{e.filename}: {e.strerror}"
+    else:
+        text = str(e)
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":

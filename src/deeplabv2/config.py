@@ -9,6 +9,8 @@ packaged configs (``deeplabv2/configs``); a path is read as is.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,7 +121,45 @@ def _section(name: str, values: dict) -> Any:
         if key not in valid:
             raise ConfigError(f"unknown key {name}.{key}; valid keys of {name!r}: "
                               + ", ".join(valid))
+    types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+    values = {k: _coerce(f"{name}.{k}", v, types[k]) for k, v in values.items()}
     return cls(**values)
+
+
+# 1e-3, 1E-3, 5e-4, .5, 0.1, 3: YAML 1.1 reads the exponent forms without a dot as strings.
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def _number(key: str, value, integer: bool = False):
+    """``value`` as a finite number (``int`` when ``integer``); a :class:`ConfigError` naming
+    ``key`` otherwise (a string in a usual number form is read as the number)."""
+    if isinstance(value, str) and _NUMBER.match(value.strip()):
+        value = float(value.strip()) if not integer or not value.strip().lstrip("+-").isdigit() \
+            else int(value.strip())
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number, got {value!r}")
+    if integer:
+        if float(value) != int(value):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return int(value)
+    return float(value) if isinstance(value, float) else value
+
+
+def _coerce(key: str, value, type_name: str):
+    """Numbers of ``float``/``int`` fields (and lists of them) in the usual written forms."""
+    if value is None:
+        return value
+    if type_name == "float":
+        return float(_number(key, value))
+    if type_name in ("int", "int | None"):
+        return _number(key, value, integer=True)
+    if type_name == "list[float]" and isinstance(value, (list, tuple)):
+        return [float(_number(f"{key}[{i}]", v)) for i, v in enumerate(value)]
+    if type_name == "list[int]" and isinstance(value, (list, tuple)):
+        return [_number(f"{key}[{i}]", v, integer=True) for i, v in enumerate(value)]
+    return value
 
 
 def from_dict(d: dict) -> Config:
@@ -183,6 +223,9 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key} must be a positive integer, got {value!r}")
     if t.lr <= 0:
         raise ConfigError(f"train.lr must be > 0, got {t.lr}")
+    for key in ("momentum", "weight_decay", "poly_power"):
+        if getattr(t, key) < 0:
+            raise ConfigError(f"train.{key} must be >= 0, got {getattr(t, key)}")
     if len(data.crop_size) != 2 or min(data.crop_size) < 1:
         raise ConfigError(f"data.crop_size must be [height, width], got {data.crop_size}")
     lo, hi = data.scale_range
@@ -204,4 +247,5 @@ def validate(cfg: Config) -> None:
 
 
 def save_config(cfg: Config, path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    from .fileio import atomic_write_text
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -39,8 +39,9 @@ def run_demo(out_dir="reports/demo", overrides=()) -> dict:
     print(f"deeplabv2 demo: synthetic street scenes, DeepLab v2 with a reduced ResNet "
           f"(blocks {m.blocks}, width {m.width}), {cfg.train.iterations} iterations")
 
-    # 1. train (validates at the end and writes run/model.pth)
-    result = train(cfg)
+    # 1. train (validates at the end and writes run/model.pth); the demo's own run folder is
+    # replaced on every `make demo`
+    result = train(cfg, overwrite=True)
     train_seconds = time.perf_counter() - started
 
     # 2. evaluate the checkpoint as `deeplabv2 evaluate` would: BN folded, channels-last, fp32

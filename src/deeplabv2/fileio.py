@@ -1,4 +1,10 @@
-"""Atomic file writes: a crash or a full disk never leaves half a checkpoint or report."""
+"""Atomic file writes: a crash or a full disk never leaves half a checkpoint or report.
+
+Every file goes to a temporary ``.{name}.*.tmp`` beside its final name and is renamed over it
+only once complete, so the final name holds either the old file or the new one, never a part.
+A temporary file left by a ``kill -9`` is removed by :func:`remove_stale_tmp` at the next start.
+Files get the permissions the user's umask gives (``mkstemp`` alone would make them 0600).
+"""
 
 from __future__ import annotations
 
@@ -8,23 +14,150 @@ from pathlib import Path
 from typing import Callable
 
 
-def atomic_write(path, write: Callable[[str], None]) -> None:
+class WriteError(OSError):
+    """A file could not be written (read-only folder, full disk...); the message names the file,
+    the reason, and says that the previous version of the file (if any) is unchanged."""
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path, write: Callable[[str], None], *, fsync: bool = True) -> None:
     """Call ``write(tmp_path)`` on a temporary file beside ``path``, fsync it, rename it over
-    ``path``. On any error the temporary file is removed and ``path`` is left as it was."""
+    ``path``. On any error the temporary file is removed and ``path`` is left as it was; an
+    ``OSError`` (no space, permission, read-only file system) becomes a :class:`WriteError`
+    naming ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        os.chmod(tmp, 0o666 & ~_umask())
         write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        if fsync:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as e:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and not isinstance(e, WriteError):
+            reason = e.strerror or str(e) or type(e).__name__
+            old = " (the previous file is unchanged)" if path.exists() else ""
+            err = WriteError(f"{path}: cannot write: {reason}{old}; free space, fix the "
+                             f"permissions or choose another output folder")
+            err.errno = e.errno
+            raise err from None
         raise
 
 
 def atomic_write_text(path, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def remove_stale_tmp(folder) -> list[Path]:
+    """Delete the ``.{name}.*.tmp`` files :func:`atomic_write` leaves when a process is killed
+    mid-write (never a final name); return what was removed. Call it only while holding the
+    folder (e.g. under :class:`RunLock`), so that no live writer's file goes."""
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for p in folder.glob(".*.tmp"):
+        if p.is_file():
+            try:
+                p.unlink()
+                removed.append(p)
+            except OSError:
+                pass
+    return removed
+
+
+class RunLock:
+    """``folder/.lock`` held by one writer: created exclusively, holding ``pid host``.
+
+    A second process that finds the lock held by a live process is refused with a
+    :class:`LockError` naming the holder. A lock left by a process that no longer runs (a
+    ``kill -9``, a crash) on this host is taken over; a lock from another host cannot be checked
+    and is refused, with the file named so that the user can remove it.
+    """
+
+    NAME = ".lock"
+
+    def __init__(self, folder):
+        self.path = Path(folder) / self.NAME
+        self.held = False
+
+    def acquire(self) -> "RunLock":
+        import socket
+        host = socket.gethostname()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise WriteError(f"{self.path.parent}: cannot create the output folder: "
+                             f"{e.strerror or e}; choose another output folder") from None
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY,
+                             0o666 & ~_umask())
+            except FileExistsError:
+                pid, owner = self._holder()
+                if owner == host and pid is not None and not _alive(pid):
+                    try:  # the holder is gone: a crash or kill -9 left the lock behind
+                        self.path.unlink()
+                    except FileNotFoundError:
+                        pass
+                    continue
+                who = f"process {pid} on {owner}" if pid is not None else "another process"
+                raise LockError(f"{self.path.parent}: another run is writing here ({who}, lock "
+                                f"file {self.path}); wait for it, choose another train.out_dir, "
+                                f"or delete the lock file if that process is gone") from None
+            except OSError as e:
+                raise WriteError(f"{self.path.parent}: cannot write in the output folder: "
+                                 f"{e.strerror or e}; choose another output folder") from None
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{os.getpid()} {host}\n")
+            self.held = True
+            return self
+        raise LockError(f"{self.path}: could not take the lock (it keeps reappearing)")
+
+    def _holder(self) -> tuple[int | None, str | None]:
+        try:
+            pid, host = self.path.read_text().split()[:2]
+            return int(pid), host
+        except (OSError, ValueError):
+            return None, None
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            try:
+                self.path.unlink()
+            except FileNotFoundError:
+                pass
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+class LockError(RuntimeError):
+    """The output folder is held by another live process."""
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True

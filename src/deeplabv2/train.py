@@ -12,7 +12,6 @@ every rank sees its own slice of each global batch, metrics are summed across ra
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Config, save_config
 from .data import IGNORE_INDEX, build_dataset
 from .data.transforms import TrainTransform
+from .digest import all_finite, content_digest
 from .evaluate import evaluate
 from .fileio import atomic_write_text
 from .inference import autocast_context
@@ -38,6 +38,27 @@ from .weights import load_weights, save_weights
 
 class TrainingError(RuntimeError):
     """The run cannot go on (e.g. the loss became NaN/inf); the last good checkpoint is kept."""
+
+
+class Interrupted(TrainingError):
+    """Ctrl-C (SIGINT) or SIGTERM: the current iteration was finished and a resumable checkpoint
+    written; ``exit_code`` is the shell's ``128 + signal``."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+# Files that make a folder "hold a run": training into it needs --resume or --overwrite.
+RUN_FILES = ("last.pth", "best.pth", "model.pth", "history.json", "metrics.json")
+# Settings that change what a run computes: a resume that changes one is refused unless asked.
+RUN_SETTINGS = {
+    "model": ("backbone", "blocks", "width", "num_classes", "atrous_rates", "frozen_bn"),
+    "data": ("dataset", "train_split", "crop_size", "scale_range", "flip", "batch_size",
+             "options"),
+    "train": ("iterations", "lr", "momentum", "weight_decay", "poly_power", "accumulate",
+              "loss_at", "msc_scales", "amp", "channels_last", "seed"),
+}
 
 
 # -- data order ---------------------------------------------------------------------------------
@@ -156,15 +177,116 @@ def _build_model(cfg: Config, num_classes: int) -> DeepLabV2:
     return model
 
 
+# -- the run folder -------------------------------------------------------------------------------
+def _prepare_run_folder(out_dir: Path, resume: str | None, overwrite: bool,
+                        is_main: bool) -> str | None:
+    """Refuse to train over a run unless asked; return the checkpoint to resume (or None)."""
+    held = [n for n in RUN_FILES if (out_dir / n).exists()]
+    if resume is None and held and not overwrite:
+        raise TrainingError(f"{out_dir}: holds a run ({', '.join(held)}); pass --resume to "
+                            "continue it, --overwrite to replace it, or choose another "
+                            "train.out_dir")
+    if resume == "auto":
+        resume = str(out_dir / "last.pth")
+        if not Path(resume).is_file():
+            raise TrainingError(f"{resume}: no checkpoint to resume from (nothing was saved "
+                                "there yet); start without --resume, or give --from PATH")
+    if resume is None and overwrite and is_main:
+        import shutil
+        for name in held:
+            (out_dir / name).unlink()
+        for name in ("replicas.json", "config.yaml"):
+            (out_dir / name).unlink(missing_ok=True)
+        if (out_dir / "tb").is_dir():
+            shutil.rmtree(out_dir / "tb")
+    return resume
+
+
+def _changed_settings(old: dict, new: dict) -> list[str]:
+    """``section.key old -> new`` for every :data:`RUN_SETTINGS` key that differs."""
+    changes = []
+    for section, keys in RUN_SETTINGS.items():
+        for key in keys:
+            a, b = old.get(section, {}).get(key), new.get(section, {}).get(key)
+            if a != b:
+                changes.append(f"{section}.{key} {a!r} -> {b!r}")
+    return changes
+
+
+class _StopSignals:
+    """SIGINT/SIGTERM ask the loop to finish its iteration, save and stop (a second Ctrl-C stops
+    at once). Only the main thread can install signal handlers; elsewhere this does nothing."""
+
+    def __init__(self, announce: bool):
+        self.signum: int | None = None
+        self.announce = announce
+        self._old: dict = {}
+
+    def __enter__(self):
+        import signal
+        import threading
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # asked twice: stop now (last.pth is the last periodic one)
+            self.__exit__()
+            raise KeyboardInterrupt
+        self.signum = signum
+        if self.announce:
+            print("\ninterrupt: finishing this iteration, then saving a resumable checkpoint "
+                  "(press Ctrl-C again to stop at once)", flush=True)
+
+    def __exit__(self, *exc):
+        import signal
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+        self._old = {}
+
+
+def _ignore_sigint(worker_id: int) -> None:
+    """DataLoader workers leave Ctrl-C to the main process, which stops cleanly."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 # -- the loop -----------------------------------------------------------------------------------
 def train(cfg: Config, resume: str | None = None,
-          on_iteration: Callable[[int, dict], None] | None = None) -> TrainResult:
+          on_iteration: Callable[[int, dict], None] | None = None, *,
+          overwrite: bool = False, allow_changes: bool = False) -> TrainResult:
     """Train as ``cfg`` says; resume from ``resume`` (a checkpoint path, or ``"auto"`` for
-    ``out_dir/last.pth`` when it exists). ``on_iteration(iteration, logs)`` is called after each
-    optimizer step. Returns a :class:`TrainResult`; artefacts are in ``cfg.train.out_dir``:
-    ``config.yaml``, ``last.pth`` (training checkpoint), ``best.pth``, ``model.pth``,
-    ``history.json``, ``metrics.json`` and TensorBoard logs in ``tb/``.
+    ``out_dir/last.pth``, an error when it does not exist). ``on_iteration(iteration, logs)`` is
+    called after each optimizer step. Returns a :class:`TrainResult`; artefacts are in
+    ``cfg.train.out_dir``: ``config.yaml``, ``last.pth`` (training checkpoint), ``best.pth``,
+    ``model.pth``, ``history.json``, ``metrics.json`` and TensorBoard logs in ``tb/``.
+
+    Safety: a folder that holds a run is refused unless ``resume`` or ``overwrite`` (which
+    deletes the old run's files first); ``out_dir/.lock`` keeps a second writer out (a lock left
+    by a dead process is taken over); a resume whose checkpoint was trained with other
+    :data:`RUN_SETTINGS` is refused unless ``allow_changes``. SIGINT/SIGTERM finish the current
+    iteration, write ``last.pth`` and raise :class:`Interrupted`.
     """
+    import os
+    from .fileio import RunLock, remove_stale_tmp
+    out_dir = Path(cfg.train.out_dir)
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    lock = RunLock(out_dir).acquire() if is_main else None
+    try:
+        resume = _prepare_run_folder(out_dir, resume, overwrite, is_main)
+        if is_main:
+            for p in remove_stale_tmp(out_dir):
+                print(f"removed {p} (an unfinished write of an earlier, killed run)")
+        with _StopSignals(announce=is_main) as stop:
+            return _train(cfg, resume, on_iteration, allow_changes, stop)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: Config, resume: str | None, on_iteration, allow_changes: bool,
+           stop: "_StopSignals") -> TrainResult:
     t, d = cfg.train, cfg.data
     if t.threads:
         torch.set_num_threads(t.threads)
@@ -188,11 +310,17 @@ def train(cfg: Config, resume: str | None = None,
                                 momentum=t.momentum)
     scaler = torch.amp.GradScaler("cuda") if t.amp == "fp16" else None
     start, best = 0, None
-    if resume == "auto":
-        resume = str(out_dir / "last.pth") if (out_dir / "last.pth").is_file() else None
     if resume:
         state = load_checkpoint(resume, model, optimizer, scaler)
         start, best = int(state["iteration"]), state.get("best_miou")
+        changes = _changed_settings(state.get("config") or {}, cfg.to_dict())
+        if changes and not allow_changes:
+            raise TrainingError(f"{resume}: was trained with other settings ("
+                                + "; ".join(changes) + "): resuming would not continue that "
+                                "run; pass --allow-changes to resume anyway, or start a new run "
+                                "in another train.out_dir")
+        if changes and info.is_main:
+            print(f"resuming {resume} with changed settings: " + "; ".join(changes))
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.yaml")
@@ -212,7 +340,8 @@ def train(cfg: Config, resume: str | None = None,
                                     world_size=info.world_size)
     loader = torch.utils.data.DataLoader(
         EpochIndexed(train_ds, transform), batch_sampler=sampler, num_workers=d.num_workers,
-        pin_memory=device.type == "cuda", persistent_workers=False)
+        pin_memory=device.type == "cuda", persistent_workers=False,
+        worker_init_fn=_ignore_sigint if d.num_workers else None)
     batches = iter(loader)
 
     writer = _tensorboard(out_dir / "tb") if (t.tensorboard and info.is_main) else None
@@ -249,14 +378,18 @@ def train(cfg: Config, resume: str | None = None,
                 loss.backward()
             loss_sum += loss.detach()
 
-        # A NaN/inf loss on any rank stops every rank before the broken step is applied.
-        finite = torch.tensor([float(torch.isfinite(loss_sum))], device=device)
-        if dist_utils.all_reduce_sum(finite).item() < info.world_size:
+        # A NaN/inf loss on any rank stops every rank before the broken step is applied. The
+        # same reduction tells every rank whether any of them was asked to stop (Ctrl-C), so
+        # that all stop after the same iteration.
+        flags = torch.tensor([float(torch.isfinite(loss_sum)), float(stop.signum is not None)],
+                             device=device)
+        finite, stopping = dist_utils.all_reduce_sum(flags).tolist()
+        good = _newest_finite_checkpoint(ckpt_path, resume)
+        if finite < info.world_size:
             progress.close()
             raise TrainingError(
                 f"loss is {loss_sum.item()} at iteration {it + 1}: training stopped, weights "
-                f"not updated; last good checkpoint: "
-                f"{ckpt_path if ckpt_path.is_file() else 'none written yet'} (try a lower "
+                f"not updated; newest finite checkpoint: {good} (try a lower "
                 f"train.lr or amp=none)")
         if scaler is not None:
             scaler.step(optimizer)
@@ -264,6 +397,14 @@ def train(cfg: Config, resume: str | None = None,
         else:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        # A finite loss can still give non-finite weights (a huge step); stop before anything
+        # is saved from them. Replicas are identical under DDP, so every rank agrees.
+        if not all_finite([*model.parameters(), *model.buffers()]):
+            progress.close()
+            raise TrainingError(
+                f"weights became NaN/inf at iteration {it + 1} (loss {loss_sum.item():.4g}): "
+                f"training stopped, nothing saved from them; newest finite checkpoint: {good} "
+                f"(try a lower train.lr or amp=none)")
 
         step_loss = dist_utils.all_reduce_sum(loss_sum.clone()).item() / info.world_size
         window_loss += step_loss
@@ -303,6 +444,16 @@ def train(cfg: Config, resume: str | None = None,
                                 cfg.to_dict(), best, scaler)
                 _write_json(out_dir / "history.json", history)
             dist_utils.barrier()
+        if stopping and not last:
+            progress.close()
+            if (it + 1) % t.checkpoint_every:  # else just written
+                if info.is_main:
+                    save_checkpoint(ckpt_path, model, optimizer, it + 1, classes, palette,
+                                    cfg.to_dict(), best, scaler)
+                    _write_json(out_dir / "history.json", history)
+                dist_utils.barrier()
+            raise Interrupted(f"interrupted after iteration {it + 1}: resumable checkpoint "
+                              f"{ckpt_path} written; continue with --resume", stop.signum or 2)
         if on_iteration:
             on_iteration(it + 1, logs)
     progress.close()
@@ -319,12 +470,16 @@ def train(cfg: Config, resume: str | None = None,
 
 
 def weights_digest(model) -> str:
-    """SHA-256 of every tensor of the state dict (names and bytes): equal iff identical."""
-    h = hashlib.sha256()
-    for k, v in model.state_dict().items():
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    """SHA-256 of every tensor of the state dict (names, dtypes, shapes and bytes, whatever the
+    memory layout: channels-last, 0-d ``num_batches_tracked``): equal iff identical."""
+    return content_digest(dict(model.state_dict()))
+
+
+def _newest_finite_checkpoint(ckpt_path: Path, resume: str | None) -> str:
+    """The checkpoint to go back to: nothing non-finite is ever saved, so the newest one."""
+    if ckpt_path.is_file():
+        return str(ckpt_path)
+    return str(resume) if resume else "none written yet"
 
 
 def _check_replicas(model, info, out_dir: Path) -> None:

@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from .digest import DIGEST_KEY, content_digest, digest_of_checkpoint, non_finite_keys
 from .fileio import atomic_write
 from .preprocessing import CAFFE_BGR, TORCHVISION_RGB, Preprocessing
 
@@ -87,8 +88,7 @@ def read_file(path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     ``preprocessing``, ``layout``, ``classes``) when present, else is empty.
     """
     path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"{path}: no such weights file")
+    _require_file(path)
     if path.suffix == ".safetensors":
         return _read_safetensors(path)
     return _unwrap(torch_load(path), path)
@@ -97,8 +97,7 @@ def read_file(path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 def torch_load(path) -> Any:
     """``torch.load(weights_only=True)`` on the CPU with one-line errors naming the file."""
     path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"{path}: no such weights file")
+    _require_file(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -109,7 +108,23 @@ def torch_load(path) -> Any:
         raise WeightsError(f"{path}: not a readable PyTorch weights file ({first[:160]})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise WeightsError(f"{path}: truncated or corrupt weights file ({first[:160]})") from None
+        raise WeightsError(f"{path}: truncated or corrupt weights file: damaged, or not a "
+                           f"PyTorch weights file ({first[:160]})") from None
+
+
+def _require_file(path: Path) -> None:
+    if path.is_dir():
+        raise WeightsError(f"{path}: is a folder, not a weights file")
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such weights file")
+
+
+def _verify_digest(path, recorded, actual) -> None:
+    """A file this project wrote records the SHA-256 of its contents; refuse it if they differ."""
+    if recorded is not None and recorded != actual:
+        raise WeightsError(f"{path}: damaged: its contents do not match the SHA-256 digest "
+                           "recorded when it was written (a corrupted copy or disk); use an "
+                           "earlier checkpoint or copy the file again")
 
 
 def _read_safetensors(path: Path):
@@ -120,7 +135,9 @@ def _read_safetensors(path: Path):
             state = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise WeightsError(f"{path}: truncated or corrupt safetensors file ({first[:160]})") from None
+        raise WeightsError(f"{path}: truncated or corrupt safetensors file: damaged, or not "
+                           f"a safetensors file ({first[:160]})") from None
+    _verify_digest(path, meta.get(DIGEST_KEY), _safetensors_digest(state, meta))
     metadata = {}
     for k, v in meta.items():
         try:
@@ -135,6 +152,7 @@ def _unwrap(obj, path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         raise WeightsError(f"{path}: expected a state dict, found {type(obj).__name__}")
     metadata: dict[str, Any] = {}
     if obj.get("format") == FORMAT:
+        _verify_digest(path, obj.get(DIGEST_KEY), digest_of_checkpoint(obj))
         metadata = {k: v for k, v in obj.items() if k != "model" and not k.endswith("_state")}
         obj = obj["model"]
     else:
@@ -347,14 +365,27 @@ def save_weights(model, path, classes=None, palette=None, **extra) -> None:
     """
     meta = checkpoint_metadata(model, classes, palette)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    bad = non_finite_keys(state)
+    if bad:  # a NaN checkpoint would pass for a good one later: never write it
+        raise WeightsError(f"{path}: not written: the weights hold NaN/inf ({bad[0]}"
+                           f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''})")
     if str(path).endswith(".safetensors"):
         from safetensors.torch import save_file
         if extra:
             raise ValueError("extra fields are only stored in .pth checkpoints")
         header = {k: json.dumps(v) for k, v in meta.items()}
+        header[DIGEST_KEY] = _safetensors_digest(state, header)
         atomic_write(path, lambda tmp: save_file(state, tmp, metadata=header))
     else:
-        atomic_write(path, lambda tmp: torch.save({**meta, "model": state, **extra}, tmp))
+        obj = {**meta, "model": state, **extra}
+        obj[DIGEST_KEY] = digest_of_checkpoint(obj)
+        atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def _safetensors_digest(state: dict, header: dict) -> str:
+    """Digest of a ``.safetensors`` file's tensors and metadata (key order does not matter)."""
+    return content_digest({"tensors": {k: state[k] for k in sorted(state)},
+                           "metadata": {k: header[k] for k in sorted(header) if k != DIGEST_KEY}})
 
 
 def load_model(path, *, device="cpu"):
