@@ -194,7 +194,10 @@ def test_other_datasets_read_train_ids_by_name(tmp_path):
         save_png(dataset.samples[i][1], gt)
         save_png(tmp_path / "pred" / f"{dataset.name(i)}.png", pred)
         expected.update(torch.from_numpy(pred), torch.from_numpy(gt), void_index=255)
-    np.testing.assert_equal(score_folder(tmp_path / "pred", dataset), expected.compute())
+    save_png(tmp_path / "pred" / "stray.png", pred)
+    scored = score_folder(tmp_path / "pred", dataset)
+    assert scored.pop("files") == {"matched": len(dataset), "extra": ["stray.png"]}
+    np.testing.assert_equal(scored, expected.compute())
 
     with pytest.raises(ScoreError, match="is for Cityscapes label ids"):
         score_folder(tmp_path / "pred", dataset, id_format="label")

@@ -207,7 +207,9 @@ def cmd_predict(args) -> int:
                            cityscapes_ids=args.cityscapes_ids,
                            class_names=model.classes or
                            [f"class {i}" for i in range(model.num_classes)])
-    print(f"{len(result.written)} predictions written to {args.out}")
+    failed = f", {len(result.failed)} unreadable" if result.failed else ""
+    print(f"{len(result.written)} predictions written to {args.out} ("
+          f"{len(result.written) + len(result.failed)} images{failed})")
     for path, why in result.failed.items():
         print(f"failed: {why}", file=sys.stderr)
     return 1 if result.failed else 0
@@ -218,6 +220,8 @@ def cmd_score(args) -> int:
     cfg = load_config(args.config, args.overrides)
     ds = _eval_dataset(cfg, args.split)
     results = score_folder(args.predictions, ds, id_format=args.id_format)
+    from .score import describe_files
+    print(describe_files(results["files"]) + f" ({len(ds)} images in {ds.split})")
     _print_metrics(results, list(ds.classes), args.out)
     return 0
 

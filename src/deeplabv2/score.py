@@ -6,7 +6,14 @@ Which file belongs to which sample:
   the official layout): a prediction is any ``{city}_{seq}_{frame}*.png`` anywhere under the
   folder, as in the official submission format and ``evalPixelLevelSemanticLabeling.py``. It
   holds Cityscapes *label ids* (the submission format) or *train ids*, see ``id_format``.
+  When a frame has both ``{frame}..._labelIds.png`` and another PNG (what ``deeplabv2 predict
+  --cityscapes-ids`` writes: the label ids and the palette train-id map), the label id file is
+  scored (``id_format="train"`` takes the other one), so ``predict -> score`` needs no renaming.
 * **Any other dataset**: ``{pred_dir}/{dataset.name(i)}.png`` holding train ids.
+
+The result says which files were used: ``"files": {"matched": count, "extra": [names of PNG
+files that matched no sample; legend.png is not counted]}``. A missing prediction is an error
+that counts them and names the first ones.
 
 A prediction pixel may hold "no class": 255 in a train id file, or a label id that is not
 evaluated (0 ``unlabeled``, 4 ``static``, ...) in a label id file. It counts as a miss of its
@@ -23,7 +30,7 @@ import numpy as np
 import torch
 
 from .data.cityscapes_labels import IGNORE_INDEX, LABEL_TO_TRAIN, LABELS, NUM_CLASSES
-from .data.base import DatasetError, read_label_png
+from .data.base import DatasetError, check_label_values, read_label_png
 from .metrics import ConfusionMatrix
 
 ID_FORMATS = ("auto", "label", "train")
@@ -74,7 +81,9 @@ def score_folder(pred_dir, dataset, *, id_format: str = "auto") -> dict:
     if cityscapes:
         if C != NUM_CLASSES:
             raise ScoreError(f"a Cityscapes split must have {NUM_CLASSES} classes, not {C}")
-        pred_files = _match_cityscapes(pred_dir, dataset)
+        pred_files, extra = _match_cityscapes(pred_dir, dataset, id_format)
+        if id_format == "auto" and all(p.name.endswith("_labelIds.png") for p in pred_files):
+            id_format = "label"  # the official submission naming says what the files hold
     else:
         if id_format == "label":
             raise ScoreError("id_format='label' is for Cityscapes label ids; predictions of "
@@ -83,7 +92,11 @@ def score_folder(pred_dir, dataset, *, id_format: str = "auto") -> dict:
         missing = [p for p in pred_files if not p.is_file()]
         if missing:
             raise ScoreError(f"{missing[0]}: prediction not found ({len(missing)} of "
-                             f"{len(pred_files)} missing)")
+                             f"{len(pred_files)} missing: "
+                             f"{_some(p.name for p in missing)})")
+        expected = {p.resolve() for p in pred_files}
+        extra = [p for p in sorted(pred_dir.rglob("*.png")) if p.resolve() not in expected
+                 and p.name != "legend.png"]
 
     # One pass over the files: count (ground-truth train id, raw prediction value) pairs, decide
     # what the raw values mean once all are seen, then fold the 256 columns into C classes.
@@ -118,13 +131,32 @@ def score_folder(pred_dir, dataset, *, id_format: str = "auto") -> dict:
         if to_class[value] >= 0:
             counts[:, to_class[value]] += joint[:, value]
     cm.counts += torch.from_numpy(counts)
-    return cm.compute()
+    results = cm.compute()
+    results["files"] = {"matched": len(pred_files),
+                        "extra": [str(p.relative_to(pred_dir)) for p in extra]}
+    return results
 
 
-def _match_cityscapes(pred_dir: Path, dataset) -> list[Path]:
-    """The prediction file of every sample, by the ``city_seq_frame`` prefix of its name."""
+def describe_files(files: dict) -> str:
+    """One line: how many predictions matched, and which files were extra."""
+    line = f"{files['matched']} prediction files matched the ground truth"
+    if files["extra"]:
+        line += (f"; {len(files['extra'])} other PNG files ignored: "
+                 f"{_some(files['extra'])}")
+    return line
+
+
+def _some(names, n: int = 5) -> str:
+    names = list(names)
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def _match_cityscapes(pred_dir: Path, dataset, id_format: str) -> tuple[list[Path], list[Path]]:
+    """The prediction file of every sample, by the ``city_seq_frame`` prefix of its name, and
+    the PNG files that are no sample's prediction."""
     by_frame: dict[str, list[Path]] = {}
-    for path in sorted(pred_dir.rglob("*.png")):
+    pngs = sorted(pred_dir.rglob("*.png"))
+    for path in pngs:
         m = _CITYSCAPES_PREDICTION.match(path.name)
         if m:
             by_frame.setdefault(m.group(1), []).append(path)
@@ -132,13 +164,21 @@ def _match_cityscapes(pred_dir: Path, dataset) -> list[Path]:
     for image, _ in dataset.samples:
         frame = _CITYSCAPES_IMAGE.match(Path(image).stem).group(1)
         found = by_frame.get(frame, [])
+        if len(found) > 1:  # predict --cityscapes-ids: {frame}_labelIds.png beside {frame}.png
+            ids = [p for p in found if p.name.endswith("_labelIds.png")]
+            others = [p for p in found if not p.name.endswith("_labelIds.png")]
+            pick = others if id_format == "train" else ids
+            if len(pick) == 1:
+                found = pick
         if len(found) > 1:
             raise ScoreError(f"{found[0]}, {found[1]}: several predictions for {frame}")
         (files if found else missing).append(found[0] if found else frame)
     if missing:
         raise ScoreError(f"{pred_dir / missing[0]}*.png: prediction not found ({len(missing)} "
-                         f"of {len(dataset)} missing)")
-    return files
+                         f"of {len(dataset)} missing: {_some(missing)})")
+    used = set(files)
+    extra = [p for p in pngs if p not in used and p.name != "legend.png"]
+    return files, extra
 
 
 def _guess_id_format(values: set[int], pred_dir: Path) -> str:
@@ -174,7 +214,10 @@ def _ground_truth(dataset, i: int) -> np.ndarray:
     if label_path is None:
         raise ScoreError(f"{dataset.samples[i][0]}: sample has no ground truth to score")
     if getattr(dataset, "labels_match_images", True):
-        return dataset.read_label(label_path)
+        label = dataset.read_label(label_path)
+        check_label_values(label, dataset.num_classes, label_path,
+                           getattr(dataset, "ignore_index", IGNORE_INDEX))
+        return label
     return dataset.load(i)[1]
 
 

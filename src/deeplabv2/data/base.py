@@ -83,6 +83,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
         if label_path is None:
             return image, np.full(image.shape[:2], self.ignore_index, dtype=np.uint8)
         label = self.read_label(label_path)
+        check_label_values(label, self.num_classes, label_path, self.ignore_index)
         if image.shape[:2] != label.shape:
             raise DatasetError(f"{label_path}: label is {label.shape[1]}x{label.shape[0]} but "
                                f"image {image_path} is {image.shape[1]}x{image.shape[0]}")
@@ -116,13 +117,55 @@ class SegmentationDataset(torch.utils.data.Dataset):
                                    f"0..{self.num_classes - 1} (and not {self.ignore_index})")
 
 
+def check_label_values(label: np.ndarray, num_classes: int, source,
+                       ignore_index: int = IGNORE_INDEX) -> None:
+    """:class:`DatasetError` naming ``source`` and the values when ``label`` holds a value that
+    is neither a class ``0..num_classes-1`` nor ``ignore_index`` (such pixels would otherwise
+    drop out of training and scoring without a word)."""
+    if label.size == 0 or int(label.max()) < num_classes:
+        return
+    counts = np.bincount(label.ravel(), minlength=256)
+    counts[:num_classes] = 0
+    counts[ignore_index] = 0
+    bad = np.flatnonzero(counts)
+    if bad.size:
+        values = ", ".join(str(v) for v in bad[:8]) + (" ..." if bad.size > 8 else "")
+        raise DatasetError(f"{source}: label values {values} ({int(counts.sum())} pixels) are "
+                           f"outside the classes 0..{num_classes - 1} and not the ignore value "
+                           f"{ignore_index}")
+
+
 def read_image(path) -> np.ndarray:
-    """RGB ``uint8`` ``(H, W, 3)``; a clear :class:`DatasetError` if the file cannot be read."""
+    """RGB ``uint8`` ``(H, W, 3)`` as the image is displayed; a clear :class:`DatasetError` if
+    the file cannot be read.
+
+    EXIF orientation is applied (a phone photo is segmented upright, and its outputs overlay
+    it); 16-bit grayscale is scaled to 8 bits (not clipped), 16-bit RGB keeps its high byte;
+    palette images give their colours; transparency (RGBA, LA, palette with a transparent
+    colour) is composited over white."""
+    from PIL import ImageOps
     try:
         with Image.open(path) as im:
-            return np.array(im.convert("RGB"))  # a writable copy: torch refuses read-only arrays
-    except (OSError, ValueError) as e:
+            im = ImageOps.exif_transpose(im)
+            return _rgb8(im)
+    except (OSError, ValueError, SyntaxError) as e:
         raise DatasetError(f"{path}: unreadable image ({e})") from None
+
+
+def _rgb8(im: Image.Image) -> np.ndarray:
+    """A writable ``uint8`` ``(H, W, 3)`` copy (torch refuses read-only arrays)."""
+    if im.mode.startswith("I") or im.mode == "F":
+        a = np.asarray(im).astype(np.float64)
+        if im.mode.startswith("I;16") or a.max(initial=0) > 255:  # 16-bit range
+            a = a / 257.0
+        a = np.clip(np.rint(a), 0, 255).astype(np.uint8)
+        return np.repeat(a[..., None], 3, axis=2)
+    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (im.mode == "P" and
+                                                       "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return np.array(Image.alpha_composite(white, rgba).convert("RGB"))
+    return np.array(im.convert("RGB"))
 
 
 def read_label_png(path) -> np.ndarray:
