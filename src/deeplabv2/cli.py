@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 
 from .config import load_config
@@ -396,6 +397,9 @@ def _one_line(e: Exception) -> str:
         text = f"{e.filename}: {e.strerror}"
     else:
         text = str(e)
+    if "Original Traceback" in text:  # raised in a DataLoader worker: its last line is the error
+        last = text.strip().splitlines()[-1]
+        text = last.split(": ", 1)[1] if re.match(r"^[\w.]+(Error|Exception): ", last) else last
     return " ".join(text.split())
 
 

@@ -36,8 +36,8 @@ def atomic_write(path, write: Callable[[str], None], *, fsync: bool = True) -> N
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
-        os.chmod(tmp, 0o666 & ~_umask())
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # after the write: some writers recreate the file
         if fsync:
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
@@ -90,12 +90,13 @@ class RunLock:
 
     def __init__(self, folder):
         self.path = Path(folder) / self.NAME
-        self.held = False
+        self.held = self.created = False
 
     def acquire(self) -> "RunLock":
         import socket
         host = socket.gethostname()
         try:
+            self.created = not self.path.parent.exists()
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise WriteError(f"{self.path.parent}: cannot create the output folder: "
@@ -139,6 +140,11 @@ class RunLock:
                 self.path.unlink()
             except FileNotFoundError:
                 pass
+            if self.created:  # a run that failed before writing anything leaves no folder
+                try:
+                    self.path.parent.rmdir()
+                except OSError:
+                    pass
 
     def __enter__(self) -> "RunLock":
         return self.acquire()

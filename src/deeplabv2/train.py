@@ -162,6 +162,19 @@ def _check_dataset(ds, how: str) -> None:
     ds.check(limit=None if how == "all" else 0 if how == "none" else int(how))
 
 
+def _require_init_weights(weights: str | None, resume: str | None) -> None:
+    """A missing init file fails before the data is checked, saying where to get one."""
+    if not weights or resume or Path(weights).is_file():
+        return
+    raise TrainingError(
+        f"model.weights={weights}: file not found. Init weights are not shipped with deeplabv2: "
+        "download the DeepLab v2 init files (DeepLab_resnet_pretrained_imagenet.pth, "
+        "MS_DeepLab_resnet_pretrained_COCO_init.pth: the PyTorch conversions of the Caffe "
+        "models published with kazuto1011/deeplab-pytorch and AdaptSegNet) or a torchvision "
+        "ResNet-101 file, and pass model.weights=PATH; model.weights=null trains from scratch "
+        "(with model.frozen_bn=false; far lower mIoU)")
+
+
 def _build_model(cfg: Config, num_classes: int) -> DeepLabV2:
     m = cfg.model
     config = {"backbone": m.backbone, "num_classes": m.num_classes or num_classes,
@@ -288,6 +301,7 @@ def train(cfg: Config, resume: str | None = None,
 def _train(cfg: Config, resume: str | None, on_iteration, allow_changes: bool,
            stop: "_StopSignals") -> TrainResult:
     t, d = cfg.train, cfg.data
+    _require_init_weights(cfg.model.weights, resume)
     if t.threads:
         torch.set_num_threads(t.threads)
     device = dist_utils.pick_device(t.device)
@@ -425,6 +439,9 @@ def _train(cfg: Config, resume: str | None, on_iteration, allow_changes: bool,
             window_loss, window_start = 0.0, time.perf_counter()
 
         last = it + 1 == t.iterations
+        if info.enabled and ((t.val_every and (it + 1) % t.val_every == 0) or last or
+                             (it + 1) % t.checkpoint_every == 0 or stopping):
+            _broadcast_buffers(model)
         if t.val_every and (it + 1) % t.val_every == 0 or last:
             metrics = evaluate(model, val_ds, device=device, limit=t.val_limit or None,
                                amp=t.amp, channels_last=t.channels_last,
@@ -480,6 +497,19 @@ def _newest_finite_checkpoint(ckpt_path: Path, resume: str | None) -> str:
     if ckpt_path.is_file():
         return str(ckpt_path)
     return str(resume) if resume else "none written yet"
+
+
+def _broadcast_buffers(model) -> None:
+    """Give every rank rank 0's buffers (trainable BN's running statistics).
+
+    DDP broadcasts them from rank 0 at the start of each forward, so after the last forward of
+    a step each rank holds statistics of its own slice of the batch. Rank 0's are the ones the
+    next step would use and the ones its checkpoint saves, so validation, the checkpoints and
+    the final weights use them on every rank (and a resumed run continues from them)."""
+    import torch.distributed as dist
+    with torch.no_grad():
+        for b in model.buffers():
+            dist.broadcast(b, src=0)
 
 
 def _check_replicas(model, info, out_dir: Path) -> None:

@@ -106,7 +106,7 @@ def torch_load(path) -> Any:
             raise WeightsError(f"{path}: refused: the file holds pickled code or objects, not "
                                f"only tensors ({first[:160]})") from None
         raise WeightsError(f"{path}: not a readable PyTorch weights file ({first[:160]})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+    except Exception as e:  # RuntimeError, EOFError, BadZipFile, KeyError...: any garbage
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise WeightsError(f"{path}: truncated or corrupt weights file: damaged, or not a "
                            f"PyTorch weights file ({first[:160]})") from None

@@ -78,6 +78,14 @@ class VOCDataset(SegmentationDataset):
             list_dir, label_dir = "ImageSets/SegmentationAug", "SegmentationClassAug"
         else:
             list_dir, label_dir = "ImageSets/Segmentation", "SegmentationClass"
+        if split.endswith("_aug") and not ((base / list_dir).is_dir() and
+                                           (base / label_dir).is_dir()):
+            raise DatasetError(
+                f"{base}: split {split!r} needs the SBD augmented labels (10,582 images), not "
+                f"part of VOC 2012: put SegmentationClassAug/*.png and "
+                f"ImageSets/SegmentationAug/{split}.txt under {base} (the 'SegmentationClassAug' "
+                f"archive of the DeepLab releases), or use data.train_split=train for the "
+                f"1,464 VOC images")
         list_path = require_dir(base / list_dir, "split list") / f"{split}.txt"
         labels = None if split == "test" else require_dir(base / label_dir, "label")
         self.samples = pair_listed(list_names(list_path), base / "JPEGImages", ".jpg", labels,

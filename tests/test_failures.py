@@ -1,0 +1,470 @@
+"""Faults and bad inputs (issue 12): nothing is lost (files byte-compared), nothing is silent,
+and each failure ends in one line that says what is wrong. Numbers refer to the issue's items."""
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from deeplabv2 import build_model, load_model, save_weights
+from deeplabv2.cli import main
+from deeplabv2.config import ConfigError, load_config, save_config
+from deeplabv2.data.base import DatasetError, read_image
+from deeplabv2.digest import content_digest
+from deeplabv2.fileio import RunLock, atomic_write_text
+from deeplabv2.train import TrainingError, train, weights_digest
+from deeplabv2.weights import WeightsError
+
+from test_train import TINY, tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_model(num_classes=3, **kw):
+    return build_model({"backbone": "resnet", "blocks": [1, 1, 1, 1], "width": 8,
+                        "num_classes": num_classes, **kw})
+
+
+def snapshot(folder: Path) -> dict:
+    """``{relative path: bytes}`` of every file under ``folder``."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def one_line_error(capsys, *needles):
+    """The error is the last line of stderr, alone of its kind (progress bars aside)."""
+    err = capsys.readouterr().err.strip()
+    lines = [line for line in err.splitlines() if "\r" not in line and "img/s" not in line]
+    assert len(lines) == 1 and lines[0].startswith("deeplabv2 "), err
+    assert "Traceback" not in err, err
+    for n in needles:
+        assert n in lines[0], err
+    return lines[0]
+
+
+# -- 1. predict never replaces an input; same stems get distinct outputs ------------------------
+def test_predict_into_the_input_folder_is_refused_and_inputs_survive(tmp_path, capsys):
+    ckpt = tmp_path / "m.pth"
+    save_weights(tiny_model(), ckpt, classes=["a", "b", "c"])
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("x.png", "y.png"):
+        Image.fromarray(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)).save(photos / name)
+    before = snapshot(photos)
+    assert main(["predict", str(ckpt), str(photos), "-o", str(photos)]) == 2
+    one_line_error(capsys, "would replace the input image", "x.png")
+    assert snapshot(photos) == before  # nothing replaced, nothing added
+
+
+def test_predict_gives_same_stem_inputs_distinct_outputs(tmp_path, capsys):
+    ckpt = tmp_path / "m.pth"
+    save_weights(tiny_model(), ckpt, classes=["a", "b", "c"])
+    rng = np.random.default_rng(0)
+    inputs = [tmp_path / "a" / "x.png", tmp_path / "a" / "x.jpg", tmp_path / "b" / "x.png",
+              tmp_path / "a" / "legend.png"]
+    for p in inputs:
+        p.parent.mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)).save(p)
+    out = tmp_path / "out"
+    assert main(["predict", str(ckpt), str(tmp_path / "a"), str(tmp_path / "b"),
+                 str(tmp_path / "a" / "x.png"), "-o", str(out)]) == 0  # x.png named twice
+    assert "4 predictions written" in capsys.readouterr().out
+    labels = sorted(str(p.relative_to(out)) for p in out.rglob("*.png"))
+    assert labels == ["a/x_jpg.png", "a/x_png.png", "b/x.png", "legend.png", "legend_2.png"]
+    overlays = list(out.rglob("*_overlay.jpg"))  # each over its own (distinct) input
+    assert len(overlays) == 4 and len({p.read_bytes() for p in overlays}) == 4
+
+
+# -- 2. the replica digest works for channels-last and 0-d tensors; DDP on the demo config ------
+def test_weights_digest_any_layout_and_dtype():
+    model = tiny_model(frozen_bn=False)
+    nchw = weights_digest(model)
+    cl = model.to(memory_format=torch.channels_last)
+    assert any(not p.is_contiguous() for p in cl.parameters())
+    assert weights_digest(cl) == nchw  # same values, other strides: same digest
+    assert content_digest({"a": torch.tensor(3)}) != content_digest({"a": torch.tensor(4)})
+    assert content_digest({"a": torch.ones(2, dtype=torch.bfloat16)}) != \
+        content_digest({"a": torch.ones(2, dtype=torch.float16)})
+    assert content_digest({"b": torch.tensor([True])}) != content_digest({"b": torch.tensor([False])})
+    with torch.no_grad():
+        p = next(cl.parameters())
+        p[(0,) * p.dim()] += 1
+    assert weights_digest(cl) != nchw
+
+
+def _torchrun(args, tmp_path, script=None, env_extra=None, timeout=300):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env_extra or {})}
+    target = [str(script)] if script else ["-m", "deeplabv2"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+           *target, *args]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True, cwd=tmp_path)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    return proc.returncode, out, err
+
+
+DEMO_FEW = ["train.iterations=3", "data.options={num_samples: 16}", "train.val_limit=2",
+            "train.threads=1", "train.progress=false", "train.tensorboard=false",
+            "data.num_workers=0", "train.checkpoint_every=1"]
+
+
+@pytest.mark.slow
+def test_torchrun_demo_config_and_resume_after_kill_equal_the_uninterrupted_run(tmp_path):
+    """The demo config (channels-last, trainable BN) under 2-process torchrun writes model.pth
+    and metrics.json (items 2 and 9); a DDP run killed after iteration 2 and resumed gives
+    bit-identical weights to the uninterrupted one (per-rank RNG streams are functions of
+    seed, rank and iteration; BN statistics are rank 0's)."""
+    code, _, err = _torchrun(["train", "-c", "demo", *DEMO_FEW, "train.out_dir=full"], tmp_path)
+    assert code == 0, err[-3000:]
+    full = tmp_path / "full"
+    assert (full / "model.pth").is_file() and (full / "metrics.json").is_file()
+    replicas = json.loads((full / "replicas.json").read_text())
+    assert replicas["sha256"][0] == replicas["sha256"][1]
+
+    crash = ROOT / "tests" / "crash_after.py"
+    code, _, err = _torchrun(["train", "-c", "demo", *DEMO_FEW, "train.out_dir=part"], tmp_path,
+                             script=crash, env_extra={"CRASH_AFTER": "2"})
+    assert code != 0
+    part = tmp_path / "part"
+    assert (part / ".lock").is_file() and not (part / "model.pth").exists()  # as a kill leaves it
+    code, _, err = _torchrun(["train", "-c", "demo", *DEMO_FEW, "train.out_dir=part",
+                              "--resume"], tmp_path)
+    assert code == 0, err[-3000:]
+    a, b = load_model(full / "model.pth"), load_model(part / "model.pth")
+    assert weights_digest(a) == weights_digest(b)
+    assert not (part / ".lock").exists()
+
+
+# -- 3. a run folder is never trained over silently; the lock ------------------------------------
+def test_existing_run_is_refused_unless_resume_or_overwrite(tmp_path, capsys):
+    cfg_path = tmp_path / "tiny.yaml"
+    run = tmp_path / "run"
+    save_config(load_config(None, [*TINY, "train.iterations=1", f"train.out_dir={run}"]),
+                cfg_path)
+    assert main(["train", "-c", str(cfg_path)]) == 0
+    before = snapshot(run)
+    capsys.readouterr()
+    assert main(["train", "-c", str(cfg_path)]) == 2
+    one_line_error(capsys, str(run), "holds a run", "--resume", "--overwrite")
+    assert snapshot(run) == before
+    assert main(["train", "-c", str(cfg_path), "--overwrite"]) == 0
+    assert (run / "model.pth").is_file()
+
+    empty = tmp_path / "empty"
+    assert main(["train", "-c", str(cfg_path), f"train.out_dir={empty}", "--resume"]) == 2
+    one_line_error(capsys, str(empty / "last.pth"), "no checkpoint to resume")
+    assert main(["train", "-c", str(cfg_path), "--from", str(tmp_path / "nope.pth")]) == 2
+    one_line_error(capsys, "nope.pth: no such weights file")
+
+
+def test_resume_flag_never_swallows_an_override(tmp_path, capsys):
+    cfg_path = tmp_path / "tiny.yaml"
+    save_config(load_config(None, [*TINY, "train.iterations=1",
+                                   f"train.out_dir={tmp_path / 'run'}"]), cfg_path)
+    assert main(["train", "-c", str(cfg_path), "--resume", "data.num_workers=0"]) == 2
+    # the override was read as an override, so the error is about the missing last.pth
+    one_line_error(capsys, "last.pth: no checkpoint to resume")
+    assert main(["train", "-c", str(cfg_path), f"--resume={tmp_path / 'x.pth'}"]) == 2
+    one_line_error(capsys, "x.pth: no such weights file")
+
+
+def test_lock_stops_a_second_writer_and_is_recovered_after_a_crash(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (run / ".lock").write_text(f"{sleeper.pid} {os.uname().nodename}\n")
+        with pytest.raises(Exception, match=rf"another run is writing here \(process "
+                                            rf"{sleeper.pid} on"):
+            train(tiny_config(run, "train.iterations=1"))
+        assert not (run / "model.pth").exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    # the holder is gone (as after kill -9): the lock is taken over
+    (run / ".tmp_stale").write_text("x")
+    stale = run / ".last.pth.abcd.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    train(tiny_config(run, "train.iterations=1"))
+    assert (run / "model.pth").is_file() and not (run / ".lock").exists()
+    assert not stale.exists()  # a kill's leftover .tmp is removed at the next start
+    with RunLock(run):
+        assert (run / ".lock").read_text().split()[0] == str(os.getpid())
+
+
+# -- 4. nothing non-finite is ever saved --------------------------------------------------------
+@pytest.mark.parametrize("key", ["lr", "momentum", "weight_decay"])
+@pytest.mark.parametrize("value", [".nan", ".inf", "nan"])
+def test_non_finite_optimizer_settings_are_config_errors(key, value):
+    with pytest.raises(ConfigError, match=f"train.{key} must be a"):
+        load_config(None, [f"train.{key}={value}"])
+
+
+def test_weights_made_non_finite_by_a_step_are_never_saved(tmp_path, monkeypatch):
+    real_step = torch.optim.SGD.step
+    calls = []
+
+    def poisoning_step(self, *a, **kw):  # the 3rd update makes a weight NaN, the loss is fine
+        out = real_step(self, *a, **kw)
+        calls.append(1)
+        if len(calls) == 3:
+            self.param_groups[0]["params"][0].data.view(-1)[0] = float("nan")
+        return out
+
+    monkeypatch.setattr(torch.optim.SGD, "step", poisoning_step)
+    with pytest.raises(TrainingError, match=r"weights became NaN/inf at iteration 3") as e:
+        train(tiny_config(tmp_path, "train.iterations=5", "train.checkpoint_every=1"))
+    assert f"newest finite checkpoint: {tmp_path / 'last.pth'}" in str(e.value)
+    state = torch.load(tmp_path / "last.pth", weights_only=True)
+    assert state["train_state"]["iteration"] == 2
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    model = tiny_model()
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] = float("inf")
+    with pytest.raises(WeightsError, match="not written: the weights hold NaN/inf"):
+        save_weights(model, tmp_path / "bad.pth")
+    assert not (tmp_path / "bad.pth").exists()
+
+
+# -- 5. damaged checkpoints are refused ----------------------------------------------------------
+def _flip_in_largest_tensor(path: Path) -> None:
+    """Flip one byte in the middle of the largest tensor's data inside a torch zip file."""
+    with zipfile.ZipFile(path) as z:
+        info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    data = bytearray(path.read_bytes())
+    start = info.header_offset
+    name_len = int.from_bytes(data[start + 26:start + 28], "little")
+    extra_len = int.from_bytes(data[start + 28:start + 30], "little")
+    pos = start + 30 + name_len + extra_len + info.file_size // 2
+    data[pos] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def test_flipped_bytes_in_a_checkpoint_are_detected(tmp_path, capsys):
+    run = tmp_path / "run"
+    train(tiny_config(run, "train.iterations=1"))
+    _flip_in_largest_tensor(run / "last.pth")
+    torch.load(run / "last.pth", weights_only=True)  # torch alone does not notice
+    cfg_path = tmp_path / "tiny.yaml"
+    save_config(tiny_config(run, "train.iterations=2"), cfg_path)
+    assert main(["train", "-c", str(cfg_path), "--resume", "--allow-changes"]) == 2
+    one_line_error(capsys, "last.pth: damaged", "SHA-256")
+
+    st = tmp_path / "m.safetensors"
+    save_weights(tiny_model(), st, classes=["a", "b", "c"])
+    data = bytearray(st.read_bytes())
+    data[-10] ^= 0x01  # inside the last tensor's data
+    st.write_bytes(bytes(data))
+    with pytest.raises(WeightsError, match="m.safetensors: damaged"):
+        load_model(st)
+
+
+@pytest.mark.parametrize("kind", ["text", "folder", "fake_safetensors"])
+def test_files_that_are_no_checkpoint_are_one_line_errors(tmp_path, capsys, kind):
+    cfg_path = tmp_path / "tiny.yaml"
+    save_config(tiny_config(tmp_path / "run", "train.iterations=1"), cfg_path)
+    if kind == "text":
+        (tmp_path / "run").mkdir()
+        (tmp_path / "run" / "last.pth").write_text("hello, not a checkpoint\n")
+        args = ["train", "-c", str(cfg_path), "--resume"]
+        needle = "last.pth: truncated or corrupt weights file"
+    elif kind == "folder":
+        (tmp_path / "run" / "last.pth").mkdir(parents=True)
+        args = ["train", "-c", str(cfg_path), "--resume"]
+        needle = "last.pth: no checkpoint to resume"
+    else:
+        (tmp_path / "w.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+        args = ["evaluate", str(tmp_path / "w.safetensors"), "-c", str(cfg_path)]
+        needle = "w.safetensors: truncated or corrupt safetensors file"
+    assert main(args) == 2
+    one_line_error(capsys, needle)
+
+
+# -- 6. numbers in every usual written form ------------------------------------------------------
+@pytest.mark.parametrize("text,value", [("1e-3", 1e-3), ("1E-3", 1e-3), ("5e-4", 5e-4),
+                                        ("0.1", 0.1), ("2", 2.0), (".5", 0.5)])
+def test_numeric_overrides_accept_the_usual_forms(text, value, tmp_path):
+    assert load_config(None, [f"train.lr={text}"]).train.lr == value
+    assert load_config(None, [f"data.scale_range=[{text}, 3]"]).data.scale_range[0] == value
+    path = tmp_path / "c.yaml"
+    path.write_text(f"train:\n  weight_decay: {text}\n")  # in a YAML file too
+    assert load_config(str(path)).train.weight_decay == value
+    assert load_config(None, ["train.iterations=2e3"]).train.iterations == 2000
+    with pytest.raises(ConfigError, match="train.iterations must be an integer"):
+        load_config(None, ["train.iterations=1.5"])
+
+
+# -- 7. images as displayed; labels outside the classes are errors ---------------------------
+def test_images_16bit_exif_palette_and_alpha(tmp_path):
+    gray16 = (np.arange(12, dtype=np.uint16).reshape(3, 4) * 5000)
+    Image.fromarray(gray16).save(tmp_path / "g16.png")
+    got = read_image(tmp_path / "g16.png")
+    assert got.shape == (3, 4, 3) and got.dtype == np.uint8
+    np.testing.assert_array_equal(got[..., 0], np.rint(gray16 / 257).astype(np.uint8))
+
+    rgb = np.zeros((20, 30, 3), np.uint8)
+    rgb[:5, :5] = 255  # a white corner, top left as stored
+    im = Image.fromarray(rgb)
+    exif = im.getexif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    im.save(tmp_path / "phone.jpg", exif=exif, quality=100)
+    shown = read_image(tmp_path / "phone.jpg")
+    assert shown.shape == (30, 20, 3)  # upright as a viewer shows it
+    assert shown[:5, -5:].mean() > 200  # the corner went top right
+
+    pal = Image.fromarray(np.array([[0, 1], [1, 0]], np.uint8), mode="P")
+    pal.putpalette([10, 20, 30, 200, 100, 50] + [0] * 762)
+    pal.save(tmp_path / "p.png")
+    np.testing.assert_array_equal(read_image(tmp_path / "p.png")[0, 1], [200, 100, 50])
+    rgba = np.zeros((2, 2, 4), np.uint8)
+    rgba[0, 0] = [0, 0, 0, 255]  # opaque black; the rest transparent
+    Image.fromarray(rgba, mode="RGBA").save(tmp_path / "a.png")
+    got = read_image(tmp_path / "a.png")
+    assert got[0, 0].tolist() == [0, 0, 0] and got[1, 1].tolist() == [255, 255, 255]
+
+
+def test_ground_truth_outside_the_classes_is_an_error_in_evaluate(tmp_path, capsys):
+    root = tmp_path / "data"
+    (root / "images" / "val").mkdir(parents=True)
+    (root / "masks" / "val").mkdir(parents=True)
+    (root / "classes.txt").write_text("sky\nroad\nother\n")
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        Image.fromarray(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)).save(
+            root / "images" / "val" / f"{name}.png")
+        mask = rng.integers(0, 3, (24, 32)).astype(np.uint8)
+        if name == "b":
+            mask[0, :3] = [7, 9, 255]
+        Image.fromarray(mask).save(root / "masks" / "val" / f"{name}.png")
+    ckpt = tmp_path / "m.pth"
+    save_weights(tiny_model(), ckpt, classes=["sky", "road", "other"])
+    assert main(["evaluate", str(ckpt), "-c", "demo", "data.dataset=folder",
+                 f"data.root={root}", "data.options={}"]) == 2
+    one_line_error(capsys, "b.png: label values 7, 9 (2 pixels) are outside the classes 0..2")
+
+
+# -- 8. predict --cityscapes-ids -> score without renaming ---------------------------------------
+# (in test_score.py, next to its Cityscapes fixture)
+
+
+# -- 10. one line, nothing partial: full disk, read-only folder, Ctrl-C, bad --device ------------
+def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, monkeypatch,
+                                                                   capsys):
+    cfg_path = tmp_path / "tiny.yaml"
+    run = tmp_path / "run"
+    save_config(tiny_config(run, "train.iterations=4", "train.checkpoint_every=2"), cfg_path)
+    real_save = torch.save
+    seen = {}
+
+    def filling_save(obj, f, *a, **kw):
+        if "train_state" in obj and obj["train_state"]["iteration"] == 4:
+            seen["last"] = (run / "last.pth").read_bytes()
+            Path(f).write_bytes(b"partial")  # half written, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *a, **kw)
+
+    monkeypatch.setattr(torch, "save", filling_save)
+    assert main(["train", "-c", str(cfg_path)]) == 2
+    one_line_error(capsys, "last.pth: cannot write: No space left on device",
+                   "previous file is unchanged")
+    assert (run / "last.pth").read_bytes() == seen["last"]  # the iteration-2 checkpoint
+    assert not list(run.glob(".*.tmp"))
+
+
+def test_read_only_output_folder_is_one_line(tmp_path, monkeypatch, capsys):
+    """Tests run as root, whom chmod does not stop: the write itself is made to fail."""
+    cfg_path = tmp_path / "tiny.yaml"
+    save_config(tiny_config(tmp_path / "ro", "train.iterations=1"), cfg_path)
+    real_open = os.open
+
+    def read_only(path, flags, *a, **kw):
+        if str(path).startswith(str(tmp_path / "ro")) and flags & os.O_CREAT:
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *a, **kw)
+
+    monkeypatch.setattr(os, "open", read_only)
+    assert main(["train", "-c", str(cfg_path)]) == 2
+    one_line_error(capsys, "ro: cannot write in the output folder: Read-only file system")
+    monkeypatch.undo()
+    with pytest.raises(OSError, match="cannot write: Read-only"):
+        monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(
+            OSError(errno.EROFS, "Read-only file system")))
+        atomic_write_text(tmp_path / "x.json", "{}")
+    assert not (tmp_path / "x.json").exists() and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_ctrl_c_saves_a_resumable_checkpoint_and_exits_130(tmp_path):
+    cfg_path = tmp_path / "tiny.yaml"
+    run = tmp_path / "run"
+    save_config(tiny_config(run, "train.iterations=400", "train.checkpoint_every=1000",
+                            "train.log_every=1"), cfg_path)
+    proc = subprocess.Popen([sys.executable, "-m", "deeplabv2", "train", "-c", str(cfg_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        for _ in range(600):  # the loop is running once config.yaml is written
+            if (run / "config.yaml").exists() or proc.poll() is not None:
+                break
+            subprocess.run(["sleep", "0.1"])
+        subprocess.run(["sleep", "1"])
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert "interrupted after iteration" in last and "--resume" in last
+    state = torch.load(run / "last.pth", weights_only=True)
+    stopped = state["train_state"]["iteration"]
+    assert 0 < stopped < 400
+    assert not (run / ".lock").exists()
+
+
+def test_bad_device_and_unknown_dataset_are_one_line(tmp_path, capsys):
+    cfg_path = tmp_path / "tiny.yaml"
+    save_config(tiny_config(tmp_path / "run", "train.iterations=1"), cfg_path)
+    assert main(["train", "-c", str(cfg_path), "--device", "gpu0"]) == 2
+    one_line_error(capsys, "device 'gpu0' is not a device")
+    assert main(["train", "-c", str(cfg_path), "data.dataset=citiscapes"]) == 2
+    one_line_error(capsys, "unknown dataset 'citiscapes'; valid names: cityscapes")
+    assert main(["train", "-c", str(cfg_path), "model.weights=init.pth"]) == 2
+    one_line_error(capsys, "model.weights=init.pth: file not found", "model.weights=null")
+    assert not (tmp_path / "run").exists()  # nothing left behind
+
+
+# -- 11. a resume with other settings is refused unless asked ----------------------------------
+def test_resume_with_changed_settings_is_refused(tmp_path, capsys):
+    run = tmp_path / "run"
+    train(tiny_config(run, "train.iterations=2"))
+    with pytest.raises(TrainingError, match=r"train.lr 0.01 -> 0.02.*--allow-changes"):
+        train(tiny_config(run, "train.iterations=2", "train.lr=0.02"), resume="auto")
+    result = train(tiny_config(run, "train.iterations=3", "data.num_workers=0"),
+                   resume="auto", allow_changes=True)
+    assert result.iterations == 3
+
+
+# -- 12. files follow the umask ----------------------------------------------------------------
+def test_written_files_follow_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        run = tmp_path / "run"
+        train(tiny_config(run, "train.iterations=1"))
+        save_weights(tiny_model(), tmp_path / "w.safetensors")
+    finally:
+        os.umask(old)
+    for p in [*run.glob("*.*"), tmp_path / "w.safetensors"]:
+        assert p.stat().st_mode & 0o777 == 0o644, p
