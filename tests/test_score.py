@@ -214,3 +214,25 @@ def test_label_table_matches_the_official_one():
     assert ours == expected
     assert [official.trainId2label[t].id for t in range(19)] == TRAIN_TO_LABEL.tolist()
     assert [official.trainId2label[t].name for t in range(19)] == list(CLASSES)
+
+
+def test_predict_cityscapes_ids_output_scores_without_renaming(cityscapes, tmp_path):
+    """`predict --cityscapes-ids` writes {stem}.png (train ids) and {stem}_labelIds.png side by
+    side; `score` takes the label id files as they are, and says what it matched."""
+    from deeplabv2 import build_model
+    from deeplabv2.predict import predict_files
+    dataset, _ = cityscapes
+    model = build_model({"backbone": "resnet", "blocks": [1, 1, 1, 1], "width": 8,
+                         "num_classes": 19}).eval()
+    with torch.no_grad():  # a head that predicts several classes, so the scores mean something
+        model.head.convs[0].bias.copy_(torch.linspace(-1, 1, 19))
+    out = tmp_path / "pred"
+    predict_files(model, str(dataset.root / "leftImg8bit" / "val" / "*" / "*.png"), out,
+                  dataset.palette if dataset.palette is not None else np.zeros((19, 3), np.uint8),
+                  progress=False, cityscapes_ids=True)
+    (out / "notes.png").write_bytes(b"")  # a stray file: reported, not scored
+    as_label_ids = score_folder(out, dataset)
+    assert as_label_ids["files"] == {"matched": 3, "extra": ["notes.png"]}
+    as_train_ids = score_folder(out, dataset, id_format="train")
+    assert as_train_ids.pop("files") == as_label_ids.pop("files")
+    np.testing.assert_equal(as_label_ids, as_train_ids)

@@ -34,7 +34,9 @@ def run_demo(out_dir="reports/demo", overrides=()) -> dict:
     """Run the whole demo; return the summary written to ``out_dir/summary.json``."""
     out = Path(out_dir)
     started = time.perf_counter()
-    cfg = load_config("demo", [f"train.out_dir={out / 'run'}", *overrides])
+    # validation every 200 iterations gives the training curve its mIoU points
+    cfg = load_config("demo", [f"train.out_dir={out / 'run'}", "train.val_every=200",
+                               *overrides])
     d, m = cfg.data, cfg.model
     print(f"deeplabv2 demo: synthetic street scenes, DeepLab v2 with a reduced ResNet "
           f"(blocks {m.blocks}, width {m.width}), {cfg.train.iterations} iterations")
@@ -63,7 +65,7 @@ def run_demo(out_dir="reports/demo", overrides=()) -> dict:
         Image.fromarray(val_ds.load(i)[0]).save(inputs / f"{val_ds.name(i)}.png")
     pred = predict_files(net, inputs, out / "predictions", val_ds.palette, progress=False,
                          class_names=classes)
-    _example_panel(val_ds, out / "predictions", out / "examples.png")
+    _example_panel(val_ds, out / "predictions", out / "examples.png", classes)
 
     summary = {
         "val_miou": metrics["miou"], "colour_baseline_miou": colour_miou,
@@ -85,8 +87,9 @@ def run_demo(out_dir="reports/demo", overrides=()) -> dict:
     return summary
 
 
-def _example_panel(dataset, pred_dir: Path, path: Path) -> None:
-    """Rows of image | ground truth | prediction (read back from the written PNGs)."""
+def _example_panel(dataset, pred_dir: Path, path: Path, class_names=None) -> None:
+    """Rows of image | ground truth | prediction (read back from the written PNGs), under
+    column titles, with the class legend beside them."""
     rows = []
     for i in range(NUM_EXAMPLES):
         image, label = dataset.load(i)
@@ -95,4 +98,25 @@ def _example_panel(dataset, pred_dir: Path, path: Path) -> None:
         rows.append(np.concatenate([image, gap, colorize(label, dataset.palette), gap,
                                     colorize(predicted, dataset.palette)], axis=1))
         rows.append(np.full((4, rows[-1].shape[1], 3), 255, np.uint8))
-    Image.fromarray(np.concatenate(rows[:-1], axis=0)).save(path)
+    grid = np.concatenate(rows[:-1], axis=0)
+    _titled(grid, image.shape[1], 4, ["image", "ground truth", "prediction"], class_names,
+            dataset.palette).save(path)
+
+
+def _titled(grid: np.ndarray, column_width: int, gap: int, titles, class_names, palette):
+    """``grid`` under a row of column titles, with the legend of ``class_names`` on its right."""
+    from PIL import ImageDraw
+    from .predict import legend_image
+    header = 20
+    key = legend_image(class_names, palette) if class_names else None
+    width = grid.shape[1] + (key.width + 8 if key else 0)
+    height = header + max(grid.shape[0], key.height if key else 0)
+    canvas = Image.new("RGB", (width, height), "white")
+    canvas.paste(Image.fromarray(grid), (0, header))
+    draw = ImageDraw.Draw(canvas)
+    for i, title in enumerate(titles):
+        x = i * (column_width + gap) + column_width // 2 - 3 * len(title)
+        draw.text((max(x, 0), 4), title, fill="black")
+    if key:
+        canvas.paste(key, (grid.shape[1] + 8, header))
+    return canvas

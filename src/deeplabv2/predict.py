@@ -135,6 +135,11 @@ def save_label_png(label: np.ndarray, palette: np.ndarray, path) -> None:
 
 def legend(class_names, palette, path, *, swatch: int = 18) -> None:
     """A PNG listing each class's colour and name (used by predict and the demo report)."""
+    _save_image(legend_image(class_names, palette, swatch=swatch), path, "PNG")
+
+
+def legend_image(class_names, palette, *, swatch: int = 18) -> Image.Image:
+    """Each class's colour swatch and name, one a row, as an RGB image."""
     from PIL import ImageDraw
     width = 12 + swatch + 8 + 7 * max(len(n) for n in class_names) + 12
     im = Image.new("RGB", (width, 8 + (swatch + 6) * len(class_names) + 2), "white")
@@ -144,7 +149,7 @@ def legend(class_names, palette, path, *, swatch: int = 18) -> None:
         draw.rectangle([12, y, 12 + swatch, y + swatch], fill=tuple(int(c) for c in palette[i]),
                        outline="black")
         draw.text((12 + swatch + 8, y + 3), name, fill="black")
-    _save_image(im, path, "PNG")
+    return im
 
 
 def _batches(paths, names, batch_size: int, failed: dict):

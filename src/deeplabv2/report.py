@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .fileio import atomic_write_text
 from .metrics import format_table, save_json
 
 
@@ -18,22 +19,35 @@ def _pyplot():
 
 
 def training_curve(history: list[dict], path, val_points: list[tuple[int, float]] = ()) -> None:
+    """Training loss (log scale) and, on a second axis, validation mIoU: the points given, or
+    the ``val_miou`` entries of ``history`` (what :func:`deeplabv2.train.train` records)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
-    its = [h["iteration"] for h in history]
-    ax.plot(its, [h["loss"] for h in history], label="training loss")
+    its = [h["iteration"] for h in history if "loss" in h]
+    losses = [h["loss"] for h in history if "loss" in h]
+    line = ax.plot(its, losses, label="training loss")
+    if losses and min(losses) > 0:
+        ax.set_yscale("log")
     ax.set_xlabel("iteration")
-    ax.set_ylabel("cross-entropy")
-    ax.grid(alpha=0.3)
+    ax.set_ylabel("cross-entropy (log scale)")
+    ax.grid(alpha=0.3, which="both")
+    val_points = list(val_points) or [(h["iteration"], h["val_miou"]) for h in history
+                                      if h.get("val_miou") is not None]
     if val_points:
         ax2 = ax.twinx()
-        ax2.plot(*zip(*val_points), "o-", color="tab:orange", label="val mIoU")
+        line += ax2.plot(*zip(*val_points), "o-", color="tab:orange", label="val mIoU")
         ax2.set_ylabel("val mIoU")
         ax2.set_ylim(0, 1)
+    ax.legend(line, [x.get_label() for x in line], loc="center right")
     ax.set_title("training")
     fig.tight_layout()
-    fig.savefig(path)
+    _savefig(fig, path)
     plt.close(fig)
+
+
+def _savefig(fig, path) -> None:
+    from .fileio import atomic_write
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"), fsync=False)
 
 
 def confusion_figure(confusion, class_names, path) -> None:
@@ -53,7 +67,7 @@ def confusion_figure(confusion, class_names, path) -> None:
     ax.set_xlabel("prediction")
     ax.set_ylabel("ground truth")
     fig.tight_layout()
-    fig.savefig(path)
+    _savefig(fig, path)
     plt.close(fig)
 
 
@@ -63,8 +77,8 @@ def write_report(out_dir, *, metrics: dict, class_names, history, extra: dict) -
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_json(metrics, class_names, out / "metrics.json")
-    (out / "iou_table.txt").write_text(format_table(metrics, class_names) + "\n")
+    atomic_write_text(out / "iou_table.txt", format_table(metrics, class_names) + "\n")
     training_curve(history, out / "training_curve.png")
     confusion_figure(metrics["confusion"], class_names, out / "confusion.png")
-    (out / "summary.json").write_text(json.dumps(extra, indent=2) + "\n")
+    atomic_write_text(out / "summary.json", json.dumps(extra, indent=2) + "\n")
     return out

@@ -176,8 +176,9 @@ def _match_cityscapes(pred_dir: Path, dataset, id_format: str) -> tuple[list[Pat
     if missing:
         raise ScoreError(f"{pred_dir / missing[0]}*.png: prediction not found ({len(missing)} "
                          f"of {len(dataset)} missing: {_some(missing)})")
-    used = set(files)
-    extra = [p for p in pngs if p not in used and p.name != "legend.png"]
+    frames = {_CITYSCAPES_IMAGE.match(Path(image).stem).group(1) for image, _ in dataset.samples}
+    extra = [p for p in pngs if p.name != "legend.png" and not (
+        (m := _CITYSCAPES_PREDICTION.match(p.name)) and m.group(1) in frames)]
     return files, extra
 
 
