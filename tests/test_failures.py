@@ -468,3 +468,51 @@ def test_written_files_follow_the_umask(tmp_path):
         os.umask(old)
     for p in [*run.glob("*.*"), tmp_path / "w.safetensors"]:
         assert p.stat().st_mode & 0o777 == 0o644, p
+
+
+# -- newcomer friction ---------------------------------------------------------------------------
+def test_folder_config_trains_on_ones_own_images_and_masks(tmp_path, capsys):
+    root = tmp_path / "mydata"
+    (root / "classes.txt").parent.mkdir()
+    (root / "classes.txt").write_text("background\nthing 255 0 0\n")
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "masks" / split).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)).save(
+                root / "images" / split / f"p{i}.jpg")
+            Image.fromarray(rng.integers(0, 2, (24, 32)).astype(np.uint8)).save(
+                root / "masks" / split / f"p{i}.png")
+    tiny = ["model.blocks=[1, 1, 1, 1]", "model.width=8", "model.frozen_bn=false",
+            "data.crop_size=[24, 32]", "data.batch_size=2", "data.num_workers=0",
+            "train.iterations=2", "train.progress=false", "train.tensorboard=false"]
+    assert main(["train", "-c", "folder", f"data.root={root}", *tiny,
+                 f"train.out_dir={tmp_path / 'run'}"]) == 2
+    one_line_error(capsys, "DeepLab_resnet_pretrained_imagenet.pth: file not found",
+                   "model.weights=null trains from scratch")
+    assert main(["train", "-c", "folder", f"data.root={root}", *tiny, "model.weights=null",
+                 f"train.out_dir={tmp_path / 'run'}"]) == 0
+    assert load_model(tmp_path / "run" / "model.pth").classes == ["background", "thing"]
+
+
+def test_voc_train_aug_without_sbd_says_what_is_missing(tmp_path):
+    from deeplabv2.data import build_dataset
+    base = tmp_path / "VOC2012"
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (base / sub).mkdir(parents=True)
+    with pytest.raises(DatasetError, match="needs the SBD augmented labels"):
+        build_dataset("voc12", base, "train_aug")
+
+
+def test_version_and_every_option_says_its_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.startswith("deeplabv2 ")
+    for command in ("train", "evaluate", "predict", "score"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert "--device" in text or command == "score"
+        if command == "predict":
+            assert "images of equal size per batch (default: 4)" in text

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .fast import fold_batchnorm
+from .fileio import atomic_write
 
 
 class _UpsampledLogits(nn.Module):
@@ -54,9 +55,11 @@ def export_onnx(model: nn.Module, path, height: int, width: int, opset: int = 17
         # The legacy exporter warns that it is deprecated; it is the simple, dependable path.
         warnings.simplefilter("ignore", category=DeprecationWarning)
         warnings.simplefilter("ignore", category=FutureWarning)
-        torch.onnx.export(net, (example,), str(path), input_names=["image"],
-                          output_names=["logits"], dynamic_axes={"image": axes, "logits": axes},
-                          opset_version=opset, do_constant_folding=True, dynamo=False)
+        atomic_write(path, lambda tmp: torch.onnx.export(
+            net, (example,), tmp, input_names=["image"], output_names=["logits"],
+            dynamic_axes={"image": axes, "logits": axes}, opset_version=opset,
+            do_constant_folding=True, dynamo=False),
+            fsync=False)  # no half-written .onnx under the final name
     return path
 
 
@@ -75,5 +78,5 @@ def export_torchscript(model: nn.Module, path, height: int = 321, width: int = 3
         warnings.simplefilter("ignore", category=DeprecationWarning)
         warnings.simplefilter("ignore", category=FutureWarning)
         traced = torch.jit.trace(net, (example,), check_trace=False)
-        torch.jit.save(traced, str(path))
+        atomic_write(path, lambda tmp: torch.jit.save(traced, tmp), fsync=False)
     return path
