@@ -223,6 +223,8 @@ def _changed_settings(old: dict, new: dict) -> list[str]:
             a, b = old.get(section, {}).get(key), new.get(section, {}).get(key)
             if a != b:
                 changes.append(f"{section}.{key} {a!r} -> {b!r}")
+    if old.get("world_size", 1) != new.get("world_size", 1):  # the global batch changes
+        changes.append(f"world size {old.get('world_size', 1)} -> {new.get('world_size', 1)}")
     return changes
 
 
@@ -327,7 +329,8 @@ def _train(cfg: Config, resume: str | None, on_iteration, allow_changes: bool,
     if resume:
         state = load_checkpoint(resume, model, optimizer, scaler)
         start, best = int(state["iteration"]), state.get("best_miou")
-        changes = _changed_settings(state.get("config") or {}, cfg.to_dict())
+        changes = _changed_settings(state.get("config") or {},
+                                    {**cfg.to_dict(), "world_size": info.world_size})
         if changes and not allow_changes:
             raise TrainingError(f"{resume}: was trained with other settings ("
                                 + "; ".join(changes) + "): resuming would not continue that "
@@ -362,6 +365,7 @@ def _train(cfg: Config, resume: str | None, on_iteration, allow_changes: bool,
     progress = _progress(start, t.iterations, enabled=t.progress and info.is_main)
     history: list[dict] = _read_history(out_dir) if (resume and info.is_main) else []
     ckpt_path, metrics = out_dir / "last.pth", None
+    run_config = {**cfg.to_dict(), "world_size": info.world_size}  # recorded in checkpoints
     window_loss, window_start = 0.0, time.perf_counter()
     net.train()
     for it in range(start, t.iterations):
@@ -460,7 +464,7 @@ def _train(cfg: Config, resume: str | None, on_iteration, allow_changes: bool,
         if (it + 1) % t.checkpoint_every == 0 or last:
             if info.is_main:
                 save_checkpoint(ckpt_path, model, optimizer, it + 1, classes, palette,
-                                cfg.to_dict(), best, scaler)
+                                run_config, best, scaler)
                 _write_json(out_dir / "history.json", history)
             dist_utils.barrier()
         if stopping and not last:
@@ -468,7 +472,7 @@ def _train(cfg: Config, resume: str | None, on_iteration, allow_changes: bool,
             if (it + 1) % t.checkpoint_every:  # else just written
                 if info.is_main:
                     save_checkpoint(ckpt_path, model, optimizer, it + 1, classes, palette,
-                                    cfg.to_dict(), best, scaler)
+                                    run_config, best, scaler)
                     _write_json(out_dir / "history.json", history)
                 dist_utils.barrier()
             raise Interrupted(f"interrupted after iteration {it + 1}: resumable checkpoint "
