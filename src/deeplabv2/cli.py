@@ -381,7 +381,8 @@ def main(argv=None) -> int:
         from .weights import WeightsError
         from .train import Interrupted, TrainingError
         if isinstance(e, Interrupted):
-            print(f"deeplabv2 {args.command}: {e}", file=sys.stderr)
+            if _is_main():  # every rank stopped at the same iteration: say it once
+                print(f"deeplabv2 {args.command}: {e}", file=sys.stderr)
             return e.exit_code
         if isinstance(e, (WeightsError, OSError, ValueError, TrainingError, LockError)):
             print(f"deeplabv2 {args.command}: error: {_one_line(e)}", file=sys.stderr)
