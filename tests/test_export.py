@@ -76,3 +76,10 @@ def test_export_subcommand_writes_both_files(model, tmp_path):
                               "--width", "56"])
     assert args.func(args) == 0
     assert (tmp_path / "m.onnx").stat().st_size > 0 and (tmp_path / "m.pt").stat().st_size > 0
+    # each export carries a sha256sum-format digest of itself, and no temporary file is left
+    for name in ("m.onnx", "m.pt"):
+        import hashlib
+        digest, listed = (tmp_path / f"{name}.sha256").read_text().split()
+        assert listed == name
+        assert digest == hashlib.sha256((tmp_path / name).read_bytes()).hexdigest()
+    assert not list(tmp_path.glob(".*.tmp"))

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .fast import fold_batchnorm
-from .fileio import atomic_write
+from .fileio import atomic_write, atomic_write_text
 
 
 class _UpsampledLogits(nn.Module):
@@ -60,6 +60,7 @@ def export_onnx(model: nn.Module, path, height: int, width: int, opset: int = 17
             dynamic_axes={"image": axes, "logits": axes}, opset_version=opset,
             do_constant_folding=True, dynamo=False),
             fsync=False)  # no half-written .onnx under the final name
+    write_sha256(path)
     return path
 
 
@@ -79,4 +80,19 @@ def export_torchscript(model: nn.Module, path, height: int = 321, width: int = 3
         warnings.simplefilter("ignore", category=FutureWarning)
         traced = torch.jit.trace(net, (example,), check_trace=False)
         atomic_write(path, lambda tmp: torch.jit.save(traced, tmp), fsync=False)
+    write_sha256(path)
     return path
+
+
+def write_sha256(path) -> Path:
+    """``{path}.sha256`` in ``sha256sum`` format, so that a copy of an exported file (read by
+    other runtimes, not by this project) can be checked with ``sha256sum -c``."""
+    import hashlib
+    path = Path(path)
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    sidecar = path.with_name(path.name + ".sha256")
+    atomic_write_text(sidecar, f"{h.hexdigest()}  {path.name}\n")
+    return sidecar
