@@ -408,29 +408,30 @@ def test_read_only_output_folder_is_one_line(tmp_path, monkeypatch, capsys):
 
 
 def test_ctrl_c_saves_a_resumable_checkpoint_and_exits_130(tmp_path):
+    import re
     cfg_path = tmp_path / "tiny.yaml"
     run = tmp_path / "run"
-    save_config(tiny_config(run, "train.iterations=400", "train.checkpoint_every=1000",
-                            "train.log_every=1"), cfg_path)
+    save_config(tiny_config(run, "train.iterations=400", "train.checkpoint_every=3"), cfg_path)
     proc = subprocess.Popen([sys.executable, "-m", "deeplabv2", "train", "-c", str(cfg_path)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
-        for _ in range(600):  # the loop is running once config.yaml is written
-            if (run / "config.yaml").exists() or proc.poll() is not None:
+        for _ in range(1200):  # the loop runs once the first periodic checkpoint is there
+            if (run / "last.pth").exists() or proc.poll() is not None:
                 break
             subprocess.run(["sleep", "0.1"])
-        subprocess.run(["sleep", "1"])
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
     assert proc.returncode == 130, err[-2000:]
     last = err.strip().splitlines()[-1]
-    assert "interrupted after iteration" in last and "--resume" in last
+    m = re.search(r"interrupted after iteration (\d+): resumable checkpoint .*last.pth written; "
+                  r"continue with --resume", last)
+    assert m, err[-2000:]
     state = torch.load(run / "last.pth", weights_only=True)
-    stopped = state["train_state"]["iteration"]
-    assert 0 < stopped < 400
+    assert state["train_state"]["iteration"] == int(m.group(1)) >= 3
+    assert int(m.group(1)) < 400 and not (run / "model.pth").exists()
     assert not (run / ".lock").exists()
 
 

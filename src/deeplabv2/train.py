@@ -238,9 +238,11 @@ class _StopSignals:
         self._old: dict = {}
 
     def __enter__(self):
+        """Install the handlers (called right before the loop: a Ctrl-C while the data is
+        checked or the model built stops at once, as usual)."""
         import signal
         import threading
-        if threading.current_thread() is threading.main_thread():
+        if threading.current_thread() is threading.main_thread() and not self._old:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._old[sig] = signal.signal(sig, self._handle)
         return self
@@ -293,8 +295,11 @@ def train(cfg: Config, resume: str | None = None,
         if is_main:
             for p in remove_stale_tmp(out_dir):
                 print(f"removed {p} (an unfinished write of an earlier, killed run)")
-        with _StopSignals(announce=is_main) as stop:
+        stop = _StopSignals(announce=is_main)
+        try:
             return _train(cfg, resume, on_iteration, allow_changes, stop)
+        finally:
+            stop.__exit__()
     finally:
         if lock is not None:
             lock.release()
@@ -368,6 +373,7 @@ def _train(cfg: Config, resume: str | None, on_iteration, allow_changes: bool,
     run_config = {**cfg.to_dict(), "world_size": info.world_size}  # recorded in checkpoints
     window_loss, window_start = 0.0, time.perf_counter()
     net.train()
+    stop.__enter__()  # from here on, Ctrl-C finishes the iteration and saves (see _StopSignals)
     for it in range(start, t.iterations):
         # Random draws inside the network (VGG's dropout) are a function of (seed, iteration,
         # rank) too, so that a resumed run continues them exactly on every rank.
