@@ -13,6 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +33,7 @@ from .data import IGNORE_INDEX, build_dataset
 from .data.transforms import TrainTransform
 from .digest import all_finite, content_digest
 from .evaluate import evaluate
-from .fileio import atomic_write_text
+from .fileio import RunLock, atomic_write_text, remove_stale_tmp
 from .inference import autocast_context
 from .metrics import save_json
 from .model import MSC, DeepLabV2, build_model, msc_loss
@@ -205,7 +209,6 @@ def _prepare_run_folder(out_dir: Path, resume: str | None, overwrite: bool,
             raise TrainingError(f"{resume}: no checkpoint to resume from (nothing was saved "
                                 "there yet); start without --resume, or give --from PATH")
     if resume is None and overwrite and is_main:
-        import shutil
         for name in held:
             (out_dir / name).unlink()
         for name in ("replicas.json", "config.yaml"):
@@ -237,27 +240,23 @@ class _StopSignals:
         self.announce = announce
         self._old: dict = {}
 
-    def __enter__(self):
+    def install(self) -> None:
         """Install the handlers (called right before the loop: a Ctrl-C while the data is
         checked or the model built stops at once, as usual)."""
-        import signal
-        import threading
         if threading.current_thread() is threading.main_thread() and not self._old:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._old[sig] = signal.signal(sig, self._handle)
-        return self
 
     def _handle(self, signum, frame):
         if self.signum is not None:  # asked twice: stop now (last.pth is the last periodic one)
-            self.__exit__()
+            self.restore()
             raise KeyboardInterrupt
         self.signum = signum
         if self.announce:
             print("\ninterrupt: finishing this iteration, then saving a resumable checkpoint "
                   "(press Ctrl-C again to stop at once)", flush=True)
 
-    def __exit__(self, *exc):
-        import signal
+    def restore(self) -> None:
         for sig, handler in self._old.items():
             signal.signal(sig, handler)
         self._old = {}
@@ -265,7 +264,6 @@ class _StopSignals:
 
 def _ignore_sigint(worker_id: int) -> None:
     """DataLoader workers leave Ctrl-C to the main process, which stops cleanly."""
-    import signal
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
@@ -285,8 +283,6 @@ def train(cfg: Config, resume: str | None = None,
     :data:`RUN_SETTINGS` is refused unless ``allow_changes``. SIGINT/SIGTERM finish the current
     iteration, write ``last.pth`` and raise :class:`Interrupted`.
     """
-    import os
-    from .fileio import RunLock, remove_stale_tmp
     out_dir = Path(cfg.train.out_dir)
     is_main = int(os.environ.get("RANK", "0")) == 0
     lock = RunLock(out_dir).acquire() if is_main else None
@@ -299,7 +295,7 @@ def train(cfg: Config, resume: str | None = None,
         try:
             return _train(cfg, resume, on_iteration, allow_changes, stop)
         finally:
-            stop.__exit__()
+            stop.restore()
     finally:
         if lock is not None:
             lock.release()
@@ -373,7 +369,7 @@ def _train(cfg: Config, resume: str | None, on_iteration, allow_changes: bool,
     run_config = {**cfg.to_dict(), "world_size": info.world_size}  # recorded in checkpoints
     window_loss, window_start = 0.0, time.perf_counter()
     net.train()
-    stop.__enter__()  # from here on, Ctrl-C finishes the iteration and saves (see _StopSignals)
+    stop.install()  # from here on, Ctrl-C finishes the iteration and saves (see _StopSignals)
     for it in range(start, t.iterations):
         # Random draws inside the network (VGG's dropout) are a function of (seed, iteration,
         # rank) too, so that a resumed run continues them exactly on every rank.
