@@ -407,24 +407,31 @@ def test_read_only_output_folder_is_one_line(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "x.json").exists() and not list(tmp_path.glob(".*.tmp"))
 
 
-def test_ctrl_c_saves_a_resumable_checkpoint_and_exits_130(tmp_path):
+@pytest.mark.parametrize("sig,workers", [(signal.SIGINT, 0), (signal.SIGTERM, 1)])
+def test_ctrl_c_saves_a_resumable_checkpoint_and_exits_130(tmp_path, sig, workers):
+    """SIGINT to the process (Ctrl-C), or SIGTERM to its whole process group, loader worker
+    included (a job scheduler): the iteration is finished, last.pth written, exit 128+sig."""
     import re
     cfg_path = tmp_path / "tiny.yaml"
     run = tmp_path / "run"
-    save_config(tiny_config(run, "train.iterations=400", "train.checkpoint_every=3"), cfg_path)
+    save_config(tiny_config(run, "train.iterations=400", "train.checkpoint_every=3",
+                            f"data.num_workers={workers}"), cfg_path)
     proc = subprocess.Popen([sys.executable, "-m", "deeplabv2", "train", "-c", str(cfg_path)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
     try:
         for _ in range(1200):  # the loop runs once the first periodic checkpoint is there
             if (run / "last.pth").exists() or proc.poll() is not None:
                 break
             subprocess.run(["sleep", "0.1"])
-        proc.send_signal(signal.SIGINT)
+        if sig == signal.SIGINT:
+            proc.send_signal(sig)
+        else:
+            os.killpg(proc.pid, sig)
         out, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
-    assert proc.returncode == 130, err[-2000:]
+    assert proc.returncode == 128 + sig, err[-2000:]
     last = err.strip().splitlines()[-1]
     m = re.search(r"interrupted after iteration (\d+): resumable checkpoint .*last.pth written; "
                   r"continue with --resume", last)

@@ -263,8 +263,10 @@ class _StopSignals:
 
 
 def _ignore_sigint(worker_id: int) -> None:
-    """DataLoader workers leave Ctrl-C to the main process, which stops cleanly."""
+    """DataLoader workers leave Ctrl-C and SIGTERM to the main process, which stops cleanly
+    (a worker whose parent is gone exits by itself)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 # -- the loop -----------------------------------------------------------------------------------
@@ -369,6 +371,19 @@ def _train(cfg: Config, resume: str | None, on_iteration, allow_changes: bool,
     run_config = {**cfg.to_dict(), "world_size": info.world_size}  # recorded in checkpoints
     window_loss, window_start = 0.0, time.perf_counter()
     net.train()
+    done = start  # iterations whose update is applied
+
+    def _interrupted(save: bool):
+        """Write last.pth at ``done`` iterations (unless just written) and stop every rank."""
+        if save:
+            if info.is_main:
+                save_checkpoint(ckpt_path, model, optimizer, done, classes, palette,
+                                run_config, best, scaler)
+                _write_json(out_dir / "history.json", history)
+            dist_utils.barrier()
+        raise Interrupted(f"interrupted after iteration {done}: resumable checkpoint "
+                          f"{ckpt_path} written; continue with --resume", stop.signum or 2)
+
     stop.install()  # from here on, Ctrl-C finishes the iteration and saves (see _StopSignals)
     for it in range(start, t.iterations):
         # Random draws inside the network (VGG's dropout) are a function of (seed, iteration,
@@ -378,7 +393,15 @@ def _train(cfg: Config, resume: str | None, on_iteration, allow_changes: bool,
         set_lr(optimizer, lr)
         loss_sum = torch.zeros((), device=device)
         for micro in range(t.accumulate):
-            batch = next(batches)
+            try:
+                batch = next(batches)
+            except Exception:
+                if stop.signum is None or info.enabled:
+                    raise
+                # The signal reached a loader worker too (a process group's SIGTERM): the
+                # weights are those of `it` finished iterations, save them and stop.
+                progress.close()
+                _interrupted(save=it % t.checkpoint_every != 0 or it == start)
             images = batch["image"].to(device, non_blocking=True)
             labels = batch["label"].to(device, non_blocking=True)
             if t.channels_last:
@@ -425,6 +448,7 @@ def _train(cfg: Config, resume: str | None, on_iteration, allow_changes: bool,
                 f"weights became NaN/inf at iteration {it + 1} (loss {loss_sum.item():.4g}): "
                 f"training stopped, nothing saved from them; newest finite checkpoint: {good} "
                 f"(try a lower train.lr or amp=none)")
+        done = it + 1
 
         step_loss = dist_utils.all_reduce_sum(loss_sum.clone()).item() / info.world_size
         window_loss += step_loss
@@ -471,14 +495,7 @@ def _train(cfg: Config, resume: str | None, on_iteration, allow_changes: bool,
             dist_utils.barrier()
         if stopping and not last:
             progress.close()
-            if (it + 1) % t.checkpoint_every:  # else just written
-                if info.is_main:
-                    save_checkpoint(ckpt_path, model, optimizer, it + 1, classes, palette,
-                                    run_config, best, scaler)
-                    _write_json(out_dir / "history.json", history)
-                dist_utils.barrier()
-            raise Interrupted(f"interrupted after iteration {it + 1}: resumable checkpoint "
-                              f"{ckpt_path} written; continue with --resume", stop.signum or 2)
+            _interrupted(save=(it + 1) % t.checkpoint_every != 0)  # else just written
         if on_iteration:
             on_iteration(it + 1, logs)
     progress.close()
