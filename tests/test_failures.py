@@ -355,6 +355,11 @@ def test_ground_truth_outside_the_classes_is_an_error_in_evaluate(tmp_path, caps
     assert main(["evaluate", str(ckpt), "-c", "demo", "data.dataset=folder",
                  f"data.root={root}", "data.options={}"]) == 2
     one_line_error(capsys, "b.png: label values 7, 9 (2 pixels) are outside the classes 0..2")
+    save_weights(tiny_model(), ckpt, classes=["sky", "ground", "other"])  # other names
+    assert main(["evaluate", str(ckpt), "-c", "demo", "data.dataset=folder",
+                 f"data.root={root}", "data.options={}"]) == 2
+    one_line_error(capsys, "m.pth: the model's classes are not the dataset's (1: 'ground' vs "
+                           "'road')")
 
 
 # -- 8. predict --cityscapes-ids -> score without renaming ---------------------------------------

@@ -178,6 +178,7 @@ def cmd_evaluate(args) -> int:
     if model.num_classes != ds.num_classes:
         raise ValueError(f"{args.checkpoint}: model has {model.num_classes} classes, dataset "
                          f"{cfg.data.dataset!r} has {ds.num_classes}")
+    _require_same_classes(args.checkpoint, model.classes, ds)
     inference = _inference(args, cfg.eval.inference().to_dict())
     net, amp = _runtime(model, args, device)
     print(f"evaluating {args.checkpoint} on {cfg.data.dataset} {ds.split} ({len(ds)} images), "
@@ -189,6 +190,16 @@ def cmd_evaluate(args) -> int:
                        progress=True)
     _print_metrics(results, list(ds.classes), args.out)
     return 0
+
+
+def _require_same_classes(checkpoint, model_classes, ds) -> None:
+    """A checkpoint that records class names must name the dataset's classes, in its order
+    (same count, other names: the indices mean other things, and the scores would too)."""
+    if model_classes and list(model_classes) != list(ds.classes):
+        diff = [f"{i}: {a!r} vs {b!r}" for i, (a, b) in enumerate(zip(model_classes, ds.classes))
+                if a != b]
+        raise ValueError(f"{checkpoint}: the model's classes are not the dataset's ("
+                         + ", ".join(diff[:3]) + (" ..." if len(diff) > 3 else "") + ")")
 
 
 def cmd_predict(args) -> int:
