@@ -44,6 +44,7 @@ class DataConfig:
     val_split: str = "val"
     crop_size: list[int] = field(default_factory=lambda: [512, 1024])  # (height, width)
     scale_range: list[float] = field(default_factory=lambda: [0.5, 1.5])
+    scales: list[float] = field(default_factory=list)  # discrete scale set; []: U(scale_range)
     flip: bool = True
     batch_size: int = 2  # per process
     num_workers: int = 2
@@ -201,6 +202,8 @@ def validate(cfg: Config) -> None:
         cfg.eval.dense_crf()
     except ValueError as e:
         raise ConfigError(f"eval: {e}") from None
+    if any(not isinstance(s, (int, float)) or s <= 0 for s in data.scales):
+        raise ConfigError(f"data.scales must be positive numbers, got {data.scales}")
     if any(s <= 0 for s in t.msc_scales):
         raise ConfigError(f"train.msc_scales must be positive, got {t.msc_scales}")
     if t.msc_scales and t.loss_at != "stride8":

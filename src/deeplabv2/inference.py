@@ -167,7 +167,7 @@ def infer(model, x: torch.Tensor, *, mode: str = "whole", msc_scales=None, avg_s
     total = None
     passes = 0
     for scale in avg_scales:
-        xs = align.resize(x, align.scaled_size(height, width, scale))
+        xs = align.rescale(x, scale)
         for mirrored in ((False, True) if flip else (False,)):
             xi = xs.flip(-1) if mirrored else xs
             if mode == "sliding":

@@ -216,6 +216,7 @@ def train(cfg: Config, resume: str | None = None,
             net, device_ids=[device.index] if device.type == "cuda" else None)
 
     transform = TrainTransform(crop_size=tuple(d.crop_size), scale_range=tuple(d.scale_range),
+                               scales=d.scales,
                                flip=d.flip, preprocessing=model.preprocessing)
     sampler = IterationBatchSampler(len(train_ds), d.batch_size, t.seed,
                                     total_steps=t.iterations * t.accumulate,

@@ -82,6 +82,17 @@ class Alignment:
             return x
         return F.interpolate(x, size=size, mode="bilinear", align_corners=self.align_corners)
 
+    def rescale(self, x: torch.Tensor, scale: float) -> torch.Tensor:
+        """An ``(N, C, H, W)`` input resized by ``scale`` (an MSC branch, a test scale):
+        caffe: to :meth:`scaled_size` with corners aligned; pytorch: ``F.interpolate(
+        scale_factor=scale, align_corners=False)``, which also samples with the ratio ``scale``
+        itself rather than that of the rounded sizes (as kazuto1011's MSC does)."""
+        if scale == 1.0:
+            return x
+        if self.name == "caffe":
+            return self.resize(x, self.scaled_size(*x.shape[-2:], scale))
+        return F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
+
     def upsample(self, scores: torch.Tensor, size, stride: int = OUTPUT_STRIDE) -> torch.Tensor:
         """Stride-``stride`` scores ``(N, C, h, w)`` -> ``(N, C, *size)`` at the input's pixels.
 

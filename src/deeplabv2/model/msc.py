@@ -81,10 +81,7 @@ class MSC(nn.Module):
 
     def branches(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Stride-8 scores of ``x`` resized (bilinearly) by each scale, in ``scales`` order."""
-        align = self.alignment
-        height, width = x.shape[-2:]
-        return [self.model(align.resize(x, align.scaled_size(height, width, s)), upsample=False)
-                for s in self.scales]
+        return [self.model(self.alignment.rescale(x, s), upsample=False) for s in self.scales]
 
     def fuse(self, branches: list[torch.Tensor]) -> torch.Tensor:
         """Element-wise max of the score maps, each resized bilinearly to the largest one."""
