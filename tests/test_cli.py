@@ -148,3 +148,40 @@ def test_predict_batches_cityscapes_ids_and_legend(tmp_path):
         ids = np.asarray(Image.open(outs[3] / f"{p.stem}_labelIds.png"))
         assert np.array_equal(ids, np.asarray(TRAIN_TO_LABEL, dtype=np.uint8)[a])
     assert (outs[3] / "legend.png").stat().st_size > 0
+
+
+def test_evaluate_msc_is_the_paper_max_fusion_and_crf_search_takes_it(trained, tmp_path, capsys):
+    """``--msc`` evaluates the scores of scales 1, 0.75, 0.5 fused by max (MSC in eval mode),
+    ``--avg-scales`` averages probabilities: each equal to the library's computation."""
+    import torch
+    from deeplabv2.evaluate import evaluate
+    from deeplabv2.inference import InferenceConfig
+    from deeplabv2.weights import load_model
+    root, cfg_path = trained
+    ckpt = str(root / "run" / "model.pth")
+    ds = build_dataset("synthetic", None, "val", num_samples=6, size=[48, 64])
+    model = load_model(ckpt)
+    for name, extra, inference in [
+            ("msc", ["--msc"], InferenceConfig(msc_scales=(1, 0.75, 0.5))),
+            ("avg", ["--avg-scales", "1", "0.75", "0.5"],
+             InferenceConfig(avg_scales=(1, 0.75, 0.5)))]:
+        out = tmp_path / f"{name}.json"
+        assert main(["evaluate", ckpt, "-c", str(cfg_path), "--eager", "--out", str(out),
+                     *extra]) == 0
+        expected = evaluate(model, ds, inference=inference)
+        assert json.loads(out.read_text())["miou"] == pytest.approx(expected["miou"], abs=1e-9)
+    assert "MSC max-fused 1,0.75,0.5" in capsys.readouterr().out
+    # --alignment pytorch runs the other convention on the same checkpoint
+    assert main(["evaluate", ckpt, "-c", str(cfg_path), "--eager", "--alignment", "pytorch",
+                 "--out", str(tmp_path / "pt.json")]) == 0
+    model.alignment = __import__("deeplabv2.model", fromlist=["x"]).get_alignment("pytorch")
+    with torch.no_grad():
+        pt = evaluate(model, ds)
+    assert json.loads((tmp_path / "pt.json").read_text())["miou"] == pytest.approx(pt["miou"])
+    # crf-search: the network under --msc, two grid points
+    assert main(["crf-search", ckpt, "-c", str(cfg_path), "--limit", "2", "--msc",
+                 "--bi-w", "3", "--bi-xy-std", "30", "40", "--bi-rgb-std", "3",
+                 "--out", str(tmp_path / "crf.json")]) == 0
+    results = json.loads((tmp_path / "crf.json").read_text())["results"]
+    assert len(results) == 3 and results[0]["crf"] is None
+    assert results[1]["crf"]["prob_clip"] == 1e-5 and results[1]["crf"]["pos_xy_std"] == 1.0

@@ -200,18 +200,35 @@ def test_zero_iterations_return_the_renormalised_input():
     np.testing.assert_allclose(out, p / p.sum(1, keepdim=True), rtol=1e-5, atol=1e-7)
 
 
-def test_a_zero_probability_stays_zero():
+def test_a_zero_probability_stays_zero_without_the_clip():
     image, probs, _ = scene(32, 48, 3, 9)
     probs[2] += probs[0]
     probs[0] = 0  # class 0 ruled out everywhere
-    out = dense_crf(torch.from_numpy(probs)[None], torch.from_numpy(image)[None])
+    out = dense_crf(torch.from_numpy(probs)[None], torch.from_numpy(image)[None], prob_clip=0)
     assert out.isfinite().all() and (out[:, 0] == 0).all()
+
+
+def test_the_1e5_clip_lets_a_zero_probability_class_come_back():
+    # One colour everywhere; class 0 is near certain except in a 4x4 hole where the network
+    # gave it exactly zero. densecrf's unary clip at 1e-5 (pydensecrf's unary_from_softmax)
+    # lets the neighbours win the hole back; with plain log p it can never come back.
+    image = np.full((1, 24, 24, 3), 128, np.uint8)
+    probs = torch.full((1, 2, 24, 24), 0.0)
+    probs[:, 0], probs[:, 1] = 0.99, 0.01
+    probs[:, 0, 10:14, 10:14], probs[:, 1, 10:14, 10:14] = 0.0, 1.0
+    crf = DenseCRF(iterations=10, bi_w=30.0, bi_xy_std=20.0, bi_rgb_std=5.0)
+    hole = (slice(None), slice(None), slice(10, 14), slice(10, 14))
+    assert (crf(probs, image).argmax(1)[hole[0], hole[2], hole[3]] == 0).all()
+    plain = DenseCRF(iterations=10, bi_w=30.0, bi_xy_std=20.0, bi_rgb_std=5.0, prob_clip=0)
+    assert (plain(probs, image)[hole][:, 0] == 0).all()
+    with pytest.raises(ValueError, match="prob_clip"):
+        DenseCRF(prob_clip=1.5)
 
 
 def test_function_and_class_agree_and_configs_round_trip():
     image, probs, _ = scene(32, 40, 3, 10)
     kwargs = dict(iterations=4, pos_w=2.0, pos_xy_std=1.5, bi_w=3.0, bi_xy_std=30.0,
-                  bi_rgb_std=5.0)
+                  bi_rgb_std=5.0, prob_clip=1e-4)
     crf = DenseCRF.from_dict(kwargs)
     assert DenseCRF.from_dict(crf.to_dict()) == crf and crf.to_dict() == kwargs
     p, im = torch.from_numpy(probs)[None], torch.from_numpy(image)[None]
@@ -220,7 +237,22 @@ def test_function_and_class_agree_and_configs_round_trip():
 
 def test_defaults_are_deeplabs():
     assert DenseCRF().to_dict() == dict(iterations=10, pos_w=3.0, pos_xy_std=1.0, bi_w=4.0,
-                                        bi_xy_std=67.0, bi_rgb_std=3.0)
+                                        bi_xy_std=67.0, bi_rgb_std=3.0, prob_clip=1e-5)
+
+
+def test_presets_per_backbone_and_the_papers_grid():
+    from deeplabv2.config import EvalConfig
+    from deeplabv2.crf import PAPER_GRID, crf_preset
+    resnet, vgg = crf_preset({"backbone": "resnet"}), crf_preset({"backbone": "vgg16"})
+    assert (resnet.bi_w, resnet.bi_xy_std, resnet.bi_rgb_std, resnet.pos_w,
+            resnet.pos_xy_std) == (4, 67, 3, 3, 1)
+    assert (vgg.bi_w, vgg.bi_xy_std, vgg.bi_rgb_std, vgg.pos_w, vgg.pos_xy_std) == (4, 121, 5, 3, 3)
+    # the config's crf_params update the backbone's preset; crf off gives None
+    crf = EvalConfig(crf=True, crf_params={"bi_w": 5}).dense_crf({"backbone": "vgg16"})
+    assert (crf.bi_w, crf.bi_xy_std) == (5, 121)
+    assert EvalConfig().dense_crf({"backbone": "vgg16"}) is None
+    assert PAPER_GRID == {"bi_w": [3, 4, 5, 6], "bi_xy_std": [30, 40, 50, 60, 70, 80, 90, 100],
+                          "bi_rgb_std": [3, 4, 5, 6]}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -231,13 +231,28 @@ def test_voc_errors_name_the_file(tmp_path):
 
 
 # -- PASCAL-Context ----------------------------------------------------------------------------
-def test_context_ignores_background_and_shifts_the_59_classes(tmp_path):
+def test_context_60_classes_by_default_background_counted(tmp_path):
     voc = tmp_path / "VOCdevkit/VOC2010"
     save_rgb(voc / "JPEGImages/2008_000002.jpg", 2, 3, fmt="JPEG")
     save_label(voc / "SegmentationClassContext/2008_000002.png",
                np.array([[0, 1, 59], [37, 255, 2]], np.uint8))
     write(voc / "ImageSets/SegmentationContext/train.txt", "2008_000002\n")
-    ds = PascalContextDataset(tmp_path, "train")
+    ds = PascalContextDataset(tmp_path, "train")  # the paper's protocol: 59 + background
+    assert ds.num_classes == 60 and ds.palette.shape == (60, 3)
+    assert ds.classes[0] == "background" and ds.classes[37] == "person"
+    assert ds.load(0)[1].tolist() == [[0, 1, 59], [37, 255, 2]]
+    ds.check()
+    with pytest.raises(ValueError, match="60 .* or 59"):
+        PascalContextDataset(tmp_path, "train", num_classes=21)
+
+
+def test_context_59_ignores_background_and_shifts_the_59_classes(tmp_path):
+    voc = tmp_path / "VOCdevkit/VOC2010"
+    save_rgb(voc / "JPEGImages/2008_000002.jpg", 2, 3, fmt="JPEG")
+    save_label(voc / "SegmentationClassContext/2008_000002.png",
+               np.array([[0, 1, 59], [37, 255, 2]], np.uint8))
+    write(voc / "ImageSets/SegmentationContext/train.txt", "2008_000002\n")
+    ds = PascalContextDataset(tmp_path, "train", num_classes=59)
     assert ds.num_classes == 59 and ds.palette.shape == (59, 3)
     assert ds.classes[0] == "aeroplane" and ds.classes[36] == "person"
     assert ds.load(0)[1].tolist() == [[255, 0, 58], [36, 255, 1]]
@@ -245,7 +260,7 @@ def test_context_ignores_background_and_shifts_the_59_classes(tmp_path):
     save_label(voc / "SegmentationClassContext/2008_000002.png", np.full((2, 3), 60, np.uint8))
     raises_naming(voc / "SegmentationClassContext/2008_000002.png", ds.check)
     raises_naming(voc / "ImageSets/SegmentationContext/val.txt", PascalContextDataset,
-                  tmp_path, "val")
+                  tmp_path, "val", num_classes=59)
 
 
 # -- PASCAL-Person-Part ------------------------------------------------------------------------
@@ -299,7 +314,7 @@ def test_registry_knows_every_dataset_and_lists_names_on_error(tmp_path):
         build_dataset("kitti", tmp_path, "train")
     for name in DATASETS:
         assert name in str(e.value)
-    expected = {"cityscapes": 19, "gta5": 19, "voc12": 21, "voc12_aug": 21, "context": 59,
+    expected = {"cityscapes": 19, "gta5": 19, "voc12": 21, "voc12_aug": 21, "context": 60,
                 "person_part": 7, "synthetic": 7}
     for name, n in expected.items():
         info = dataset_info(name)

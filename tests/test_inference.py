@@ -49,7 +49,7 @@ def test_scale_one_whole_image_is_the_single_scale_path(tiny):
     expected = predict_probs(tiny, x)
     assert torch.equal(infer(tiny, x), expected)
     assert torch.equal(InferenceConfig()(tiny, x), expected)
-    out = infer(tiny, x, scales=[1.0, 1.0])  # the same pass twice, averaged
+    out = infer(tiny, x, avg_scales=[1.0, 1.0])  # the same pass twice, averaged
     torch.testing.assert_close(out, expected)
     assert out.dtype == torch.float32 and out.shape == (2, 5, 37, 45)
 
@@ -108,7 +108,7 @@ def test_flip_adds_nothing_for_a_mirror_equivariant_model():
     plain = infer(model, x)
     torch.testing.assert_close(infer(model, x.flip(-1)), plain.flip(-1), rtol=0, atol=1e-5)
     torch.testing.assert_close(infer(model, x, flip=True), plain, rtol=0, atol=1e-5)
-    torch.testing.assert_close(infer(model, x, flip=True, scales=[1.0, 1.0]), plain,
+    torch.testing.assert_close(infer(model, x, flip=True, avg_scales=[1.0, 1.0]), plain,
                                rtol=0, atol=1e-5)
 
 
@@ -123,17 +123,18 @@ def test_flip_averaging_makes_any_model_mirror_equivariant(tiny):
 
 def test_multi_scale_averages_the_resized_single_scale_probabilities(tiny):
     x = image(1, 40, 52)
-    half = infer(tiny, x, scales=[0.5])
-    small = F.interpolate(x, size=(20, 26), mode="bilinear", align_corners=False)
+    half = infer(tiny, x, avg_scales=[0.5])
+    # Caffe's Interp: (40 - 1) // 2 + 1 = 20, (52 - 1) // 2 + 1 = 26, corners aligned
+    small = F.interpolate(x, size=(20, 26), mode="bilinear", align_corners=True)
     expected = F.interpolate(predict_probs(tiny, small), size=(40, 52), mode="bilinear",
-                             align_corners=False)
+                             align_corners=True)
     torch.testing.assert_close(half, expected)
-    both = infer(tiny, x, scales=[0.5, 1.0, 1.5])
-    parts = [infer(tiny, x, scales=[s]) for s in (0.5, 1.0, 1.5)]
+    both = infer(tiny, x, avg_scales=[0.5, 1.0, 1.5])
+    parts = [infer(tiny, x, avg_scales=[s]) for s in (0.5, 1.0, 1.5)]
     torch.testing.assert_close(both, sum(parts) / 3)
     torch.testing.assert_close(both.sum(1), torch.ones(1, 40, 52))
     # multi-scale, flip and sliding together: shape and normalisation
-    out = infer(tiny, x, mode="sliding", crop_size=24, stride=16, scales=[0.75, 1.25], flip=True)
+    out = infer(tiny, x, mode="sliding", crop_size=24, stride=16, avg_scales=[0.75, 1.25], flip=True)
     assert out.shape == (1, 5, 40, 52)
     torch.testing.assert_close(out.sum(1), torch.ones(1, 40, 52))
 
@@ -143,9 +144,13 @@ def test_invalid_arguments_name_the_value(tiny):
     with pytest.raises(ValueError, match=r"stride \[9, 9\] is larger than crop_size \[8, 8\]"):
         infer(tiny, x, mode="sliding", crop_size=8, stride=9)
     with pytest.raises(ValueError, match="scales must be positive, got -0.5"):
-        infer(tiny, x, scales=[1.0, -0.5])
+        infer(tiny, x, avg_scales=[1.0, -0.5])
     with pytest.raises(ValueError, match="scales must be positive, got 0.0"):
-        InferenceConfig(scales=[0])
+        InferenceConfig(avg_scales=[0])
+    with pytest.raises(ValueError, match="scales must be positive, got -1.0"):
+        InferenceConfig(msc_scales=[1, -1])
+    with pytest.raises(ValueError, match="'scales' is now 'avg_scales'"):
+        InferenceConfig.from_dict({"scales": [1.0]})
     with pytest.raises(ValueError, match="needs crop_size"):
         infer(tiny, x, mode="sliding")
     with pytest.raises(ValueError, match="'tiles'"):
@@ -155,14 +160,15 @@ def test_invalid_arguments_name_the_value(tiny):
 
 
 def test_config_from_dict_and_as_predict_callable(tiny):
-    cfg = InferenceConfig.from_dict({"mode": "sliding", "scales": [0.5, 1], "flip": True,
-                                     "crop_size": 513})
+    cfg = InferenceConfig.from_dict({"mode": "sliding", "avg_scales": [0.5, 1], "flip": True,
+                                     "crop_size": 513, "msc_scales": [1, 0.75, 0.5]})
     assert cfg.crop_size == (513, 513) and cfg.stride == (342, 342)
-    assert cfg.scales == (0.5, 1.0)
-    assert cfg.describe() == "sliding 513x513 / 342x342, scales 0.5,1, flip"
+    assert cfg.avg_scales == (0.5, 1.0) and cfg.msc_scales == (1.0, 0.75, 0.5)
+    assert cfg.describe() == ("sliding 513x513 / 342x342, MSC max-fused 1,0.75,0.5, averaged "
+                              "scales 0.5,1, flip")
     assert InferenceConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="unknown inference keys \\['flips'\\]; valid: mode, "
-                                         "scales, flip, crop_size, stride"):
+                                         "msc_scales, avg_scales, flip, crop_size, stride"):
         InferenceConfig.from_dict({"flips": True})
     x = image(1, 24, 24)
     small = InferenceConfig(mode="sliding", crop_size=16, stride=8, flip=True)

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 import deeplabv2
+from deeplabv2.model import get_alignment
 from deeplabv2.model import ASPP, Bottleneck, FrozenBatchNorm2d, build_model
 from deeplabv2.preprocessing import CAFFE_BGR, TORCHVISION_RGB
 
@@ -47,7 +48,21 @@ def test_forward_returns_a_tensor_upsampled_bilinearly():
         assert isinstance(out, torch.Tensor) and out.shape == (1, 5, 67, 45)
     model.eval()
     with torch.no_grad():
-        expected = nn.functional.interpolate(model.logits(x), size=(67, 45), mode="bilinear",
+        scores = model.logits(x)
+        assert scores.shape[-2:] == (9, 6)  # ceil(67 / 8), ceil(45 / 8)
+        # The paper's convention: pixel p reads cell p / 8 (cell i on pixel 8 i), the cells past
+        # the last centre clamped; computed here pixel by pixel from that definition.
+        out = model(x)
+        for p, q in [(0, 0), (8, 16), (12, 4), (27, 30), (64, 40), (66, 44)]:
+            y, xx = min(p / 8, 8), min(q / 8, 5)
+            y0, x0 = int(y), int(xx)
+            y1, x1 = min(y0 + 1, 8), min(x0 + 1, 5)
+            fy, fx = y - y0, xx - x0
+            ref = ((1 - fy) * (1 - fx) * scores[0, :, y0, x0] + (1 - fy) * fx * scores[0, :, y0, x1]
+                   + fy * (1 - fx) * scores[0, :, y1, x0] + fy * fx * scores[0, :, y1, x1])
+            torch.testing.assert_close(out[0, :, p, q], ref, rtol=1e-5, atol=1e-6)
+        model.alignment = get_alignment("pytorch")
+        expected = nn.functional.interpolate(scores, size=(67, 45), mode="bilinear",
                                              align_corners=False)
         assert torch.equal(model(x), expected)
 
@@ -132,8 +147,9 @@ def test_param_groups_each_trainable_parameter_exactly_once(config):
     frozen = {id(p) for p in model.parameters() if not p.requires_grad}
     assert not frozen & set(seen)
     by_name = {g["name"]: g for g in groups}
-    head_w = {id(p) for p in model.head.parameters() if p.ndim > 1}
-    head_b = {id(p) for p in model.head.parameters() if p.ndim == 1}
+    classifier = list(model.head.classifier_parameters())  # VGG: fc8 only; ResNet: all ASPP
+    head_w = {id(p) for p in classifier if p.ndim > 1}
+    head_b = {id(p) for p in classifier if p.ndim == 1}
     assert {id(p) for p in by_name["head"]["params"]} == head_w
     assert {id(p) for p in by_name["head_bias"]["params"]} == head_b
     assert by_name["backbone"]["lr_mult"] == 1 and by_name["backbone"]["weight_decay"] == 5e-4

@@ -34,12 +34,14 @@ def test_train_mode_returns_each_scale_then_the_max_fusion(msc):
     outputs = msc(x)
     assert [tuple(o.shape) for o in outputs] == [(2, 5, 7, 9), (2, 5, 5, 7), (2, 5, 4, 5),
                                                  (2, 5, 7, 9)]
-    # each branch is the shared network on the resized input
-    small = F.interpolate(x, size=(37, 49), mode="bilinear", align_corners=False)
+    # each branch is the shared network on the input resized as Caffe's Interp does:
+    # (49 - 1) // 4 * 3 + 1 = 37 and (65 - 1) // 4 * 3 + 1 = 49 at 0.75, corners aligned
+    assert msc.input_sizes(49, 65) == [(49, 65), (37, 49), (25, 33), (49, 65)]
+    small = F.interpolate(x, size=(37, 49), mode="bilinear", align_corners=True)
     torch.testing.assert_close(outputs[1], msc.model(small, upsample=False))
     torch.testing.assert_close(outputs[0], msc.model(x, upsample=False))
     fused = outputs[-1]
-    resized = [F.interpolate(o, size=(7, 9), mode="bilinear", align_corners=False)
+    resized = [F.interpolate(o, size=(7, 9), mode="bilinear", align_corners=True)
                for o in outputs[1:3]]
     for branch in [outputs[0], *resized]:
         assert (fused >= branch).all()
@@ -52,13 +54,24 @@ def test_loss_is_the_sum_of_four_separately_computed_terms(msc):
     outputs = msc(x)
     terms = [stride8_loss(o, labels) for o in outputs]
     assert len(terms) == 4 and len({round(t.item(), 6) for t in terms}) == 4
-    torch.testing.assert_close(msc_loss(outputs, labels, stride8_loss), sum(terms))
-    # the labels a term sees are the nearest-neighbour downsampled ones, at that output's size
+    sizes = msc.input_sizes(49, 65)
+    total = msc_loss(outputs, labels, stride8_loss, sizes)
+    assert torch.isfinite(total) and total > 0
+    # each term sees the labels under its own cells' centres (see below), so that the sum is
+    # the sum of the four terms computed against those labels
     seen = []
-    msc_loss(outputs, labels, lambda s, y: seen.append(y) or s.sum() * 0)
+    msc_loss(outputs, labels, lambda s, y: seen.append(y) or s.sum() * 0, sizes)
     assert [tuple(y.shape) for y in seen] == [(2, 7, 9), (2, 5, 7), (2, 4, 5), (2, 7, 9)]
-    assert torch.equal(seen[2], F.interpolate(labels[:, None].float(), size=(4, 5),
-                                              mode="nearest")[:, 0].long())
+    torch.testing.assert_close(total, sum(stride8_loss(o, y) for o, y in zip(outputs, seen)))
+    # Hand-computed centres. Scale 1 (and the fused map): pixel 8 i. Scale 0.75, input 37x49:
+    # cell i on resized pixel 8 i = original pixel 8 i * 48 / 36 (rows), 8 i * 64 / 48 (cols),
+    # rounded. Scale 0.5, input 25x33: 8 i * 2.
+    rows = {0: [0, 8, 16, 24, 32, 40, 48], 1: [0, 11, 21, 32, 43], 2: [0, 16, 32, 48]}
+    cols = {0: [0, 8, 16, 24, 32, 40, 48, 56, 64], 1: [0, 11, 21, 32, 43, 53, 64],
+            2: [0, 16, 32, 48, 64]}
+    for k in (0, 1, 2):
+        assert torch.equal(seen[k], labels[:, rows[k]][:, :, cols[k]])
+    assert torch.equal(seen[3], seen[0])
 
 
 @pytest.mark.parametrize("scale_index", [0, 1, 2])
@@ -79,8 +92,7 @@ def test_eval_mode_is_used_like_the_plain_model(msc):
         out = msc(x)
         fused = msc(x, upsample=False)
     assert out.shape == (2, 5, 40, 56) and fused.shape == (2, 5, 6, 8)
-    torch.testing.assert_close(out, F.interpolate(fused, size=(40, 56), mode="bilinear",
-                                                  align_corners=False))
+    torch.testing.assert_close(out, msc.model.alignment.upsample(fused, (40, 56)))
     torch.testing.assert_close(fused, msc.logits(x))
     single = MSC(msc.model, scales=[1.0]).eval()
     with torch.no_grad():

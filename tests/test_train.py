@@ -66,11 +66,21 @@ def test_config_errors_name_the_key():
         load_config("nope")
 
 
-@pytest.mark.parametrize("name", ["voc12_aug", "cityscapes", "cityscapes_512x1024", "gta5",
-                                  "demo"])
+@pytest.mark.parametrize("name", ["voc12_aug", "context", "person_part", "cityscapes",
+                                  "cityscapes_512x1024", "gta5", "demo"])
 def test_packaged_configs_are_valid(name):
     cfg = load_config(name)
     assert cfg.train.iterations > 0
+
+
+@pytest.mark.parametrize("name,classes", [("voc12_aug", 21), ("context", 60), ("person_part", 7)])
+def test_the_paper_configs_use_its_recipe(name, classes):
+    cfg = load_config(name)
+    assert cfg.model.num_classes == classes and cfg.model.blocks == [3, 4, 23, 3]
+    assert cfg.train.msc_scales == [1.0, 0.75, 0.5] and cfg.eval.msc_scales == [1.0, 0.75, 0.5]
+    assert cfg.data.scales == [0.5, 0.75, 1.0, 1.25, 1.5] and cfg.data.crop_size == [321, 321]
+    assert (cfg.data.batch_size, cfg.train.iterations, cfg.train.lr) == (10, 20000, 2.5e-4)
+    assert cfg.model.init_head is False and cfg.model.alignment == "caffe"
 
 
 def test_resume_continues_exactly(tmp_path):

@@ -165,3 +165,19 @@ def test_bad_arguments_are_refused():
         TrainTransform((0, 10))
     with pytest.raises(ValueError):
         TrainTransform(10, scale_range=(1.5, 0.5))
+
+
+def test_discrete_scale_set_draws_only_its_scales():
+    # The released DeepLab v2 recipe draws the scale from {0.5, 0.75, 1, 1.25, 1.5}: a 40x40
+    # label scaled by s keeps round(40 s) rows before padding/cropping to 80x80.
+    t = TrainTransform((80, 80), scale_range=(0.5, 1.5), flip=False, preprocessing=IDENTITY,
+                       scales=[0.5, 0.75, 1, 1.25, 1.5])
+    image = np.zeros((40, 40, 3), np.uint8)
+    label = np.zeros((40, 40), np.uint8)
+    valid_rows = set()
+    for seed in range(60):
+        out = t(image, label, np.random.default_rng(seed))
+        valid_rows.add(int((out["label"] != 255).any(1).sum()))
+    assert valid_rows == {20, 30, 40, 50, 60}
+    with pytest.raises(ValueError, match="scales must be positive"):
+        TrainTransform(10, scales=[1, 0])

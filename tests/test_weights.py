@@ -196,16 +196,66 @@ def test_vgg16_torchvision_weights(tmp_path):
     state = {k[len("backbone."):]: v for k, v in src.state_dict().items()
              if k.startswith("backbone.")}
     assert "features.28.weight" in state and "features.0.bias" in state
-    for i in (0, 3, 6):  # the ImageNet classifier: small stand-ins, they are dropped anyway
-        state[f"classifier.{i}.weight"] = torch.randn(4, 4)
-        state[f"classifier.{i}.bias"] = torch.randn(4)
+    # The ImageNet classifier. fc6/fc7 have 1024 outputs here instead of 4096 to keep the file
+    # at 100 MB (the decimation of the real 4096-wide layers: test_vgg_decimation_*).
+    g = torch.Generator().manual_seed(5)
+    state["classifier.0.weight"] = torch.randn(1024, 25088, generator=g)
+    state["classifier.0.bias"] = torch.randn(1024, generator=g)
+    state["classifier.3.weight"] = torch.randn(1024, 1024, generator=g)
+    state["classifier.3.bias"] = torch.randn(1024, generator=g)
+    state["classifier.6.weight"] = torch.randn(1000, 1024, generator=g)
+    state["classifier.6.bias"] = torch.randn(1000, generator=g)
     path = tmp_path / "vgg16-397923af.pth"
     torch.save(state, path)
     model = deeplabv2.deeplabv2_vgg16(num_classes=21, weights=path)
     assert_same_weights(model, src, head=False)
-    assert len(model.load_report.dropped) == 6 and model.preprocessing == TORCHVISION_RGB
+    report = model.load_report
+    assert len(report.dropped) == 2 and model.preprocessing == TORCHVISION_RGB  # fc8 only
+    assert len(report.loaded) + len(report.dropped) == len(state)
+    fc6 = state["classifier.0.weight"].reshape(1024, 512, 7, 7)[:, :, ::3, ::3]
+    for branch in model.head.branches:  # every branch starts from the same decimated fc6/fc7
+        assert torch.equal(branch.fc6.weight, fc6)
+        assert torch.equal(branch.fc7.weight[:, :, 0, 0], state["classifier.3.weight"])
+        assert torch.equal(branch.fc7.bias, state["classifier.3.bias"])
+    assert not report.head_loaded  # fc8, the classifier proper, is new
     with pytest.raises(WeightsError, match="torchvision_vgg weights, but the model's backbone is resnet"):
         load_weights(narrow(), path)
+
+
+def test_vgg_decimation_of_the_real_imagenet_fc6_fc7():
+    from deeplabv2.model import decimate_vgg_classifier
+    g = torch.Generator().manual_seed(0)
+    fc6_w, fc6_b = torch.randn(4096, 25088, generator=g), torch.randn(4096, generator=g)
+    fc7_w, fc7_b = torch.randn(4096, 4096, generator=g), torch.randn(4096, generator=g)
+    out = decimate_vgg_classifier(fc6_w, fc6_b, fc7_w, fc7_b)
+    assert out["fc6.weight"].shape == (1024, 512, 3, 3)
+    assert out["fc7.weight"].shape == (1024, 1024, 1, 1)
+    # filter o' of DeepLab's fc6 is ImageNet filter 4 o'; tap (i, j) is tap (3 i, 3 j) of 7x7,
+    # input channel c at flat index c * 49 + 7 * ky + kx (torchvision flattens (512, 7, 7))
+    for o, c, i, j in [(0, 0, 0, 0), (1, 3, 1, 2), (255, 511, 2, 2), (1023, 100, 2, 0)]:
+        assert out["fc6.weight"][o, c, i, j] == fc6_w[4 * o, c * 49 + 7 * 3 * i + 3 * j]
+    assert torch.equal(out["fc6.bias"], fc6_b[::4])
+    assert out["fc7.weight"][5, 7, 0, 0] == fc7_w[20, 28]
+    assert torch.equal(out["fc7.bias"], fc7_b[::4])
+    with pytest.raises(ValueError, match="expected VGG-16 fc6"):
+        decimate_vgg_classifier(fc7_w, fc7_b, fc7_w, fc7_b)
+
+
+def test_vgg_param_groups_fc6_fc7_like_the_backbone_fc8_like_a_classifier():
+    model = deeplabv2.deeplabv2_vgg16(num_classes=21)
+    groups = {g["name"]: {id(p) for p in g["params"]} for g in model.param_groups(1e-3)}
+    b = model.head.branches[2]
+    assert id(b.fc6.weight) in groups["backbone"] and id(b.fc7.bias) in groups["backbone_bias"]
+    assert id(b.fc8.weight) in groups["head"] and id(b.fc8.bias) in groups["head_bias"]
+    assert isinstance(b.drop, torch.nn.Dropout)  # element-wise, as Caffe's
+    x = torch.ones(1, 1024, 6, 6)
+    b.train()
+    torch.manual_seed(0)
+    dropped = b.drop(x)
+    assert 0 < (dropped[0, :, 0, 0] == 0).float().mean() < 1  # not whole channels
+    assert not ((dropped == 0).all(-1).all(-1)).all()
+    largefov = deeplabv2.deeplabv2_vgg16_largefov(num_classes=21)
+    assert len(largefov.head.branches) == 1 and largefov.head.branches[0].fc6.dilation == (12, 12)
 
 
 # -- bad files -----------------------------------------------------------------------------------

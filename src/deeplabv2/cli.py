@@ -77,10 +77,20 @@ def _print_metrics(results: dict, classes: list, out) -> None:
 
 def _add_inference_args(sp) -> None:
     sp.add_argument("--crf", action="store_true",
-                    help="refine with the dense CRF (DeepLab's published parameters, or the "
-                         "config's eval.crf_params)")
-    sp.add_argument("--scales", type=float, nargs="+", default=None,
-                    help="test scales, e.g. 0.5 0.75 1 (probabilities averaged)")
+                    help="refine with the dense CRF (the parameters released for the model's "
+                         "backbone, updated by the config's eval.crf_params)")
+    sp.add_argument("--msc", type=float, nargs="*", default=None, metavar="SCALE",
+                    help="the paper's test-time multi-scale inputs: scores of each scale fused "
+                         "by max (default scales 1 0.75 0.5; default: the config's "
+                         "eval.msc_scales, else off)")
+    sp.add_argument("--avg-scales", "--scales", dest="avg_scales", type=float, nargs="+",
+                    default=None, metavar="SCALE",
+                    help="another protocol: one pass per scale, probabilities averaged "
+                         "(e.g. 0.5 0.75 1; default 1)")
+    sp.add_argument("--alignment", choices=("caffe", "pytorch"), default=None,
+                    help="resizing convention: caffe (the paper's, score cell i on pixel 8i) "
+                         "or pytorch (align_corners=False, kazuto1011's); default: the one "
+                         "the checkpoint records")
     sp.add_argument("--flip", action="store_true", help="also average the mirrored image")
     sp.add_argument("--sliding", type=int, default=None, metavar="CROP",
                     help="sliding windows of CROPxCROP instead of the whole image")
@@ -116,8 +126,11 @@ def _runtime(model, args, device):
 def _inference(args, base: dict | None = None):
     from .inference import InferenceConfig
     d = dict(base or {})
-    if args.scales:
-        d["scales"] = args.scales
+    if args.msc is not None:
+        from .model.msc import PAPER_SCALES
+        d["msc_scales"] = args.msc or list(PAPER_SCALES)
+    if args.avg_scales:
+        d["avg_scales"] = args.avg_scales
     if args.flip:
         d["flip"] = True
     if args.sliding:
@@ -125,14 +138,23 @@ def _inference(args, base: dict | None = None):
     return InferenceConfig.from_dict(d)
 
 
-def _crf(args, cfg):
-    """The DenseCRF asked for by ``--crf`` or the config's ``eval.crf`` (None: no CRF)."""
-    from .crf import DenseCRF
-    if cfg is not None and cfg.eval.crf:
-        return cfg.eval.dense_crf()
-    if not args.crf:
-        return None
-    return DenseCRF.from_dict(cfg.eval.crf_params) if cfg is not None else DenseCRF()
+def _crf(args, cfg, model):
+    """The DenseCRF asked for by ``--crf`` or the config's ``eval.crf`` (None: no CRF): the
+    preset of the model's backbone updated by the config's ``eval.crf_params``."""
+    from .crf import crf_preset
+    if cfg is not None:
+        return cfg.eval.dense_crf(model.config, force=args.crf)
+    return crf_preset(model.config) if args.crf else None
+
+
+def _load(args, device):
+    """The checkpoint of ``args.checkpoint`` on ``device``, with ``--alignment`` applied."""
+    from .weights import load_model
+    model = load_model(args.checkpoint, device=device)
+    if getattr(args, "alignment", None):
+        from .model import get_alignment
+        model.alignment = get_alignment(args.alignment)
+    return model
 
 
 def cmd_crf_search(args) -> int:
@@ -141,17 +163,17 @@ def cmd_crf_search(args) -> int:
     from .crf import DenseCRF
     from .evaluate import crf_search
     from .distributed import pick_device
-    from .weights import load_model
     cfg = load_config(args.config, args.overrides)
     device = pick_device(cfg.train.device)
-    model = load_model(args.checkpoint, device=device)
+    model = _load(args, device)
     ds = _eval_dataset(cfg, args.split)
-    base = cfg.eval.crf_params
+    base = cfg.eval.dense_crf(model.config, force=True).to_dict()
     grid = [DenseCRF.from_dict({**base, "bi_w": w, "bi_xy_std": xy, "bi_rgb_std": rgb})
             for w, xy, rgb in itertools.product(args.bi_w, args.bi_xy_std, args.bi_rgb_std)]
     net, amp = _runtime(model, args, device)
     results = crf_search(net, ds, grid, device=device, limit=args.limit,
-                         inference=cfg.eval.inference(), amp=amp, progress=True)
+                         inference=_inference(args, cfg.eval.inference().to_dict()), amp=amp,
+                         progress=True)
     print(f"{'bi_w':>6} {'bi_xy_std':>10} {'bi_rgb_std':>11} {'mIoU %':>8}")
     for r in results:
         c = r["crf"]
@@ -168,11 +190,10 @@ def cmd_crf_search(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from .evaluate import evaluate
-    from .weights import load_model
     cfg = load_config(args.config, _with_device(args))
     from .distributed import pick_device
     device = pick_device(cfg.train.device)
-    model = load_model(args.checkpoint, device=device)
+    model = _load(args, device)
     ds = _eval_dataset(cfg, args.split)
     ds.check(limit=0 if len(ds) else None)
     if model.num_classes != ds.num_classes:
@@ -184,7 +205,7 @@ def cmd_evaluate(args) -> int:
     print(f"evaluating {args.checkpoint} on {cfg.data.dataset} {ds.split} ({len(ds)} images), "
           f"{inference.describe()}{', dense CRF' if args.crf or cfg.eval.crf else ''}, "
           f"{args.precision}{' eager' if args.eager else ''}")
-    crf = _crf(args, cfg)
+    crf = _crf(args, cfg, model)
     results = evaluate(net, ds, device=device, limit=args.limit, amp=amp,
                        num_workers=cfg.data.num_workers, inference=inference, crf=crf,
                        progress=True)
@@ -204,10 +225,9 @@ def _require_same_classes(checkpoint, model_classes, ds) -> None:
 
 def cmd_predict(args) -> int:
     from .predict import predict_files
-    from .weights import load_model
     from .distributed import pick_device
     device = pick_device(args.device)
-    model = load_model(args.checkpoint, device=device)
+    model = _load(args, device)
     palette = model.palette
     if palette is None:
         from .data import voc_palette
@@ -215,7 +235,7 @@ def cmd_predict(args) -> int:
     net, amp = _runtime(model, args, device)
     result = predict_files(net, args.inputs, args.out, palette, device=device,
                            save_probs=args.probs, amp=amp, inference=_inference(args),
-                           crf=_crf(args, None), batch_size=args.batch_size,
+                           crf=_crf(args, None, model), batch_size=args.batch_size,
                            cityscapes_ids=args.cityscapes_ids,
                            class_names=model.classes or
                            [f"class {i}" for i in range(model.num_classes)])
@@ -307,11 +327,16 @@ def build_parser() -> argparse.ArgumentParser:
     cs.add_argument("-c", "--config", required=True, help="config naming the dataset")
     cs.add_argument("--split", default=None)
     cs.add_argument("--limit", type=int, default=100, help="first N images (paper: 100)")
-    cs.add_argument("--bi-w", type=float, nargs="+", default=[3, 4, 5])
-    cs.add_argument("--bi-xy-std", type=float, nargs="+", default=[50, 67, 80])
-    cs.add_argument("--bi-rgb-std", type=float, nargs="+", default=[3, 4, 5])
+    from .crf import PAPER_GRID
+    cs.add_argument("--bi-w", type=float, nargs="+", default=PAPER_GRID["bi_w"],
+                    help="appearance weights (default: the paper's 3 4 5 6)")
+    cs.add_argument("--bi-xy-std", type=float, nargs="+", default=PAPER_GRID["bi_xy_std"],
+                    help="appearance position std (default: the paper's 30 40 ... 100)")
+    cs.add_argument("--bi-rgb-std", type=float, nargs="+", default=PAPER_GRID["bi_rgb_std"],
+                    help="appearance colour std (default: the paper's 3 4 5 6)")
     cs.add_argument("--out", default=None, help="write every setting's mIoU as JSON here")
     _add_runtime_args(cs)
+    _add_inference_args(cs)
     cs.add_argument("overrides", nargs="*", help="section.key=value")
     cs.set_defaults(func=cmd_crf_search)
 

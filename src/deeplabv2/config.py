@@ -33,6 +33,9 @@ class ModelConfig:
     atrous_rates: list[int] = field(default_factory=lambda: [6, 12, 18, 24])
     frozen_bn: bool = True
     weights: str | None = None  # init file (DeepLab init, torchvision, ...); None: random init
+    init_head: bool = False  # also load the init file's classifier (the paper: a fresh head)
+    head_mode: str = "aspp"  # "aspp": 4 branches summed; "adaptsegnet": branches 0+1 only
+    alignment: str = "caffe"  # resizing convention: "caffe" (the paper's) or "pytorch"
 
 
 @dataclass
@@ -43,6 +46,7 @@ class DataConfig:
     val_split: str = "val"
     crop_size: list[int] = field(default_factory=lambda: [512, 1024])  # (height, width)
     scale_range: list[float] = field(default_factory=lambda: [0.5, 1.5])
+    scales: list[float] = field(default_factory=list)  # discrete scale set; []: U(scale_range)
     flip: bool = True
     batch_size: int = 2  # per process
     num_workers: int = 2
@@ -78,24 +82,26 @@ class TrainConfig:
 class EvalConfig:
     split: str = "val"
     mode: str = "whole"  # "whole" or "sliding"
-    scales: list[float] = field(default_factory=lambda: [1.0])
+    msc_scales: list[float] | None = None  # the paper's test-time MSC (max fusion): [1, 0.75, 0.5]
+    avg_scales: list[float] = field(default_factory=lambda: [1.0])  # probabilities averaged
     flip: bool = False
     crop_size: list[int] | int | None = None  # sliding window [h, w]
     stride: list[int] | int | None = None  # default: 2/3 of crop_size
     crf: bool = False  # refine with the dense CRF (paper Sec. 3.4)
     crf_params: dict[str, Any] = field(default_factory=dict)  # DenseCRF fields; {}: defaults
 
-    def dense_crf(self):
-        """The :class:`deeplabv2.crf.DenseCRF` of ``crf_params`` (or None with ``crf`` off)."""
-        from .crf import DenseCRF
-        params = DenseCRF.from_dict(self.crf_params)
-        return params if self.crf else None
+    def dense_crf(self, model_config: dict | None = None, force: bool = False):
+        """The :class:`deeplabv2.crf.DenseCRF` for a model of ``model_config``: the released
+        preset of its backbone (:func:`deeplabv2.crf.crf_preset`) updated by ``crf_params``.
+        None when ``crf`` is off, unless ``force``."""
+        from .crf import DenseCRF, crf_preset
+        params = DenseCRF.from_dict({**crf_preset(model_config).to_dict(), **self.crf_params})
+        return params if (self.crf or force) else None
 
     def inference(self):
         """The :class:`deeplabv2.inference.InferenceConfig` these settings describe."""
         from .inference import InferenceConfig
         return InferenceConfig.from_dict({k: getattr(self, k) for k in InferenceConfig.keys()})
-
 
 @dataclass
 class Config:
@@ -211,7 +217,9 @@ def validate(cfg: Config) -> None:
     t, m, data = cfg.train, cfg.model, cfg.data
     choices = {("train", "amp"): (t.amp, ("none", "bf16", "fp16")),
                ("train", "loss_at"): (t.loss_at, ("stride8", "full")),
-               ("model", "backbone"): (m.backbone, ("resnet", "vgg16"))}
+               ("model", "backbone"): (m.backbone, ("resnet", "vgg16")),
+               ("model", "head_mode"): (m.head_mode, ("aspp", "adaptsegnet")),
+               ("model", "alignment"): (m.alignment, ("caffe", "pytorch"))}
     for (sec, key), (value, valid) in choices.items():
         if value not in valid:
             raise ConfigError(f"{sec}.{key}={value!r}; valid values: {', '.join(valid)}")
@@ -237,6 +245,8 @@ def validate(cfg: Config) -> None:
         cfg.eval.dense_crf()
     except ValueError as e:
         raise ConfigError(f"eval: {e}") from None
+    if any(not isinstance(s, (int, float)) or s <= 0 for s in data.scales):
+        raise ConfigError(f"data.scales must be positive numbers, got {data.scales}")
     if any(s <= 0 for s in t.msc_scales):
         raise ConfigError(f"train.msc_scales must be positive, got {t.msc_scales}")
     if t.msc_scales and t.loss_at != "stride8":

@@ -23,7 +23,9 @@ The numbers follow the reference, densecrf as wrapped by pydensecrf (``DenseCRF2
   included in both;
 - the Potts term as densecrf applies it, ``+w * K(Q)_l`` on label l's logit, which is the
   textbook ``-w * sum_{l' != l} K(Q)_l'`` plus a per-pixel constant that the softmax removes;
-- the start ``Q = softmax(log p)`` and float32 throughout.
+- the unary ``log max(p, prob_clip)`` with densecrf's (pydensecrf's ``unary_from_softmax``)
+  clip at ``1e-5``, so that a class the network gave zero probability can still win where the
+  pairwise terms favour it, and the start ``Q = softmax(unary)``; float32 throughout.
 
 One deliberate difference: the smoothness kernel is the exact Gaussian (cut at 4 std), applied
 as two banded 1-D passes since it is separable (zero outside the image, so border pixels get
@@ -426,8 +428,11 @@ class DenseCRF:
     bi_w: float = 4.0
     bi_xy_std: float = 67.0
     bi_rgb_std: float = 3.0
+    prob_clip: float = 1e-5  # unary = log(max(p, prob_clip)), as densecrf's; 0: plain log p
 
     def __post_init__(self) -> None:
+        if not _is_real(self.prob_clip) or not 0 <= self.prob_clip < 1:
+            raise ValueError(f"prob_clip must be a number in [0, 1), got {self.prob_clip!r}")
         it = self.iterations
         if isinstance(it, bool) or not isinstance(it, (int, np.integer)) or it < 0:
             raise ValueError(f"iterations must be an integer >= 0, got {it!r}")
@@ -461,8 +466,9 @@ class DenseCRF:
         ``probs`` must be probabilities: finite, non-negative, summing to one over C within
         ``PROB_SUM_TOLERANCE`` (or the dtype's eps, if larger: bfloat16). Within it they are
         renormalised, since the first step is ``softmax(log p)`` as in densecrf; anything else
-        is rejected rather than guessed at (logits, for one, need a softmax first). A zero
-        probability stays zero. Every input error is a ``ValueError`` that says what is wrong.
+        is rejected rather than guessed at (logits, for one, need a softmax first). The unary is
+        ``log max(p, prob_clip)``: a zero probability can come back (``prob_clip=0``: it stays
+        zero). Every input error is a ``ValueError`` that says what is wrong.
         The computation is float32 whatever the input dtype; no gradient flows through.
         """
         images = _check_inputs(probs, images)
@@ -471,6 +477,8 @@ class DenseCRF:
         # (N*H*W, C) with the classes contiguous: the layout of every step below.
         unary = torch.empty(n * h * w, c, device=dev)
         unary.view(n, h, w, c).copy_(probs.detach().permute(0, 2, 3, 1))
+        if self.prob_clip > 0:
+            unary.clamp_(min=float(self.prob_clip))
         unary.log_()
         q = torch.softmax(unary, dim=1)
         if self.iterations > 0:
@@ -498,11 +506,12 @@ class DenseCRF:
 
 def dense_crf(probs: Tensor, images: Tensor | np.ndarray, *, iterations: int = 10,
               pos_w: float = 3.0, pos_xy_std: float = 1.0, bi_w: float = 4.0,
-              bi_xy_std: float = 67.0, bi_rgb_std: float = 3.0) -> Tensor:
+              bi_xy_std: float = 67.0, bi_rgb_std: float = 3.0,
+              prob_clip: float = 1e-5) -> Tensor:
     """Refine ``(N, C, H, W)`` probabilities with ``(N, H, W, 3)`` uint8 RGB images by dense CRF
     mean-field inference; returns ``(N, C, H, W)`` probabilities. See :class:`DenseCRF`."""
     crf = DenseCRF(iterations=iterations, pos_w=pos_w, pos_xy_std=pos_xy_std, bi_w=bi_w,
-                   bi_xy_std=bi_xy_std, bi_rgb_std=bi_rgb_std)
+                   bi_xy_std=bi_xy_std, bi_rgb_std=bi_rgb_std, prob_clip=prob_clip)
     return crf(probs, images)
 
 
@@ -566,3 +575,22 @@ def _check_inputs(probs: Tensor, images: Tensor | np.ndarray) -> Tensor:
                          f"from {sums.amin().item():.4g} to {sums.amax().item():.4g}; pass "
                          "softmax(logits, dim=1)")
     return images.to(probs.device)
+
+
+#: The CRF parameters released with each DeepLab v2 model family (test prototxts' ``DenseCRF``
+#: layers): ResNet-101 ASPP-L, and VGG-16 (DeepLab-LargeFOV's; used for both VGG heads).
+CRF_PRESETS = {
+    "resnet": DenseCRF(bi_w=4.0, bi_xy_std=67.0, bi_rgb_std=3.0, pos_w=3.0, pos_xy_std=1.0),
+    "vgg16": DenseCRF(bi_w=4.0, bi_xy_std=121.0, bi_rgb_std=5.0, pos_w=3.0, pos_xy_std=3.0),
+}
+
+#: The paper's grid search (Sec. 4.1): w in 3..6, xy std in 30..100 step 10, rgb std in 3..6,
+#: with the smoothness kernel fixed.
+PAPER_GRID = {"bi_w": [3, 4, 5, 6], "bi_xy_std": list(range(30, 101, 10)),
+              "bi_rgb_std": [3, 4, 5, 6]}
+
+
+def crf_preset(model_config: dict | None) -> DenseCRF:
+    """The released CRF parameters for a model of ``model_config`` (its ``backbone``)."""
+    backbone = (model_config or {}).get("backbone", "resnet")
+    return CRF_PRESETS.get(backbone, CRF_PRESETS["resnet"])

@@ -189,7 +189,8 @@ class InferenceModel(nn.Module):
         self.dtype = dtype
         self.channels_last = channels_last
         # The facts callers read from a DeepLabV2, kept without registering the source.
-        for name in ("config", "preprocessing", "output_stride", "classes", "palette"):
+        for name in ("config", "preprocessing", "alignment", "output_stride", "classes",
+                     "palette"):
             if source is not None and hasattr(source, name):
                 setattr(self, name, getattr(source, name))
 
@@ -209,7 +210,7 @@ class InferenceModel(nn.Module):
         return self.model(x, upsample=upsample).float()
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Stride-8 ``float32`` scores ``(N, C, ceil(H/8), ceil(W/8))``."""
+        """Stride-8 ``float32`` scores ``(N, C, H // 8 + 1, W // 8 + 1)``."""
         return self(x, upsample=False)
 
 

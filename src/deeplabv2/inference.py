@@ -5,12 +5,17 @@ One entry point, :func:`infer`, runs every test-time mode the paper reports (Sec
 * ``mode="whole"``: the image in one pass (``predict_probs``);
 * ``mode="sliding"``: overlapping ``crop_size`` windows every ``stride`` pixels, for images
   too large for memory in one pass (the paper's Cityscapes runs, Sec. 4.4);
-* ``scales``: multi-scale inputs (the paper's "MSC" at test time, e.g. ``(0.5, 0.75, 1.0)``);
-* ``flip``: adds the mirrored image to every scale.
+* ``msc_scales``: the paper's test-time multi-scale inputs (Sec. 3.3/4.1, "MSC"): the image
+  at each scale (``(1, 0.75, 0.5)``) through the network, the stride-8 *scores* fused by
+  element-wise max (``Eltwise MAX`` in the released test prototxt), one softmax;
+* ``avg_scales``: a later, different protocol (DeepLab v3 and most PyTorch code): one whole
+  pass per scale and the softmax *probabilities* averaged;
+* ``flip``: adds the mirrored image to every pass.
 
-Every pass ends in a softmax; the probabilities of all passes are brought to the input size
-and averaged. :class:`InferenceConfig` holds a mode as a value that evaluation and prediction
-can take as their ``predict(model, x)`` callable.
+Resizing follows the model's alignment convention (:mod:`deeplabv2.model.alignment`). The
+probabilities of all passes are brought to the input size and averaged. :class:`InferenceConfig`
+holds a mode as a value that evaluation and prediction can take as their ``predict(model, x)``
+callable.
 """
 
 from __future__ import annotations
@@ -89,13 +94,6 @@ def _window(mode: str, crop_size, stride) -> tuple[tuple[int, int] | None, tuple
     return crop, step
 
 
-def scaled_size(height: int, width: int, scale: float) -> tuple[int, int]:
-    """The input size at ``scale``, rounded up (321 at 0.5 -> 161, 0.75 -> 241, as Caffe's
-    ``Interp`` layer of the MSC prototxt gives)."""
-    # The epsilon keeps 100 * 0.7 = 70.00000000000001 at 70.
-    return (max(1, math.ceil(height * scale - 1e-6)), max(1, math.ceil(width * scale - 1e-6)))
-
-
 def window_starts(length: int, crop: int, stride: int) -> list[int]:
     """Offsets of the windows along one side: every ``stride`` pixels, the last one moved back
     to end exactly at the border (``length`` >= ``crop``; 10, 4, 3 -> [0, 3, 6])."""
@@ -133,28 +131,43 @@ def _sliding_probs(model, x: torch.Tensor, crop: tuple[int, int], stride: tuple[
     return (total / count)[:, :, :height, :width]
 
 
+def _alignment(model):
+    from .model.alignment import get_alignment
+    return get_alignment(getattr(model, "alignment", None))
+
+
+def msc_model(model, scales):
+    """``model`` wrapped for the paper's test-time MSC (eval mode): scores of every scale fused
+    by max, then upsampled."""
+    from .model.msc import MSC
+    return MSC(model, scales).eval()
+
+
 @torch.no_grad()
-def infer(model, x: torch.Tensor, *, mode: str = "whole", scales=(1.0,), flip: bool = False,
-          crop_size=None, stride=None, amp: str = "none",
+def infer(model, x: torch.Tensor, *, mode: str = "whole", msc_scales=None, avg_scales=(1.0,),
+          flip: bool = False, crop_size=None, stride=None, amp: str = "none",
           channels_last: bool = False) -> torch.Tensor:
     """Class probabilities of a preprocessed ``(N, 3, H, W)`` batch: ``(N, C, H, W)`` float32.
 
     ``mode``: ``"whole"`` (one pass) or ``"sliding"`` (``crop_size`` windows every ``stride``
     pixels, an int or ``[height, width]`` each; ``stride`` defaults to 2/3 of the crop and must
-    not exceed it; ``crop_size``/``stride`` are not used by ``"whole"``). ``scales``: the input
-    is resized bilinearly by each scale, run in ``mode``, and its probabilities resized
-    bilinearly back to ``H x W`` (scale 1 is run on ``x`` itself). ``flip``: each scale is also
-    run mirrored left-right and the result mirrored back. All passes are softmaxed and averaged
-    with equal weight. The model is called as given: put it in eval mode first.
+    not exceed it; ``crop_size``/``stride`` are not used by ``"whole"``). ``msc_scales``: every
+    pass runs the paper's MSC (the scores of each scale fused by max; None or ``[]``: off).
+    ``avg_scales``: the input is resized by each scale, run in ``mode``, and its probabilities
+    resized back to ``H x W`` and averaged (scale 1 is run on ``x`` itself). ``flip``: each scale
+    is also run mirrored left-right and the result mirrored back. All passes are averaged with
+    equal weight. The model is called as given: put it in eval mode first.
     """
     crop, step = _window(mode, crop_size, stride)
-    scales = check_scales(scales)
+    avg_scales = check_scales(avg_scales)
+    align = _alignment(model)
+    if msc_scales:
+        model = msc_model(model, msc_scales)
     height, width = x.shape[-2:]
     total = None
     passes = 0
-    for scale in scales:
-        xs = x if scale == 1.0 else F.interpolate(x, size=scaled_size(height, width, scale),
-                                                  mode="bilinear", align_corners=False)
+    for scale in avg_scales:
+        xs = align.rescale(x, scale)
         for mirrored in ((False, True) if flip else (False,)):
             xi = xs.flip(-1) if mirrored else xs
             if mode == "sliding":
@@ -163,9 +176,7 @@ def infer(model, x: torch.Tensor, *, mode: str = "whole", scales=(1.0,), flip: b
                 probs = predict_probs(model, xi, amp=amp, channels_last=channels_last)
             if mirrored:
                 probs = probs.flip(-1)
-            if probs.shape[-2:] != (height, width):
-                probs = F.interpolate(probs, size=(height, width), mode="bilinear",
-                                      align_corners=False)
+            probs = align.resize(probs, (height, width))
             total = probs if total is None else total + probs
             passes += 1
     return total if passes == 1 else total / passes
@@ -176,18 +187,22 @@ class InferenceConfig:
     """A test-time mode of :func:`infer` as a value; ``config(model, x)`` runs it, so it can be
     passed wherever a ``predict(model, x) -> (N, C, H, W) probabilities`` callable is taken.
 
-    ``InferenceConfig()`` is whole-image, single-scale inference.
+    ``InferenceConfig()`` is whole-image, single-scale inference; ``InferenceConfig(
+    msc_scales=(1, 0.75, 0.5))`` the paper's test-time MSC.
     """
 
     mode: str = "whole"
-    scales: tuple[float, ...] = (1.0,)
+    msc_scales: tuple[float, ...] | None = None
+    avg_scales: tuple[float, ...] = (1.0,)
     flip: bool = False
     crop_size: tuple[int, int] | None = None
     stride: tuple[int, int] | None = None
 
     def __post_init__(self):
         crop, step = _window(self.mode, self.crop_size, self.stride)
-        object.__setattr__(self, "scales", check_scales(self.scales))
+        object.__setattr__(self, "avg_scales", check_scales(self.avg_scales))
+        object.__setattr__(self, "msc_scales",
+                           check_scales(self.msc_scales) if self.msc_scales else None)
         object.__setattr__(self, "flip", bool(self.flip))
         object.__setattr__(self, "crop_size", crop)
         object.__setattr__(self, "stride", step)
@@ -200,6 +215,9 @@ class InferenceConfig:
     def from_dict(cls, d: dict | None) -> "InferenceConfig":
         """From plain values (e.g. a config's ``eval`` section restricted to :meth:`keys`)."""
         d = dict(d or {})
+        if "scales" in d:
+            raise ValueError("'scales' is now 'avg_scales' (probabilities averaged); the "
+                             "paper's multi-scale inputs with max fusion are 'msc_scales'")
         unknown = set(d) - set(cls.keys())
         if unknown:
             raise ValueError(f"unknown inference keys {sorted(unknown)}; valid: "
@@ -214,12 +232,15 @@ class InferenceConfig:
         text = "whole image" if self.mode == "whole" else (
             f"sliding {self.crop_size[0]}x{self.crop_size[1]} / "
             f"{self.stride[0]}x{self.stride[1]}")
-        if self.scales != (1.0,):
-            text += ", scales " + ",".join(f"{s:g}" for s in self.scales)
+        if self.msc_scales:
+            text += ", MSC max-fused " + ",".join(f"{s:g}" for s in self.msc_scales)
+        if self.avg_scales != (1.0,):
+            text += ", averaged scales " + ",".join(f"{s:g}" for s in self.avg_scales)
         return text + (", flip" if self.flip else "")
 
     def __call__(self, model, x: torch.Tensor, *, amp: str = "none",
                  channels_last: bool = False) -> torch.Tensor:
-        return infer(model, x, mode=self.mode, scales=self.scales, flip=self.flip,
+        return infer(model, x, mode=self.mode, msc_scales=self.msc_scales,
+                     avg_scales=self.avg_scales, flip=self.flip,
                      crop_size=self.crop_size, stride=self.stride, amp=amp,
                      channels_last=channels_last)

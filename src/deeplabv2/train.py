@@ -3,7 +3,8 @@
 Recipe (paper Sec. 4; DeepLab-v2 ``solver.prototxt``): SGD with momentum 0.9 and weight decay
 5e-4, the model's 1x/10x/20x parameter groups, "poly" learning rate
 ``lr * (1 - it / max_it) ** 0.9`` applied to every group with its multiplier, iteration based,
-cross-entropy with 255 ignored against labels downsampled (nearest) to the stride-8 scores.
+cross-entropy with 255 ignored against labels shrunk to the stride-8 scores (each score cell
+against the label pixel under its centre: pixels 0, 8, 16, ... as Caffe's ``label_shrink``).
 
 Runs as one process or as many under ``torchrun`` (DDP): rank 0 logs and writes checkpoints,
 every rank sees its own slice of each global batch, metrics are summed across ranks.
@@ -36,7 +37,7 @@ from .evaluate import evaluate
 from .fileio import RunLock, atomic_write_text, remove_stale_tmp
 from .inference import autocast_context
 from .metrics import save_json
-from .model import MSC, DeepLabV2, build_model, msc_loss
+from .model import MSC, DeepLabV2, build_model, get_alignment, msc_loss
 from .weights import load_weights, save_weights
 
 
@@ -57,7 +58,8 @@ class Interrupted(TrainingError):
 RUN_FILES = ("last.pth", "best.pth", "model.pth", "history.json", "metrics.json")
 # Settings that change what a run computes: a resume that changes one is refused unless asked.
 RUN_SETTINGS = {
-    "model": ("backbone", "blocks", "width", "num_classes", "atrous_rates", "frozen_bn"),
+    "model": ("backbone", "blocks", "width", "num_classes", "atrous_rates", "frozen_bn",
+              "head_mode", "alignment"),
     "data": ("dataset", "train_split", "crop_size", "scale_range", "flip", "batch_size",
              "options"),
     "train": ("iterations", "lr", "momentum", "weight_decay", "poly_power", "accumulate",
@@ -132,19 +134,20 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr * group.get("lr_mult", 1.0)
 
 
-def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor, loss_at: str) -> torch.Tensor:
+def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor, loss_at: str,
+                      alignment=None) -> torch.Tensor:
     """Cross-entropy (mean over non-ignored pixels) of ``(N, C, h, w)`` scores vs ``(N, H, W)``.
 
-    ``stride8``: labels are downsampled with nearest neighbour to the scores (the paper);
-    ``full``: scores are upsampled bilinearly to the labels.
+    ``stride8``: each score cell is compared with the label under its centre (the paper;
+    ``alignment.shrink_labels``: pixels 0, 8, 16, ... under the default ``"caffe"``);
+    ``full``: scores are upsampled to the labels (``alignment.upsample``).
     """
+    align = get_alignment(alignment)
     if loss_at == "stride8":
         if labels.shape[-2:] != logits.shape[-2:]:
-            labels = F.interpolate(labels[:, None].float(), size=logits.shape[-2:],
-                                   mode="nearest")[:, 0].long()
+            labels = align.shrink_labels(labels, logits.shape[-2:])
     else:
-        logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear",
-                               align_corners=False)
+        logits = align.upsample(logits, labels.shape[-2:])
     if not (labels != IGNORE_INDEX).any():  # an all-ignore crop: no signal, but no NaN either
         return logits.sum() * 0.0
     return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
@@ -184,13 +187,21 @@ def _build_model(cfg: Config, num_classes: int) -> DeepLabV2:
     config = {"backbone": m.backbone, "num_classes": m.num_classes or num_classes,
               "atrous_rates": m.atrous_rates}
     if m.backbone == "resnet":
-        config.update(blocks=m.blocks, width=m.width, frozen_bn=m.frozen_bn)
+        config.update(blocks=m.blocks, width=m.width, frozen_bn=m.frozen_bn,
+                      head_mode=m.head_mode)
+    elif m.head_mode != "aspp":
+        raise ValueError(f"model.head_mode={m.head_mode!r} applies to the ResNet backbone only")
     if config["num_classes"] != num_classes:
         raise ValueError(f"model.num_classes={m.num_classes} but dataset {cfg.data.dataset!r} "
                          f"has {num_classes} classes")
     model = build_model(config)
+    model.alignment = get_alignment(m.alignment)
     if m.weights:
-        load_weights(model, m.weights)  # sets model.load_report
+        # The paper trains a fresh classifier (N(0, 0.01), zero bias) on the init file's
+        # backbone; the init files' own layer5 head (one random draw of the converter, non-zero
+        # bias) is loaded only when asked for (model.init_head).
+        load_weights(model, m.weights, head="auto" if m.init_head else "skip",
+                     alignment=m.alignment)  # sets model.load_report
     return model
 
 
@@ -223,7 +234,9 @@ def _changed_settings(old: dict, new: dict) -> list[str]:
     changes = []
     for section, keys in RUN_SETTINGS.items():
         for key in keys:
-            a, b = old.get(section, {}).get(key), new.get(section, {}).get(key)
+            if key not in old.get(section, {}):  # a checkpoint older than the setting
+                continue
+            a, b = old[section][key], new.get(section, {}).get(key)
             if a != b:
                 changes.append(f"{section}.{key} {a!r} -> {b!r}")
     if old.get("world_size", 1) != new.get("world_size", 1):  # the global batch changes
@@ -347,12 +360,14 @@ def _train(cfg: Config, resume: str | None, on_iteration, allow_changes: bool,
 
     # The optimizer, checkpoints and evaluation use the plain model; MSC only wraps the forward.
     net = MSC(model, t.msc_scales) if t.msc_scales else model
+    align = model.alignment
     ddp = net
     if info.enabled:
         ddp = torch.nn.parallel.DistributedDataParallel(
             net, device_ids=[device.index] if device.type == "cuda" else None)
 
     transform = TrainTransform(crop_size=tuple(d.crop_size), scale_range=tuple(d.scale_range),
+                               scales=d.scales,
                                flip=d.flip, preprocessing=model.preprocessing)
     sampler = IterationBatchSampler(len(train_ds), d.batch_size, t.seed,
                                     total_steps=t.iterations * t.accumulate,
@@ -411,9 +426,11 @@ def _train(cfg: Config, resume: str | None, on_iteration, allow_changes: bool,
                     autocast_context(device, t.amp):
                 if t.msc_scales:  # [s_1, s_0.75, s_0.5, max-fused], each vs its own labels
                     loss = msc_loss(ddp(images), labels,
-                                    lambda s, y: segmentation_loss(s, y, t.loss_at))
+                                    lambda s, y: segmentation_loss(s, y, t.loss_at, align),
+                                    net.input_sizes(*images.shape[-2:]), align)
                 else:
-                    loss = segmentation_loss(ddp(images, upsample=False), labels, t.loss_at)
+                    loss = segmentation_loss(ddp(images, upsample=False), labels, t.loss_at,
+                                             align)
                 loss = loss / t.accumulate
             if scaler is not None:
                 scaler.scale(loss).backward()

@@ -11,12 +11,22 @@ layout                 what it is                                               
                        prefix, head ``Scale.layer5.conv2d_list.{0-3}``
 ``deeplab_pytorch``    checkpoints of the common DeepLab/AdaptSegNet/ADVENT code:   BGR 0-255
                        no prefix, head ``layer6.conv2d_list.{0-3}`` (``layer5`` is
-                       then the multi-level auxiliary head on layer3, dropped)
+                       then the multi-level auxiliary head on layer3, dropped).
+                       AdaptSegNet-trained files need ``head_mode="adaptsegnet"``
+``kazuto``             kazuto1011/deeplab-pytorch (its released VOC/COCO-Stuff      BGR 0-255
+                       models and caffemodel converter): ``layer1.conv1.conv``,
+                       ``layerN.blockM.{reduce,conv3x3,increase,shortcut}.{conv,bn}``,
+                       ``aspp.cK``; ``base.`` prefix when saved from its MSC wrapper
 ``torchvision_resnet`` torchvision/timm ResNet-50/101 (stride on the 3x3 conv,      RGB [0,1]
                        ``fc.*`` classifier)                                         mean/std
-``torchvision_vgg``    torchvision VGG-16 (``features.*``, ``classifier.*``)       RGB [0,1]
+``torchvision_vgg``    torchvision VGG-16 (``features.*``, ``classifier.*``; fc6/  RGB [0,1]
+                       fc7 decimated into every branch's fc6/fc7)
 ``deeplabv2``          this project's ``.pth`` / ``.safetensors`` checkpoints      recorded
 =====================  ==========================================================  =========
+
+Each file also fixes how the model resizes (:mod:`deeplabv2.model.alignment`): this project's
+checkpoints record it; every other file gets ``alignment=`` (default ``"caffe"``, the paper's),
+and the report names the one in force.
 
 Every key of the file is loaded, renamed or deliberately dropped and counted in the returned
 :class:`LoadReport`. A missing backbone key or a backbone shape mismatch is an error naming the
@@ -41,9 +51,10 @@ from .fileio import atomic_write
 from .preprocessing import CAFFE_BGR, TORCHVISION_RGB, Preprocessing
 
 FORMAT = "deeplabv2"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: records "alignment"; version 1 files resized with align_corners=False
 _CONTAINER_KEYS = ("model", "state_dict", "model_state_dict", "net")
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP and torch.compile wrappers
+# DataParallel/DDP, torch.compile and kazuto1011's MSC wrappers
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "base.")
 
 
 class WeightsError(ValueError):
@@ -62,6 +73,8 @@ class LoadReport:
     head_loaded: bool = False
     preprocessing: Preprocessing | None = None
     backbone_layout: str | None = None
+    alignment: str | None = None
+    notes: list[str] = field(default_factory=list)  # what the user must know about this file
 
     @property
     def renamed(self) -> int:
@@ -75,6 +88,9 @@ class LoadReport:
         if self.not_in_file:
             lines.append(f"  left as initialised ({len(self.not_in_file)}): "
                          + ", ".join(self.not_in_file[:4]) + (" ..." if len(self.not_in_file) > 4 else ""))
+        if self.alignment:
+            lines.append(f"  alignment: {self.alignment}")
+        lines += [f"  note: {note}" for note in self.notes]
         return "\n".join(lines)
 
     __str__ = summary
@@ -189,6 +205,8 @@ def detect_layout(state: dict[str, torch.Tensor]) -> str:
         return "deeplab_caffe"
     if any(k.startswith("features.") for k in keys):
         return "torchvision_vgg"
+    if any(k.startswith("aspp.c") or _KAZUTO.match(k) for k in keys):
+        return "kazuto"
     if any(k.startswith("layer1.") for k in keys):
         if any(re.match(r"layer[56]\.conv2d_list\.", k) for k in keys):
             return "deeplab_pytorch"
@@ -197,6 +215,35 @@ def detect_layout(state: dict[str, torch.Tensor]) -> str:
 
 
 _HEAD = re.compile(r"^layer([56])\.conv2d_list\.(\d+)\.(weight|bias)$")
+# kazuto1011: layer1 = stem (conv1 + BN), layer2..5 = our layer1..4, _ConvBnReLU = .conv/.bn
+_KAZUTO = re.compile(r"^layer(\d)\.(?:conv1|block(\d+)\.(reduce|conv3x3|increase|shortcut))"
+                     r"\.(conv|bn)\.(\w+)$")
+_KAZUTO_BLOCK = {("reduce", "conv"): "conv1", ("reduce", "bn"): "bn1",
+                 ("conv3x3", "conv"): "conv2", ("conv3x3", "bn"): "bn2",
+                 ("increase", "conv"): "conv3", ("increase", "bn"): "bn3",
+                 ("shortcut", "conv"): "downsample.0", ("shortcut", "bn"): "downsample.1"}
+
+
+def _map_kazuto_key(key: str) -> tuple[str | None, str | None]:
+    """kazuto1011/deeplab-pytorch keys (``base.`` already stripped) -> ours."""
+    if key.endswith("num_batches_tracked"):
+        return None, "BatchNorm step counter (not used by frozen BN)"
+    m = re.match(r"^aspp\.c(\d+)\.(weight|bias)$", key)
+    if m:
+        return f"head.convs.{m.group(1)}.{m.group(2)}", None
+    if key.startswith("fc."):
+        return None, "ImageNet classifier fc.* (no counterpart in DeepLab v2)"
+    m = _KAZUTO.match(key)
+    if not m:
+        return None, None
+    layer, block, part, kind, param = m.groups()
+    if block is None:  # the stem
+        return (f"backbone.{'conv1' if kind == 'conv' else 'bn1'}.{param}", None) \
+            if layer == "1" else (None, None)
+    if not 2 <= int(layer) <= 5:
+        return None, None
+    return (f"backbone.layer{int(layer) - 1}.{int(block) - 1}."
+            f"{_KAZUTO_BLOCK[(part, kind)]}.{param}", None)
 
 
 def _map_resnet_key(key: str, layout: str, has_layer6: bool) -> tuple[str | None, str | None]:
@@ -218,36 +265,85 @@ def _map_resnet_key(key: str, layout: str, has_layer6: bool) -> tuple[str | None
     return None, None  # unknown: an error for the caller to raise
 
 
+_VGG_FC = {"classifier.0": "fc6", "classifier.3": "fc7"}
+_VGG_SOURCES = ("classifier.0.weight", "classifier.0.bias", "classifier.3.weight",
+                "classifier.3.bias")
+
+
 def _map_vgg_key(key: str) -> tuple[str | None, str | None]:
-    if key.startswith("classifier."):
-        return None, ("ImageNet VGG classifier (4096-channel fc6/fc7/fc8; DeepLab-ASPP's "
-                      "1024-channel dilated fc6/fc7 start from initialisation)")
+    if key.startswith(("classifier.0.", "classifier.3.")):
+        return None, None  # decimated into every branch's fc6/fc7 by _decimated_vgg_head
+    if key.startswith("classifier.6."):
+        return None, "ImageNet VGG fc8 (1000 classes; DeepLab's fc8 is new)"
     if key.startswith("features."):
         return "backbone." + key, None
     return None, None
 
 
-_PREPROCESSING = {"deeplab_caffe": CAFFE_BGR, "deeplab_pytorch": CAFFE_BGR,
+def _decimated_vgg_head(state: dict, model, path) -> dict[str, torch.Tensor]:
+    """torchvision VGG-16 ``classifier.0``/``classifier.3`` (fc6/fc7), decimated as DeepLab
+    does, copied into every branch of the model's head: ``{model key: tensor}``."""
+    from .model.vgg import decimate_vgg_classifier
+    need = ["classifier.0.weight", "classifier.0.bias", "classifier.3.weight",
+            "classifier.3.bias"]
+    missing = [k for k in need if k not in state]
+    if missing:
+        raise WeightsError(f"{path}: torchvision VGG-16 file without {missing[0]!r}: DeepLab "
+                           "initialises fc6/fc7 from it")
+    try:
+        fc = decimate_vgg_classifier(*(state[k] for k in need))
+    except ValueError as e:
+        raise WeightsError(f"{path}: {e}") from None
+    return {f"head.branches.{i}.{name}": t for i in range(len(model.head.branches))
+            for name, t in fc.items()}
+
+
+_PREPROCESSING = {"deeplab_caffe": CAFFE_BGR, "deeplab_pytorch": CAFFE_BGR, "kazuto": CAFFE_BGR,
                   "torchvision_resnet": TORCHVISION_RGB, "torchvision_vgg": TORCHVISION_RGB}
-_BACKBONE_LAYOUT = {"deeplab_caffe": "caffe", "deeplab_pytorch": "caffe",
+_BACKBONE_LAYOUT = {"deeplab_caffe": "caffe", "deeplab_pytorch": "caffe", "kazuto": "caffe",
                     "torchvision_resnet": "torchvision"}
 
 
-def load_weights(model, path, *, head: str = "auto", layout: str | None = None) -> LoadReport:
+def _foreign_notes(layout: str, model, alignment: str, head_loaded: bool) -> list[str]:
+    """What a user must decide about a file from other code, said in the load report."""
+    notes = []
+    head_mode = model.config.get("head_mode", "aspp")
+    if layout == "deeplab_pytorch" and head_loaded:
+        notes.append(
+            f"head layer6 loaded with head_mode={head_mode!r}. AdaptSegNet-trained files and "
+            "ADVENT-trained files have the same keys but not the same function: AdaptSegNet's "
+            "Classifier_Module returns inside its loop and sums ASPP branches 0+1 only "
+            "(branches 2-3 keep their random init), ADVENT sums all four. Build the model with "
+            "head_mode='adaptsegnet' (config model.head_mode) for an AdaptSegNet file, "
+            "'aspp' (default) for ADVENT")
+    if layout == "kazuto" and alignment != "pytorch" and head_loaded:
+        notes.append("kazuto1011/deeplab-pytorch trains and evaluates with "
+                     "align_corners=False and floor-rounded MSC sizes: pass "
+                     "alignment='pytorch' (--alignment pytorch) to reproduce a model trained "
+                     "with it; 'caffe' reproduces its converted Caffe models")
+    return notes
+
+
+def load_weights(model, path, *, head: str = "auto", layout: str | None = None,
+                 alignment=None) -> LoadReport:
     """Load ``path`` into ``model`` strictly and return a :class:`LoadReport`.
 
     ``head``: ``"auto"`` loads the ASPP head when the file has one of matching shape and
     otherwise leaves it initialised and says so; ``"require"`` makes a missing or mismatched
     head an error (use it to evaluate a trained checkpoint); ``"skip"`` never loads it.
     The model's backbone layout (``caffe``/``torchvision``) and preprocessing are set to the
-    file's. Raises :class:`WeightsError` naming the file and key on any other mismatch.
+    file's. ``alignment`` (``"caffe"``/``"pytorch"``) sets the model's resizing convention; None
+    takes the one this project's checkpoints record, and for other files keeps the model's
+    (``"caffe"`` unless set). Raises :class:`WeightsError` naming the file and key on any other
+    mismatch.
     """
     raw, metadata = read_file(path)
-    return load_state(model, raw, metadata, source=path, head=head, layout=layout)
+    return load_state(model, raw, metadata, source=path, head=head, layout=layout,
+                      alignment=alignment)
 
 
 def load_state(model, raw: dict[str, torch.Tensor], metadata: dict[str, Any], *, source,
-               head: str = "auto", layout: str | None = None) -> LoadReport:
+               head: str = "auto", layout: str | None = None, alignment=None) -> LoadReport:
     """:func:`load_weights` on a state dict already read (``source`` names it in messages)."""
     if head not in ("auto", "require", "skip"):
         raise ValueError(f"head must be 'auto', 'require' or 'skip', got {head!r}")
@@ -274,6 +370,10 @@ def load_state(model, raw: dict[str, torch.Tensor], metadata: dict[str, Any], *,
                 dst, reason = None, "BatchNorm step counter (not used by frozen BN)"
         elif layout == "torchvision_vgg":
             dst, reason = _map_vgg_key(key)
+            if dst is None and reason is None and key in _VGG_SOURCES:
+                continue  # counted below with the decimated head
+        elif layout == "kazuto":
+            dst, reason = _map_kazuto_key(key)
         else:
             dst, reason = _map_resnet_key(key, layout, has_layer6)
         if reason is not None:
@@ -285,8 +385,17 @@ def load_state(model, raw: dict[str, torch.Tensor], metadata: dict[str, Any], *,
         mapped[dst] = tensor
         report.loaded[key] = dst
 
+    if layout == "torchvision_vgg":  # fc6/fc7 of every branch: pretrained, not the classifier
+        fc = _decimated_vgg_head(state, model, path)
+        mapped.update(fc)
+        for src in _VGG_SOURCES:
+            report.loaded[src] = "head.branches.*." + _VGG_FC[src.rsplit(".", 1)[0]] + \
+                "." + src.rsplit(".", 1)[1] + " (decimated)"
     head_keys = [k for k in target if k.startswith("head.")]
     file_head = {k for k in mapped if k.startswith("head.")}
+    if layout == "torchvision_vgg":  # the classifier proper (fc8) is never in the file
+        head_keys = [k for k in head_keys if ".fc8." in k]
+        file_head = {k for k in file_head if ".fc8." in k}
     head_ok = bool(file_head) and all(k in mapped and mapped[k].shape == target[k].shape
                                       for k in head_keys)
     if head == "require" and not head_ok:
@@ -305,7 +414,7 @@ def load_state(model, raw: dict[str, torch.Tensor], metadata: dict[str, Any], *,
                 report.dropped[src] = reason
                 del report.loaded[src]
                 del mapped[dst]
-    report.head_loaded = any(k.startswith("head.") for k in mapped)
+    report.head_loaded = any(k in mapped for k in head_keys)
 
     for key, t in target.items():
         if key in mapped:
@@ -319,14 +428,25 @@ def load_state(model, raw: dict[str, torch.Tensor], metadata: dict[str, Any], *,
             raise WeightsError(f"{path}: missing backbone key {key!r} (the file's {layout} "
                                f"weights do not fit this {_describe(model)})")
 
-    # Follow the weights' layout and preprocessing before copying.
+    # Follow the weights' layout, preprocessing and resizing convention before copying.
+    from .model.alignment import get_alignment
     if layout == "deeplabv2":
         backbone_layout = metadata.get("layout", "caffe")
         pre = metadata.get("preprocessing")
         report.preprocessing = Preprocessing.from_dict(pre) if pre else model.preprocessing
+        # version 1 files (no field) were trained with align_corners=False resizing
+        recorded = metadata.get("alignment", "pytorch" if metadata else None)
+        align = get_alignment(alignment or recorded or getattr(model, "alignment", None))
+        if recorded and align.name != recorded:
+            report.notes.append(f"the file records alignment {recorded!r}; "
+                                f"running with {align.name!r} as asked")
     else:
         backbone_layout = _BACKBONE_LAYOUT.get(layout)
         report.preprocessing = _PREPROCESSING[layout]
+        align = get_alignment(alignment or getattr(model, "alignment", None))
+        report.notes += _foreign_notes(layout, model, align.name, report.head_loaded)
+    report.alignment = align.name
+    model.alignment = align
     if backbone_layout and hasattr(model.backbone, "set_layout"):
         model.backbone.set_layout(backbone_layout)
     report.backbone_layout = backbone_layout
@@ -348,8 +468,10 @@ def _describe(model) -> str:
 
 # -- writing this project's checkpoints ---------------------------------------------------------
 def checkpoint_metadata(model, classes=None, palette=None) -> dict[str, Any]:
+    from .model.alignment import get_alignment
     return {"format": FORMAT, "version": FORMAT_VERSION, "model_config": dict(model.config),
             "layout": model.layout, "preprocessing": model.preprocessing.to_dict(),
+            "alignment": get_alignment(getattr(model, "alignment", None)).name,
             "classes": list(classes) if classes is not None else None,
             "palette": [[int(c) for c in rgb] for rgb in palette] if palette is not None
             else None}

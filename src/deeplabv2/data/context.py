@@ -1,4 +1,4 @@
-"""PASCAL-Context (Mottaghi et al., CVPR 2014), the 59 most frequent classes.
+"""PASCAL-Context (Mottaghi et al., CVPR 2014): the 59 most frequent classes plus background.
 
 Layout: the common PNG export of the official ``trainval_merged.json`` (e.g. by the Detail
 API), inside the VOC 2010 folder (``root`` is the folder holding ``VOCdevkit``, or
@@ -8,12 +8,16 @@ API), inside the VOC 2010 folder (``root`` is the folder holding ``VOCdevkit``, 
     SegmentationClassContext/{name}.png            values 0..59, 0 = background / other
     ImageSets/SegmentationContext/{train,val}.txt  one name a line (4,998 / 5,105)
 
-Convention (the 59-class setting used by DeepLab v2 and most later work): value 0, every
-pixel outside the 59 classes, is *ignored* (train id 255), and values 1..59 become train ids
-0..58. So ``classes[0]`` is ``aeroplane`` and the model has 59 outputs. Values above 59
-become train ids above 58 and are reported by :meth:`check`. Colours are the VOC palette
-entries of the PNG values (``voc_palette(60)[1:]``), so coloured predictions look like the
-exported labels.
+Two protocols (``num_classes``):
+
+* **60** (default; DeepLab v2's, paper Sec. 4.2 and Table 6: "the most frequent 59 classes
+  along with one background category"): PNG value 0 is the class ``background``, trained and
+  counted in the mIoU; values 1..59 are train ids 1..59, i.e. the PNG values themselves.
+* **59** (most later work): value 0 is *ignored* (train id 255) and values 1..59 become train
+  ids 0..58, so ``classes[0]`` is ``aeroplane``.
+
+Values above 59 fall outside the classes and are reported by :meth:`check`. Colours are the
+VOC palette entries of the PNG values, so coloured predictions look like the exported labels.
 """
 
 from __future__ import annotations
@@ -31,17 +35,27 @@ CLASSES = ("aeroplane", "bag", "bed", "bedclothes", "bench", "bicycle", "bird", 
            "shelves", "sidewalk", "sign", "sky", "snow", "sofa", "table", "track", "train",
            "tree", "truck", "tvmonitor", "wall", "water", "window", "wood")
 
-# PNG value -> train id: 0 -> 255 (ignored), v -> v - 1 otherwise (255 stays 255).
-_LUT = np.array([255] + list(range(254)) + [255], dtype=np.uint8)
+# PNG value -> train id. 60 classes: the identity. 59 classes: 0 -> 255 (ignored), v -> v - 1
+# otherwise (255 stays 255).
+_LUTS = {60: np.arange(256, dtype=np.uint8),
+         59: np.array([255] + list(range(254)) + [255], dtype=np.uint8)}
 
 
 class PascalContextDataset(SegmentationDataset):
-    """PASCAL-Context ``split`` (``train``, ``val``) as ``(image, train ids 0..58)``."""
+    """PASCAL-Context ``split`` (``train``, ``val``) as ``(image, train ids)``: 0..59 with
+    ``num_classes=60`` (background is class 0, the paper's protocol), 0..58 with 59."""
 
-    classes = CLASSES
-    palette = voc_palette(len(CLASSES) + 1)[1:]
+    classes = ("background",) + CLASSES
+    palette = voc_palette(len(CLASSES) + 1)
 
-    def __init__(self, root, split: str = "train", transform=None, seed: int = 0):
+    def __init__(self, root, split: str = "train", transform=None, seed: int = 0,
+                 num_classes: int = 60):
+        if num_classes not in _LUTS:
+            raise ValueError(f"PASCAL-Context num_classes must be 60 (59 + background, the "
+                             f"paper's) or 59 (background ignored), got {num_classes!r}")
+        self.lut = _LUTS[num_classes]
+        if num_classes == 59:
+            self.classes, self.palette = CLASSES, voc_palette(len(CLASSES) + 1)[1:]
         base = resolve_voc_root(root, "2010")
         super().__init__(base, split, transform, seed)
         list_path = (require_dir(base / "ImageSets" / "SegmentationContext", "split list")
@@ -51,4 +65,4 @@ class PascalContextDataset(SegmentationDataset):
                                    ".png", list_path)
 
     def read_label(self, path) -> np.ndarray:
-        return _LUT[read_label_png(path)]
+        return self.lut[read_label_png(path)]

@@ -42,7 +42,9 @@ def resize_pair(image: np.ndarray, label: np.ndarray, height: int, width: int):
 class TrainTransform:
     """DeepLab v2 training augmentation: random scale, pad, random crop, horizontal flip.
 
-    1. scale by ``s ~ U(scale_range)`` (image bilinear, label nearest);
+    1. scale by ``s`` drawn uniformly from the discrete set ``scales`` when given (the released
+       DeepLab v2 recipe: {0.5, 0.75, 1, 1.25, 1.5}), else ``s ~ U(scale_range)`` (image
+       bilinear, label nearest);
     2. flip left-right with probability 0.5 when ``flip``;
     3. pad at the bottom/right up to ``crop_size`` where the scaled image is smaller: the
        image with the preprocessing's mean pixel (exactly 0 after normalisation), the label
@@ -56,25 +58,31 @@ class TrainTransform:
     """
 
     def __init__(self, crop_size, scale_range=(0.5, 1.5), flip: bool = True,
-                 preprocessing: Preprocessing = CAFFE_BGR, ignore_index: int = IGNORE_INDEX):
+                 preprocessing: Preprocessing = CAFFE_BGR, ignore_index: int = IGNORE_INDEX,
+                 scales=None):
         self.crop_size = _pair(crop_size)
         lo, hi = float(scale_range[0]), float(scale_range[1])
         if not 0 < lo <= hi:
             raise ValueError(f"scale_range must satisfy 0 < low <= high, got {scale_range}")
         self.scale_range = (lo, hi)
+        self.scales = tuple(float(s) for s in scales) if scales else None
+        if self.scales and not all(s > 0 for s in self.scales):
+            raise ValueError(f"scales must be positive, got {list(self.scales)}")
         self.flip = bool(flip)
         self.preprocessing = preprocessing
         self.ignore_index = int(ignore_index)
 
     def __repr__(self) -> str:
         return (f"TrainTransform(crop_size={self.crop_size}, scale_range={self.scale_range}, "
+                f"scales={self.scales}, "
                 f"flip={self.flip}, preprocessing={self.preprocessing}, "
                 f"ignore_index={self.ignore_index})")
 
     def __call__(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> dict:
         ch, cw = self.crop_size
         # Draw everything first, in a fixed order, so a sample depends only on the rng seed.
-        s = rng.uniform(*self.scale_range)
+        s = self.scales[rng.integers(len(self.scales))] if self.scales else \
+            rng.uniform(*self.scale_range)
         do_flip = self.flip and rng.random() < 0.5
         u_y, u_x = rng.random(2)
 

@@ -6,36 +6,40 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from ..preprocessing import CAFFE_BGR, Preprocessing
-from .aspp import ASPP
+from .alignment import CAFFE, Alignment, get_alignment
+from .aspp import ASPP, HEAD_MODES
 from .resnet import ResNet
 from .vgg import VGG16, VGGASPP
 
 RESNET_DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 DEFAULT_RATES = (6, 12, 18, 24)
+LARGEFOV_RATES = (12,)
 
 
 class DeepLabV2(nn.Module):
     """Backbone -> ASPP -> bilinear upsampling.
 
-    ``model(x)`` returns ``(N, C, H, W)`` logits at the input size (bilinear,
-    ``align_corners=False``), in train and eval mode alike; ``model.logits(x)`` returns the
+    ``model(x)`` returns ``(N, C, H, W)`` logits at the input size, in train and eval mode
+    alike, upsampled bilinearly as :attr:`alignment` says (default ``"caffe"``: score cell
+    ``i`` on pixel ``8 i``, as the paper's ``Interp`` layer); ``model.logits(x)`` returns the
     stride-8 ``(N, C, h, w)`` scores the paper's loss uses. ``x`` is the preprocessed input
     (see :attr:`preprocessing`); ``model.preprocess(rgb_uint8)`` produces it.
 
     ``config`` is the plain dict that :func:`build_model` rebuilds the architecture from; it is
-    saved in this project's checkpoints next to the preprocessing and the backbone layout.
+    saved in this project's checkpoints next to the preprocessing, the alignment convention
+    and the backbone layout.
     """
 
     def __init__(self, backbone: nn.Module, head: nn.Module, config: dict[str, Any],
-                 preprocessing: Preprocessing = CAFFE_BGR):
+                 preprocessing: Preprocessing = CAFFE_BGR, alignment: Alignment = CAFFE):
         super().__init__()
         self.backbone = backbone
         self.head = head
         self.config = dict(config)
         self.preprocessing = preprocessing
+        self.alignment = get_alignment(alignment)
         self.output_stride = 8
         self.load_report = None  # set by load_weights
 
@@ -52,7 +56,8 @@ class DeepLabV2(nn.Module):
         return self.preprocessing(images)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Stride-8 class scores ``(N, C, ceil(H/8), ceil(W/8))`` (for 512x1024: 65x129)."""
+        """Stride-8 class scores ``(N, C, H // 8 + 1, W // 8 + 1)`` (512x1024: 65x129; 321: 41),
+        cell ``i`` centred on pixel ``8 i``."""
         return self.head(self.backbone(x))
 
     def forward(self, x: torch.Tensor, upsample: bool = True) -> torch.Tensor:
@@ -61,17 +66,18 @@ class DeepLabV2(nn.Module):
         logits = self.logits(x)
         if not upsample:
             return logits
-        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return self.alignment.upsample(logits, x.shape[-2:], self.output_stride)
 
     # -- optimisation ------------------------------------------------------------------------
     def param_groups(self, lr: float, weight_decay: float = 5e-4) -> list[dict]:
         """SGD parameter groups by module ownership (cf. the Caffe solver's lr_mult/decay_mult).
 
-        * ``backbone``: weights at 1x lr with weight decay;
-        * ``backbone_bias``: backbone conv biases (VGG) at 2x lr, no decay;
+        * ``backbone``: pretrained weights at 1x lr with weight decay (the backbone, and VGG's
+          fc6/fc7, which DeepLab initialises from ImageNet);
+        * ``backbone_bias``: their biases (VGG) at 2x lr, no decay;
         * ``backbone_norm``: BN scale/shift, only when BN is trainable: 1x lr, no decay;
-        * ``head``: ASPP weights at 10x lr with weight decay;
-        * ``head_bias``: ASPP biases at 20x lr, no decay.
+        * ``head``: the new classifier's weights (ASPP; VGG's fc8) at 10x lr with weight decay;
+        * ``head_bias``: its biases at 20x lr, no decay.
 
         Every trainable parameter is in exactly one group; frozen ones are in none. Each group
         carries ``lr_mult`` so that a schedule can set ``group["lr"] = lr_mult * base_lr``.
@@ -79,6 +85,7 @@ class DeepLabV2(nn.Module):
         norm_types = (nn.BatchNorm2d, nn.GroupNorm, nn.SyncBatchNorm)
         norm_params = {id(p) for m in self.backbone.modules() if isinstance(m, norm_types)
                        for p in m.parameters(recurse=False)}
+        classifier = {id(p) for p in self.head.classifier_parameters()}
         buckets: dict[str, list[nn.Parameter]] = {k: [] for k in
                                                   ("backbone", "backbone_bias", "backbone_norm",
                                                    "head", "head_bias")}
@@ -90,7 +97,8 @@ class DeepLabV2(nn.Module):
             buckets[key].append(p)
         for p in self.head.parameters():
             if p.requires_grad:
-                buckets["head" if p.ndim > 1 else "head_bias"].append(p)
+                prefix = "head" if id(p) in classifier else "backbone"
+                buckets[prefix if p.ndim > 1 else prefix + "_bias"].append(p)
         settings = {"backbone": (1.0, weight_decay), "backbone_bias": (2.0, 0.0),
                     "backbone_norm": (1.0, 0.0), "head": (10.0, weight_decay),
                     "head_bias": (20.0, 0.0)}
@@ -106,12 +114,15 @@ class DeepLabV2(nn.Module):
 def build_model(config: dict[str, Any], preprocessing: Preprocessing | None = None) -> DeepLabV2:
     """Build the architecture described by ``config`` (the dict stored as ``model.config``).
 
-    Keys: ``backbone`` ("resnet" or "vgg16"), ``num_classes``, ``atrous_rates``, and for a
-    ResNet ``blocks`` (blocks per stage), ``width`` (stem channels, 64 for the real network),
-    ``frozen_bn`` and ``layout`` ("caffe" or "torchvision").
+    Keys: ``backbone`` ("resnet" or "vgg16"), ``num_classes``, ``atrous_rates`` (VGG-16 with
+    ``[12]``: DeepLab-LargeFOV), and for a ResNet ``blocks`` (blocks per stage), ``width`` (stem
+    channels, 64 for the real network), ``frozen_bn``, ``layout`` ("caffe" or "torchvision")
+    and ``head_mode`` ("aspp", or "adaptsegnet" for AdaptSegNet-trained files: see
+    :data:`deeplabv2.model.aspp.HEAD_MODES`).
     """
     cfg = dict(config)
-    known = {"backbone", "num_classes", "atrous_rates", "blocks", "width", "frozen_bn", "layout"}
+    known = {"backbone", "num_classes", "atrous_rates", "blocks", "width", "frozen_bn", "layout",
+             "head_mode"}
     unknown = set(cfg) - known
     if unknown:
         raise ValueError(f"unknown model config keys {sorted(unknown)}; valid: {sorted(known)}")
@@ -126,11 +137,14 @@ def build_model(config: dict[str, Any], preprocessing: Preprocessing | None = No
         width = int(cfg.get("width", 64))
         frozen = bool(cfg.get("frozen_bn", True))
         layout = cfg.get("layout", "caffe")
+        head_mode = cfg.get("head_mode", "aspp")
         cfg.update(blocks=list(blocks), width=width, frozen_bn=frozen, layout=layout)
+        if head_mode != "aspp":
+            cfg["head_mode"] = head_mode
         backbone = ResNet(blocks, frozen_bn=frozen, layout=layout, width=width)
-        head = ASPP(backbone.out_channels, num_classes, rates)
+        head = ASPP(backbone.out_channels, num_classes, rates, head_mode=head_mode)
     elif kind == "vgg16":
-        for k in ("blocks", "width", "frozen_bn", "layout"):
+        for k in ("blocks", "width", "frozen_bn", "layout", "head_mode"):
             if k in cfg:
                 raise ValueError(f"model config key {k!r} does not apply to the vgg16 backbone")
         backbone = VGG16()
@@ -142,39 +156,55 @@ def build_model(config: dict[str, Any], preprocessing: Preprocessing | None = No
     return DeepLabV2(backbone, head, cfg, preprocessing or CAFFE_BGR)
 
 
-def _with_weights(model: DeepLabV2, weights, head: str) -> DeepLabV2:
+def _with_weights(model: DeepLabV2, weights, head: str, alignment) -> DeepLabV2:
     if weights is not None:
         from ..weights import load_weights
-        load_weights(model, weights, head=head)
+        load_weights(model, weights, head=head, alignment=alignment)
+    elif alignment is not None:
+        model.alignment = get_alignment(alignment)
     return model
 
 
 def deeplabv2_resnet101(num_classes: int = 19, *, weights=None, frozen_bn: bool = True,
-                        atrous_rates=DEFAULT_RATES, head: str = "auto") -> DeepLabV2:
+                        atrous_rates=DEFAULT_RATES, head: str = "auto",
+                        head_mode: str = "aspp", alignment=None) -> DeepLabV2:
     """DeepLab v2 with the atrous ResNet-101 (the paper's main model).
 
     ``weights`` is a path to any layout :func:`deeplabv2.load_weights` accepts; the model then
     follows that file's backbone layout and preprocessing. ``frozen_bn=False`` makes BN
     trainable (for training from scratch). ``head`` is passed to ``load_weights``.
+    ``head_mode="adaptsegnet"`` sums ASPP branches 0+1 only, as AdaptSegNet-trained files need.
+    ``alignment`` (``"caffe"``, the default, or ``"pytorch"``): see
+    :mod:`deeplabv2.model.alignment`; None keeps the convention a checkpoint of ours records.
     """
     model = build_model({"backbone": "resnet", "blocks": RESNET_DEPTHS[101],
                          "num_classes": num_classes, "frozen_bn": frozen_bn,
-                         "atrous_rates": atrous_rates})
-    return _with_weights(model, weights, head)
+                         "atrous_rates": atrous_rates, "head_mode": head_mode})
+    return _with_weights(model, weights, head, alignment)
 
 
 def deeplabv2_resnet50(num_classes: int = 19, *, weights=None, frozen_bn: bool = True,
-                       atrous_rates=DEFAULT_RATES, head: str = "auto") -> DeepLabV2:
+                       atrous_rates=DEFAULT_RATES, head: str = "auto",
+                       head_mode: str = "aspp", alignment=None) -> DeepLabV2:
     """DeepLab v2 with an atrous ResNet-50 backbone."""
     model = build_model({"backbone": "resnet", "blocks": RESNET_DEPTHS[50],
                          "num_classes": num_classes, "frozen_bn": frozen_bn,
-                         "atrous_rates": atrous_rates})
-    return _with_weights(model, weights, head)
+                         "atrous_rates": atrous_rates, "head_mode": head_mode})
+    return _with_weights(model, weights, head, alignment)
 
 
 def deeplabv2_vgg16(num_classes: int = 21, *, weights=None, atrous_rates=DEFAULT_RATES,
-                    head: str = "auto") -> DeepLabV2:
-    """DeepLab-ASPP-L over VGG-16: four fc6/fc7/fc8 branches, summed."""
+                    head: str = "auto", alignment=None) -> DeepLabV2:
+    """DeepLab-ASPP-L over VGG-16: four fc6/fc7/fc8 branches, summed. ``atrous_rates=(12,)``
+    gives DeepLab-LargeFOV (:func:`deeplabv2_vgg16_largefov`). ImageNet VGG-16 weights
+    (torchvision layout) initialise the features and, decimated, every branch's fc6/fc7."""
     model = build_model({"backbone": "vgg16", "num_classes": num_classes,
                          "atrous_rates": atrous_rates})
-    return _with_weights(model, weights, head)
+    return _with_weights(model, weights, head, alignment)
+
+
+def deeplabv2_vgg16_largefov(num_classes: int = 21, *, weights=None, head: str = "auto",
+                             alignment=None) -> DeepLabV2:
+    """DeepLab-LargeFOV: VGG-16 with one fc6 (3x3, rate 12, 1024) -> fc7 -> fc8 branch."""
+    return deeplabv2_vgg16(num_classes, weights=weights, atrous_rates=LARGEFOV_RATES, head=head,
+                           alignment=alignment)

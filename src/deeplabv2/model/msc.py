@@ -4,8 +4,10 @@ weights, an ``Eltwise`` MAX of the scores and one ``SoftmaxWithLoss`` per branch
 
 The input is resized to each scale, every copy goes through the *same* network, and the score
 maps are fused by taking, at each position, the maximum over scales. Training sums the
-cross-entropy of every branch and of the fused map, each against labels downsampled (nearest)
-to its own score map.
+cross-entropy of every branch and of the fused map, each against labels shrunk to its own
+score map. Sizes, resizing and label shrinking follow the model's
+:class:`~deeplabv2.model.alignment.Alignment` (Caffe's ``Interp`` by default: 321 -> 241 and
+161 at 0.75 and 0.5, score maps 41/31/21, corner-aligned bilinear resizing).
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ from typing import Callable
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-from ..inference import check_scales, scaled_size
+from ..inference import check_scales
+from .alignment import Alignment, get_alignment
 
 PAPER_SCALES = (1.0, 0.75, 0.5)
 
@@ -27,13 +29,14 @@ class MSC(nn.Module):
     * train mode: ``msc(x)`` returns ``[s_1, ..., s_k, fused]``: the stride-8 scores
       ``(N, C, h_i, w_i)`` of each scale, in ``scales`` order and at their own sizes, then their
       element-wise max after resizing (bilinearly) to the largest scale's score map (scale 1 in
-      the paper). Feed it to :func:`msc_loss`.
-    * eval mode: ``msc(x)`` returns the fused scores upsampled bilinearly to the input size,
-      like the plain model, so evaluation and prediction take it unchanged; ``upsample=False``
-      returns the fused stride-8 scores.
+      the paper). Feed it to :func:`msc_loss` with :meth:`input_sizes`.
+    * eval mode: ``msc(x)`` returns the fused scores upsampled to the input size, like the
+      plain model, so evaluation and prediction take it unchanged (the paper's test-time MSC,
+      ``Eltwise MAX`` in the released test prototxt); ``upsample=False`` returns the fused
+      stride-8 scores.
 
-    ``param_groups``, ``preprocess``, ``preprocessing``, ``config``, ``num_classes`` and
-    ``layout`` are the wrapped model's. The weights are those of ``msc.model``: save and load
+    ``param_groups``, ``preprocess``, ``preprocessing``, ``alignment``, ``config``,
+    ``num_classes`` and ``layout`` are the wrapped model's. The weights are those of ``msc.model``: save and load
     ``msc.model`` (its state dict has no ``model.`` prefix).
     """
 
@@ -52,6 +55,10 @@ class MSC(nn.Module):
         return self.model.config
 
     @property
+    def alignment(self) -> Alignment:
+        return get_alignment(getattr(self.model, "alignment", None))
+
+    @property
     def num_classes(self) -> int:
         return self.model.num_classes
 
@@ -66,24 +73,22 @@ class MSC(nn.Module):
         return self.model.param_groups(lr, weight_decay)
 
     # -- forward -------------------------------------------------------------------------------
+    def input_sizes(self, height: int, width: int) -> list[tuple[int, int]]:
+        """The input size each output of train mode was computed from: every scale's resized
+        input, then the largest one's for the fused map (321 -> [321, 241, 161, 321])."""
+        sizes = [self.alignment.scaled_size(height, width, s) for s in self.scales]
+        return [*sizes, max(sizes, key=lambda hw: hw[0] * hw[1])]
+
     def branches(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Stride-8 scores of ``x`` resized (bilinearly) by each scale, in ``scales`` order."""
-        height, width = x.shape[-2:]
-        outputs = []
-        for s in self.scales:
-            xs = x if s == 1.0 else F.interpolate(x, size=scaled_size(height, width, s),
-                                                  mode="bilinear", align_corners=False)
-            outputs.append(self.model(xs, upsample=False))
-        return outputs
+        return [self.model(self.alignment.rescale(x, s), upsample=False) for s in self.scales]
 
-    @staticmethod
-    def fuse(branches: list[torch.Tensor]) -> torch.Tensor:
+    def fuse(self, branches: list[torch.Tensor]) -> torch.Tensor:
         """Element-wise max of the score maps, each resized bilinearly to the largest one."""
         size = max((b.shape[-2:] for b in branches), key=lambda hw: hw[0] * hw[1])
         fused = None
         for b in branches:
-            if b.shape[-2:] != size:
-                b = F.interpolate(b, size=size, mode="bilinear", align_corners=False)
+            b = self.alignment.resize(b, size)
             fused = b if fused is None else torch.maximum(fused, b)
         return fused
 
@@ -98,25 +103,32 @@ class MSC(nn.Module):
             return [*branches, fused]
         if not upsample:
             return fused
-        return F.interpolate(fused, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return self.alignment.upsample(fused, x.shape[-2:])
 
     def extra_repr(self) -> str:
         return f"scales={self.scales}"
 
 
 def msc_loss(outputs: list[torch.Tensor], labels: torch.Tensor,
-             loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+             loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+             input_sizes: list[tuple[int, int]] | None = None,
+             alignment: Alignment | str | None = None) -> torch.Tensor:
     """Sum over MSC's outputs (each branch and the fused map) of ``loss_fn(scores, labels_i)``,
-    where ``labels_i`` are the ``(N, H, W)`` labels (255 = ignore) resized with nearest
-    neighbour to that output's ``(h_i, w_i)`` (paper Sec. 3.3: one loss per scale plus the
-    fused one). ``loss_fn`` is e.g. ``lambda s, y: segmentation_loss(s, y, "stride8")``.
+    where ``labels_i`` are the ``(N, H, W)`` labels (255 = ignore) shrunk to that output's
+    ``(h_i, w_i)`` cells by ``alignment`` (paper Sec. 3.3: one loss per scale plus the fused
+    one). ``input_sizes`` (from :meth:`MSC.input_sizes`) tells where each output's cells sit;
+    without it every output is taken as computed from the labels' own size. ``loss_fn`` is
+    e.g. ``lambda s, y: segmentation_loss(s, y, "stride8")``.
     """
+    align = get_alignment(alignment)
+    sizes = input_sizes or [None] * len(outputs)
+    if len(sizes) != len(outputs):
+        raise ValueError(f"{len(outputs)} MSC outputs but {len(sizes)} input sizes")
     total = None
-    for scores in outputs:
+    for scores, size in zip(outputs, sizes):
         target = labels
         if labels.shape[-2:] != scores.shape[-2:]:
-            target = F.interpolate(labels[:, None].float(), size=scores.shape[-2:],
-                                   mode="nearest")[:, 0].to(labels.dtype)
+            target = align.shrink_labels(labels, scores.shape[-2:], input_size=size)
         term = loss_fn(scores, target)
         total = term if total is None else total + term
     return total

@@ -4,7 +4,13 @@ Backbone: VGG-16 conv1_1 ... conv5_3 with pool1-3 at stride 2, pool4 and pool5 a
 (3x3, padding 1, Caffe ceil rounding) and conv5 dilated by 2: output stride 8.
 Head: per rate r in (6, 12, 18, 24) a branch fc6 (3x3, dilation r, 1024) -> ReLU -> dropout
 -> fc7 (1x1, 1024) -> ReLU -> dropout -> fc8 (1x1, classes); the four fc8 scores are summed
-(cf. DeepLab-v2 ``prototxt/VGG16_ASPP-L``).
+(cf. DeepLab-v2 ``prototxt/VGG16_ASPP-L``). With ``atrous_rates=(12,)`` the head is one such
+branch: DeepLab-LargeFOV (paper Sec. 4.1, Table 3).
+
+fc6/fc7 are not new layers: DeepLab initialises them from ImageNet VGG-16's fully connected
+fc6/fc7, "decimated" (paper Sec. 3.1, DeepLab v1 Sec. 4.1) to 1024 channels and a 3x3 kernel
+(:func:`decimate_vgg_classifier`), and trains them like the backbone (lr x1 weights, x2
+biases); only fc8 is new (N(0, 0.01), lr x10/x20). Dropout is Caffe's element-wise dropout.
 
 ``features`` uses the indices of torchvision's ``vgg16().features`` so that ImageNet VGG-16
 state dicts load by name.
@@ -50,7 +56,7 @@ class VGGBranch(nn.Module):
         self.fc7 = nn.Conv2d(1024, 1024, 1)
         self.fc8 = nn.Conv2d(1024, num_classes, 1)
         self.relu = nn.ReLU(inplace=True)
-        self.drop = nn.Dropout2d(dropout)
+        self.drop = nn.Dropout(dropout)  # element-wise, as Caffe's Dropout layer
         nn.init.normal_(self.fc8.weight, 0.0, 0.01)
         nn.init.zeros_(self.fc8.bias)
 
@@ -76,6 +82,30 @@ class VGGASPP(nn.Module):
         return out
 
     def classifier_parameters(self):
-        """The fc8 layers: the new, randomly initialised classifiers (lr x10 / x20)."""
+        """The fc8 layers: the new, randomly initialised classifiers (lr x10 / x20); fc6/fc7
+        come from ImageNet VGG-16 and train at the backbone's x1/x2."""
         for b in self.branches:
             yield from b.fc8.parameters()
+
+
+def decimate_vgg_classifier(fc6_weight: torch.Tensor, fc6_bias: torch.Tensor,
+                            fc7_weight: torch.Tensor, fc7_bias: torch.Tensor,
+                            channels: int = 1024) -> dict[str, torch.Tensor]:
+    """ImageNet VGG-16's fc6 ``(4096, 25088)`` and fc7 ``(4096, 4096)`` -> DeepLab's fc6
+    ``(1024, 512, 3, 3)`` and fc7 ``(1024, 1024, 1, 1)`` by decimation: every 4th filter
+    (and, for fc7, every 4th input) and, of fc6's 7x7 taps, rows and columns 0, 3, 6.
+
+    Returns ``{"fc6.weight", "fc6.bias", "fc7.weight", "fc7.bias"}``.
+    """
+    out = fc6_weight.shape[0]
+    if fc6_weight.shape != (out, 512 * 7 * 7) or fc7_weight.shape != (out, out) or \
+            out % channels:
+        raise ValueError(f"expected VGG-16 fc6 ({out}, 25088) and fc7 ({out}, {out}) with "
+                         f"{out} divisible by {channels}, got {tuple(fc6_weight.shape)} and "
+                         f"{tuple(fc7_weight.shape)}")
+    step = out // channels
+    taps = torch.tensor([0, 3, 6])
+    fc6 = fc6_weight.reshape(out, 512, 7, 7)[::step][:, :, taps][:, :, :, taps]
+    return {"fc6.weight": fc6.contiguous(), "fc6.bias": fc6_bias[::step].clone(),
+            "fc7.weight": fc7_weight[::step, ::step].reshape(channels, channels, 1, 1).clone(),
+            "fc7.bias": fc7_bias[::step].clone()}

@@ -1,0 +1,10 @@
+"""Unsupervised domain adaptation on the DeepLab v2 network: each published method as a small
+part that plugs into the one training loop (:mod:`deeplabv2.train`).
+
+* :mod:`.discriminator`: AdaptSegNet's fully convolutional discriminator and its BCE terms;
+* :mod:`.entropy`: ADVENT's entropy and weighted self-information maps, FDA's Charbonnier
+  entropy;
+* :mod:`.fda`: FDA's low-frequency amplitude swap;
+* :mod:`.mix`: DACS's ClassMix, EMA teacher, confidence-weighted pseudo-labels and strong
+  augmentation.
+"""

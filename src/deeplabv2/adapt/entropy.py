@@ -1,0 +1,38 @@
+"""Entropy terms of ADVENT (Vu et al., CVPR 2019) and FDA (Yang & Soatto, CVPR 2020).
+
+Every map is normalised by ``log C`` so that it lies in ``[0, 1]`` whatever the number of
+classes, as both papers do.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.nn import functional as F
+
+
+def self_information(logits: torch.Tensor) -> torch.Tensor:
+    """ADVENT's weighted self-information map ``-p log p / log C``: ``(N, C, h, w)`` scores ->
+    ``(N, C, h, w)``, the AdvEnt discriminator's input (Eq. 5). Zero where ``p = 0``."""
+    c = logits.shape[1]
+    p = F.softmax(logits, dim=1)
+    return -p * F.log_softmax(logits, dim=1) / math.log(c)
+
+
+def entropy_map(logits: torch.Tensor) -> torch.Tensor:
+    """Normalised Shannon entropy per position: ``(N, C, h, w)`` -> ``(N, h, w)`` in [0, 1]."""
+    return self_information(logits).sum(1)
+
+
+def entropy_loss(logits: torch.Tensor) -> torch.Tensor:
+    """ADVENT's MinEnt term (Eq. 3): the mean normalised entropy over positions and images."""
+    return entropy_map(logits).mean()
+
+
+def charbonnier_entropy(logits: torch.Tensor, eta: float = 2.0, eps: float = 1e-8) -> torch.Tensor:
+    """FDA's robust entropy (Sec. 3.2, a Charbonnier penalty): ``mean((E^2 + eps) ** eta)`` of
+    the normalised entropy map ``E``. With ``eta > 0.5`` high-entropy pixels are penalised more
+    than low-entropy ones; the released code uses ``eta = 2`` (``--ita``) and ``eps = 1e-8``."""
+    ent = entropy_map(logits)
+    return ((ent ** 2 + eps) ** eta).mean()
