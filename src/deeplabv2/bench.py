@@ -366,7 +366,8 @@ def cmd_bench(args) -> int:
     result["model"] = args.model
     print(format_table(result))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        from .fileio import atomic_write_text
+        atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
         print(f"results written to {args.json}")
     return 0
 

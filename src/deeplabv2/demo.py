@@ -20,6 +20,7 @@ from .config import load_config
 from .data import build_dataset
 from .evaluate import evaluate
 from .fast import optimize_for_inference
+from .fileio import atomic_write
 from .metrics import format_table
 from .predict import predict_files
 from .report import write_report
@@ -62,7 +63,9 @@ def run_demo(out_dir="reports/demo", overrides=()) -> dict:
     inputs = out / "inputs"
     inputs.mkdir(parents=True, exist_ok=True)
     for i in range(NUM_EXAMPLES):
-        Image.fromarray(val_ds.load(i)[0]).save(inputs / f"{val_ds.name(i)}.png")
+        image = Image.fromarray(val_ds.load(i)[0])
+        atomic_write(inputs / f"{val_ds.name(i)}.png",
+                     lambda tmp: image.save(tmp, format="PNG"), fsync=False)
     pred = predict_files(net, inputs, out / "predictions", val_ds.palette, progress=False,
                          class_names=classes)
     _example_panel(val_ds, out / "predictions", out / "examples.png", classes)
@@ -99,8 +102,9 @@ def _example_panel(dataset, pred_dir: Path, path: Path, class_names=None) -> Non
                                     colorize(predicted, dataset.palette)], axis=1))
         rows.append(np.full((4, rows[-1].shape[1], 3), 255, np.uint8))
     grid = np.concatenate(rows[:-1], axis=0)
-    _titled(grid, image.shape[1], 4, ["image", "ground truth", "prediction"], class_names,
-            dataset.palette).save(path)
+    panel = _titled(grid, image.shape[1], 4, ["image", "ground truth", "prediction"],
+                    class_names, dataset.palette)
+    atomic_write(path, lambda tmp: panel.save(tmp, format="PNG"), fsync=False)
 
 
 def _titled(grid: np.ndarray, column_width: int, gap: int, titles, class_names, palette):
