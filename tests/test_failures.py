@@ -161,6 +161,8 @@ def test_existing_run_is_refused_unless_resume_or_overwrite(tmp_path, capsys):
     assert main(["train", "-c", str(cfg_path)]) == 2
     one_line_error(capsys, str(run), "holds a run", "--resume", "--overwrite")
     assert snapshot(run) == before
+    assert main(["train", "-c", str(cfg_path), "--overwrite", "--resume"]) == 2
+    one_line_error(capsys, "give one of them")
     assert main(["train", "-c", str(cfg_path), "--overwrite"]) == 0
     assert (run / "model.pth").is_file()
 

@@ -48,6 +48,9 @@ def cmd_train(args) -> int:
     if args.resume and args.resume_from:
         raise ValueError("--resume continues OUT_DIR/last.pth and --from PATH another "
                          "checkpoint: give one of them")
+    if args.overwrite and (args.resume or args.resume_from):
+        raise ValueError("--overwrite starts the run again and --resume/--from continue it: "
+                         "give one of them")
     result = train(cfg, resume=args.resume_from or args.resume, overwrite=args.overwrite,
                    allow_changes=args.allow_changes)
     if result.metrics is not None and _is_main():
