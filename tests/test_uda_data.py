@@ -81,3 +81,22 @@ def test_cityscapes_16_and_13_class_protocols_and_unlabelled_images(tmp_path):
     assert image.shape == (1, 7, 3) and (label == 255).all()
     with pytest.raises(ValueError, match="19, 16 or 13"):
         CityscapesDataset(tmp_path, "val", num_classes=7)
+
+
+def test_16_class_evaluation_also_reports_the_13_class_miou(tmp_path):
+    from deeplabv2.metrics import add_subset_mious, format_table
+    ds = CityscapesDataset.__new__(CityscapesDataset)
+    ds.miou_subsets = {"13": [0, 1, 2, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]}
+    iou = [0.5] * 16
+    iou[3] = iou[4] = iou[5] = 0.0  # wall, fence, pole: out of the 13
+    results = add_subset_mious({"iou": iou}, ds)
+    assert results["miou_13"] == pytest.approx(0.5)
+    cityscapes_tree(tmp_path, [[7, 12]])
+    real = CityscapesDataset(tmp_path, "val", num_classes=16)
+    assert [real.classes[i] for i in real.miou_subsets["13"]] == [
+        "road", "sidewalk", "building", "traffic light", "traffic sign", "vegetation", "sky",
+        "person", "rider", "car", "bus", "motorcycle", "bicycle"]
+    table = format_table({"iou": iou, "class_accuracy": iou, "miou": 0.4, "fw_iou": 0.4,
+                          "pixel_accuracy": 0.4, "mean_class_accuracy": 0.4, "pixels": 10,
+                          "miou_13": 0.5}, real.classes)
+    assert "mIoU over 13" in table and "50.00" in table

@@ -79,6 +79,8 @@ class CityscapesDataset(SegmentationDataset):
         if num_classes != 19:
             self.classes = tuple(CLASSES[t] for t in self.kept)
             self.palette = PALETTE[list(self.kept)]
+        if num_classes == 16:  # SYNTHIA papers report mIoU over 16 and over 13 ("mIoU*")
+            self.miou_subsets = {"13": [self.kept.index(t) for t in SYNTHIA13_TRAIN_IDS]}
         root = require_root(root)
         super().__init__(root, split, transform, seed)
         image_dir = require_dir(root / "leftImg8bit" / split, f"Cityscapes {split!r} image")
