@@ -311,3 +311,35 @@ def test_training_from_an_init_file_starts_a_fresh_head(tmp_path):
     kept = _build_model(load_config("voc12_aug", over + ["model.init_head=true"]), CLASSES)
     assert kept.load_report.head_loaded
     assert torch.equal(kept.head.convs[2].bias, net["head"][2][1])
+
+
+def test_multi_level_files_load_the_auxiliary_head(tmp_path):
+    """AdaptSegNet/ADVENT multi-level files: layer5 (on layer3) is the auxiliary head of a model
+    built with aux_head, and the model's aux output is that head's scores; without aux_head the
+    file's layer5 is dropped and said so."""
+    net = canonical()
+    state = {**resnet_keys(net), **head_keys(net["aux"], "layer5"),
+             **head_keys(net["head"], "layer6")}
+    path = tmp_path / "GTA2Cityscapes_multi.pth"
+    torch.save(state, path)
+    model = tiny_model(aux_head=True)
+    report = load_weights(model, path, head="require")
+    assert not report.dropped or all("num_batches" in k for k in report.dropped)
+    with torch.no_grad():
+        main, aux = model(X, upsample=False, aux=True)
+        assert close(main, reference(net, X))
+        # the auxiliary head on layer3 features, computed from the file's tensors
+        x3 = reference({**net, "stages": net["stages"][:3]}, X, features_only=True)
+        ref_aux = sum(F.conv2d(x3, w, b, padding=r, dilation=r)
+                      for (w, b), r in zip(net["aux"], RATES))
+        assert close(aux, ref_aux)
+    groups = {g["name"]: {id(p) for p in g["params"]} for g in model.param_groups(1e-3)}
+    assert id(model.aux_head.convs[0].weight) in groups["head"]
+    plain = tiny_model()
+    dropped = load_weights(plain, path).dropped
+    assert "layer5.conv2d_list.0.weight" in dropped and "aux_head" in dropped[
+        "layer5.conv2d_list.0.weight"]
+    deeplabv2.save_weights(model, tmp_path / "ours.pth")
+    again = deeplabv2.load_model(tmp_path / "ours.pth")
+    assert again.aux_head is not None and torch.equal(again.aux_head.convs[1].bias,
+                                                      model.aux_head.convs[1].bias)

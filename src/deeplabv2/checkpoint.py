@@ -17,7 +17,8 @@ from .weights import WeightsError, _unwrap, load_state, save_weights, torch_load
 
 
 def save_checkpoint(path, model, optimizer, iteration: int, classes, palette, config: dict,
-                    best_miou: float | None = None, scaler=None) -> None:
+                    best_miou: float | None = None, scaler=None,
+                    adapt_state: dict | None = None) -> None:
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
@@ -26,6 +27,8 @@ def save_checkpoint(path, model, optimizer, iteration: int, classes, palette, co
              "train_state": train_state}
     if scaler is not None:
         extra["scaler_state"] = scaler.state_dict()
+    if adapt_state is not None:  # a domain adaptation method's modules and optimizers
+        extra["adapt_state"] = adapt_state
     save_weights(model, path, classes, palette, **extra)
 
 
@@ -55,4 +58,5 @@ def load_checkpoint(path, model, optimizer, scaler=None) -> dict:
         scaler.load_state_dict(obj["scaler_state"])
     state = dict(obj["train_state"])
     state["load_report"] = report
+    state["adapt_state"] = obj.get("adapt_state")
     return state

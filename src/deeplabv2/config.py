@@ -56,7 +56,8 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    iterations: int = 20000
+    iterations: int = 20000  # the length of the poly schedule
+    stop_at: int = 0  # stop early at this iteration (0: at ``iterations``), as UDA papers do
     lr: float = 2.5e-4
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -104,18 +105,47 @@ class EvalConfig:
         return InferenceConfig.from_dict({k: getattr(self, k) for k in InferenceConfig.keys()})
 
 @dataclass
+class AdaptConfig:
+    """Unsupervised domain adaptation (:mod:`deeplabv2.adapt`): ``data`` is the labelled
+    source, these keys the unlabelled target and the method's weights (papers' defaults)."""
+    method: str = "none"  # none, source_only, adaptsegnet, advent, minent, fda, dacs
+    target_dataset: str | None = None
+    target_root: str | None = None
+    target_split: str = "train"
+    target_options: dict[str, Any] = field(default_factory=dict)  # e.g. {annotation: null}
+    target_crop_size: list[int] | None = None  # None: data.crop_size
+    target_scale_range: list[float] = field(default_factory=lambda: [1.0, 1.0])
+    target_val_split: str | None = "val"  # validate on the target (None: on the source)
+    target_val_options: dict[str, Any] = field(default_factory=dict)
+    multi_level: bool = False  # AdaptSegNet/ADVENT: auxiliary head on layer3
+    lambda_seg_aux: float = 0.1
+    lambda_adv: float = 0.001
+    lambda_adv_aux: float = 0.0002
+    d_lr: float = 1e-4  # discriminators: Adam, betas (0.9, 0.99), poly
+    lambda_ent: float = 0.001  # MinEnt
+    lambda_ent_aux: float = 0.0002
+    fda_beta: float = 0.01  # 0.01 / 0.05 / 0.09 for the three models of FDA-MBT
+    fda_lambda_ent: float = 0.005
+    fda_eta: float = 2.0
+    fda_ent_start: int = 50000  # FDA's switch2entropy
+    ema_alpha: float = 0.99  # DACS
+    pseudo_threshold: float = 0.968
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    adapt: AdaptConfig = field(default_factory=AdaptConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
 _SECTION_TYPES = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig,
-                  "eval": EvalConfig}
+                  "eval": EvalConfig, "adapt": AdaptConfig}
 
 
 def _section(name: str, values: dict) -> Any:
@@ -229,6 +259,9 @@ def validate(cfg: Config) -> None:
     for key, value in positive.items():
         if not isinstance(value, int) or value < 1:
             raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+    if not isinstance(t.stop_at, int) or not 0 <= t.stop_at <= t.iterations:
+        raise ConfigError(f"train.stop_at must be 0 or an iteration <= train.iterations "
+                          f"({t.iterations}), got {t.stop_at!r}")
     if t.lr <= 0:
         raise ConfigError(f"train.lr must be > 0, got {t.lr}")
     for key in ("momentum", "weight_decay", "poly_power"):
@@ -252,8 +285,26 @@ def validate(cfg: Config) -> None:
     if t.msc_scales and t.loss_at != "stride8":
         raise ConfigError("train.msc_scales needs train.loss_at=stride8 (each of the four "
                           "outputs is compared with labels resized to its own size)")
+    _validate_adapt(cfg)
     if data.check not in ("all", "none") and not str(data.check).isdigit():
         raise ConfigError(f"data.check must be 'all', 'none' or a number, got {data.check!r}")
+
+
+def _validate_adapt(cfg: Config) -> None:
+    from .adapt.methods import METHODS
+    a = cfg.adapt
+    if a.method not in METHODS:
+        raise ConfigError(f"adapt.method={a.method!r}; valid values: {', '.join(METHODS)}")
+    if a.method in ("none", "source_only"):
+        return
+    if not a.target_dataset:
+        raise ConfigError(f"adapt.method={a.method} needs adapt.target_dataset (and "
+                          "adapt.target_root): the unlabelled target images")
+    if a.multi_level and (cfg.model.backbone != "resnet" or cfg.train.msc_scales):
+        raise ConfigError("adapt.multi_level needs the ResNet backbone and no train.msc_scales")
+    if a.method in ("fda", "dacs") and a.target_crop_size not in (None, cfg.data.crop_size):
+        raise ConfigError(f"adapt.method={a.method} mixes source and target crops: "
+                          f"adapt.target_crop_size must equal data.crop_size")
 
 
 def save_config(cfg: Config, path) -> None:

@@ -6,7 +6,7 @@ import torch
 
 from . import distributed as dist_utils
 from .inference import InferenceConfig
-from .metrics import ConfusionMatrix
+from .metrics import ConfusionMatrix, add_subset_mious
 
 
 class _Raw(torch.utils.data.Dataset):
@@ -60,7 +60,7 @@ def evaluate(model, dataset, *, device=None, limit: int | None = None, amp: str 
         cm.update(probs.argmax(1), label.to(device))
     model.train(was_training)
     cm.reduce_()
-    results = cm.compute()
+    results = add_subset_mious(cm.compute(), dataset)
     results["confusion"] = cm.matrix.cpu().tolist()
     return results
 

@@ -166,6 +166,16 @@ _SUMMARY = (("mIoU", "miou"), ("fwIoU", "fw_iou"), ("pixel accuracy", "pixel_acc
             ("mean class accuracy", "mean_class_accuracy"))
 
 
+def add_subset_mious(results: dict, dataset) -> dict:
+    """Add ``miou_<name>``: the mean IoU over a subset of the classes that the dataset's
+    protocol also reports (``dataset.miou_subsets``: {name: class indices}; e.g. the 13 of
+    SYNTHIA -> Cityscapes' "mIoU*" from a 16-class evaluation). Returns ``results``."""
+    for name, indices in getattr(dataset, "miou_subsets", {}).items():
+        values = [results["iou"][i] for i in indices if not math.isnan(results["iou"][i])]
+        results[f"miou_{name}"] = sum(values) / len(values) if values else float("nan")
+    return results
+
+
 def format_table(results: dict, class_names: Sequence[str]) -> str:
     """A text table of per-class IoU and accuracy in percent, then the summary metrics.
 
@@ -183,6 +193,8 @@ def format_table(results: dict, class_names: Sequence[str]) -> str:
               for name, iou, acc in zip(class_names, results["iou"], results["class_accuracy"])]
     lines.append("-" * (width + 18))
     lines += [f"{label:<{width}}  {pct(results[key]):>7}" for label, key in _SUMMARY]
+    lines += [f"{'mIoU over ' + key[len('miou_'):]:<{width}}  {pct(value):>7}"
+              for key, value in results.items() if key.startswith("miou_")]
     lines.append(f"{'pixels':<{width}}  {results['pixels']:>7}")
     return "\n".join(lines)
 

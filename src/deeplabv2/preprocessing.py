@@ -79,3 +79,17 @@ def normalize(x: torch.Tensor, p: Preprocessing) -> torch.Tensor:
 
 CAFFE_BGR = Preprocessing("BGR", 1.0, (104.008, 116.669, 122.675))
 TORCHVISION_RGB = Preprocessing("RGB", 255.0, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def to_rgb(x: torch.Tensor, p: Preprocessing) -> torch.Tensor:
+    """The inverse of preprocessing: network input ``(N, 3, H, W)`` -> RGB 0-255 float (what
+    image-space augmentations such as FDA's spectrum swap and colour jitter work on)."""
+    mean = torch.tensor(p.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(p.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    x = (x * std + mean) * p.scale
+    return x.flip(1) if p.channel_order == "BGR" else x
+
+
+def from_rgb(x: torch.Tensor, p: Preprocessing) -> torch.Tensor:
+    """RGB 0-255 float ``(N, 3, H, W)`` -> network input (``p`` applied to a float image)."""
+    return normalize(x.flip(1) if p.channel_order == "BGR" else x, p)

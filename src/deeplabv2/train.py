@@ -37,6 +37,7 @@ from .evaluate import evaluate
 from .fileio import RunLock, atomic_write_text, remove_stale_tmp
 from .inference import autocast_context
 from .metrics import save_json
+from .adapt.methods import Step, build_method
 from .model import MSC, DeepLabV2, build_model, get_alignment, msc_loss
 from .weights import load_weights, save_weights
 
@@ -60,10 +61,14 @@ RUN_FILES = ("last.pth", "best.pth", "model.pth", "history.json", "metrics.json"
 RUN_SETTINGS = {
     "model": ("backbone", "blocks", "width", "num_classes", "atrous_rates", "frozen_bn",
               "head_mode", "alignment"),
-    "data": ("dataset", "train_split", "crop_size", "scale_range", "flip", "batch_size",
-             "options"),
+    "data": ("dataset", "train_split", "crop_size", "scale_range", "scales", "flip",
+             "batch_size", "options"),
     "train": ("iterations", "lr", "momentum", "weight_decay", "poly_power", "accumulate",
               "loss_at", "msc_scales", "amp", "channels_last", "seed"),
+    "adapt": ("method", "target_dataset", "target_split", "target_options", "target_crop_size",
+              "target_scale_range", "multi_level", "lambda_seg_aux", "lambda_adv",
+              "lambda_adv_aux", "d_lr", "lambda_ent", "lambda_ent_aux", "fda_beta",
+              "fda_lambda_ent", "fda_eta", "fda_ent_start", "ema_alpha", "pseudo_threshold"),
 }
 
 
@@ -188,7 +193,7 @@ def _build_model(cfg: Config, num_classes: int) -> DeepLabV2:
               "atrous_rates": m.atrous_rates}
     if m.backbone == "resnet":
         config.update(blocks=m.blocks, width=m.width, frozen_bn=m.frozen_bn,
-                      head_mode=m.head_mode)
+                      head_mode=m.head_mode, aux_head=cfg.adapt.multi_level)
     elif m.head_mode != "aspp":
         raise ValueError(f"model.head_mode={m.head_mode!r} applies to the ResNet backbone only")
     if config["num_classes"] != num_classes:
@@ -306,18 +311,18 @@ def train(cfg: Config, resume: str | None = None,
         if is_main:
             for p in remove_stale_tmp(out_dir):
                 print(f"removed {p} (an unfinished write of an earlier, killed run)")
-        stop = _StopSignals(announce=is_main)
+        signals = _StopSignals(announce=is_main)
         try:
-            return _train(cfg, resume, on_iteration, allow_changes, stop)
+            return _train(cfg, resume, on_iteration, allow_changes, signals)
         finally:
-            stop.restore()
+            signals.restore()
     finally:
         if lock is not None:
             lock.release()
 
 
 def _train(cfg: Config, resume: str | None, on_iteration, allow_changes: bool,
-           stop: "_StopSignals") -> TrainResult:
+           signals: "_StopSignals") -> TrainResult:
     t, d = cfg.train, cfg.data
     _require_init_weights(cfg.model.weights, resume)
     if t.threads:
@@ -331,6 +336,15 @@ def _train(cfg: Config, resume: str | None, on_iteration, allow_changes: bool,
     # Data: checked up front so that a bad file fails now, not hours into the run.
     train_ds = build_dataset(d.dataset, d.root, d.train_split, seed=t.seed, **d.options)
     val_ds = build_dataset(d.dataset, d.root, d.val_split, seed=t.seed, **d.options)
+    a = cfg.adapt
+    adapting = a.method not in ("none", "source_only")
+    if adapting:  # unlabelled target images; validation on the target's labelled split
+        target_ds = build_dataset(a.target_dataset, a.target_root, a.target_split,
+                                  seed=t.seed + 1, **a.target_options)
+        _check_dataset(target_ds, d.check)
+    if a.method != "none" and a.target_val_split:
+        val_ds = build_dataset(a.target_dataset, a.target_root, a.target_val_split,
+                               seed=t.seed, **a.target_val_options)
     _check_dataset(train_ds, d.check)
     _check_dataset(val_ds, d.check)
     classes, palette = list(train_ds.classes), train_ds.palette
@@ -340,6 +354,9 @@ def _train(cfg: Config, resume: str | None, on_iteration, allow_changes: bool,
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.param_groups(t.lr, t.weight_decay), lr=t.lr,
                                 momentum=t.momentum)
+    method = build_method(a, model)  # None: supervised training only
+    if method is not None:
+        method.to(device)
     scaler = torch.amp.GradScaler("cuda") if t.amp == "fp16" else None
     start, best = 0, None
     if resume:
@@ -354,6 +371,11 @@ def _train(cfg: Config, resume: str | None, on_iteration, allow_changes: bool,
                                 "in another train.out_dir")
         if changes and info.is_main:
             print(f"resuming {resume} with changed settings: " + "; ".join(changes))
+        if method is not None:
+            if state.get("adapt_state") is None:
+                raise TrainingError(f"{resume}: no state of adapt.method={a.method} to resume "
+                                    "(the checkpoint comes from another kind of run)")
+            method.load_extra_state(state["adapt_state"])
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.yaml")
@@ -378,9 +400,28 @@ def _train(cfg: Config, resume: str | None, on_iteration, allow_changes: bool,
         pin_memory=device.type == "cuda", persistent_workers=False,
         worker_init_fn=_ignore_sigint if d.num_workers else None)
     batches = iter(loader)
+    target_batches = None
+    if method is not None and method.needs_target:  # its own order, a function of the step
+        target_transform = TrainTransform(
+            crop_size=tuple(a.target_crop_size or d.crop_size),
+            scale_range=tuple(a.target_scale_range), flip=d.flip,
+            preprocessing=model.preprocessing)
+        target_batches = iter(torch.utils.data.DataLoader(
+            EpochIndexed(target_ds, target_transform),
+            batch_sampler=IterationBatchSampler(
+                len(target_ds), d.batch_size, t.seed + 1, total_steps=t.iterations * t.accumulate,
+                start_step=start * t.accumulate, rank=info.rank, world_size=info.world_size),
+            num_workers=d.num_workers, pin_memory=device.type == "cuda"))
+
+    def seg(scores, y):
+        return segmentation_loss(scores, y, t.loss_at, align)
+
+    def source_msc_loss(outputs, y):
+        return msc_loss(outputs, y, seg, net.input_sizes(*y.shape[-2:]), align)
 
     writer = _tensorboard(out_dir / "tb") if (t.tensorboard and info.is_main) else None
-    progress = _progress(start, t.iterations, enabled=t.progress and info.is_main)
+    stop = t.stop_at or t.iterations  # the poly schedule runs over t.iterations regardless
+    progress = _progress(start, stop, enabled=t.progress and info.is_main)
     history: list[dict] = _read_history(out_dir) if (resume and info.is_main) else []
     ckpt_path, metrics = out_dir / "last.pth", None
     run_config = {**cfg.to_dict(), "world_size": info.world_size}  # recorded in checkpoints
@@ -393,25 +434,30 @@ def _train(cfg: Config, resume: str | None, on_iteration, allow_changes: bool,
         if save:
             if info.is_main:
                 save_checkpoint(ckpt_path, model, optimizer, done, classes, palette,
-                                run_config, best, scaler)
+                                run_config, best, scaler, adapt_state=method.extra_state()
+                                if method is not None else None)
                 _write_json(out_dir / "history.json", history)
             dist_utils.barrier()
         raise Interrupted(f"interrupted after iteration {done}: resumable checkpoint "
-                          f"{ckpt_path} written; continue with --resume", stop.signum or 2)
+                          f"{ckpt_path} written; continue with --resume", signals.signum or 2)
 
-    stop.install()  # from here on, Ctrl-C finishes the iteration and saves (see _StopSignals)
-    for it in range(start, t.iterations):
+    signals.install()  # from here on, Ctrl-C finishes the iteration and saves (see _StopSignals)
+    for it in range(start, stop):
         # Random draws inside the network (VGG's dropout) are a function of (seed, iteration,
         # rank) too, so that a resumed run continues them exactly on every rank.
         torch.manual_seed((t.seed * 1_000_003 + it) * 1_009 + info.rank)
         lr = poly_lr(t.lr, it, t.iterations, t.poly_power)
         set_lr(optimizer, lr)
+        if method is not None:
+            for opt in method.optimizers():
+                for group in opt.param_groups:
+                    group["lr"] = poly_lr(a.d_lr, it, t.iterations, t.poly_power)
         loss_sum = torch.zeros((), device=device)
         for micro in range(t.accumulate):
             try:
                 batch = next(batches)
             except Exception:
-                if stop.signum is None or info.enabled:
+                if signals.signum is None or info.enabled:
                     raise
                 # The signal reached a loader worker too (a process group's SIGTERM): the
                 # weights are those of `it` finished iterations, save them and stop.
@@ -421,16 +467,33 @@ def _train(cfg: Config, resume: str | None, on_iteration, allow_changes: bool,
             labels = batch["label"].to(device, non_blocking=True)
             if t.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
+            if method is not None:  # domain adaptation: the method's passes, one forward each
+                target = None
+                if target_batches is not None:
+                    target = next(target_batches)["image"].to(device, non_blocking=True)
+                    if t.channels_last:
+                        target = target.contiguous(memory_format=torch.channels_last)
+                step = Step(ddp, model, images, labels, target, it, seg, bool(t.msc_scales),
+                            source_msc_loss)
+                passes = method.passes(it)
+                for k in range(passes):
+                    sync = (micro == t.accumulate - 1 and k == passes - 1) or not info.enabled
+                    with (contextlib.nullcontext() if sync else ddp.no_sync()):
+                        with autocast_context(device, t.amp):
+                            loss = method.loss(step, k) / t.accumulate
+                        (scaler.scale(loss) if scaler is not None else loss).backward()
+                    loss_sum += loss.detach()
+                d_loss = method.discriminator_loss()
+                if d_loss is not None:  # the method's own modules; the network gets no grad
+                    (d_loss / t.accumulate).backward()
+                continue
             sync = micro == t.accumulate - 1 or not info.enabled
             with (contextlib.nullcontext() if sync else ddp.no_sync()), \
                     autocast_context(device, t.amp):
                 if t.msc_scales:  # [s_1, s_0.75, s_0.5, max-fused], each vs its own labels
-                    loss = msc_loss(ddp(images), labels,
-                                    lambda s, y: segmentation_loss(s, y, t.loss_at, align),
-                                    net.input_sizes(*images.shape[-2:]), align)
+                    loss = source_msc_loss(ddp(images), labels)
                 else:
-                    loss = segmentation_loss(ddp(images, upsample=False), labels, t.loss_at,
-                                             align)
+                    loss = seg(ddp(images, upsample=False), labels)
                 loss = loss / t.accumulate
             if scaler is not None:
                 scaler.scale(loss).backward()
@@ -441,8 +504,8 @@ def _train(cfg: Config, resume: str | None, on_iteration, allow_changes: bool,
         # A NaN/inf loss on any rank stops every rank before the broken step is applied. The
         # same reduction tells every rank whether any of them was asked to stop (Ctrl-C), so
         # that all stop after the same iteration.
-        flags = torch.tensor([float(torch.isfinite(loss_sum)), float(stop.signum is not None)],
-                             device=device)
+        flags = torch.tensor([float(torch.isfinite(loss_sum)),
+                              float(signals.signum is not None)], device=device)
         finite, stopping = dist_utils.all_reduce_sum(flags).tolist()
         good = _newest_finite_checkpoint(ckpt_path, resume)
         if finite < info.world_size:
@@ -457,6 +520,13 @@ def _train(cfg: Config, resume: str | None, on_iteration, allow_changes: bool,
         else:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if method is not None:
+            for opt in method.optimizers():  # discriminators: gradients averaged over ranks
+                if info.enabled:
+                    dist_utils.average_gradients(opt)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            method.after_step(model, it)
         # A finite loss can still give non-finite weights (a huge step); stop before anything
         # is saved from them. Replicas are identical under DDP, so every rank agrees.
         if not all_finite([*model.parameters(), *model.buffers()]):
@@ -470,22 +540,26 @@ def _train(cfg: Config, resume: str | None, on_iteration, allow_changes: bool,
         step_loss = dist_utils.all_reduce_sum(loss_sum.clone()).item() / info.world_size
         window_loss += step_loss
         logs = {"iteration": it + 1, "loss": step_loss, "lr": lr}
+        if method is not None:
+            logs.update({f"adapt/{k}": v for k, v in method.logs.items()})
         progress.update(1)
         progress.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}")
-        if (it + 1) % t.log_every == 0 or it + 1 == t.iterations:
+        if (it + 1) % t.log_every == 0 or it + 1 == stop:
             n = (it + 1 - start) % t.log_every or t.log_every
             elapsed = time.perf_counter() - window_start
             entry = {"iteration": it + 1, "loss": window_loss / n, "lr": lr,
                      "seconds_per_iteration": elapsed / n}
             history.append(entry)
             if writer:
+                for key in (k for k in logs if k.startswith("adapt/")):
+                    writer.add_scalar(key, logs[key], it + 1)
                 writer.add_scalar("train/loss", entry["loss"], it + 1)
                 writer.add_scalar("train/lr", lr, it + 1)
                 writer.add_scalar("train/seconds_per_iteration", entry["seconds_per_iteration"],
                                   it + 1)
             window_loss, window_start = 0.0, time.perf_counter()
 
-        last = it + 1 == t.iterations
+        last = it + 1 == stop
         if info.enabled and ((t.val_every and (it + 1) % t.val_every == 0) or last or
                              (it + 1) % t.checkpoint_every == 0 or stopping):
             _broadcast_buffers(model)
@@ -507,7 +581,8 @@ def _train(cfg: Config, resume: str | None, on_iteration, allow_changes: bool,
         if (it + 1) % t.checkpoint_every == 0 or last:
             if info.is_main:
                 save_checkpoint(ckpt_path, model, optimizer, it + 1, classes, palette,
-                                run_config, best, scaler)
+                                run_config, best, scaler,
+                                adapt_state=method.extra_state() if method is not None else None)
                 _write_json(out_dir / "history.json", history)
             dist_utils.barrier()
         if stopping and not last:
@@ -525,7 +600,7 @@ def _train(cfg: Config, resume: str | None, on_iteration, allow_changes: bool,
         if metrics is not None:
             save_json(metrics, classes, out_dir / "metrics.json")
     dist_utils.barrier()
-    return TrainResult(out_dir, t.iterations, history, metrics, best, model)
+    return TrainResult(out_dir, stop, history, metrics, best, model)
 
 
 def weights_digest(model) -> str:

@@ -246,8 +246,10 @@ def _map_kazuto_key(key: str) -> tuple[str | None, str | None]:
             f"{_KAZUTO_BLOCK[(part, kind)]}.{param}", None)
 
 
-def _map_resnet_key(key: str, layout: str, has_layer6: bool) -> tuple[str | None, str | None]:
-    """Return ``(model_key, None)`` or ``(None, reason it is dropped)`` for a ResNet file key."""
+def _map_resnet_key(key: str, layout: str, has_layer6: bool,
+                    has_aux: bool = False) -> tuple[str | None, str | None]:
+    """Return ``(model_key, None)`` or ``(None, reason it is dropped)`` for a ResNet file key;
+    ``has_aux``: the model has the multi-level auxiliary head that ``layer5`` then loads into."""
     if layout == "deeplab_caffe" and key.startswith("Scale."):
         key = key[len("Scale."):]
     if key.endswith("num_batches_tracked"):
@@ -258,7 +260,10 @@ def _map_resnet_key(key: str, layout: str, has_layer6: bool) -> tuple[str | None
     if m:
         level, branch, kind = m.groups()
         if level == "5" and has_layer6:
-            return None, "multi-level auxiliary head layer5 (on layer3 features)"
+            if has_aux:
+                return f"aux_head.convs.{branch}.{kind}", None
+            return None, ("multi-level auxiliary head layer5 (on layer3 features; build the "
+                          "model with aux_head to keep it)")
         return f"head.convs.{branch}.{kind}", None
     if key.split(".")[0] in ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4"):
         return "backbone." + key, None
@@ -375,7 +380,8 @@ def load_state(model, raw: dict[str, torch.Tensor], metadata: dict[str, Any], *,
         elif layout == "kazuto":
             dst, reason = _map_kazuto_key(key)
         else:
-            dst, reason = _map_resnet_key(key, layout, has_layer6)
+            dst, reason = _map_resnet_key(key, layout, has_layer6,
+                                          getattr(model, "aux_head", None) is not None)
         if reason is not None:
             report.dropped[key] = reason
             continue
@@ -410,7 +416,7 @@ def load_state(model, raw: dict[str, torch.Tensor], metadata: dict[str, Any], *,
                   "head of another shape than the model's (e.g. other number of classes); "
                   "the model's head stays initialised")
         for src, dst in list(report.loaded.items()):
-            if dst.startswith("head."):
+            if dst.startswith(("head.", "aux_head.")):
                 report.dropped[src] = reason
                 del report.loaded[src]
                 del mapped[dst]
@@ -422,7 +428,7 @@ def load_state(model, raw: dict[str, torch.Tensor], metadata: dict[str, Any], *,
                 src = next(s for s, d in report.loaded.items() if d == key)
                 raise WeightsError(f"{path}: shape mismatch for {src!r}: file "
                                    f"{tuple(mapped[key].shape)}, model {tuple(t.shape)}")
-        elif key.startswith("head.") or key.endswith("num_batches_tracked"):
+        elif key.startswith(("head.", "aux_head.")) or key.endswith("num_batches_tracked"):
             report.not_in_file.append(key)
         else:
             raise WeightsError(f"{path}: missing backbone key {key!r} (the file's {layout} "

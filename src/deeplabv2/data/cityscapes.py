@@ -9,7 +9,10 @@ Official layout under ``root``::
 ``labelIds`` are mapped to train ids (0..18, 255 = not evaluated) by the official label table
 (:mod:`deeplabv2.data.cityscapes_labels`); where a ``labelTrainIds`` file (written by
 cityscapesScripts' ``createTrainIdLabelImgs.py``) lies beside it, that one is read as is.
-Split ``test`` has no public labels: its samples load with an all-255 label, for prediction.
+Split ``test`` has no public labels: its samples load with an all-255 label, for prediction;
+``annotation=None`` reads any split that way (unlabelled target images for domain adaptation).
+``num_classes=16`` or ``13`` evaluates the SYNTHIA -> Cityscapes protocols (the 16 classes
+SYNTHIA labels; 13 without wall, fence, pole), the other classes ignored.
 :func:`train_to_label_ids` turns predictions back into label ids, the submission format.
 """
 
@@ -20,7 +23,11 @@ from pathlib import Path
 import numpy as np
 
 from .base import DatasetError, SegmentationDataset, read_label_png, require_dir, require_root
-from .cityscapes_labels import CLASSES, LABEL_TO_TRAIN, TRAIN_TO_LABEL
+from .cityscapes_labels import (CLASSES, LABEL_TO_TRAIN, SYNTHIA13_TRAIN_IDS,
+                                SYNTHIA16_TRAIN_IDS, TRAIN_TO_LABEL, subset_lut)
+
+#: number of classes -> the 19-class train ids they keep (19: all)
+PROTOCOLS = {19: tuple(range(19)), 16: SYNTHIA16_TRAIN_IDS, 13: SYNTHIA13_TRAIN_IDS}
 
 IMAGE_SUFFIX = "_leftImg8bit.png"
 
@@ -63,7 +70,17 @@ class CityscapesDataset(SegmentationDataset):
     palette = PALETTE
 
     def __init__(self, root, split: str = "train", transform=None, seed: int = 0,
-                 annotation: str = "gtFine"):
+                 annotation: str | None = "gtFine", num_classes: int = 19):
+        if num_classes not in PROTOCOLS:
+            raise ValueError(f"Cityscapes num_classes must be 19, 16 or 13 (the SYNTHIA "
+                             f"protocols), got {num_classes!r}")
+        self.kept = PROTOCOLS[num_classes]
+        self.subset = None if num_classes == 19 else subset_lut(self.kept)
+        if num_classes != 19:
+            self.classes = tuple(CLASSES[t] for t in self.kept)
+            self.palette = PALETTE[list(self.kept)]
+        if num_classes == 16:  # SYNTHIA papers report mIoU over 16 and over 13 ("mIoU*")
+            self.miou_subsets = {"13": [self.kept.index(t) for t in SYNTHIA13_TRAIN_IDS]}
         root = require_root(root)
         super().__init__(root, split, transform, seed)
         image_dir = require_dir(root / "leftImg8bit" / split, f"Cityscapes {split!r} image")
@@ -71,7 +88,7 @@ class CityscapesDataset(SegmentationDataset):
         if not images:
             raise DatasetError(f"{image_dir}: split {split!r} is empty (no "
                                f"{{city}}/*{IMAGE_SUFFIX} files)")
-        if split == "test":
+        if split == "test" or annotation is None:
             self.samples = [(image, None) for image in images]
             return
         label_dir = require_dir(root / annotation / split, f"Cityscapes {split!r} {annotation}")
@@ -92,6 +109,6 @@ class CityscapesDataset(SegmentationDataset):
 
     def read_label(self, path: Path) -> np.ndarray:
         raw = read_label_png(path)
-        if path.name.endswith("_labelTrainIds.png"):
-            return raw
-        return label_ids_to_train_ids(raw)
+        train_ids = raw if path.name.endswith("_labelTrainIds.png") else \
+            label_ids_to_train_ids(raw)
+        return train_ids if self.subset is None else self.subset[train_ids]

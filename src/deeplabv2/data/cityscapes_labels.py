@@ -80,3 +80,16 @@ LABEL_TO_TRAIN = _frozen(LABEL_TO_TRAIN)
 TRAIN_TO_LABEL: np.ndarray = _frozen(np.array(
     [next(label.label_id for label in LABELS if label.train_id == t) for t in range(NUM_CLASSES)],
     dtype=np.uint8))
+
+# The SYNTHIA -> Cityscapes protocols (AdaptSegNet, ADVENT, FDA, DACS): the 16 Cityscapes
+# classes SYNTHIA labels (no terrain, truck, train), and the 13 of the "mIoU*" protocol (also
+# no wall, fence, pole). Entries are 19-class train ids, in train id order.
+SYNTHIA16_TRAIN_IDS = (0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 15, 17, 18)
+SYNTHIA13_TRAIN_IDS = tuple(t for t in SYNTHIA16_TRAIN_IDS if t not in (3, 4, 5))
+
+
+def subset_lut(train_ids: tuple[int, ...]) -> np.ndarray:
+    """``(256,)`` uint8: 19-class train id -> index in ``train_ids``, every other value 255."""
+    lut = np.full(256, IGNORE_INDEX, dtype=np.uint8)
+    lut[list(train_ids)] = np.arange(len(train_ids))
+    return _frozen(lut)

@@ -35,12 +35,13 @@ class GTA5Dataset(SegmentationDataset):
     classes = CLASSES
     palette = PALETTE
     labels_match_images = False  # a label file may need resizing to its image (see load)
+    image_folder, label_folder, what = "images", "labels", "GTA5"  # SYNTHIA: RGB, GT/LABELS
 
     def __init__(self, root, split: str = "train", transform=None, seed: int = 0):
         root = require_root(root)
         super().__init__(root, split, transform, seed)
-        image_dir = require_dir(root / "images", "GTA5 images")
-        label_dir = require_dir(root / "labels", "GTA5 labels")
+        image_dir = require_dir(root / self.image_folder, f"{self.what} images")
+        label_dir = require_dir(root / self.label_folder, f"{self.what} labels")
         list_path = root / f"{split}.txt"
         if list_path.is_file():
             names = [_file_name(line) for line in read_list(list_path)]

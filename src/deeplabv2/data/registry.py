@@ -10,6 +10,7 @@ voc12_aug      VOC with ``train`` read as ``train_aug``    train (= train_aug), 
 context        :class:`~.context.PascalContextDataset`     train, val
 person_part    :class:`~.person_part.PersonPartDataset`    train, val
 folder         :class:`~.folder.FolderDataset`             any ``images/{split}`` folder
+synthia        :class:`~.synthia.SynthiaDataset`           all / train, or any ``{split}.txt``
 synthetic      :class:`~.synthetic.SyntheticDataset`       train, val (no root needed)
 =============  ==========================================  =====================================
 """
@@ -30,11 +31,13 @@ from .folder import FolderDataset, read_classes_file
 from .gta5 import GTA5Dataset
 from .person_part import PersonPartDataset
 from .synthetic import SyntheticDataset
+from .synthia import SynthiaDataset
 from .voc import VOCDataset
 
 DATASETS: dict[str, type[SegmentationDataset]] = {
     "cityscapes": CityscapesDataset,
     "gta5": GTA5Dataset,
+    "synthia": SynthiaDataset,
     "voc12": VOCDataset,
     "voc12_aug": VOCDataset,
     "context": PascalContextDataset,

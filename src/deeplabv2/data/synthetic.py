@@ -24,6 +24,11 @@ pole           flat                                   thin vertical bands       
 
 Images are RGB ``uint8`` ``(H, W, 3)`` (default 96x160), labels ``uint8`` ``(H, W)`` train ids;
 every pixel is labelled (no 255).
+
+``style="target"`` renders other scenes of the same classes and layouts as a second domain,
+the kind of gap that separates GTA5 from Cityscapes (:func:`restyle`): another colour balance
+(a cold cast), dimmer light with a different tone curve, softer textures (a camera's blur) and
+sensor noise. It is the target domain of ``deeplabv2 demo --adapt``.
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ CLASS_PAINTS = {
 }
 PREFERRED = 0.6  # how often an object takes its class's first paint
 SPLITS = ("train", "val")
+STYLES = ("source", "target")
 
 
 class SyntheticDataset(SegmentationDataset):
@@ -73,9 +79,12 @@ class SyntheticDataset(SegmentationDataset):
     palette = PALETTE
 
     def __init__(self, split: str = "train", size=(96, 160), num_samples: int | None = None,
-                 seed: int = 0, transform=None, root=None):
+                 seed: int = 0, transform=None, root=None, style: str = "source"):
         if split not in SPLITS:
             raise ValueError(f"synthetic split must be one of {SPLITS}, got {split!r}")
+        if style not in STYLES:
+            raise ValueError(f"synthetic style must be one of {STYLES}, got {style!r}")
+        self.style = style
         super().__init__(root, split, transform, seed)
         self.size = (int(size[0]), int(size[1])) if not isinstance(size, int) else (size, size)
         if min(self.size) < 32:
@@ -91,7 +100,8 @@ class SyntheticDataset(SegmentationDataset):
                 f"num_samples={self.num_samples}, seed={self.seed})")
 
     def name(self, index: int) -> str:
-        return f"synthetic_{self.split}_{index:06d}"
+        prefix = "synthetic" if self.style == "source" else "synthetic_target"
+        return f"{prefix}_{self.split}_{index:06d}"
 
     def source(self, index: int) -> str:
         return self.name(index)
@@ -102,8 +112,31 @@ class SyntheticDataset(SegmentationDataset):
             raise IndexError(f"index {index} out of range for {len(self)} samples")
         # A seed sequence of a different length than the augmentation's (seed, epoch, index),
         # so scene and augmentation streams never coincide.
-        rng = np.random.default_rng([self.seed, 0x5E6, SPLITS.index(self.split), index])
-        return make_scene(rng, *self.size)
+        if self.style == "source":
+            rng = np.random.default_rng([self.seed, 0x5E6, SPLITS.index(self.split), index])
+            return make_scene(rng, *self.size)
+        rng = np.random.default_rng([self.seed, 0x7A6, SPLITS.index(self.split), index])
+        image, label = make_scene(rng, *self.size)
+        return restyle(image, rng), label
+
+
+def restyle(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The target domain's look of an RGB ``uint8`` image: a cold colour cast, dimmer light and
+    a gamma of 1.5, a Gaussian blur (sigma 1.2) and sensor noise (sigma 9), with a small
+    per-image variation of the light."""
+    x = image.astype(np.float32) / 255.0
+    x = x * np.array([0.75, 0.95, 1.25], np.float32) * rng.uniform(0.65, 0.85)
+    x = np.clip(x, 0, 1) ** 1.5
+    r = np.arange(-4, 5, dtype=np.float32)
+    k = np.exp(-0.5 * (r / 1.2) ** 2)
+    k /= k.sum()
+    for axis in (0, 1):
+        pad = [(4, 4) if a == axis else (0, 0) for a in range(3)]
+        padded = np.pad(x, pad, mode="edge")
+        x = sum(k[i] * np.take(padded, np.arange(i, i + x.shape[axis]), axis=axis)
+                for i in range(len(k)))
+    x = x * 255 + rng.normal(0, 9, x.shape).astype(np.float32)
+    return np.clip(x + 0.5, 0, 255).astype(np.uint8)
 
 
 # -- scene generation ------------------------------------------------------------------------

@@ -33,10 +33,12 @@ class DeepLabV2(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, head: nn.Module, config: dict[str, Any],
-                 preprocessing: Preprocessing = CAFFE_BGR, alignment: Alignment = CAFFE):
+                 preprocessing: Preprocessing = CAFFE_BGR, alignment: Alignment = CAFFE,
+                 aux_head: nn.Module | None = None):
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self.aux_head = aux_head  # multi-level: an ASPP on layer3 (AdaptSegNet/ADVENT), or None
         self.config = dict(config)
         self.preprocessing = preprocessing
         self.alignment = get_alignment(alignment)
@@ -60,9 +62,20 @@ class DeepLabV2(nn.Module):
         cell ``i`` centred on pixel ``8 i``."""
         return self.head(self.backbone(x))
 
-    def forward(self, x: torch.Tensor, upsample: bool = True) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, upsample: bool = True, aux: bool = False):
         """Logits upsampled to the input size, or the stride-8 scores with ``upsample=False``
-        (the form a DDP-wrapped model is called in for the paper's stride-8 loss)."""
+        (the form a DDP-wrapped model is called in for the paper's stride-8 loss). ``aux=True``
+        (a model built with ``aux_head``) returns ``(main, auxiliary)`` scores, both stride 8
+        or both upsampled: the multi-level outputs of AdaptSegNet/ADVENT."""
+        if aux:
+            if self.aux_head is None:
+                raise ValueError("aux=True needs a model built with aux_head (model.aux_head)")
+            x3, x4 = self.backbone.features(x)
+            outs = (self.head(x4), self.aux_head(x3))
+            if upsample:
+                outs = tuple(self.alignment.upsample(o, x.shape[-2:], self.output_stride)
+                             for o in outs)
+            return outs
         logits = self.logits(x)
         if not upsample:
             return logits
@@ -86,6 +99,8 @@ class DeepLabV2(nn.Module):
         norm_params = {id(p) for m in self.backbone.modules() if isinstance(m, norm_types)
                        for p in m.parameters(recurse=False)}
         classifier = {id(p) for p in self.head.classifier_parameters()}
+        if self.aux_head is not None:
+            classifier |= {id(p) for p in self.aux_head.parameters()}
         buckets: dict[str, list[nn.Parameter]] = {k: [] for k in
                                                   ("backbone", "backbone_bias", "backbone_norm",
                                                    "head", "head_bias")}
@@ -95,7 +110,9 @@ class DeepLabV2(nn.Module):
             key = "backbone_norm" if id(p) in norm_params else (
                 "backbone" if p.ndim > 1 else "backbone_bias")
             buckets[key].append(p)
-        for p in self.head.parameters():
+        heads = [*self.head.parameters(),
+                 *(self.aux_head.parameters() if self.aux_head is not None else ())]
+        for p in heads:
             if p.requires_grad:
                 prefix = "head" if id(p) in classifier else "backbone"
                 buckets[prefix if p.ndim > 1 else prefix + "_bias"].append(p)
@@ -118,11 +135,12 @@ def build_model(config: dict[str, Any], preprocessing: Preprocessing | None = No
     ``[12]``: DeepLab-LargeFOV), and for a ResNet ``blocks`` (blocks per stage), ``width`` (stem
     channels, 64 for the real network), ``frozen_bn``, ``layout`` ("caffe" or "torchvision")
     and ``head_mode`` ("aspp", or "adaptsegnet" for AdaptSegNet-trained files: see
-    :data:`deeplabv2.model.aspp.HEAD_MODES`).
+    :data:`deeplabv2.model.aspp.HEAD_MODES`), ``aux_head`` (True: the multi-level auxiliary
+    ASPP on layer3 of AdaptSegNet/ADVENT, same rates and head mode).
     """
     cfg = dict(config)
     known = {"backbone", "num_classes", "atrous_rates", "blocks", "width", "frozen_bn", "layout",
-             "head_mode"}
+             "head_mode", "aux_head"}
     unknown = set(cfg) - known
     if unknown:
         raise ValueError(f"unknown model config keys {sorted(unknown)}; valid: {sorted(known)}")
@@ -132,6 +150,7 @@ def build_model(config: dict[str, Any], preprocessing: Preprocessing | None = No
     rates = tuple(int(r) for r in cfg.get("atrous_rates", DEFAULT_RATES))
     cfg["atrous_rates"] = list(rates)
     kind = cfg.get("backbone", "resnet")
+    aux = None
     if kind == "resnet":
         blocks = tuple(int(b) for b in cfg.get("blocks", RESNET_DEPTHS[101]))
         width = int(cfg.get("width", 64))
@@ -143,8 +162,13 @@ def build_model(config: dict[str, Any], preprocessing: Preprocessing | None = No
             cfg["head_mode"] = head_mode
         backbone = ResNet(blocks, frozen_bn=frozen, layout=layout, width=width)
         head = ASPP(backbone.out_channels, num_classes, rates, head_mode=head_mode)
+        if cfg.get("aux_head"):
+            cfg["aux_head"] = True
+            aux = ASPP(backbone.out_channels // 2, num_classes, rates, head_mode=head_mode)
+        else:
+            cfg.pop("aux_head", None)
     elif kind == "vgg16":
-        for k in ("blocks", "width", "frozen_bn", "layout", "head_mode"):
+        for k in ("blocks", "width", "frozen_bn", "layout", "head_mode", "aux_head"):
             if k in cfg:
                 raise ValueError(f"model config key {k!r} does not apply to the vgg16 backbone")
         backbone = VGG16()
@@ -153,7 +177,7 @@ def build_model(config: dict[str, Any], preprocessing: Preprocessing | None = No
         raise ValueError(f"unknown backbone {kind!r}; expected 'resnet' or 'vgg16'")
     cfg["backbone"] = kind
     cfg.pop("layout", None)  # the layout follows the weights: read it from model.layout
-    return DeepLabV2(backbone, head, cfg, preprocessing or CAFFE_BGR)
+    return DeepLabV2(backbone, head, cfg, preprocessing or CAFFE_BGR, aux_head=aux)
 
 
 def _with_weights(model: DeepLabV2, weights, head: str, alignment) -> DeepLabV2:

@@ -131,5 +131,11 @@ class ResNet(nn.Module):
         self.layout = layout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)[1]
+
+    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(layer3, layer4)`` stride-8 features: ``(N, 1024, h, w)`` and ``(N, 2048, h, w)``
+        for ResNet-101 (layer3 feeds the multi-level auxiliary head of AdaptSegNet/ADVENT)."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        x3 = self.layer3(self.layer2(self.layer1(x)))
+        return x3, self.layer4(x3)

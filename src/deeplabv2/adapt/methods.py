@@ -1,0 +1,288 @@
+"""The adaptation methods as parts of the one training loop (:func:`deeplabv2.train.train`).
+
+At each micro-step the loop gives a method a :class:`Step` (the network as it is called, the
+source batch with labels, a target batch without) and runs, for ``k`` in
+``range(method.passes(iteration))``, ``loss = method.loss(step, k)`` and its backward, each
+pass one forward of the network: that is how gradients accumulate under DDP (all passes but the
+last inside ``no_sync``). Then ``method.discriminator_loss()`` (if any) is backpropagated into
+the method's own modules, the loop steps the network's optimizer and the method's
+(:meth:`Method.optimizers`, poly-scheduled from ``d_lr``) and calls :meth:`Method.after_step`.
+A method's modules (discriminators, EMA teacher) are saved in the training checkpoints.
+
+=============  ============================================================================
+method         what it adds to the source cross-entropy
+=============  ============================================================================
+source_only    nothing (the lower bound, run through the same loop)
+adaptsegnet    AdaptSegNet: a discriminator on the softmax of the (upsampled) scores; the
+               network is trained to fool it on target images (``lambda_adv``); multi-level
+               adds the layer3 head (seg ``lambda_seg_aux``, adv ``lambda_adv_aux``)
+advent         ADVENT AdvEnt: the same on the weighted self-information maps
+minent         ADVENT MinEnt: the target prediction's entropy (``lambda_ent``)
+fda            FDA: source images restyled with the target's low-frequency amplitude
+               (``fda_beta``), Charbonnier entropy on target after ``fda_ent_start`` steps
+dacs           DACS: ClassMix of source onto target, EMA-teacher pseudo-labels weighted by
+               confidence, colour jitter and blur of the mixed images
+=============  ============================================================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..preprocessing import from_rgb, to_rgb
+from .discriminator import FCDiscriminator, adversarial_loss, discriminator_loss
+from .entropy import charbonnier_entropy, entropy_loss, self_information
+from .fda import fda_source_to_target
+from .mix import (EMATeacher, classmix_masks, confidence_weight, mix, strong_augment,
+                  weighted_cross_entropy)
+
+METHODS = ("none", "source_only", "adaptsegnet", "advent", "minent", "fda", "dacs")
+
+
+@dataclass
+class Step:
+    """One micro-step's inputs. ``net`` is the network as the loop calls it (DDP-wrapped,
+    MSC-wrapped or plain), ``model`` the plain :class:`~deeplabv2.model.DeepLabV2`;
+    ``images``/``labels`` the preprocessed source batch and its ``(N, H, W)`` labels,
+    ``target`` the preprocessed target batch; ``seg_loss(scores, labels)`` the loop's
+    cross-entropy of stride-8 scores (stride8 or full, as configured)."""
+
+    net: nn.Module
+    model: nn.Module
+    images: torch.Tensor
+    labels: torch.Tensor
+    target: torch.Tensor
+    iteration: int
+    seg_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    msc: bool = False
+    source_loss_fn: Callable | None = None  # MSC's four-term loss, given (outputs, labels)
+
+
+class Method(nn.Module):
+    """The source-only method; the others extend it."""
+
+    name = "source_only"
+    needs_target = False
+
+    def __init__(self, settings, model: nn.Module):
+        super().__init__()
+        self.settings = settings
+        self.multi_level = bool(getattr(settings, "multi_level", False))
+        self.logs: dict[str, float] = {}
+
+    # -- what the loop calls -------------------------------------------------------------------
+    def passes(self, iteration: int) -> int:
+        return 1
+
+    def loss(self, step: Step, k: int) -> torch.Tensor:
+        return self.source_loss(step, step.images)
+
+    def discriminator_loss(self) -> torch.Tensor | None:
+        return None
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return []
+
+    def after_step(self, model: nn.Module, iteration: int) -> None:
+        pass
+
+    def extra_state(self) -> dict:
+        return {"modules": self.state_dict(),
+                "optimizers": [o.state_dict() for o in self.optimizers()]}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.load_state_dict(state["modules"])
+        for opt, s in zip(self.optimizers(), state["optimizers"]):
+            opt.load_state_dict(s)
+
+    # -- shared pieces -------------------------------------------------------------------------
+    def scores(self, step: Step, x: torch.Tensor):
+        """``(main, aux or None)`` stride-8 scores of ``x`` through ``step.net`` (MSC: the
+        fused map)."""
+        if step.msc:
+            return step.net(x)[-1], None
+        if self.multi_level:
+            return step.net(x, upsample=False, aux=True)
+        return step.net(x, upsample=False), None
+
+    def source_loss(self, step: Step, x: torch.Tensor) -> torch.Tensor:
+        """The supervised loss of ``x`` against the source labels; caches the scores."""
+        if step.msc:
+            outputs = step.net(x)
+            self._source_scores = (outputs[-1].detach(), None)
+            return step.source_loss_fn(outputs, step.labels)
+        main, aux = self.scores(step, x)
+        self._source_scores = (main.detach(), None if aux is None else aux.detach())
+        loss = step.seg_loss(main, step.labels)
+        if aux is not None:
+            loss = loss + self.settings.lambda_seg_aux * step.seg_loss(aux, step.labels)
+        self.logs["seg"] = float(loss.detach())
+        return loss
+
+
+class AdaptSegNet(Method):
+    """Output-space adversarial training (Tsai et al., CVPR 2018); ``entropy_maps`` gives
+    ADVENT's AdvEnt (Vu et al., CVPR 2019), whose discriminator sees ``-p log p`` maps."""
+
+    name = "adaptsegnet"
+    entropy_maps = False
+
+    def __init__(self, settings, model: nn.Module):
+        super().__init__(settings, model)
+        c = model.num_classes
+        self.d_main = FCDiscriminator(c)
+        self.d_aux = FCDiscriminator(c) if self.multi_level else None
+        params = list(self.d_main.parameters()) + (list(self.d_aux.parameters())
+                                                   if self.d_aux is not None else [])
+        self._opt = torch.optim.Adam(params, lr=settings.d_lr, betas=(0.9, 0.99))
+
+    needs_target = True
+
+    def passes(self, iteration: int) -> int:
+        return 2
+
+    def _maps(self, scores: torch.Tensor, size) -> torch.Tensor:
+        """The discriminator's input: softmax (or self-information) of the scores upsampled
+        to the input size, as both papers feed it."""
+        up = self._align.upsample(scores, size)
+        return self_information(up) if self.entropy_maps else F.softmax(up, dim=1)
+
+    def loss(self, step: Step, k: int) -> torch.Tensor:
+        self._align = step.model.alignment
+        if k == 0:
+            loss = self.source_loss(step, step.images)
+            size = step.images.shape[-2:]
+            self._source_maps = [None if s is None else self._maps(s, size)
+                                 for s in self._source_scores]
+            return loss
+        main, aux = self.scores(step, step.target)
+        size = step.target.shape[-2:]
+        maps = [self._maps(main, size), None if aux is None else self._maps(aux, size)]
+        loss = self.settings.lambda_adv * adversarial_loss(self.d_main, maps[0])
+        if aux is not None:
+            loss = loss + self.settings.lambda_adv_aux * adversarial_loss(self.d_aux, maps[1])
+        self._target_maps = [None if m is None else m.detach() for m in maps]
+        self.logs["adv"] = float(loss.detach())
+        return loss
+
+    def discriminator_loss(self) -> torch.Tensor:
+        loss = discriminator_loss(self.d_main, self._source_maps[0], self._target_maps[0])
+        if self.d_aux is not None and self._target_maps[1] is not None:
+            loss = loss + discriminator_loss(self.d_aux, self._source_maps[1],
+                                             self._target_maps[1])
+        self.logs["disc"] = float(loss.detach())
+        return loss
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self._opt]
+
+
+class AdvEnt(AdaptSegNet):
+    name = "advent"
+    entropy_maps = True
+
+
+class MinEnt(Method):
+    """ADVENT's direct entropy minimisation on target predictions."""
+
+    name = "minent"
+
+    needs_target = True
+
+    def passes(self, iteration: int) -> int:
+        return 2
+
+    def loss(self, step: Step, k: int) -> torch.Tensor:
+        if k == 0:
+            return self.source_loss(step, step.images)
+        main, aux = self.scores(step, step.target)
+        loss = self.settings.lambda_ent * entropy_loss(main)
+        if aux is not None:
+            loss = loss + self.settings.lambda_ent_aux * entropy_loss(aux)
+        self.logs["ent"] = float(loss.detach())
+        return loss
+
+
+class FDA(Method):
+    """Fourier Domain Adaptation: train on source images in the target's style."""
+
+    name = "fda"
+
+    needs_target = True
+
+    def passes(self, iteration: int) -> int:
+        return 2 if iteration >= self.settings.fda_ent_start else 1
+
+    def loss(self, step: Step, k: int) -> torch.Tensor:
+        pre = step.model.preprocessing
+        if k == 0:
+            if step.images.shape[-2:] != step.target.shape[-2:]:
+                raise ValueError("fda needs source and target crops of one size (set "
+                                 "adapt.target_crop_size to data.crop_size)")
+            with torch.no_grad():
+                restyled = fda_source_to_target(to_rgb(step.images, pre),
+                                                to_rgb(step.target, pre), self.settings.fda_beta)
+                x = from_rgb(restyled.clamp(0, 255), pre).to(step.images.dtype)
+            return self.source_loss(step, x)
+        main, _ = self.scores(step, step.target)
+        loss = self.settings.fda_lambda_ent * charbonnier_entropy(main, self.settings.fda_eta)
+        self.logs["ent"] = float(loss.detach())
+        return loss
+
+
+class DACS(Method):
+    """Domain adaptation via cross-domain mixed sampling (ClassMix + mean teacher)."""
+
+    name = "dacs"
+
+    def __init__(self, settings, model: nn.Module):
+        super().__init__(settings, model)
+        self.teacher = EMATeacher(model, settings.ema_alpha)
+
+    needs_target = True
+
+    def passes(self, iteration: int) -> int:
+        return 2
+
+    def loss(self, step: Step, k: int) -> torch.Tensor:
+        if k == 0:
+            return self.source_loss(step, step.images)
+        pre, size = step.model.preprocessing, step.target.shape[-2:]
+        if step.images.shape[-2:] != size:
+            raise ValueError("dacs mixes source and target crops of one size (set "
+                             "adapt.target_crop_size to data.crop_size)")
+        with torch.no_grad():
+            probs = F.softmax(self.teacher(step.target).float(), dim=1)  # upsampled, eval
+            confidence, pseudo = probs.max(1)
+            weight = confidence_weight(probs, self.settings.pseudo_threshold)
+            masks = classmix_masks(step.labels)
+            mixed = strong_augment(mix(masks, to_rgb(step.images, pre), to_rgb(step.target, pre)))
+            x = from_rgb(mixed, pre).to(step.images.dtype)
+            labels = mix(masks, step.labels, pseudo)
+            weights = mix(masks, torch.ones_like(confidence), torch.full_like(confidence, weight))
+        main, _ = self.scores(step, x)
+        logits = step.model.alignment.upsample(main, size)
+        loss = weighted_cross_entropy(logits, labels, weights)
+        self.logs.update(mix=float(loss.detach()), pseudo_weight=weight)
+        return loss
+
+    def after_step(self, model: nn.Module, iteration: int) -> None:
+        self.teacher.update(model, iteration)
+
+
+_CLASSES = {"none": Method, "source_only": Method, "adaptsegnet": AdaptSegNet,
+            "advent": AdvEnt, "minent": MinEnt, "fda": FDA, "dacs": DACS}
+
+
+def build_method(settings, model: nn.Module) -> Method | None:
+    """The method ``settings.method`` names, for ``model`` (None for ``"none"``)."""
+    if settings.method not in _CLASSES:
+        raise ValueError(f"adapt.method={settings.method!r}; valid: {', '.join(METHODS)}")
+    if settings.method == "none":
+        return None
+    return _CLASSES[settings.method](settings, model)
