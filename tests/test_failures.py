@@ -287,7 +287,7 @@ def test_files_that_are_no_checkpoint_are_one_line_errors(tmp_path, capsys, kind
     elif kind == "folder":
         (tmp_path / "run" / "last.pth").mkdir(parents=True)
         args = ["train", "-c", str(cfg_path), "--resume"]
-        needle = "last.pth: no checkpoint to resume"
+        needle = "last.pth: is a folder, not a checkpoint"
     else:
         (tmp_path / "w.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
         args = ["evaluate", str(tmp_path / "w.safetensors"), "-c", str(cfg_path)]

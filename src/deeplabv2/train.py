@@ -221,6 +221,9 @@ def _prepare_run_folder(out_dir: Path, resume: str | None, overwrite: bool,
                             "train.out_dir")
     if resume == "auto":
         resume = str(out_dir / "last.pth")
+        if Path(resume).is_dir():
+            raise TrainingError(f"{resume}: is a folder, not a checkpoint; move it away, or "
+                                "give --from PATH")
         if not Path(resume).is_file():
             raise TrainingError(f"{resume}: no checkpoint to resume from (nothing was saved "
                                 "there yet); start without --resume, or give --from PATH")
