@@ -233,8 +233,13 @@ def cmd_score(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    if args.adapt:
+        from .adapt.demo import ALL_METHODS, run_adapt_demo
+        methods = ALL_METHODS if args.methods == ["all"] else tuple(args.methods)
+        run_adapt_demo(args.out or "reports/demo_adapt", methods, overrides=args.overrides)
+        return 0
     from .demo import run_demo
-    run_demo(args.out, args.overrides)
+    run_demo(args.out or "reports/demo", args.overrides)
     return 0
 
 
@@ -310,7 +315,14 @@ def build_parser() -> argparse.ArgumentParser:
     sc.set_defaults(func=cmd_score)
 
     de = sub.add_parser("demo", help="synthetic data: train -> evaluate -> predict -> report")
-    de.add_argument("--out", default="reports/demo", help="report folder")
+    de.add_argument("--out", default=None,
+                    help="report folder (default reports/demo, with --adapt reports/demo_adapt)")
+    de.add_argument("--adapt", action="store_true",
+                    help="domain adaptation demo: synthetic source -> restyled target, "
+                         "source-only vs adaptation methods vs target-supervised (~10 min)")
+    de.add_argument("--methods", nargs="+", default=["fda"],
+                    help="with --adapt: adaptsegnet advent minent fda dacs, or all "
+                         "(default: fda)")
     de.add_argument("overrides", nargs="*", help="section.key=value for the demo config")
     de.set_defaults(func=cmd_demo)
 

@@ -373,6 +373,8 @@ def train(cfg: Config, resume: str | None = None,
                                inference=cfg.eval.inference())
             model.train()
             logs["val_miou"] = metrics["miou"]
+            if history and history[-1]["iteration"] == it + 1:  # for curves of validation
+                history[-1]["val_miou"] = metrics["miou"]
             if writer:
                 writer.add_scalar("val/mIoU", metrics["miou"], it + 1)
                 _log_samples(writer, model, val_ds, device, it + 1)
