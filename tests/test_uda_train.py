@@ -1,6 +1,7 @@
 """Domain adaptation through the one training loop: every method runs end to end, resumes
 exactly, keeps its modules in the checkpoint, and runs as 2 processes under torchrun."""
 
+import json
 import os
 import signal
 import subprocess
@@ -124,6 +125,11 @@ def test_torchrun_two_processes_adaptation(tmp_path):
     replicas = (tmp_path / "run" / "replicas.json").read_text()
     assert '"world_size": 2' in replicas
     assert (tmp_path / "run" / "model.pth").is_file()
+    # the discriminators started equal and took the same steps on both ranks
+    adapt = json.loads((tmp_path / "run" / "replicas_adapt.json").read_text())
+    assert adapt["world_size"] == 2 and adapt["sha256"][0] == adapt["sha256"][1]
+    state = torch.load(tmp_path / "run" / "last.pth", weights_only=True)["adapt_state"]
+    assert any(k.startswith("d_main.") for k in state["modules"])
 
 
 def test_stop_at_ends_early_on_the_longer_schedule(tmp_path):

@@ -209,6 +209,7 @@ def train(cfg: Config, resume: str | None = None,
     method = build_method(a, model)  # None: supervised training only
     if method is not None:
         method.to(device)
+        dist_utils.broadcast_module(method)  # one initialisation on every rank, as DDP's
     scaler = torch.amp.GradScaler("cuda") if t.amp == "fp16" else None
     start, best = 0, None
     if resume == "auto":
@@ -396,6 +397,8 @@ def train(cfg: Config, resume: str | None = None,
         writer.close()
     if info.enabled:
         _check_replicas(model, info, out_dir)
+        if method is not None:  # the discriminators / teacher beside the network too
+            _check_replicas(method, info, out_dir, "replicas_adapt.json")
     if info.is_main:
         save_weights(model, out_dir / "model.pth", classes, palette)
         if metrics is not None:
@@ -413,14 +416,13 @@ def weights_digest(model) -> str:
     return h.hexdigest()
 
 
-def _check_replicas(model, info, out_dir: Path) -> None:
-    """DDP keeps replicas identical; verify it once at the end and record it."""
+def _check_replicas(model, info, out_dir: Path, name: str = "replicas.json") -> None:
+    """DDP keeps replicas identical; verify it once at the end and record it in ``name``."""
     import torch.distributed as dist
     digests: list = [None] * info.world_size
     dist.all_gather_object(digests, weights_digest(model))
     if info.is_main:
-        _write_json(out_dir / "replicas.json", {"world_size": info.world_size,
-                                                "sha256": digests})
+        _write_json(out_dir / name, {"world_size": info.world_size, "sha256": digests})
     if len(set(digests)) != 1:
         raise TrainingError(f"DDP replicas diverged: weight digests {digests}")
 
