@@ -173,10 +173,17 @@ def cmd_evaluate(args) -> int:
           f"{inference.describe()}{', dense CRF' if args.crf or cfg.eval.crf else ''}, "
           f"{args.precision}{' eager' if args.eager else ''}")
     crf = _crf(args, cfg)
+    from .app.commands import finish_report, report_collector
+    report = report_collector(args, ds)
     results = evaluate(net, ds, device=device, limit=args.limit, amp=amp,
                        num_workers=cfg.data.num_workers, inference=inference, crf=crf,
-                       progress=True)
+                       progress=True, on_image=report)
     _print_metrics(results, list(ds.classes), args.out)
+    finish_report(args, report, results, title=f"{args.checkpoint} on {cfg.data.dataset} "
+                  f"{ds.split}", settings={"checkpoint": args.checkpoint,
+                                           "inference": inference.describe(),
+                                           "dense CRF": crf is not None,
+                                           "precision": args.precision})
     return 0
 
 
@@ -207,8 +214,13 @@ def cmd_score(args) -> int:
     from .score import score_folder
     cfg = load_config(args.config, args.overrides)
     ds = _eval_dataset(cfg, args.split)
-    results = score_folder(args.predictions, ds, id_format=args.id_format)
+    from .app.commands import finish_report, report_collector, score_callback
+    report = report_collector(args, ds)
+    results = score_folder(args.predictions, ds, id_format=args.id_format,
+                           on_image=score_callback(report, ds))
     _print_metrics(results, list(ds.classes), args.out)
+    finish_report(args, report, results, title=f"{args.predictions} on {cfg.data.dataset} "
+                  f"{ds.split}", settings={"predictions": args.predictions})
     return 0
 
 
@@ -244,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, default=None, help="only the first N images")
     _add_runtime_args(ev)
     ev.add_argument("--out", default=None, help="write the metrics as JSON here")
+    from .app.commands import add_report_args
+    add_report_args(ev)
     _add_inference_args(ev)
     ev.add_argument("overrides", nargs="*", help="section.key=value")
     ev.set_defaults(func=cmd_evaluate)
@@ -281,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--id-format", choices=("auto", "label", "train"), default="auto",
                     help="Cityscapes: label ids (official submission format) or train ids")
     sc.add_argument("--out", default=None, help="write the metrics as JSON here")
+    add_report_args(sc)
     sc.add_argument("overrides", nargs="*", help="section.key=value")
     sc.set_defaults(func=cmd_score)
 
@@ -291,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .bench import register as register_bench  # adds "bench" and "export"
     register_bench(sub)
+    from .app.commands import register as register_app  # adds "compare" and "serve"
+    register_app(sub)
     return p
 
 
