@@ -67,7 +67,11 @@ def decode_image(data: bytes, max_pixels: float) -> np.ndarray:
     if not data:
         raise RequestError(400, "empty request body: send the image file's bytes")
     try:
-        im = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():  # the pixel limit below is ours; PIL's would only warn
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise RequestError(413, f"image refused as a decompression bomb: {e}") from None
     except UnidentifiedImageError:
         raise RequestError(415, "not an image: the body is no PNG, JPEG, WebP or BMP file") \
             from None
@@ -90,7 +94,7 @@ def decode_image(data: bytes, max_pixels: float) -> np.ndarray:
             rgb = im.convert("RGB")
     except Exception as e:  # truncated data, bad CRC, bad compressed stream...
         raise RequestError(400, f"corrupt or truncated {im.format} image: {e}") from None
-    return np.asarray(rgb)
+    return np.array(rgb)  # writable, for torch
 
 
 def _flag(value: str | None) -> bool:
