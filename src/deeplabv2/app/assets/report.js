@@ -32,11 +32,11 @@
     const w = 900, h = 160, n = Math.max(rows.length, 1), bw = w / n;
     const ns = "http://www.w3.org/2000/svg";
     const svg = document.createElementNS(ns, "svg");
-    svg.setAttribute("width", w + 40); svg.setAttribute("height", h + 24);
+    svg.setAttribute("width", w + 40); svg.setAttribute("height", h + 30);
     svg.setAttribute("role", "img");
     svg.setAttribute("aria-label", "per-image score, sorted");
     [0, 0.5, 1].forEach(function (t) {
-      const y = h - t * h + 2;
+      const y = h - t * h + 8;
       const line = document.createElementNS(ns, "line");
       line.setAttribute("x1", 30); line.setAttribute("x2", w + 30);
       line.setAttribute("y1", y); line.setAttribute("y2", y);
@@ -51,7 +51,7 @@
       const rect = document.createElementNS(ns, "rect");
       const bh = Math.max(r.score * h, 0.5);
       rect.setAttribute("x", 30 + i * bw); rect.setAttribute("width", Math.max(bw - (bw > 3 ? 1 : 0), 0.5));
-      rect.setAttribute("y", h - bh + 2); rect.setAttribute("height", bh);
+      rect.setAttribute("y", h - bh + 8); rect.setAttribute("height", bh);
       const title = document.createElementNS(ns, "title");
       title.textContent = r.entry.name + ": " + pct(r.score);
       rect.appendChild(title);
