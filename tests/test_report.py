@@ -191,3 +191,25 @@ def test_baseline_needs_report(tmp_path, capsys):
     save_config(load_config("demo", ["data.options={num_samples: 2, size: [48, 64]}"]), cfg)
     assert main(["score", str(tmp_path), "-c", str(cfg), "--baseline", "x.json"]) == 2
     assert "--baseline compares in the report" in capsys.readouterr().err
+
+
+def test_evaluate_command_writes_the_report_with_crf_and_baseline(tmp_path, capsys):
+    from deeplabv2 import save_weights
+    from deeplabv2.config import load_config, save_config
+    from deeplabv2.data import SyntheticDataset
+    cfg = tmp_path / "c.yaml"
+    save_config(load_config("demo", ["data.options={num_samples: 3, size: [48, 64]}",
+                                     "data.num_workers=0", "eval.crf_params={iterations: 2}"]),
+                cfg)
+    ckpt = tmp_path / "m.pth"
+    save_weights(build_model(TINY), ckpt, classes=SyntheticDataset.classes,
+                 palette=SyntheticDataset.palette)
+    assert main(["evaluate", str(ckpt), "-c", str(cfg), "--report", str(tmp_path / "a")]) == 0
+    assert main(["evaluate", str(ckpt), "-c", str(cfg), "--crf", "--report", str(tmp_path / "b"),
+                 "--baseline", str(tmp_path / "a")]) == 0
+    assert f"report written to {tmp_path / 'b' / 'index.html'}" in capsys.readouterr().out
+    html = (tmp_path / "b" / "index.html").read_text()
+    data = _report_data(html)
+    assert data["crf"] is True and len(data["images"]) == 3
+    assert all("before_crf" in e["thumbs"] for e in data["images"])
+    assert 'id="diff-chart"' in html and "dense CRF" in html
