@@ -271,3 +271,23 @@ def test_serve_command_is_registered():
     args = build_parser().parse_args(["serve", "m.pth"])
     assert (args.host, args.port, args.queue) == ("127.0.0.1", 8000, 4)
     assert json.dumps(args.max_megapixels)
+
+
+def test_slow_upload_gets_408_from_a_real_server(predictor):
+    """An upload that stalls is cut off after the timeout (uvicorn on 127.0.0.1, raw socket)."""
+    import socket
+    from test_browser import running_server
+    with running_server(create_app(predictor, timeout_s=0.5)) as url:
+        port = int(url.rsplit(":", 1)[1].strip("/"))
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                      b"Content-Type: image/png\r\nContent-Length: 100000\r\n\r\n\x89PNG")
+            answer = b""
+            while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 408")
+        assert b"did not arrive within 0.5 s" in answer
+        assert predictor.admitted == 0

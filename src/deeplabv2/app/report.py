@@ -47,12 +47,15 @@ class ReportError(ValueError):
 def per_image_confusion(label: np.ndarray, pred: np.ndarray, num_classes: int) -> np.ndarray:
     """``(C, C + 1)`` int64 counts of one image: rows ground truth (255 = ignore, not counted),
     columns prediction, the last column "no class" (a prediction value ``>= C``)."""
-    label = np.asarray(label).astype(np.int64).ravel()
-    pred = np.minimum(np.asarray(pred).astype(np.int64).ravel(), num_classes)
-    keep = label < num_classes
-    counts = np.bincount(label[keep] * (num_classes + 1) + pred[keep],
-                         minlength=num_classes * (num_classes + 1))
-    return counts.reshape(num_classes, num_classes + 1)
+    C = num_classes
+    label = np.asarray(label)
+    pred = np.minimum(np.asarray(pred), C)
+    # one bin per (label value 0..255, prediction 0..C); rows >= C (ignore) are dropped after
+    # counting, which is cheaper than masking the pixels of a 2048x1024 image first
+    dtype = np.int32 if 256 * (C + 1) > np.iinfo(np.uint16).max else np.uint16
+    index = label.astype(dtype) * dtype(C + 1) + pred.astype(dtype)
+    counts = np.bincount(index.ravel(), minlength=256 * (C + 1))
+    return counts.reshape(256, C + 1)[:C].astype(np.int64)
 
 
 def iou_of(counts: np.ndarray) -> np.ndarray:
@@ -133,17 +136,20 @@ class ReportCollector:
     def _write_thumbs(self, k, image, label, pred, before) -> dict:
         h, w = label.shape
         size = _thumb_size(h, w, self.thumb_width)
+        # nearest-neighbour sampling of the label maps, done on the small grid only
+        rows = (np.arange(size[1]) * h // size[1])[:, None]
+        cols = (np.arange(size[0]) * w // size[0])[None, :]
         prefix = f"thumbs/{k:06d}"
-        nearest = Image.Resampling.NEAREST
-        Image.fromarray(np.ascontiguousarray(image[..., :3]).astype(np.uint8)).resize(
-            size, Image.Resampling.BILINEAR).save(self.out / f"{prefix}_image.jpg", quality=80)
-        small_label = np.asarray(Image.fromarray(label.astype(np.uint8)).resize(size, nearest))
-        small_image = np.asarray(Image.open(self.out / f"{prefix}_image.jpg"))
+        small_image = np.asarray(Image.fromarray(
+            np.ascontiguousarray(image[..., :3]).astype(np.uint8)).resize(
+            size, Image.Resampling.BILINEAR, reducing_gap=3.0))
+        Image.fromarray(small_image).save(self.out / f"{prefix}_image.jpg", quality=80)
         files = {"image": f"{prefix}_image.jpg"}
+        small_label = self._display(label[rows, cols])
         for key, labels in (("gt", label), ("pred", pred), ("before_crf", before)):
             if labels is None:
                 continue
-            small = np.asarray(Image.fromarray(self._display(labels)).resize(size, nearest))
+            small = small_label if key == "gt" else self._display(np.asarray(labels)[rows, cols])
             self._save_palette_png(small, self.out / f"{prefix}_{key}.png")
             files[key] = f"{prefix}_{key}.png"
             if key == "pred":
@@ -154,13 +160,13 @@ class ReportCollector:
         wrong = (small_label != small_pred) & (small_label != 255)
         err[wrong] = ERROR_COLOUR
         err[small_label == 255] = IGNORE_COLOUR
-        Image.fromarray(err).save(self.out / f"{prefix}_error.png", optimize=True)
+        Image.fromarray(err).save(self.out / f"{prefix}_error.png")
         files["error"] = f"{prefix}_error.png"
         return files
 
     def _display(self, labels) -> np.ndarray:
         """Labels as ``uint8`` for a palette PNG: classes as they are, no class as 255."""
-        labels = np.asarray(labels).astype(np.int64)
+        labels = np.asarray(labels)
         return np.where((labels >= 0) & (labels < self.num_classes), labels, 255).astype(np.uint8)
 
     def _save_palette_png(self, labels: np.ndarray, path: Path) -> None:
@@ -168,7 +174,7 @@ class ReportCollector:
         table = np.zeros((256, 3), dtype=np.uint8)
         table[: self.num_classes] = self.palette
         im.putpalette(table.flatten().tolist())
-        im.save(path, optimize=True)
+        im.save(path)
 
     def write(self, metrics: dict, *, title: str = "Evaluation report", settings: dict | None
               = None, baseline: dict | None = None, baseline_name: str = "baseline") -> Path:
