@@ -124,6 +124,11 @@ def test_report_opens_from_disk_and_filters_by_class(browser, report, tmp_path):
     assert scores == pytest.approx(holding[:8])
     assert "road IoU" in browser.find_element("css selector", "#worst .caption").text
     browser.save_screenshot(str(tmp_path / "report_road.png"))
+    # clicking a class's row in the class table does the same (its bar too, which may be
+    # zero pixels wide for a random model)
+    browser.find_element("css selector", '#class-table tr[data-class="sky"]').click()
+    wait_for(browser, "document.getElementById('filter-count').textContent.includes('sky')")
+    assert browser.find_element("id", "class-filter").get_attribute("value") == "4"
     assert (tmp_path / "report.png").stat().st_size > 10_000
 
 

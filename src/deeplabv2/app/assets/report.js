@@ -112,5 +112,15 @@
     document.body.dataset.ready = "1";
   }
   select.addEventListener("change", render);
+  // clicking a class in the IoU chart or the class table ranks the images by that class
+  document.querySelectorAll("#iou-chart rect.bar[data-class], #class-table tr[data-class]")
+    .forEach(function (el) {
+      el.style.cursor = "pointer";
+      el.addEventListener("click", function () {
+        select.value = String(data.classes.indexOf(el.dataset.class));
+        render();
+        document.getElementById("images").scrollIntoView();
+      });
+    });
   render();
 })();
