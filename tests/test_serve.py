@@ -291,3 +291,41 @@ def test_slow_upload_gets_408_from_a_real_server(predictor):
         assert answer.startswith(b"HTTP/1.1 408")
         assert b"did not arrive within 0.5 s" in answer
         assert predictor.admitted == 0
+
+
+def test_serve_command_starts_on_localhost_and_stops(checkpoint, tmp_path):
+    """`deeplabv2 serve` as a user runs it: bound to 127.0.0.1, answers, stops on SIGTERM."""
+    import http.client
+    import socket
+    import subprocess
+    import sys
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "deeplabv2", "serve", str(checkpoint),
+                             "--port", str(port), "--device", "cpu", "--queue", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+                conn.request("GET", "/api/health")
+                health = json.loads(conn.getresponse().read())
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "server did not start"
+                time.sleep(0.2)
+        assert health == {"status": "ok", "admitted": 0, "queue_size": 2}
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("POST", "/api/predict?format=json", body=encode(photo()))
+        answer = conn.getresponse()
+        assert answer.status == 200 and json.loads(answer.read())["width"] == 64
+        listening = subprocess.run(["ss", "-ltn"], capture_output=True, text=True).stdout \
+            if __import__("shutil").which("ss") else f"127.0.0.1:{port}"
+        assert f"127.0.0.1:{port}" in listening and f"0.0.0.0:{port}" not in listening
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+    assert f"on http://127.0.0.1:{port}/" in out
