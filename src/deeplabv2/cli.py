@@ -169,12 +169,12 @@ def cmd_evaluate(args) -> int:
                          f"{cfg.data.dataset!r} has {ds.num_classes}")
     inference = _inference(args, cfg.eval.inference().to_dict())
     net, amp = _runtime(model, args, device)
+    from .app.commands import finish_report, report_collector
+    report = report_collector(args, ds)  # None without --report
     print(f"evaluating {args.checkpoint} on {cfg.data.dataset} {ds.split} ({len(ds)} images), "
           f"{inference.describe()}{', dense CRF' if args.crf or cfg.eval.crf else ''}, "
           f"{args.precision}{' eager' if args.eager else ''}")
     crf = _crf(args, cfg)
-    from .app.commands import finish_report, report_collector
-    report = report_collector(args, ds)
     results = evaluate(net, ds, device=device, limit=args.limit, amp=amp,
                        num_workers=cfg.data.num_workers, inference=inference, crf=crf,
                        progress=True, on_image=report)
@@ -256,10 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, default=None, help="only the first N images")
     _add_runtime_args(ev)
     ev.add_argument("--out", default=None, help="write the metrics as JSON here")
-    from .app.commands import add_report_args
-    add_report_args(ev)
     _add_inference_args(ev)
     ev.add_argument("overrides", nargs="*", help="section.key=value")
+    from .app.commands import add_report_args
+    add_report_args(ev)
     ev.set_defaults(func=cmd_evaluate)
 
     pr = sub.add_parser("predict", help="segment image files, folders or globs")
@@ -304,10 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("overrides", nargs="*", help="section.key=value for the demo config")
     de.set_defaults(func=cmd_demo)
 
-    from .bench import register as register_bench  # adds "bench" and "export"
-    register_bench(sub)
     from .app.commands import register as register_app  # adds "compare" and "serve"
     register_app(sub)
+    from .bench import register as register_bench  # adds "bench" and "export"
+    register_bench(sub)
     return p
 
 
