@@ -190,14 +190,21 @@ def cmd_evaluate(args) -> int:
                          f"{cfg.data.dataset!r} has {ds.num_classes}")
     inference = _inference(args, cfg.eval.inference().to_dict())
     net, amp = _runtime(model, args, device)
+    from .app.commands import finish_report, report_collector
+    report = report_collector(args, ds)  # None without --report
     print(f"evaluating {args.checkpoint} on {cfg.data.dataset} {ds.split} ({len(ds)} images), "
           f"{inference.describe()}{', dense CRF' if args.crf or cfg.eval.crf else ''}, "
           f"{args.precision}{' eager' if args.eager else ''}")
     crf = _crf(args, cfg, model)
     results = evaluate(net, ds, device=device, limit=args.limit, amp=amp,
                        num_workers=cfg.data.num_workers, inference=inference, crf=crf,
-                       progress=True)
+                       progress=True, on_image=report)
     _print_metrics(results, list(ds.classes), args.out)
+    finish_report(args, report, results, title=f"{args.checkpoint} on {cfg.data.dataset} "
+                  f"{ds.split}", settings={"checkpoint": args.checkpoint,
+                                           "inference": inference.describe(),
+                                           "dense CRF": crf is not None,
+                                           "precision": args.precision})
     return 0
 
 
@@ -227,8 +234,13 @@ def cmd_score(args) -> int:
     from .score import score_folder
     cfg = load_config(args.config, args.overrides)
     ds = _eval_dataset(cfg, args.split)
-    results = score_folder(args.predictions, ds, id_format=args.id_format)
+    from .app.commands import finish_report, report_collector, score_callback
+    report = report_collector(args, ds)
+    results = score_folder(args.predictions, ds, id_format=args.id_format,
+                           on_image=score_callback(report, ds))
     _print_metrics(results, list(ds.classes), args.out)
+    finish_report(args, report, results, title=f"{args.predictions} on {cfg.data.dataset} "
+                  f"{ds.split}", settings={"predictions": args.predictions})
     return 0
 
 
@@ -271,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default=None, help="write the metrics as JSON here")
     _add_inference_args(ev)
     ev.add_argument("overrides", nargs="*", help="section.key=value")
+    from .app.commands import add_report_args
+    add_report_args(ev)
     ev.set_defaults(func=cmd_evaluate)
 
     pr = sub.add_parser("predict", help="segment image files, folders or globs")
@@ -311,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--id-format", choices=("auto", "label", "train"), default="auto",
                     help="Cityscapes: label ids (official submission format) or train ids")
     sc.add_argument("--out", default=None, help="write the metrics as JSON here")
+    add_report_args(sc)
     sc.add_argument("overrides", nargs="*", help="section.key=value")
     sc.set_defaults(func=cmd_score)
 
@@ -326,6 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("overrides", nargs="*", help="section.key=value for the demo config")
     de.set_defaults(func=cmd_demo)
 
+    from .app.commands import register as register_app  # adds "compare" and "serve"
+    register_app(sub)
     from .bench import register as register_bench  # adds "bench" and "export"
     register_bench(sub)
     return p
