@@ -11,7 +11,8 @@ worker thread running it; every request is admitted to a bounded queue or refuse
                             ``format=png`` (palette PNG of class indices, the default),
                             ``labelids`` (Cityscapes label ids, 19-class Cityscapes models) or
                             ``json`` (class shares; ``include=png`` adds the PNG as base64),
-                            ``crf=1`` (dense CRF), ``multiscale=1`` (scales 0.5, 0.75, 1)
+                            ``crf=1`` (dense CRF), ``multiscale=1`` (the paper's MSC: scales 1, 0.75, 0.5,
+                            scores fused by max)
 
 Limits that keep it alive (each refusal says why, as ``{"error": ...}``):
 
@@ -46,7 +47,7 @@ DEFAULTS = {"max_upload_mb": 20.0, "max_pixels": 16_000_000, "queue_size": 4, "t
 ACCEPTED_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp",
                     "BMP": "image/bmp"}
 MIN_SIDE = 16  # smaller images leave nothing at output stride 8
-MULTI_SCALES = (0.5, 0.75, 1.0)  # the paper's MSC test scales (Sec. 3.2)
+MULTI_SCALES = (1.0, 0.75, 0.5)  # the paper's test-time MSC (Sec. 3.3), max fusion
 _PARAMS = {"format": ("png", "json", "labelids"), "crf": ("0", "1", "false", "true"),
            "multiscale": ("0", "1", "false", "true"), "include": ("png",)}
 
@@ -164,7 +165,7 @@ class Predictor:
         del data
         with torch.no_grad():
             x = self.model.preprocess(image[None]).to(self.device)
-            inference = InferenceConfig(scales=MULTI_SCALES if multi_scale else (1.0,))
+            inference = InferenceConfig(msc_scales=MULTI_SCALES if multi_scale else None)
             probs = inference(self.net, x)
             if crf:
                 probs = self._dense_crf()(probs, torch.from_numpy(image[None]).to(self.device))
@@ -172,9 +173,9 @@ class Predictor:
         return labels, time.perf_counter() - started
 
     def _dense_crf(self):
-        if self._crf is None:
-            from ..crf import DenseCRF
-            self._crf = DenseCRF()
+        if self._crf is None:  # the parameters released for the model's backbone
+            from ..crf import crf_preset
+            self._crf = crf_preset(self.model.config)
         return self._crf
 
     # -- answers -----------------------------------------------------------------------------
