@@ -21,3 +21,7 @@ def test_demo_writes_the_report(tmp_path, capsys):
     assert 0 <= written["colour_baseline_miou"] <= 1
     assert json.loads((out / "metrics.json").read_text())["classes"]["pole"]
     assert f"report: {out.resolve()}" in capsys.readouterr().out
+    # the HTML report covers every validation image, with its thumbnails
+    per_image = json.loads((out / "per_image.json").read_text())
+    assert len(per_image["images"]) == 8 and (out / "index.html").stat().st_size > 0
+    assert all((out / e["thumbs"]["error"]).is_file() for e in per_image["images"])

@@ -1,6 +1,7 @@
 """Domain adaptation through the one training loop: every method runs end to end, resumes
 exactly, keeps its modules in the checkpoint, and runs as 2 processes under torchrun."""
 
+import json
 import os
 import signal
 import subprocess
@@ -124,6 +125,11 @@ def test_torchrun_two_processes_adaptation(tmp_path):
     replicas = (tmp_path / "run" / "replicas.json").read_text()
     assert '"world_size": 2' in replicas
     assert (tmp_path / "run" / "model.pth").is_file()
+    # the discriminators started equal and took the same steps on both ranks
+    adapt = json.loads((tmp_path / "run" / "replicas_adapt.json").read_text())
+    assert adapt["world_size"] == 2 and adapt["sha256"][0] == adapt["sha256"][1]
+    state = torch.load(tmp_path / "run" / "last.pth", weights_only=True)["adapt_state"]
+    assert any(k.startswith("d_main.") for k in state["modules"])
 
 
 def test_stop_at_ends_early_on_the_longer_schedule(tmp_path):
@@ -136,3 +142,22 @@ def test_stop_at_ends_early_on_the_longer_schedule(tmp_path):
     assert [h["lr"] for h in cut.history] == [h["lr"] for h in full.history[:3]]
     with pytest.raises(ConfigError, match="stop_at"):
         load_config(None, [*TINY, "train.iterations=6", "train.stop_at=7"])
+
+
+def test_adapt_demo_writes_its_report(tmp_path, monkeypatch):
+    """The whole ``demo --adapt`` pipeline on a few scenes and iterations (the real run's
+    numbers are in the README)."""
+    import json
+    from deeplabv2.adapt import demo
+    for name in ("SOURCE", "TARGET", "TARGET_VAL", "SOURCE_VAL"):
+        monkeypatch.setattr(demo, name, {**getattr(demo, name), "num_samples": 6})
+    summary = demo.run_adapt_demo(
+        tmp_path, methods=("fda", "dacs"), source_iterations=4, method_iterations=2,
+        overrides=["model.width=8", "data.batch_size=2", "data.num_workers=0", "train.threads=1",
+                   "train.progress=false", "train.tensorboard=false"])
+    assert set(summary["runs"]) == {"source_only", "fda", "dacs", "target_supervised"}
+    assert 0 <= summary["source_only_target_val_miou"] <= 1
+    for f in ("summary.json", "table.md", "curves.png", "examples.png"):
+        assert (tmp_path / f).stat().st_size > 0
+    assert json.loads((tmp_path / "summary.json").read_text())["best_method"] in ("fda", "dacs")
+    assert "| target_supervised |" in (tmp_path / "table.md").read_text()

@@ -205,14 +205,21 @@ def cmd_evaluate(args) -> int:
     _require_same_classes(args.checkpoint, model.classes, ds)
     inference = _inference(args, cfg.eval.inference().to_dict())
     net, amp = _runtime(model, args, device)
+    from .app.commands import finish_report, report_collector
+    report = report_collector(args, ds)  # None without --report
     print(f"evaluating {args.checkpoint} on {cfg.data.dataset} {ds.split} ({len(ds)} images), "
           f"{inference.describe()}{', dense CRF' if args.crf or cfg.eval.crf else ''}, "
           f"{args.precision}{' eager' if args.eager else ''}")
     crf = _crf(args, cfg, model)
     results = evaluate(net, ds, device=device, limit=args.limit, amp=amp,
                        num_workers=cfg.data.num_workers, inference=inference, crf=crf,
-                       progress=True)
+                       progress=True, on_image=report)
     _print_metrics(results, list(ds.classes), args.out)
+    finish_report(args, report, results, title=f"{args.checkpoint} on {cfg.data.dataset} "
+                  f"{ds.split}", settings={"checkpoint": args.checkpoint,
+                                           "inference": inference.describe(),
+                                           "dense CRF": crf is not None,
+                                           "precision": args.precision})
     return 0
 
 
@@ -254,16 +261,26 @@ def cmd_score(args) -> int:
     from .score import score_folder
     cfg = load_config(args.config, args.overrides)
     ds = _eval_dataset(cfg, args.split)
-    results = score_folder(args.predictions, ds, id_format=args.id_format)
+    from .app.commands import finish_report, report_collector, score_callback
+    report = report_collector(args, ds)
+    results = score_folder(args.predictions, ds, id_format=args.id_format,
+                           on_image=score_callback(report, ds))
     from .score import describe_files
     print(describe_files(results["files"]) + f" ({len(ds)} images in {ds.split})")
     _print_metrics(results, list(ds.classes), args.out)
+    finish_report(args, report, results, title=f"{args.predictions} on {cfg.data.dataset} "
+                  f"{ds.split}", settings={"predictions": args.predictions})
     return 0
 
 
 def cmd_demo(args) -> int:
+    if args.adapt:
+        from .adapt.demo import ALL_METHODS, run_adapt_demo
+        methods = ALL_METHODS if args.methods == ["all"] else tuple(args.methods)
+        run_adapt_demo(args.out or "reports/demo_adapt", methods, overrides=args.overrides)
+        return 0
     from .demo import run_demo
-    run_demo(args.out, args.overrides)
+    run_demo(args.out or "reports/demo", args.overrides)
     return 0
 
 
@@ -310,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="auto, cpu, cuda or cuda:N (default: the config's train.device)")
     _add_inference_args(ev)
     ev.add_argument("overrides", nargs="*", help="section.key=value")
+    from .app.commands import add_report_args
+    add_report_args(ev)
     ev.set_defaults(func=cmd_evaluate)
 
     pr = sub.add_parser("predict", help="segment image files, folders or globs")
@@ -350,14 +369,24 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--id-format", choices=("auto", "label", "train"), default="auto",
                     help="Cityscapes: label ids (official submission format) or train ids")
     sc.add_argument("--out", default=None, help="write the metrics as JSON here")
+    add_report_args(sc)
     sc.add_argument("overrides", nargs="*", help="section.key=value")
     sc.set_defaults(func=cmd_score)
 
     de = sub.add_parser("demo", help="synthetic data: train -> evaluate -> predict -> report")
-    de.add_argument("--out", default="reports/demo", help="report folder")
+    de.add_argument("--out", default=None,
+                    help="report folder (default reports/demo, with --adapt reports/demo_adapt)")
+    de.add_argument("--adapt", action="store_true",
+                    help="domain adaptation demo: synthetic source -> restyled target, "
+                         "source-only vs adaptation methods vs target-supervised (~10 min)")
+    de.add_argument("--methods", nargs="+", default=["fda"],
+                    help="with --adapt: adaptsegnet advent minent fda dacs, or all "
+                         "(default: fda)")
     de.add_argument("overrides", nargs="*", help="section.key=value for the demo config")
     de.set_defaults(func=cmd_demo)
 
+    from .app.commands import register as register_app  # adds "compare" and "serve"
+    register_app(sub)
     from .bench import register as register_bench  # adds "bench" and "export"
     register_bench(sub)
     for sp in sub.choices.values():  # every option's help says its default

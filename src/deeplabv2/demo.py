@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .app.report import ReportCollector
 from .colour_baseline import colour_baseline_miou
 from .config import load_config
 from .data import build_dataset
@@ -54,7 +55,8 @@ def run_demo(out_dir="reports/demo", overrides=()) -> dict:
     net = optimize_for_inference(model)
     val_ds = build_dataset(d.dataset, d.root, d.val_split, **d.options)
     train_ds = build_dataset(d.dataset, d.root, d.train_split, **d.options)
-    metrics = evaluate(net, val_ds)
+    report = ReportCollector(out, val_ds.classes, val_ds.palette, names=val_ds.name)
+    metrics = evaluate(net, val_ds, on_image=report)
     classes = list(val_ds.classes)
     print(format_table(metrics, classes))
 
@@ -85,10 +87,14 @@ def run_demo(out_dir="reports/demo", overrides=()) -> dict:
     }
     write_report(out, metrics=metrics, class_names=classes, history=result.history,
                  extra=summary)
+    page = report.write(metrics, title="deeplabv2 demo: synthetic street scenes, val split",
+                        settings={"iterations": cfg.train.iterations,
+                                  "colour-only classifier mIoU": f"{100 * colour_miou:.1f}%"})
     print(f"\nval mIoU {100 * metrics['miou']:.1f}  vs colour-only classifier "
           f"{100 * colour_miou:.1f}  ({summary['total_seconds']:.0f} s in all)")
     print(f"report: {out.resolve()}  (summary.json, metrics.json, iou_table.txt, "
           f"training_curve.png, confusion.png, examples.png, predictions/)")
+    print(f"open {page.resolve()} in a browser: worst classes and images, confusion matrix")
     return summary
 
 

@@ -92,6 +92,16 @@ def average_gradients(optimizer: torch.optim.Optimizer) -> None:
                 p.grad.div_(world)
 
 
+def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
+    """Give every rank rank ``src``'s parameters and buffers (what DDP does for the network
+    it wraps; here for the modules beside it, e.g. a discriminator or an EMA teacher)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    with torch.no_grad():
+        for t in module.state_dict().values():
+            dist.broadcast(t, src)
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

@@ -27,7 +27,7 @@ class _Raw(torch.utils.data.Dataset):
 def evaluate(model, dataset, *, device=None, limit: int | None = None, amp: str = "none",
              channels_last: bool = False, num_workers: int = 0, predict=None,
              inference: InferenceConfig | None = None, crf=None,
-             progress: bool = False) -> dict:
+             progress: bool = False, on_image=None) -> dict:
     """Metrics of ``model`` on ``dataset`` (every image, or the first ``limit``).
 
     Under DDP each rank evaluates every ``world_size``-th image and the confusion matrices are
@@ -36,6 +36,11 @@ def evaluate(model, dataset, *, device=None, limit: int | None = None, amp: str 
     may replace it altogether (it must return ``(N, C, H, W)`` probabilities). ``crf`` (a
     :class:`deeplabv2.crf.DenseCRF`) refines the probabilities with the image. Returns
     :meth:`ConfusionMatrix.compute`'s dict plus ``"confusion"`` (the ``(C, C)`` counts).
+
+    ``on_image(index, image, label, pred, pred_before_crf)``, when given, sees every image this
+    rank evaluates as NumPy arrays: RGB ``uint8 (H, W, 3)``, labels ``(H, W)`` (255 = ignore),
+    predicted classes ``(H, W)``, and the prediction before the CRF (None without a CRF); the
+    evaluation report (:class:`deeplabv2.app.report.ReportCollector`) is built this way.
     """
     device = torch.device(device or next(model.parameters()).device)
     info_rank, world = dist_utils.rank_and_world()
@@ -48,6 +53,7 @@ def evaluate(model, dataset, *, device=None, limit: int | None = None, amp: str 
         loader = tqdm(loader, desc="evaluate", unit="img", dynamic_ncols=True)
     was_training = model.training
     model.eval()
+    indices = iter(range(info_rank, n, world))  # the dataset index of each image, for on_image
     for image, label in loader:
         x = model.preprocess(image).to(device)
         if predict is not None:
@@ -55,9 +61,14 @@ def evaluate(model, dataset, *, device=None, limit: int | None = None, amp: str 
         else:
             probs = (inference or InferenceConfig())(model, x, amp=amp,
                                                      channels_last=channels_last)
+        before_crf = probs
         if crf is not None:
             probs = crf(probs, image.to(device))
         cm.update(probs.argmax(1), label.to(device))
+        if on_image is not None:
+            on_image(next(indices), image[0].numpy(), label[0].numpy(),
+                     probs.argmax(1)[0].cpu().numpy(),
+                     None if crf is None else before_crf.argmax(1)[0].cpu().numpy())
     model.train(was_training)
     cm.reduce_()
     results = add_subset_mious(cm.compute(), dataset)

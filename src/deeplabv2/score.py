@@ -49,7 +49,7 @@ class ScoreError(ValueError):
     """Predictions that cannot be scored; the message names the file and what is wrong."""
 
 
-def score_folder(pred_dir, dataset, *, id_format: str = "auto") -> dict:
+def score_folder(pred_dir, dataset, *, id_format: str = "auto", on_image=None) -> dict:
     """Score the predictions in ``pred_dir`` against every sample of ``dataset``.
 
     ``dataset`` follows :class:`deeplabv2.data.base.SegmentationDataset` (``samples``,
@@ -67,6 +67,10 @@ def score_folder(pred_dir, dataset, *, id_format: str = "auto") -> dict:
     Other datasets take train ids (``"auto"`` or ``"train"``). A missing prediction, a
     prediction whose size differs from its ground truth, or a value valid in neither encoding
     raises :class:`ScoreError` naming the file. Returns :meth:`ConfusionMatrix.compute`'s dict.
+
+    ``on_image(index, label, pred)``, when given, is called for every sample once the files are
+    known to be valid, with the ground truth (train ids, 255 = ignore) and the prediction as
+    class indices ``(H, W)`` int64 (``num_classes`` = no class); the files are read again for it.
     """
     if id_format not in ID_FORMATS:
         raise ValueError(f"id_format must be one of {ID_FORMATS}, got {id_format!r}")
@@ -124,6 +128,10 @@ def score_folder(pred_dir, dataset, *, id_format: str = "auto") -> dict:
                     else f"a train id (0..{C - 1}) or {_VOID} (no class)")
             how = f" (id_format={id_format!r} read the files as {fmt} ids)" if cityscapes else ""
             raise ScoreError(f"{path}: value {value} is not {what}{how}")
+
+    if on_image is not None:  # a second pass, now that the meaning of the values is known
+        for i, pred_path in enumerate(pred_files):
+            on_image(i, _ground_truth(dataset, i), to_class[_read_prediction(pred_path)])
 
     cm = ConfusionMatrix(C)
     counts = np.zeros((C, C + 1), dtype=np.int64)  # last column: no class

@@ -360,6 +360,7 @@ def _train(cfg: Config, resume: str | None, on_iteration, allow_changes: bool,
     method = build_method(a, model)  # None: supervised training only
     if method is not None:
         method.to(device)
+        dist_utils.broadcast_module(method)  # one initialisation on every rank, as DDP's
     scaler = torch.amp.GradScaler("cuda") if t.amp == "fp16" else None
     start, best = 0, None
     if resume:
@@ -572,7 +573,7 @@ def _train(cfg: Config, resume: str | None, on_iteration, allow_changes: bool,
                                inference=cfg.eval.inference())
             model.train()
             logs["val_miou"] = metrics["miou"]
-            if history and history[-1]["iteration"] == it + 1:  # for the training curve
+            if history and history[-1]["iteration"] == it + 1:  # for curves of validation
                 history[-1]["val_miou"] = metrics["miou"]
             if writer:
                 writer.add_scalar("val/mIoU", metrics["miou"], it + 1)
@@ -598,6 +599,8 @@ def _train(cfg: Config, resume: str | None, on_iteration, allow_changes: bool,
         writer.close()
     if info.enabled:
         _check_replicas(model, info, out_dir)
+        if method is not None:  # the discriminators / teacher beside the network too
+            _check_replicas(method, info, out_dir, "replicas_adapt.json")
     if info.is_main:
         save_weights(model, out_dir / "model.pth", classes, palette)
         if metrics is not None:
@@ -632,14 +635,13 @@ def _broadcast_buffers(model) -> None:
             dist.broadcast(b, src=0)
 
 
-def _check_replicas(model, info, out_dir: Path) -> None:
-    """DDP keeps replicas identical; verify it once at the end and record it."""
+def _check_replicas(model, info, out_dir: Path, name: str = "replicas.json") -> None:
+    """DDP keeps replicas identical; verify it once at the end and record it in ``name``."""
     import torch.distributed as dist
     digests: list = [None] * info.world_size
     dist.all_gather_object(digests, weights_digest(model))
     if info.is_main:
-        _write_json(out_dir / "replicas.json", {"world_size": info.world_size,
-                                                "sha256": digests})
+        _write_json(out_dir / name, {"world_size": info.world_size, "sha256": digests})
     if len(set(digests)) != 1:
         raise TrainingError(f"DDP replicas diverged: weight digests {digests}")
 
