@@ -531,3 +531,19 @@ def test_version_and_every_option_says_its_default(capsys):
         assert "--device" in text or command == "score"
         if command == "predict":
             assert "images of equal size per batch (default: 4)" in text
+
+
+def test_serve_decodes_a_phone_photo_upright():
+    """`serve` reads uploads as `predict` reads files: the EXIF orientation is applied."""
+    import io
+    pytest.importorskip("starlette")
+    from deeplabv2.app.server import decode_image
+    rgb = np.zeros((20, 30, 3), np.uint8)
+    rgb[:5, :5] = 255
+    im = Image.fromarray(rgb)
+    exif = im.getexif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", exif=exif, quality=100)
+    shown = decode_image(buf.getvalue(), max_pixels=1e6)
+    assert shown.shape == (30, 20, 3) and shown[:5, -5:].mean() > 200

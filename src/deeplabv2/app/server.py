@@ -92,10 +92,13 @@ def decode_image(data: bytes, max_pixels: float) -> np.ndarray:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             im.load()
-            rgb = im.convert("RGB")
+            # as displayed (EXIF orientation), 16-bit scaled, alpha over white: as `predict`
+            from ..data.base import _rgb8
+            from PIL import ImageOps
+            rgb = _rgb8(ImageOps.exif_transpose(im))
     except Exception as e:  # truncated data, bad CRC, bad compressed stream...
         raise RequestError(400, f"corrupt or truncated {im.format} image: {e}") from None
-    return np.array(rgb)  # writable, for torch
+    return rgb  # writable, for torch
 
 
 def _flag(value: str | None) -> bool:
