@@ -56,7 +56,7 @@ def test_stride8_loss_downsamples_labels_with_nearest():
 
 def test_config_errors_name_the_key():
     with pytest.raises(ConfigError, match="unknown key train.iteratons; valid keys of 'train': "
-                                          "iterations, lr"):
+                                          "iterations, stop_at, lr"):
         load_config(None, ["train.iteratons=5"])
     with pytest.raises(ConfigError, match="unknown section 'optim'"):
         load_config(None, ["optim.lr=5"])
