@@ -155,7 +155,7 @@ def test_adapt_demo_writes_its_report(tmp_path, monkeypatch):
         tmp_path, methods=("fda", "dacs"), source_iterations=4, method_iterations=2,
         overrides=["model.width=8", "data.batch_size=2", "data.num_workers=0", "train.threads=1",
                    "train.progress=false", "train.tensorboard=false"])
-    assert set(summary["runs"]) == {"source_only", "fda", "dacs", "target_supervised"}
+    assert set(summary["runs"]) == {"warm_up", "source_only", "fda", "dacs", "target_supervised"}
     assert 0 <= summary["source_only_target_val_miou"] <= 1
     for f in ("summary.json", "table.md", "curves.png", "examples.png"):
         assert (tmp_path / f).stat().st_size > 0

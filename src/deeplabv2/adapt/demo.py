@@ -5,10 +5,11 @@ layouts in another look (:func:`deeplabv2.data.synthetic.restyle`: colour cast, 
 blur, noise), the kind of gap between GTA5 and Cityscapes. Runs, all through the one training
 loop and evaluated on the *target* validation scenes:
 
-1. ``source_only``: trained on labelled source scenes (also evaluated on source validation, to
-   show the gap);
-2. each adaptation method: labelled source + unlabelled target, starting from the source-only
-   weights (a source warm-up, as the published methods start from a trained network);
+1. ``warm_up``: trained on labelled source scenes (the published methods start from a trained
+   network too);
+2. from those weights, for the same number of iterations each: ``source_only`` (more source
+   training: the fair baseline, also evaluated on source validation to show the gap) and each
+   adaptation method (labelled source + unlabelled target);
 3. ``target_supervised``: trained on labelled target scenes, the upper bound.
 
 Writes ``summary.json``, ``table.md``, ``curves.png`` (target-val mIoU during training) and
@@ -65,7 +66,7 @@ def _config(out: Path, name: str, iterations: int, extra=()):
     return load_config("demo", [*base, *extra])
 
 
-def run_adapt_demo(out_dir="reports/demo_adapt", methods=DEFAULT_METHODS, source_iterations=500,
+def run_adapt_demo(out_dir="reports/demo_adapt", methods=DEFAULT_METHODS, source_iterations=400,
                    method_iterations=300, overrides=()) -> dict:
     """Run source-only, ``methods`` and the target-supervised bound; return the summary."""
     out = Path(out_dir)
@@ -92,16 +93,17 @@ def run_adapt_demo(out_dir="reports/demo_adapt", methods=DEFAULT_METHODS, source
         print(f"{name:>18}: target-val mIoU {100 * target_miou:.1f}")
         return result, net
 
-    # 1. source only (its validation during training is on the target, like every run here)
-    _, source_net = run("source_only", _config(out, "source_only", source_iterations,
-                                               ["adapt.method=source_only", *overrides]))
+    # 1. the source warm-up (its validation during training is on the target, as every run's)
+    run("warm_up", _config(out, "warm_up", source_iterations,
+                           ["adapt.method=source_only", *overrides]))
+    warm = [f"model.weights={out / 'warm_up' / 'model.pth'}", "model.init_head=true"]
+    # 2. from there: more source training (the baseline), and each method
+    _, source_net = run("source_only", _config(out, "source_only", method_iterations,
+                                               ["adapt.method=source_only", *warm, *overrides]))
     runs["source_only"]["source_val_miou"] = evaluate(source_net, source_val)["miou"]
-    warm = out / "source_only" / "model.pth"
-    # 2. the methods, from the source-only weights
     for m in methods:
         run(m, _config(out, m, method_iterations,
-                       [f"adapt.method={m}", f"model.weights={warm}", "model.init_head=true",
-                        *METHOD_SETTINGS[m], *overrides]))
+                       [f"adapt.method={m}", *warm, *METHOD_SETTINGS[m], *overrides]))
     # 3. the upper bound: labelled target scenes
     run("target_supervised", _config(out, "target_supervised", source_iterations,
                                      ["adapt.method=source_only", f"data.options={_options(TARGET)}",
@@ -152,14 +154,14 @@ def _curves(runs: dict, path: Path) -> None:
     from ..report import _pyplot
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
-    offset = runs["source_only"]["iterations"]
+    offset = runs["warm_up"]["iterations"]
     for name, r in runs.items():
         if not r["curve"]:
             continue
         its, mious = zip(*r["curve"])
-        start = offset if name not in ("source_only", "target_supervised") else 0
+        start = offset if name not in ("warm_up", "target_supervised") else 0
         ax.plot([start + i for i in its], [100 * m for m in mious], "o-", label=name)
-    ax.set_xlabel("iteration (methods continue from the source-only run)")
+    ax.set_xlabel("iteration (source_only and the methods continue from warm_up)")
     ax.set_ylabel("target-val mIoU %")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
