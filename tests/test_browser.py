@@ -17,7 +17,6 @@ import subprocess
 import threading
 import time
 
-import numpy as np
 import pytest
 from PIL import Image
 

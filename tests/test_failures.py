@@ -23,6 +23,7 @@ from deeplabv2.digest import content_digest
 from deeplabv2.fileio import RunLock, atomic_write_text
 from deeplabv2.train import TrainingError, train, weights_digest
 from deeplabv2.weights import WeightsError
+from torchrun import run_torchrun
 
 from test_train import TINY, tiny_config
 
@@ -103,18 +104,7 @@ def test_weights_digest_any_layout_and_dtype():
 
 
 def _torchrun(args, tmp_path, script=None, env_extra=None, timeout=300):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env_extra or {})}
-    target = [str(script)] if script else ["-m", "deeplabv2"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-           *target, *args]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True, cwd=tmp_path)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise
-    return proc.returncode, out, err
+    return run_torchrun(args, tmp_path, script, env_extra, timeout)
 
 
 DEMO_FEW = ["train.iterations=3", "data.options={num_samples: 16}", "train.val_limit=2",

@@ -1,10 +1,6 @@
 """The training loop: recipe pieces, exact resume, NaN handling, configs, DDP under torchrun."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,6 +9,8 @@ from deeplabv2 import load_model
 from deeplabv2.config import ConfigError, load_config, save_config
 from deeplabv2.train import (IterationBatchSampler, TrainingError, poly_lr,
                              segmentation_loss, train, weights_digest)
+
+from torchrun import run_torchrun
 
 TINY = ["model.blocks=[1, 1, 1, 1]", "model.width=8", "data.dataset=synthetic",
         "data.crop_size=[48, 64]", "data.scale_range=[0.75, 1.25]", "data.batch_size=2",
@@ -137,19 +135,8 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
               "train.checkpoint_every=3"]
     cfg_path = tmp_path / "ddp.yaml"
     save_config(load_config(None, [*common, f"train.out_dir={tmp_path / 'ddp'}"]), cfg_path)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           "--standalone", "-m", "deeplabv2", "train", "-c", str(cfg_path),
-           "train.progress=false"]
-    # own process group, so that a hang kills torchrun *and* its workers
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise
-    assert proc.returncode == 0, stderr[-3000:]
+    code, _, stderr = run_torchrun(["train", "-c", cfg_path, "train.progress=false"], tmp_path)
+    assert code == 0, stderr[-3000:]
     ddp = load_model(tmp_path / "ddp" / "model.pth")
     single = train(load_config(None, [*common, "data.batch_size=4",
                                       f"train.out_dir={tmp_path / 'one'}"])).model

@@ -2,10 +2,6 @@
 exactly, keeps its modules in the checkpoint, and runs as 2 processes under torchrun."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,6 +11,7 @@ from deeplabv2.config import ConfigError, load_config, save_config
 from deeplabv2.train import train
 
 from test_train import TINY
+from torchrun import run_torchrun
 
 class Crash(Exception):
     pass
@@ -111,17 +108,8 @@ def test_torchrun_two_processes_adaptation(tmp_path):
     cfg_path = tmp_path / "uda.yaml"
     save_config(uda_config(tmp_path / "run", "advent", "train.iterations=2",
                            "train.checkpoint_every=2", "data.scale_range=[1, 1]"), cfg_path)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-           "-m", "deeplabv2", "train", "-c", str(cfg_path)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise
-    assert proc.returncode == 0, stderr[-3000:]
+    code, _, stderr = run_torchrun(["train", "-c", cfg_path], tmp_path)
+    assert code == 0, stderr[-3000:]
     replicas = (tmp_path / "run" / "replicas.json").read_text()
     assert '"world_size": 2' in replicas
     assert (tmp_path / "run" / "model.pth").is_file()

@@ -38,7 +38,6 @@ from __future__ import annotations
 import json
 import pickle
 import re
-import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path

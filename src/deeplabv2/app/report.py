@@ -31,7 +31,6 @@ from PIL import Image
 
 from ..fileio import atomic_write_text
 from ..metrics import save_json
-from ..visualize import colorize
 from . import asset
 
 THUMB_WIDTH = 320
@@ -415,7 +414,7 @@ def write_page(out_dir, metrics: dict, class_names: Sequence[str], palette, *,
         + (f'<table id="settings">{settings_html}</table>' if settings_html else "")
         + "</section>",
         f'<section id="metrics"><h2>Metrics</h2>{_metrics_table(metrics, baseline)}</section>',
-        f'<section id="per-class"><h2>Per-class IoU</h2><p class="note">Worst class first'
+        '<section id="per-class"><h2>Per-class IoU</h2><p class="note">Worst class first'
         + (f"; grey bars: {html.escape(baseline_name)}" if baseline else "") + ".</p>"
         + _iou_chart(metrics, names, palette, baseline, baseline_name)
         + (f"<h3>Difference to {html.escape(baseline_name)} (IoU points, sorted)</h3>"

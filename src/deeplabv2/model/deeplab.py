@@ -9,7 +9,7 @@ from torch import nn
 
 from ..preprocessing import CAFFE_BGR, Preprocessing
 from .alignment import CAFFE, Alignment, get_alignment
-from .aspp import ASPP, HEAD_MODES
+from .aspp import ASPP
 from .resnet import ResNet
 from .vgg import VGG16, VGGASPP
 
