@@ -10,7 +10,8 @@ loop and evaluated on the *target* validation scenes:
 2. from those weights, for the same number of iterations each: ``source_only`` (more source
    training: the fair baseline, also evaluated on source validation to show the gap) and each
    adaptation method (labelled source + unlabelled target);
-3. ``target_supervised``: trained on labelled target scenes, the upper bound.
+3. ``target_supervised``: from the same weights, the same iterations on *labelled* target
+   scenes: the upper bound of what adaptation can reach.
 
 Writes ``summary.json``, ``table.md``, ``curves.png`` (target-val mIoU during training) and
 ``examples.png`` (target image | ground truth | each run's prediction).
@@ -104,10 +105,10 @@ def run_adapt_demo(out_dir="reports/demo_adapt", methods=DEFAULT_METHODS, source
     for m in methods:
         run(m, _config(out, m, method_iterations,
                        [f"adapt.method={m}", *warm, *METHOD_SETTINGS[m], *overrides]))
-    # 3. the upper bound: labelled target scenes
-    run("target_supervised", _config(out, "target_supervised", source_iterations,
+    # 3. the upper bound: the same continuation on labelled target scenes
+    run("target_supervised", _config(out, "target_supervised", method_iterations,
                                      ["adapt.method=source_only", f"data.options={_options(TARGET)}",
-                                      *overrides]))
+                                      *warm, *overrides]))
 
     src = runs["source_only"]
     gap = src["source_val_miou"] - src["target_val_miou"]
@@ -159,7 +160,7 @@ def _curves(runs: dict, path: Path) -> None:
         if not r["curve"]:
             continue
         its, mious = zip(*r["curve"])
-        start = offset if name not in ("warm_up", "target_supervised") else 0
+        start = offset if name != "warm_up" else 0
         ax.plot([start + i for i in its], [100 * m for m in mious], "o-", label=name)
     ax.set_xlabel("iteration (source_only and the methods continue from warm_up)")
     ax.set_ylabel("target-val mIoU %")
