@@ -24,13 +24,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from ..config import load_config
 from ..data import build_dataset
 from ..evaluate import evaluate
 from ..fast import optimize_for_inference
-from ..fileio import atomic_write_text
+from ..fileio import atomic_write, atomic_write_text
 from ..train import train
 from ..visualize import colorize
 from ..weights import load_model
@@ -172,8 +171,10 @@ def _curves(runs: dict, path: Path) -> None:
 
 
 def _examples(dataset, checkpoints: dict, path: Path, count: int = 4) -> None:
-    """Rows of target image | ground truth | each run's prediction."""
+    """Rows of target image | ground truth | each run's prediction, under column titles, with
+    the class legend beside them."""
     import torch
+    from ..demo import _titled
     nets = {k: optimize_for_inference(load_model(p)) for k, p in checkpoints.items()}
     rows = []
     for i in range(count):
@@ -187,4 +188,7 @@ def _examples(dataset, checkpoints: dict, path: Path, count: int = 4) -> None:
         row = [c for cell in cells for c in (cell, gap)][:-1]
         rows += [np.concatenate(row, axis=1), np.full((4, sum(c.shape[1] for c in row), 3),
                                                       255, np.uint8)]
-    Image.fromarray(np.concatenate(rows[:-1], axis=0)).save(path)
+    grid = np.concatenate(rows[:-1], axis=0)
+    panel = _titled(grid, image.shape[1], 4, ["target image", "ground truth", *nets],
+                    list(dataset.classes), dataset.palette)
+    atomic_write(path, lambda tmp: panel.save(tmp, format="PNG"), fsync=False)
