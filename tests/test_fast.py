@@ -173,7 +173,8 @@ def test_the_real_resnet101_optimized_equals_eager(monkeypatch):
     torch.manual_seed(0)
     model = build_model({"backbone": "resnet", "blocks": [3, 4, 23, 3], "num_classes": 19})
     model.eval()
-    fast = optimize_for_inference(model)
+    # Winograd forced on: by default it runs only on AVX2 CPUs (winograd_pays)
+    fast = optimize_for_inference(model, winograd=nnpack_available())
     kinds = [type(m).__name__ for m in fast.modules()]
     assert kinds.count("FusedBottleneck") == 33
     calls = []
@@ -272,3 +273,32 @@ def test_bench_and_export_subcommands_parse():
     args = parser.parse_args(["export", "ckpt.pth", "--onnx", "o.onnx", "--torchscript", "o.pt",
                               "--height", "512", "--width", "1024"])
     assert args.func is cmd_export and (args.height, args.width) == (512, 1024)
+
+
+def test_winograd_by_default_only_on_avx2_cpus(monkeypatch):
+    import deeplabv2.fast as fast_mod
+    model = build_model({"backbone": "resnet", "blocks": [1, 1, 1, 1], "width": 64,
+                         "num_classes": 3}).eval()  # 256-512 channels in layer3/4: eligible
+    for capability, expected in (("AVX2", nnpack_available()), ("AVX512", False)):
+        monkeypatch.setattr(fast_mod.torch.backends.cpu, "get_cpu_capability",
+                            lambda c=capability: c)
+        fast = optimize_for_inference(model)
+        wino = [m for m in fast.modules() if type(m).__name__ == "AtrousWinogradConv2d"]
+        assert bool(wino) == expected, capability
+
+
+def test_prepacked_weights_follow_the_input_and_survive_copies():
+    """The oneDNN weights packed at the first call serve other sizes and batches; a deep copy
+    (or pickle) of a used model packs its own."""
+    import copy
+    import pickle
+    model = _tiny()
+    for precision, tol in (("fp32", 1e-4), ("bf16", 5e-2)):
+        fast = optimize_for_inference(model, precision=precision)
+        with torch.no_grad():
+            for shape in ((1, 3, 41, 41), (1, 3, 65, 97), (2, 3, 33, 41)):
+                x = torch.randn(*shape)
+                assert _close(fast(x), model(x), tol), (precision, shape)
+            clone = copy.deepcopy(fast)
+            assert _close(clone(x), fast(x), 1e-6)
+            assert _close(pickle.loads(pickle.dumps(fast))(x), fast(x), 1e-6)

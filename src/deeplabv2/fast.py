@@ -102,12 +102,47 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     return folded
 
 
+def winograd_pays() -> bool:
+    """Whether the tiled Winograd atrous convolutions (:mod:`deeplabv2.atrous`) beat oneDNN's
+    direct ones on this CPU: only where PyTorch's best vector ISA is AVX2. Measured: 1.1-2x per
+    layer on a 2-core AVX2 AMD EPYC, where oneDNN has no Winograd kernel; slower than oneDNN's
+    AVX-512/AMX direct kernels on a Xeon with AMX (``benchmarks/speed_results.md``)."""
+    return torch.backends.cpu.get_cpu_capability() == "AVX2"
+
+
+class _PackedWeights(dict):
+    """dtype -> (source weight, packed weight); copies and pickles start empty (opaque oneDNN
+    tensors have no storage to copy, and the copy packs its own on its first call)."""
+
+    def __deepcopy__(self, memo):
+        return _PackedWeights()
+
+    def __reduce__(self):
+        return (_PackedWeights, ())
+
+
+def _packed_weight(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``conv.weight`` reordered once into oneDNN's blocked layout for inputs like ``x``
+    (cached on the module per dtype), as Inductor's freezing does: a plain weight is reordered
+    again on every call, which costs up to half the time of a bf16 1x1 convolution. The cached
+    copy is an opaque ``torch._mkldnn`` tensor, not a parameter: state dicts do not see it."""
+    cache = conv.__dict__.setdefault("_onednn_weights", _PackedWeights())
+    packed = cache.get(x.dtype)
+    if packed is None or packed[0] is not conv.weight:
+        w = torch.ops.mkldnn._reorder_convolution_weight(
+            conv.weight, list(conv.padding), list(conv.stride), list(conv.dilation),
+            conv.groups, list(x.shape))
+        packed = cache[x.dtype] = (conv.weight, w)
+    return packed[1]
+
+
 def _mkldnn_conv(conv: nn.Conv2d, x: torch.Tensor, unary: str = "none",
                  other: torch.Tensor | None = None) -> torch.Tensor:
     """``conv(x)``, then ``+ other`` if given, then ``unary`` ("relu" or "none"), in one
-    oneDNN convolution with post-ops (the CPU kernels ``torch.compile`` also lowers to)."""
-    args = (conv.weight, conv.bias, list(conv.padding), list(conv.stride), list(conv.dilation),
-            conv.groups)
+    oneDNN convolution with post-ops and a prepacked weight (the CPU kernels
+    ``torch.compile`` with freezing also lowers to)."""
+    args = (_packed_weight(conv, x), conv.bias, list(conv.padding), list(conv.stride),
+            list(conv.dilation), conv.groups)
     if other is None:
         return torch.ops.mkldnn._convolution_pointwise(x, *args, unary, [], "")
     return torch.ops.mkldnn._convolution_pointwise.binary(x, other, *args, "add", 1.0, unary,
@@ -232,7 +267,8 @@ def optimize_for_inference(model: nn.Module, *, precision: str = "fp32",
     convolutions (:class:`FusedBottleneck`; ``None``: on for channels-last on the CPU).
     ``winograd`` runs the dilated 3x3 convolutions of layer3/layer4 as tiled
     Winograd convolutions (:mod:`deeplabv2.atrous`; ~1e-5 relative rounding per layer);
-    ``None`` (default) turns it on for fp32 on the CPU where NNPACK is available.
+    ``None`` (default) turns it on for fp32 on the CPU where NNPACK is available and it pays
+    (:func:`winograd_pays`: AVX2 CPUs).
     ``compile=True`` wraps the network in ``torch.compile`` with freezing on the CPU (needs a
     C++ compiler there; the first call then takes 20-60 s for ResNet-101 on 2 cores), in
     place of ``fuse`` and ``winograd``.
@@ -249,7 +285,7 @@ def optimize_for_inference(model: nn.Module, *, precision: str = "fp32",
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
     if winograd is None:
-        winograd = on_cpu and precision == "fp32" and not compile
+        winograd = on_cpu and precision == "fp32" and not compile and winograd_pays()
     if winograd:  # after the layout change: NNPACK wants its weights NCHW, kept as they are
         if not on_cpu or precision != "fp32":
             raise ValueError("winograd=True needs an fp32 model on the CPU")
