@@ -209,34 +209,54 @@ def test_optimize_for_inference_rejects_an_unknown_precision():
 def test_bench_reports_positive_numbers_per_size_and_mode():
     import json
 
-    from deeplabv2.bench import bench, format_table, forward_flops
+    from deeplabv2.bench import bench, format_table, forward_flops, goal_ratios
     model = _tiny()
-    modes = ["eager", "fold", "fast", "bf16"]
+    modes = ["eager", "fold", "fast", "bf16", "onnxruntime"]
     result = bench(model, [(33, 41), (24, 24)], modes, iterations=1, warmup=0, threads=1,
-                   train_size=(65, 65))
+                   train_size=(65, 65), train_warmup=1, bound_size=256)
     json.dumps(result)  # plain types only
     assert result["threads"] == 1
+    assert result["machine"]["cpu"] and result["machine"]["torch_cpu_capability"]
     rows = result["inference"]
     assert [(tuple(r["size"]), r["mode"]) for r in rows] == \
         [(s, m) for s in [(33, 41), (24, 24)] for m in modes]
     for r in rows:
         for key in ("flops", "median_s", "mean_s", "min_s", "gflops_per_s", "peak_rss_mib",
-                    "speedup_vs_eager"):
+                    "speedup_vs_eager", "percent_of_bound"):
             assert r[key] > 0, key
-    assert rows[0]["flops"] > rows[4]["flops"]  # the larger input costs more
+        assert 0 <= r["call_peak_mib"] <= r["peak_rss_mib"]
+    assert rows[0]["flops"] > rows[5]["flops"]  # the larger input costs more
     fp32, fp32_cl, bf16 = result["train"]
     assert [(t["amp"], t["channels_last"]) for t in result["train"]] == \
         [("none", False), ("none", True), ("bf16", True)]
-    assert result["conv_peak"]["gflops_per_s"] == max(result["conv_peak"]["per_shape"].values())
-    assert all(r["percent_of_peak"] > 0 for r in rows)
-    diffs = {r["mode"]: r["max_rel_diff_vs_eager"] for r in rows[:4]}
+    assert result["train_auto"]["amp"] in ("none", "bf16") and result["train_auto"]["why"]
+    for dtype in ("fp32", "bf16"):
+        b = result["bounds"][dtype]
+        assert b["gflops_per_s"] == max(b["per_shape"].values()) > 0
+    diffs = {r["mode"]: r["max_rel_diff_vs_eager"] for r in rows[:5]}
     assert diffs["eager"] == 0 and diffs["fold"] < 1e-4 and diffs["fast"] < 1e-4
+    assert diffs["onnxruntime"] < 1e-4  # exported at the size it runs: 33x41, then 24x24
     assert 1e-4 < diffs["bf16"] < 0.2
-    assert "% of conv peak" in format_table(result) and "Convolution peak" in format_table(result)
-    # backward counted as twice the forward of the batch of 2
+    table = format_table(result)
+    assert "% of dtype bound" in table and "fp32 bound" in table and "train.amp: auto" in table
+    assert any("best peer FP32" in line for line in goal_ratios(result))
+    # backward counted as twice the forward of the batch of 2; warm-up separate from timing
     assert fp32["batch"] == 2 and fp32["flops"] == 3 * forward_flops(model, 65, 65, batch=2)
-    assert all(t[k] > 0 for t in (fp32, fp32_cl, bf16) for k in ("median_s", "gflops_per_s"))
+    assert all(t[k] > 0 for t in (fp32, fp32_cl, bf16)
+               for k in ("median_s", "gflops_per_s", "first_call_s", "peak_rss_mib"))
     assert not model.training and isinstance(model.backbone.bn1, FrozenBatchNorm2d)
+
+
+def test_rss_sampler_sees_the_memory_of_its_own_block():
+    from deeplabv2.bench import RSSSampler
+    with RSSSampler() as small:
+        torch.zeros(1000).sum()
+    with RSSSampler() as big:
+        x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        x.sum()
+        del x
+    assert big.peak_mib - big.start_mib > 48
+    assert small.peak_mib - small.start_mib < 48
 
 
 def test_mode_accuracy_counts_changed_labels_and_miou_against_eager():

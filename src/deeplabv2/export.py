@@ -36,13 +36,15 @@ def _deploy_copy(model: nn.Module) -> nn.Module:
     return _UpsampledLogits(net).eval()
 
 
-def export_onnx(model: nn.Module, path, height: int, width: int, opset: int = 17) -> Path:
+def export_onnx(model: nn.Module, path, height: int, width: int, opset: int = 17,
+                dynamic: bool = True) -> Path:
     """Write ``model`` as ONNX to ``path`` and return the path.
 
     Input ``image``: ``(batch, 3, height, width)`` float32; output ``logits``:
     ``(batch, C, height, width)`` float32, upsampled bilinearly to the input size. The batch,
-    height and width axes are dynamic; ``height``/``width`` only size the example input used
-    for tracing. Uses the TorchScript-based exporter (``dynamo=False``), which needs only
+    height and width axes are dynamic (``dynamic=False``: fixed at ``1 x height x width``, as a
+    runtime that plans for one size runs fastest); ``height``/``width`` size the example
+    input used for tracing. Uses the TorchScript-based exporter (``dynamo=False``), which needs only
     the ``onnx`` package.
     """
     net = _deploy_copy(model)
@@ -55,7 +57,8 @@ def export_onnx(model: nn.Module, path, height: int, width: int, opset: int = 17
         warnings.simplefilter("ignore", category=DeprecationWarning)
         warnings.simplefilter("ignore", category=FutureWarning)
         torch.onnx.export(net, (example,), str(path), input_names=["image"],
-                          output_names=["logits"], dynamic_axes={"image": axes, "logits": axes},
+                          output_names=["logits"],
+                          dynamic_axes={"image": axes, "logits": axes} if dynamic else None,
                           opset_version=opset, do_constant_folding=True, dynamo=False)
     return path
 
