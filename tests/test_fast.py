@@ -253,7 +253,7 @@ def test_rss_sampler_sees_the_memory_of_its_own_block():
         torch.zeros(1000).sum()
     with RSSSampler() as big:
         x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
-        x.sum()
+        big.sample()  # what the thread does every 2 ms (it may not be scheduled in time)
         del x
     assert big.peak_mib - big.start_mib > 48
     assert small.peak_mib - small.start_mib < 48
@@ -322,3 +322,29 @@ def test_prepacked_weights_follow_the_input_and_survive_copies():
             clone = copy.deepcopy(fast)
             assert _close(clone(x), fast(x), 1e-6)
             assert _close(pickle.loads(pickle.dumps(fast))(x), fast(x), 1e-6)
+
+
+@pytest.mark.parametrize("head_mode", ["aspp", "adaptsegnet"])
+def test_aspp_as_one_convolution_of_its_taps_equals_the_branches(head_mode):
+    """TapsASPP: the 36 taps of the 4 dilated branches as one 1x1 convolution and shifted sums,
+    on maps smaller than some rates (taps that read only padding are skipped) and larger."""
+    from deeplabv2.fast import TapsASPP
+    torch.manual_seed(0)
+    model = build_model({**TINY, "head_mode": head_mode}).eval()
+    with torch.no_grad():
+        for conv in model.head.convs:
+            conv.weight.normal_(0, 0.1)
+            conv.bias.normal_(0, 0.1)
+    for precision, tol in (("fp32", 1e-5), ("bf16", 3e-2)):
+        fast = optimize_for_inference(model, precision=precision)
+        assert isinstance(fast.model.head, TapsASPP)
+        assert len(fast.model.head.shifts) == 9 * len(model.head.summed_convs())
+        for shape in ((1, 3, 41, 41), (2, 3, 161, 225)):  # 6x6 and 21x29 score maps
+            x = torch.randn(*shape)
+            with torch.no_grad():
+                ref, out = model(x), fast(x)
+            assert _close(out, ref, tol), (precision, shape)
+    with torch.enable_grad():  # autograd takes the branch convolutions
+        head = optimize_for_inference(model).model.head
+        feats = torch.randn(1, head.taps.in_channels, 9, 11)
+        assert _close(head(feats), model.head(feats), 1e-5)

@@ -81,9 +81,14 @@ class RSSSampler:
         self._thread.start()
         return self
 
+    def sample(self) -> float:
+        """Read the resident memory now (the thread does this every ``interval``)."""
+        self.peak_mib = max(self.peak_mib, rss_mib())
+        return self.peak_mib
+
     def _run(self):
         while not self._stop.wait(self.interval):
-            self.peak_mib = max(self.peak_mib, rss_mib())
+            self.sample()
 
     def __exit__(self, *exc):
         self._stop.set()
