@@ -184,7 +184,7 @@ class FusedBottleneck(nn.Module):
             return torch.relu(self.conv3(out) + identity)
         identity = x if self.downsample is None else _mkldnn_conv(self.downsample, x)
         out = _mkldnn_conv(self.conv1, x, "relu")
-        if type(self.conv2) is nn.Conv2d:
+        if isinstance(self.conv2, nn.Conv2d):
             out = _mkldnn_conv(self.conv2, out, "relu")
         else:  # e.g. the Winograd atrous convolution
             out = torch.relu_(self.conv2(out))
@@ -281,6 +281,29 @@ def fuse_aspp(model: nn.Module) -> int:
     return replaced
 
 
+class PrepackedConv2d(nn.Conv2d):
+    """An ``nn.Conv2d`` that, for CPU inference on channels-last fp32/bf16 input, runs as a
+    oneDNN convolution with its weight prepacked once (:func:`_packed_weight`): the stem and
+    any other convolution outside the fused blocks. Autograd and other inputs: ``nn.Conv2d``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.padding_mode == "zeros" and not isinstance(self.padding, str) and _fusable(x):
+            return _mkldnn_conv(self, x)
+        return super().forward(x)
+
+
+def prepack_convolutions(model: nn.Module) -> int:
+    """Turn, in place, every plain ``nn.Conv2d`` of ``model`` into a :class:`PrepackedConv2d`
+    (same parameters; call it after the fusions, which take plain convolutions); returns how
+    many (0 where this torch has no oneDNN)."""
+    if not torch.backends.mkldnn.is_available():
+        return 0
+    convs = [m for m in model.modules() if type(m) is nn.Conv2d]
+    for conv in convs:
+        conv.__class__ = PrepackedConv2d
+    return len(convs)
+
+
 class InferenceModel(nn.Module):
     """A model prepared by :func:`optimize_for_inference`.
 
@@ -368,6 +391,7 @@ def optimize_for_inference(model: nn.Module, *, precision: str = "fp32",
     if fuse:
         fuse_bottlenecks(net)
         fuse_aspp(net)
+        prepack_convolutions(net)
     if compile:
         # freezing: weights become constants, so Inductor prepacks them for oneDNN and fuses
         # the convolutions' bias, ReLU and sums (CPU inference; it is ignored on the GPU)
