@@ -222,24 +222,35 @@ def _onnx_runner(model: nn.Module, height: int, width: int, threads: int | None,
     return lambda x: session.run(["logits"], {"image": x.numpy()})[0]
 
 
+_OV_MODELS: dict[int, dict] = {}  # id(model) -> converted/quantized OpenVINO models, per bench
+
+
 def _openvino_runner(model: nn.Module, height: int, width: int, threads: int | None,
                      precision: str, int8_xml=None, calibration: int = 4):
     """OpenVINO compiled at ``height x width`` with the latency hint (fp32/bf16), or the INT8
     model (``int8_xml``, else quantized now on ``calibration`` random inputs)."""
     from .deploy.openvino_runtime import OpenVINOModel, convert, require_openvino
     ov = require_openvino()
+    # one conversion (and one quantization) per model, reused for every size and precision:
+    # the converted model has dynamic shapes and each OpenVINOModel compiles its own size
+    cache = _OV_MODELS.setdefault(id(model), {})
+    if "fp32" not in cache:
+        cache["fp32"] = convert(model)
     if precision == "int8":
         if int8_xml:
             ov_model = ov.Core().read_model(str(int8_xml))
         else:
-            import nncf
-            g = torch.Generator().manual_seed(0)
-            data = [torch.randn(1, 3, height, width, generator=g).numpy()
-                    for _ in range(calibration)]
-            ov_model = nncf.quantize(convert(model), nncf.Dataset(data), subset_size=calibration,
-                                     preset=nncf.QuantizationPreset.PERFORMANCE)
+            if "int8" not in cache:
+                import nncf
+                g = torch.Generator().manual_seed(0)
+                data = [torch.randn(1, 3, height, width, generator=g).numpy()
+                        for _ in range(calibration)]
+                cache["int8"] = nncf.quantize(cache["fp32"], nncf.Dataset(data),
+                                              subset_size=calibration,
+                                              preset=nncf.QuantizationPreset.PERFORMANCE)
+            ov_model = cache["int8"]
     else:
-        ov_model = convert(model)
+        ov_model = cache["fp32"]
     net = OpenVINOModel(ov_model, model, precision=precision, threads=threads)
     net.compiled((1, 3, height, width))
     return net
@@ -378,6 +389,7 @@ def bench(model: nn.Module, sizes, modes=DEFAULT_MODES, iterations: int = 3, war
     modes = tuple(modes)
     was_training = model.training
     model.eval()
+    _OV_MODELS.pop(id(model), None)
     rows = []
     for height, width in sizes:
         runners = _inference_runners(model, modes, (height, width), threads)
@@ -425,6 +437,7 @@ def bench(model: nn.Module, sizes, modes=DEFAULT_MODES, iterations: int = 3, war
         amp, channels_last, why = resolve_train_amp("auto", False, torch.device("cpu"))
         train_auto = {"amp": amp, "channels_last": channels_last, "why": why}
     model.train(was_training)
+    _OV_MODELS.pop(id(model), None)
     result = {"threads": torch.get_num_threads(), "torch": torch.__version__,
               "machine": machine(), "inference": rows, "train": train,
               "train_auto": train_auto}
