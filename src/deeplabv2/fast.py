@@ -6,9 +6,15 @@ blocks, Winograd atrous convolutions, bf16/fp16, compile.
   and replaced by ``nn.Identity``: the same function, 53 fewer elementwise passes over the
   feature maps of ResNet-101.
 * :class:`FusedBottleneck` runs a folded ResNet block's ReLUs and residual sum as post-ops of
-  its oneDNN convolutions (CPU).
+  its oneDNN convolutions (CPU), whose weights are reordered into oneDNN's blocked layout once
+  (:func:`_packed_weight`), not at every call; :class:`PrepackedConv2d` does the same for the
+  other convolutions.
+* :class:`TapsASPP` runs the summed ASPP head as one 1x1 convolution of its 36 taps and
+  shifted sums (oneDNN has no efficient kernel for 2048->19 dilated convolutions, in bf16
+  least of all).
 * :mod:`deeplabv2.atrous` runs the dilated 3x3 convolutions of layer3/layer4 as one Winograd
-  convolution over the tiled sub-grids (CPU, fp32, maps of 64x64 and more).
+  convolution over the tiled sub-grids (CPU, fp32, maps of 64x64 and more; by default only on
+  AVX2 CPUs, :func:`winograd_pays`).
 * :func:`optimize_for_inference` puts these together with the memory layout, the precision
   and ``torch.compile``, and returns an :class:`InferenceModel` that takes and returns
   ``float32`` tensors. ``deeplabv2 evaluate`` and ``predict`` run it by default
@@ -356,11 +362,14 @@ def optimize_for_inference(model: nn.Module, *, precision: str = "fp32",
     ``torch.autocast``: autocast re-casts every conv weight on every call, and on the CPU that
     costs time without saving any (see ``benchmarks/speed_results.md``). The logits come back
     as float32; expect ~1e-2 relative differences from fp32. On a CPU without native bf16
-    (AVX512-BF16/AMX) bf16 convolutions are emulated and slower than fp32; fp16 is slower still.
+    bf16 convolutions are emulated and slower than fp32, and on one with AVX512-BF16 but no AMX
+    bf16 is still measured slower than fp32: :func:`deeplabv2.precision.bf16_pays` says
+    where it pays (``--precision auto``); fp16 is slower still.
 
     ``channels_last`` stores weights and activations NHWC, the layout oneDNN convolutions run
     in natively. ``fuse`` runs each ResNet block's ReLUs and residual sum as post-ops of its
-    convolutions (:class:`FusedBottleneck`; ``None``: on for channels-last on the CPU).
+    convolutions (:class:`FusedBottleneck`), the ASPP as :class:`TapsASPP` and every
+    convolution with a prepacked weight (``None``: on for channels-last on the CPU).
     ``winograd`` runs the dilated 3x3 convolutions of layer3/layer4 as tiled
     Winograd convolutions (:mod:`deeplabv2.atrous`; ~1e-5 relative rounding per layer);
     ``None`` (default) turns it on for fp32 on the CPU where NNPACK is available and it pays
