@@ -2,10 +2,10 @@
 
 The FP32 IR of a checkpoint (:mod:`deeplabv2.deploy.openvino_runtime`) is quantized by NNCF
 (``nncf.quantize``, OpenVINO backend): weights per output channel, symmetric; activations per
-tensor, their ranges the min/max over ``samples`` crops of the training set drawn as training draws them (the
-config's ``TrainTransform``: scale, crop, flip, a fixed seed); fast bias correction. The result,
-``<checkpoint>.openvino/int8.xml``, is what ``evaluate``/``predict --precision int8`` run; its
-``.json`` records the calibration and the checkpoint's SHA-256.
+tensor, their ranges the min/max over ``samples`` crops of the training set drawn as training
+draws them (the config's ``TrainTransform``: scale, crop, flip, a fixed seed); fast bias
+correction. The result, ``<checkpoint>.openvino/int8.xml``, is what ``evaluate``/``predict
+--precision int8`` run; its ``.json`` records the calibration and the checkpoint's SHA-256.
 
 Why NNCF + OpenVINO rather than PyTorch's PT2E (torchao's X86InductorQuantizer): the PT2E
 model runs fast only under ``torch.compile`` (Inductor's oneDNN int8 kernels), which compiles
