@@ -7,10 +7,11 @@ draws them (the config's ``TrainTransform``: scale, crop, flip, a fixed seed); f
 correction. The result, ``<checkpoint>.openvino/int8.xml``, is what ``evaluate``/``predict
 --precision int8`` run; its ``.json`` records the calibration and the checkpoint's SHA-256.
 
-Why NNCF + OpenVINO rather than PyTorch's PT2E (torchao's X86InductorQuantizer): the PT2E
-model runs fast only under ``torch.compile`` (Inductor's oneDNN int8 kernels), which compiles
-ResNet-101 for minutes on 2 cores at each new input size, while the OpenVINO IR compiles in
-seconds; see ``benchmarks/speed_results.md``.
+Why NNCF + OpenVINO rather than PyTorch's PT2E (torch 2.13 no longer ships
+``torch.ao.quantization.quantize_pt2e``; it lives in torchao): a PT2E model runs fast only
+under ``torch.compile`` (Inductor's oneDNN int8 kernels), whose first call at each input size
+compiles for tens of seconds (20-60 s for the FP32 ResNet-101 on 2 cores), where the OpenVINO
+IR compiles in seconds and the same file serves every size. The PT2E path was not timed.
 """
 
 from __future__ import annotations
