@@ -26,7 +26,9 @@ from deeplabv2.data import build_dataset
 from deeplabv2.weights import load_model
 
 sys.path.insert(0, str(Path(__file__).parent))
-from speed import cpu_flags, cpu_model, write_outputs  # noqa: E402
+from speed import cpu_flags, write_outputs  # noqa: E402
+
+from deeplabv2.bench import cpu_model  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -37,6 +39,10 @@ def main(argv=None) -> int:
     p.add_argument("--limit", type=int, default=None, help="only the first N images")
     p.add_argument("--modes", nargs="+", choices=[m for m in MODES if m != "eager"],
                    default=["fold", "fast", "winograd-all", "bf16", "onnxruntime"])
+    p.add_argument("--int8", default=None,
+                   help="the INT8 model for mode int8 (default: the one beside the checkpoint, "
+                        "quantized now with --samples crops when missing)")
+    p.add_argument("--samples", type=int, default=300, help="calibration crops for int8")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(Path(__file__).with_name("accuracy_results.md")))
     p.add_argument("--json", default=None)
@@ -50,7 +56,21 @@ def main(argv=None) -> int:
     ds = build_dataset(d.dataset, d.root, args.split or cfg.eval.split, **d.options)
     model = load_model(args.checkpoint)
     start = time.perf_counter()
-    result = mode_accuracy(model, ds, args.modes, limit=args.limit, threads=args.threads)
+    int8_note = ""
+    if "int8" in args.modes:
+        from deeplabv2.deploy.openvino_runtime import artefact_dir, read_sidecar
+        from deeplabv2.deploy.quantize import quantize_checkpoint
+        xml = Path(args.int8 or artefact_dir(args.checkpoint) / "int8.xml")
+        if not xml.is_file():
+            quantize_checkpoint(args.checkpoint, cfg, samples=args.samples, out=xml)
+        info = read_sidecar(xml)
+        int8_note = (f"\n* int8: `{xml}`, {info.get('samples')} calibration crops of "
+                     f"{info.get('dataset')} {info.get('split')} ({info.get('toolchain')}; "
+                     f"{info.get('weights')}; {info.get('activations')})")
+        args.int8 = xml
+    torch.set_num_threads(args.threads)
+    result = mode_accuracy(model, ds, args.modes, limit=args.limit, threads=args.threads,
+                           int8_xml=args.int8)
     elapsed = time.perf_counter() - start
     table = format_accuracy_table(result)
     print(table)
@@ -63,7 +83,7 @@ def main(argv=None) -> int:
   {m.get('width')}, {model.num_classes} classes
 * data: {d.dataset} {ds.split}, {result['images']} images, {result['pixels']:,} pixels
 * CPU: {cpu_model()} ({torch.get_num_threads()} threads; vector extensions: {cpu_flags()})
-* date: {datetime.date.today().isoformat()}; torch {torch.__version__}; took {elapsed:.0f} s
+* date: {datetime.date.today().isoformat()}; torch {torch.__version__}; took {elapsed:.0f} s{int8_note}
 
 Whole image, batch 1. "labels changed" is the fraction of pixels whose argmax differs from
 eager FP32 (BN as separate ops, NCHW); "mIoU diff" is the mode's mIoU minus eager FP32's, in
@@ -74,7 +94,9 @@ more with 128+ channels, Winograd atrous convolutions (none in the demo's small 
 `winograd-all` `fast` with every dilated 3x3 convolution, the ASPP's included, through
 Winograd whatever its size (the worst case of that path's rounding); `bf16` BN folded, channels-last, in
 bfloat16 (`--precision bf16`); `compile` `fold` under `torch.compile` (freezing);
-`onnxruntime` the ONNX export in ONNX Runtime (CPU).
+`onnxruntime` the ONNX export in ONNX Runtime (CPU); `openvino`/`openvino-bf16` OpenVINO
+in f32/bf16 (`--runtime openvino`); `int8` the NNCF-quantized model in OpenVINO
+(`--precision int8`).
 
 {table}
 """

@@ -1,12 +1,14 @@
-"""DeepLab v2 ResNet-101 speed on this CPU: eager FP32 against each faster mode and ONNX Runtime.
+"""DeepLab v2 ResNet-101 speed on this CPU: eager FP32, our paths and the peers, and training.
 
 One run, one process, one machine: plain eager FP32 (frozen BN as separate ops, NCHW) is the
-baseline; BN folding alone, our default fast FP32 path, bf16, ONNX Runtime (and torch.compile
-with ``--compile``) are timed at 321x321 and 512x1024 (batch 1), then a training step of
-2 x 321x321 crops in FP32 NCHW against FP32 channels-last and bf16 autocast + channels-last.
-The machine's convolution peak is measured in the same run. Writes a Markdown report with the
-table, the command, the CPU model, the load and the date. Weights are random: speed does not
-depend on them.
+baseline; BN folding alone, our default fast FP32 path, bf16, ONNX Runtime, OpenVINO FP32 and
+bf16, INT8 (NNCF + OpenVINO) and, with ``--compile``, torch.compile are timed at 321x321 and
+512x1024 (batch 1), each peer compiled at the size it runs with its documented latency
+settings and the same thread count. Then a training step of 2 x 321x321 crops in FP32 NCHW,
+FP32 channels-last and bf16 autocast + channels-last, each warmed up, and what
+``train.amp: auto`` picks. Upper bounds per dtype are measured in the same run. Writes a
+Markdown report with the table, the goal ratios, the command, the CPU model and flags, the
+load and the date. Weights are random: speed does not depend on them.
 
     python benchmarks/speed.py                       # writes benchmarks/speed_results.md
     python benchmarks/speed.py --iterations 2 --warmup 1 --json speed.json
@@ -18,8 +20,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,29 +27,15 @@ from pathlib import Path
 import torch
 
 import deeplabv2
-from deeplabv2.bench import bench, format_table
+from deeplabv2.bench import bench, cpu_model, format_table, goal_ratios
 from deeplabv2.model import build_model
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return platform.processor() or "unknown"
-    for line in out.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
+from deeplabv2.precision import cpu_flags as _flags
 
 
 def cpu_flags() -> str:
-    """The vector extensions that decide bf16 speed (native bf16 needs AVX512-BF16 or AMX)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split("flags", 1)[1].split("\n", 1)[0].split()
-    except (OSError, IndexError):
-        return "unknown"
-    keep = [f for f in flags if f.startswith(("avx", "amx"))]
-    return " ".join(sorted(set(keep))) or "none"
+    """The vector/matrix extensions that decide bf16/int8 speed (AVX512-BF16, VNNI, AMX)."""
+    keep = sorted(f for f in _flags() if f.startswith(("avx", "amx")))
+    return " ".join(keep) or "unknown"
 
 
 def write_outputs(report: str, out, result: dict, json_path=None) -> None:
@@ -60,16 +46,32 @@ def write_outputs(report: str, out, result: dict, json_path=None) -> None:
         Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
 
 
+def _peers() -> list[str]:
+    modes = []
+    for module, names in (("onnxruntime", ["onnxruntime"]),
+                          ("openvino", ["openvino", "openvino-bf16"]), ("nncf", ["int8"])):
+        try:
+            __import__(module)
+            modes += names
+        except ImportError:
+            print(f"{module} is not installed: no {', '.join(names)} row", file=sys.stderr)
+    return modes
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", nargs="+", default=["321x321", "512x1024"])
-    p.add_argument("--iterations", type=int, default=2)
+    p.add_argument("--iterations", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--compile", action="store_true", help="also time torch.compile (slow start)")
-    p.add_argument("--train-iterations", type=int, default=1,
-                   help="timed training steps per row (bf16 steps are slow without native bf16)")
-    p.add_argument("--train-warmup", type=int, default=0)
+    p.add_argument("--modes", nargs="+", default=None,
+                   help="inference modes (default: eager fold fast bf16 and every installed peer)")
+    p.add_argument("--train-iterations", type=int, default=3, help="timed training steps per row")
+    p.add_argument("--train-warmup", type=int, default=2,
+                   help="untimed training steps per row first (a cold bf16 step is many times "
+                        "slower than a warm one)")
+    p.add_argument("--no-train", action="store_true")
     p.add_argument("--tiny", action="store_true", help="a tiny network, to try the script")
     p.add_argument("--out", default=str(Path(__file__).with_name("speed_results.md")))
     p.add_argument("--json", default=None)
@@ -82,51 +84,68 @@ def main(argv=None) -> int:
     else:
         model = deeplabv2.deeplabv2_resnet101(num_classes=19)
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes]
-    modes = ["eager", "fold", "fast", "bf16"] + (["compile"] if args.compile else []) + \
-        ["onnxruntime"]
+    modes = args.modes or (["eager", "fold", "fast", "bf16"] +
+                           (["compile"] if args.compile else []) + _peers())
     start = time.perf_counter()
-    load_before = os.getloadavg()[0]
+    load_before = os.getloadavg()
     result = bench(model, sizes, modes, args.iterations, args.warmup, args.threads,
-                   train_iterations=args.train_iterations, train_warmup=args.train_warmup)
+                   train_step=not args.no_train, train_iterations=args.train_iterations,
+                   train_warmup=args.train_warmup)
     elapsed = time.perf_counter() - start
     result.update(cpu=cpu_model(), cpu_flags=cpu_flags(), elapsed_s=elapsed,
-                  load_average=[load_before, os.getloadavg()[0]],
+                  load_average=[list(load_before), list(os.getloadavg())],
                   date=datetime.date.today().isoformat(), tiny=args.tiny)
     table = format_table(result)
+    goals = "\n".join(f"* {line}" for line in goal_ratios(result))
     print(table)
+    print(goals)
     command = "python " + " ".join(["benchmarks/speed.py", *(argv or sys.argv[1:])])
-    import onnxruntime
     title = "a tiny ResNet (--tiny), not ResNet-101" if args.tiny else "ResNet-101"
+    m = result["machine"]
+    versions = ", ".join(f"{k} {m[k]}" for k in ("torch", "onnxruntime", "openvino", "nncf")
+                         if m.get(k))
+    la, lb = result["load_average"]
     report = f"""# DeepLab v2 {title}: speed on the CPU
 
 * command: `{command}`
-* CPU: {result["cpu"]} ({result["threads"]} threads; vector extensions: {result["cpu_flags"]})
-* date: {result["date"]}; torch {torch.__version__}, onnxruntime {onnxruntime.__version__}
-* inference: {args.warmup} warm-up call(s), then the median of {args.iterations} timed call(s)
-  per row; training: {args.train_warmup} warm-up step(s), {args.train_iterations} timed step(s)
-* 1-minute load average {load_before:.2f} at the start, {os.getloadavg()[0]:.2f} at the end;
-  the whole run took {elapsed / 60:.1f} min.
+* CPU: {result["cpu"]}, {m["cores"]} cores, {result["threads"]} threads used; PyTorch CPU
+  capability {m["torch_cpu_capability"]}; flags: {result["cpu_flags"]}
+* date: {result["date"]}; {versions}
+* inference: {args.warmup} warm-up call(s) per mode and size, then {args.iterations} timed
+  call(s) round-robin; training: {args.train_warmup} warm-up step(s) per row, then
+  {args.train_iterations} timed step(s) round-robin
+* load average (1, 5, 15 min) {la[0]:.2f} {la[1]:.2f} {la[2]:.2f} at the start, {lb[0]:.2f}
+  {lb[1]:.2f} {lb[2]:.2f} at the end; the whole run took {elapsed / 60:.1f} min.
 
 Inference is batch 1, whole image, logits upsampled to the input size. "vs eager" is the
 speed-up over the eager FP32 model (unfolded frozen BN, NCHW) at the same size; for the
 training rows it is against the FP32 NCHW step (forward, stride-8 loss, backward, SGD step on
-2 crops). GFLOP/s counts the convolutions as direct convolutions (`torch.utils.flop_counter`,
-multiply-add = 2; the backward pass as twice the forward), so a mode that uses Winograd can
-pass 100% of the direct-convolution peak. "max rel. diff" is `max|logits - eager| /
-max|eager|` of the last call (random weights: see `accuracy_results.md` for labels and mIoU
-on a trained model). Peak RSS is the process's peak so far, so it only
-grows down the table. The timed calls of one size go round-robin over the modes (each mode
-warmed up first), so that a change in the machine's load touches every mode alike.
+2 crops), whose first (cold) step is shown apart. GFLOP/s counts the convolutions as direct
+convolutions (`torch.utils.flop_counter`, multiply-add = 2; the backward pass as twice the
+forward). "% of dtype bound" divides it by the best GFLOP/s of large matrix products and
+convolutions measured in the same run in that dtype (below the table). "max rel. diff" is
+`max|logits - eager| / max|eager|` of the last call (random weights: see
+`accuracy_results.md` for labels and mIoU on a trained model). "peak RSS" is the largest
+resident memory seen during that mode's own calls (sampled every 2 ms), "call peak" its rise
+above the memory before the call.
 
 Modes: `eager` the model as built; `fold` BN folded into the convolutions + channels-last;
-`fast` what `evaluate`/`predict` run by default (`deeplabv2.fast.optimize_for_inference`):
-`fold` plus ReLU/residual sums fused into the oneDNN convolutions and the dilated 3x3
-convolutions of layer3/layer4 as tiled Winograd (NNPACK) convolutions; `bf16` BN folded,
-channels-last, bfloat16 weights and activations; `compile` `fold` under `torch.compile`
-(freezing on); `onnxruntime` the ONNX export (dynamic height/width, exported once at the first
-size) in ONNX Runtime's CPU provider with {result["threads"]} intra-op threads.
+`fast` what `evaluate`/`predict --precision fp32` run (`deeplabv2.fast.optimize_for_inference`):
+`fold` plus ReLU/residual sums fused into prepacked oneDNN convolutions (and, on AVX2 CPUs
+only, the dilated 3x3 convolutions of layer3/layer4 as tiled Winograd); `bf16` the same in
+bfloat16 (`--precision bf16`); `compile` `fold` under `torch.compile` (freezing on);
+`onnxruntime` the ONNX export fixed at the size it runs, ONNX Runtime's default CPU session,
+{result["threads"]} intra-op threads; `openvino`/`openvino-bf16` the network converted to
+OpenVINO, compiled at the size it runs with `PERFORMANCE_HINT: LATENCY`,
+`INFERENCE_NUM_THREADS: {result["threads"]}` and inference precision f32/bf16 (`--runtime
+openvino`); `int8` the network quantized by NNCF (per-channel int8 weights; calibrated here on
+4 random inputs, since speed does not depend on the values) in OpenVINO (`--precision int8`).
 
 {table}
+
+Goals of issue 14, as ratios of this run (> 1: ours faster):
+
+{goals}
 """
     write_outputs(report, args.out, result, args.json)
     return 0

@@ -173,7 +173,8 @@ def test_the_real_resnet101_optimized_equals_eager(monkeypatch):
     torch.manual_seed(0)
     model = build_model({"backbone": "resnet", "blocks": [3, 4, 23, 3], "num_classes": 19})
     model.eval()
-    fast = optimize_for_inference(model)
+    # Winograd forced on: by default it runs only on AVX2 CPUs (winograd_pays)
+    fast = optimize_for_inference(model, winograd=nnpack_available())
     kinds = [type(m).__name__ for m in fast.modules()]
     assert kinds.count("FusedBottleneck") == 33
     calls = []
@@ -208,34 +209,52 @@ def test_optimize_for_inference_rejects_an_unknown_precision():
 def test_bench_reports_positive_numbers_per_size_and_mode():
     import json
 
-    from deeplabv2.bench import bench, format_table, forward_flops
+    from deeplabv2.bench import bench, format_table, forward_flops, goal_ratios
     model = _tiny()
-    modes = ["eager", "fold", "fast", "bf16"]
+    modes = ["eager", "fold", "fast", "bf16", "onnxruntime"]
     result = bench(model, [(33, 41), (24, 24)], modes, iterations=1, warmup=0, threads=1,
-                   train_size=(65, 65))
+                   train_size=(65, 65), train_warmup=1, bound_size=256)
     json.dumps(result)  # plain types only
     assert result["threads"] == 1
+    assert result["machine"]["cpu"] and result["machine"]["torch_cpu_capability"]
     rows = result["inference"]
     assert [(tuple(r["size"]), r["mode"]) for r in rows] == \
         [(s, m) for s in [(33, 41), (24, 24)] for m in modes]
     for r in rows:
         for key in ("flops", "median_s", "mean_s", "min_s", "gflops_per_s", "peak_rss_mib",
-                    "speedup_vs_eager"):
+                    "speedup_vs_eager", "percent_of_bound"):
             assert r[key] > 0, key
-    assert rows[0]["flops"] > rows[4]["flops"]  # the larger input costs more
+        assert 0 <= r["call_peak_mib"] <= r["peak_rss_mib"]
+    assert rows[0]["flops"] > rows[5]["flops"]  # the larger input costs more
     fp32, fp32_cl, bf16 = result["train"]
     assert [(t["amp"], t["channels_last"]) for t in result["train"]] == \
         [("none", False), ("none", True), ("bf16", True)]
-    assert result["conv_peak"]["gflops_per_s"] == max(result["conv_peak"]["per_shape"].values())
-    assert all(r["percent_of_peak"] > 0 for r in rows)
-    diffs = {r["mode"]: r["max_rel_diff_vs_eager"] for r in rows[:4]}
+    assert result["train_auto"]["amp"] in ("none", "bf16") and result["train_auto"]["why"]
+    for dtype in ("fp32", "bf16"):
+        b = result["bounds"][dtype]
+        assert b["gflops_per_s"] == max(b["per_shape"].values()) > 0
+    diffs = {r["mode"]: r["max_rel_diff_vs_eager"] for r in rows[:5]}
     assert diffs["eager"] == 0 and diffs["fold"] < 1e-4 and diffs["fast"] < 1e-4
+    assert diffs["onnxruntime"] < 1e-4  # exported at the size it runs: 33x41, then 24x24
     assert 1e-4 < diffs["bf16"] < 0.2
-    assert "% of conv peak" in format_table(result) and "Convolution peak" in format_table(result)
-    # backward counted as twice the forward of the batch of 2
+    table = format_table(result)
+    assert "% of dtype bound" in table and "fp32 bound" in table and "train.amp: auto" in table
+    assert any("best peer FP32" in line for line in goal_ratios(result))
+    # backward counted as twice the forward of the batch of 2; warm-up separate from timing
     assert fp32["batch"] == 2 and fp32["flops"] == 3 * forward_flops(model, 65, 65, batch=2)
-    assert all(t[k] > 0 for t in (fp32, fp32_cl, bf16) for k in ("median_s", "gflops_per_s"))
+    assert all(t[k] > 0 for t in (fp32, fp32_cl, bf16)
+               for k in ("median_s", "gflops_per_s", "first_call_s", "peak_rss_mib"))
     assert not model.training and isinstance(model.backbone.bn1, FrozenBatchNorm2d)
+
+
+def test_rss_sampler_sees_the_memory_of_its_own_block():
+    from deeplabv2.bench import RSSSampler, peak_rss_mib
+    with RSSSampler() as big:
+        x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        big.sample()  # what the thread does every 2 ms (it may not be scheduled in time)
+        del x
+    assert big.peak_mib - big.start_mib > 48
+    assert big.peak_mib <= peak_rss_mib() + 1  # never above the process's own maximum
 
 
 def test_mode_accuracy_counts_changed_labels_and_miou_against_eager():
@@ -272,3 +291,79 @@ def test_bench_and_export_subcommands_parse():
     args = parser.parse_args(["export", "ckpt.pth", "--onnx", "o.onnx", "--torchscript", "o.pt",
                               "--height", "512", "--width", "1024"])
     assert args.func is cmd_export and (args.height, args.width) == (512, 1024)
+
+
+def test_winograd_by_default_only_on_avx2_cpus(monkeypatch):
+    import deeplabv2.fast as fast_mod
+    model = build_model({"backbone": "resnet", "blocks": [1, 1, 1, 1], "width": 64,
+                         "num_classes": 3}).eval()  # 256-512 channels in layer3/4: eligible
+    for capability, expected in (("AVX2", nnpack_available()), ("AVX512", False)):
+        monkeypatch.setattr(fast_mod.torch.backends.cpu, "get_cpu_capability",
+                            lambda c=capability: c)
+        fast = optimize_for_inference(model)
+        wino = [m for m in fast.modules() if type(m).__name__ == "AtrousWinogradConv2d"]
+        assert bool(wino) == expected, capability
+
+
+def test_prepacked_weights_follow_the_input_and_survive_copies():
+    """The oneDNN weights packed at the first call serve other sizes and batches; a deep copy
+    (or pickle) of a used model packs its own."""
+    import copy
+    import pickle
+    model = _tiny()
+    for precision, tol in (("fp32", 1e-4), ("bf16", 5e-2)):
+        fast = optimize_for_inference(model, precision=precision)
+        with torch.no_grad():
+            for shape in ((1, 3, 41, 41), (1, 3, 65, 97), (2, 3, 33, 41)):
+                x = torch.randn(*shape)
+                assert _close(fast(x), model(x), tol), (precision, shape)
+            clone = copy.deepcopy(fast)
+            assert _close(clone(x), fast(x), 1e-6)
+            assert _close(pickle.loads(pickle.dumps(fast))(x), fast(x), 1e-6)
+
+
+@pytest.mark.parametrize("head_mode", ["aspp", "adaptsegnet"])
+def test_aspp_as_one_convolution_of_its_taps_equals_the_branches(head_mode):
+    """TapsASPP: the 36 taps of the 4 dilated branches as one 1x1 convolution and shifted sums,
+    on maps smaller than some rates (taps that read only padding are skipped) and larger."""
+    from deeplabv2.fast import TapsASPP
+    torch.manual_seed(0)
+    model = build_model({**TINY, "head_mode": head_mode}).eval()
+    with torch.no_grad():
+        for conv in model.head.convs:
+            conv.weight.normal_(0, 0.1)
+            conv.bias.normal_(0, 0.1)
+    for precision, tol in (("fp32", 1e-5), ("bf16", 3e-2)):
+        fast = optimize_for_inference(model, precision=precision)
+        assert isinstance(fast.model.head, TapsASPP)
+        assert len(fast.model.head.shifts) == 9 * len(model.head.summed_convs())
+        for shape in ((1, 3, 41, 41), (2, 3, 161, 225)):  # 6x6 and 21x29 score maps
+            x = torch.randn(*shape)
+            with torch.no_grad():
+                ref, out = model(x), fast(x)
+            assert _close(out, ref, tol), (precision, shape)
+    with torch.enable_grad():  # autograd takes the branch convolutions
+        head = optimize_for_inference(model).model.head
+        feats = torch.randn(1, head.taps.in_channels, 9, 11)
+        assert _close(head(feats), model.head(feats), 1e-5)
+
+
+def test_fused_blocks_leave_the_callers_input_alone():
+    """The residual sum accumulates in place only into tensors the block owns: the caller's
+    input of a layer, and a lone block's input, come back unchanged."""
+    model = _tiny()
+    fast = optimize_for_inference(model)
+    layer = fast.model.backbone.layer1
+    x = torch.randn(1, layer[0].conv1.in_channels, 17, 19).contiguous(
+        memory_format=torch.channels_last).to(next(layer.parameters()).dtype)
+    before = x.clone()
+    with torch.no_grad():
+        layer(x)
+        for block in layer:
+            y = torch.randn(1, block.conv1.in_channels, 9, 11).contiguous(
+                memory_format=torch.channels_last)
+            kept = y.clone()
+            block(y)
+            if not block.input_is_private:
+                assert torch.equal(y, kept)
+    assert torch.equal(x, before)

@@ -58,7 +58,7 @@ def test_config_errors_name_the_key():
         load_config(None, ["train.iteratons=5"])
     with pytest.raises(ConfigError, match="unknown section 'optim'"):
         load_config(None, ["optim.lr=5"])
-    with pytest.raises(ConfigError, match="train.amp='fp32'; valid values: none, bf16, fp16"):
+    with pytest.raises(ConfigError, match="train.amp='fp32'; valid values: auto, none, bf16, fp16"):
         load_config(None, ["train.amp=fp32"])
     with pytest.raises(ConfigError, match="nope: no such config file"):
         load_config("nope")

@@ -35,7 +35,7 @@ def nnpack_available() -> bool:
 def winograd_eligible(conv: nn.Module, min_channels: int = 128) -> bool:
     """A dilated 3x3 fp32 convolution of stride 1 with "same" padding and enough channels
     (below ``min_channels`` the direct oneDNN kernels win on their own)."""
-    return (type(conv) is nn.Conv2d and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
+    return (isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
             and conv.groups == 1 and conv.dilation[0] == conv.dilation[1] > 1
             and conv.padding == conv.dilation and conv.padding_mode == "zeros"
             and conv.weight.dtype == torch.float32

@@ -1,27 +1,36 @@
-"""Speed measurements: inference latency per input size and mode, FLOPs, a training step.
+"""Speed measurements: inference latency per input size and mode, FLOPs, training steps.
 
 :func:`bench` returns a plain, JSON-serialisable dict; ``benchmarks/speed.py`` prints it as a
 table and ``deeplabv2 bench`` writes it with ``--json``. Timings are wall-clock seconds per
 image batch of one (``time.perf_counter`` around ``model(x)``) after ``warmup`` untimed calls;
-on a shared machine they are indicative only.
+the timed calls of one size go round-robin over the modes. Training steps are timed after
+their own warm-up steps (a cold bf16 step is many times slower than a warm one).
 
 Inference modes:
 
 * ``eager``: the model as given (frozen BN as separate ops, NCHW, fp32);
 * ``fold``: frozen BN folded into the convolutions, channels-last, fp32 (nothing else);
 * ``fast``: :func:`deeplabv2.fast.optimize_for_inference`, fp32: ``fold`` plus, on the CPU,
-  ReLU and residual sums fused into the convolutions and Winograd atrous convolutions (what
-  ``evaluate`` and ``predict`` run by default);
+  ReLU and residual sums fused into prepacked oneDNN convolutions and, on AVX2 CPUs, Winograd
+  atrous convolutions (what ``evaluate`` and ``predict --precision fp32`` run);
 * ``winograd-all``: ``fast`` with every dilated 3x3 convolution (the ASPP's too) through
   Winograd, whatever its size: the worst case of that path's rounding, for accuracy checks;
-* ``bf16``: BN folded, channels-last, bfloat16 weights and activations;
+* ``bf16``: ``fast`` in bfloat16 (``--precision bf16``);
 * ``compile``: ``fold`` under ``torch.compile`` with freezing, whose own fusion replaces
   ``fast``'s (the compile time is the row's ``first_call_s``);
-* ``onnxruntime``: the ONNX export (:func:`deeplabv2.export.export_onnx`) in ONNX Runtime.
+* ``onnxruntime``: the ONNX export, fixed at the size it runs, in ONNX Runtime's default
+  CPU session with ``threads`` intra-op threads (a peer);
+* ``openvino``, ``openvino-bf16``: the network in OpenVINO, compiled at the size it runs with
+  the latency hint, ``threads`` inference threads, f32/bf16 inference precision (a peer, and
+  ``--runtime openvino``);
+* ``int8``: the network quantized to INT8 by NNCF (:mod:`deeplabv2.deploy.quantize`) in
+  OpenVINO (``--precision int8``); in :func:`bench` calibrated on random inputs (speed does not
+  depend on the values), in :func:`mode_accuracy` on the given quantized file.
 """
 
 from __future__ import annotations
 
+import os
 import resource
 import statistics
 import sys
@@ -34,7 +43,10 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-MODES = ("eager", "fold", "fast", "winograd-all", "bf16", "compile", "onnxruntime")
+MODES = ("eager", "fold", "fast", "winograd-all", "bf16", "compile", "onnxruntime",
+         "openvino", "openvino-bf16", "int8")
+#: the dtype each mode computes in (for the per-dtype upper bound)
+MODE_DTYPES = {"bf16": "bf16", "openvino-bf16": "bf16", "int8": "int8"}
 DEFAULT_MODES = ("eager", "fast", "bf16")
 
 
@@ -42,6 +54,47 @@ def peak_rss_mib() -> float:
     """Peak resident memory of this process so far, in MiB (it never goes down)."""
     kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kib / 1024 if sys.platform != "darwin" else kib / 2**20
+
+
+def rss_mib() -> float:
+    """Resident memory of this process now, in MiB (``/proc/self/statm``; else the peak)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return peak_rss_mib()
+    return pages * resource.getpagesize() / 2**20
+
+
+class RSSSampler:
+    """The largest resident memory seen while the ``with`` block runs (sampled every
+    ``interval`` s in a thread; the sampled ops release the GIL): the peak of *that* work,
+    not the process's running maximum. ``.peak_mib``, ``.start_mib``."""
+
+    def __init__(self, interval: float = 0.002):
+        self.interval = interval
+
+    def __enter__(self):
+        import threading
+        self.start_mib = self.peak_mib = rss_mib()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def sample(self) -> float:
+        """Read the resident memory now (the thread does this every ``interval``)."""
+        self.peak_mib = max(self.peak_mib, rss_mib())
+        return self.peak_mib
+
+    def _run(self):
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak_mib = max(self.peak_mib, rss_mib())
+        return False
 
 
 def forward_flops(model: nn.Module, height: int, width: int, batch: int = 1) -> int:
@@ -82,41 +135,131 @@ def _summary(warm: list[float], times: list[float], flops: int | None) -> dict:
     return out
 
 
-def conv_peak_gflops(iterations: int = 3, threads: int | None = None) -> dict:
-    """The machine's practical convolution peak: the best GFLOP/s of direct fp32 convolutions
-    (channels-last, the shapes that dominate DeepLab v2 at 512x1024), batch 1, no autograd."""
+def dtype_bounds(threads: int | None = None, repeats: int = 3, n: int = 2048) -> dict:
+    """An upper bound on this machine's arithmetic per dtype, measured: the best GFLOP/s (or
+    GOP/s) of large matrix products (``torch.mm`` 2048^3 in fp32/bf16, ``torch._int_mm``
+    in int8) and of the direct convolutions that dominate DeepLab v2 at 512x1024 (oneDNN,
+    channels-last, prepacked weights, fp32/bf16; maps of ``(n/32+1) x (n/16+1)``, 65x129 for
+    the default ``n``), batch 1, no autograd. A mode counted in
+    direct-convolution FLOPs may pass it only by doing less work (Winograd)."""
+    from .fast import _mkldnn_conv
     if threads:
         torch.set_num_threads(int(threads))
-    shapes = {"3x3 256->256 d2 65x129": (256, 256, 3, 2), "1x1 1024->256 65x129": (1024, 256, 1, 1),
-              "3x3 512->512 d4 65x129": (512, 512, 3, 4)}
-    out = {}
     g = torch.Generator().manual_seed(0)
-    for name, (cin, cout, k, d) in shapes.items():
-        conv = nn.Conv2d(cin, cout, k, padding=d * (k // 2), dilation=d).eval()
-        conv = conv.to(memory_format=torch.channels_last)
-        x = torch.randn(1, cin, 65, 129, generator=g).contiguous(memory_format=torch.channels_last)
-        with torch.no_grad():
-            _, times = _time(lambda: conv(x), iterations, 1)
-        out[name] = 2 * cin * cout * k * k * 65 * 129 / min(times) / 1e9
-    return {"gflops_per_s": max(out.values()), "per_shape": out}
+
+    def best(fn, flops):
+        fn()
+        return flops / min(_time(fn, repeats, 0)[1]) / 1e9
+
+    out: dict = {}
+    hw = (n // 32 + 1, n // 16 + 1)
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a = torch.randn(n, n, generator=g).to(dtype)
+        shapes = {f"mm {n}^3": best(lambda: torch.mm(a, a), 2 * n ** 3)}
+        for cin, cout, k, d in ((1024, 256, 1, 1), (256, 256, 3, 2), (512, 512, 3, 4)):
+            conv = nn.Conv2d(cin, cout, k, padding=d * (k // 2), dilation=d).eval().to(dtype)
+            conv = conv.to(memory_format=torch.channels_last).requires_grad_(False)
+            x = torch.randn(1, cin, *hw, generator=g).to(dtype)
+            x = x.contiguous(memory_format=torch.channels_last)
+            with torch.no_grad():
+                shapes[f"conv {k}x{k} {cin}->{cout} d{d} {hw[0]}x{hw[1]}"] = best(
+                    lambda: _mkldnn_conv(conv, x), 2 * cin * cout * k * k * hw[0] * hw[1])
+        out[name] = {"gflops_per_s": max(shapes.values()), "per_shape": shapes}
+    try:
+        a8 = torch.randint(-128, 127, (n, n), dtype=torch.int8, generator=g)
+        out["int8"] = {"gflops_per_s": best(lambda: torch._int_mm(a8, a8), 2 * n ** 3),
+                       "per_shape": {}}
+        out["int8"]["per_shape"][f"_int_mm {n}^3"] = out["int8"]["gflops_per_s"]
+    except (RuntimeError, AttributeError):  # no int8 matrix product in this torch build
+        pass
+    return out
 
 
-def _onnx_runner(model: nn.Module, height: int, width: int, threads: int | None):
+def cpu_model() -> str:
+    """The CPU's model name (``lscpu``; else ``platform.processor()``)."""
+    import platform
+    import subprocess
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return platform.processor() or "unknown"
+    for line in out.splitlines():
+        if line.startswith("Model name:"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+def machine() -> dict:
+    """What decides the speed: CPU model, the vector/matrix flags, PyTorch's CPU capability,
+    core count, the runtimes' versions."""
+    from .precision import cpu_flags
+    keep = sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma")))
+    info = {"cpu": cpu_model(), "cpu_flags": " ".join(keep) or "unknown",
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+            else os.cpu_count(), "torch": torch.__version__}
+    for name in ("onnxruntime", "openvino", "nncf"):
+        try:
+            info[name] = __import__(name).__version__
+        except ImportError:
+            info[name] = None
+    return info
+
+
+def _onnx_runner(model: nn.Module, height: int, width: int, threads: int | None,
+                 dynamic: bool = False):
+    """ONNX Runtime as its users run it: the export fixed at the size it runs, the default
+    session (all graph optimisations), ``threads`` intra-op threads."""
     import onnxruntime as ort
     from .export import export_onnx
-    tmp = tempfile.TemporaryDirectory()
-    path = export_onnx(model, Path(tmp.name) / "model.onnx", height, width)
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    tmp.cleanup()  # the session holds the graph in memory
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_onnx(model, Path(tmp) / "model.onnx", height, width, dynamic=dynamic)
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     return lambda x: session.run(["logits"], {"image": x.numpy()})[0]
 
 
-def _inference_runners(model: nn.Module, modes, sizes, threads):
-    """mode -> (callable(x), seconds it took to prepare)."""
+_OV_MODELS: dict[int, dict] = {}  # id(model) -> converted/quantized OpenVINO models, per bench
+
+
+def _openvino_runner(model: nn.Module, height: int, width: int, threads: int | None,
+                     precision: str, int8_xml=None, calibration: int = 4):
+    """OpenVINO compiled at ``height x width`` with the latency hint (fp32/bf16), or the INT8
+    model (``int8_xml``, else quantized now on ``calibration`` random inputs)."""
+    from .deploy.openvino_runtime import OpenVINOModel, convert, require_openvino
+    ov = require_openvino()
+    # one conversion (and one quantization) per model, reused for every size and precision:
+    # the converted model has dynamic shapes and each OpenVINOModel compiles its own size
+    cache = _OV_MODELS.setdefault(id(model), {})
+    if "fp32" not in cache:
+        cache["fp32"] = convert(model)
+    if precision == "int8":
+        if int8_xml:
+            ov_model = ov.Core().read_model(str(int8_xml))
+        else:
+            if "int8" not in cache:
+                import nncf
+                g = torch.Generator().manual_seed(0)
+                data = [torch.randn(1, 3, height, width, generator=g).numpy()
+                        for _ in range(calibration)]
+                cache["int8"] = nncf.quantize(cache["fp32"], nncf.Dataset(data),
+                                              subset_size=calibration,
+                                              preset=nncf.QuantizationPreset.PERFORMANCE)
+            ov_model = cache["int8"]
+    else:
+        ov_model = cache["fp32"]
+    net = OpenVINOModel(ov_model, model, precision=precision, threads=threads)
+    net.compiled((1, 3, height, width))
+    return net
+
+
+def _inference_runners(model: nn.Module, modes, size, threads, int8_xml=None,
+                       dynamic: bool = False):
+    """mode -> (callable(x), seconds it took to prepare) for inputs of ``size`` (the peers
+    are compiled for that size; ``dynamic``: ONNX Runtime takes any size)."""
     from .fast import optimize_for_inference
     runners = {}
     for mode in modes:
@@ -139,21 +282,23 @@ def _inference_runners(model: nn.Module, modes, sizes, threads):
         elif mode == "compile":
             run = optimize_for_inference(model, precision="fp32", compile=True)
         elif mode == "onnxruntime":
-            run = _onnx_runner(model, *sizes[0], threads)
+            run = _onnx_runner(model, *size, threads, dynamic)
+        elif mode in ("openvino", "openvino-bf16", "int8"):
+            precision = {"openvino": "fp32", "openvino-bf16": "bf16", "int8": "int8"}[mode]
+            run = _openvino_runner(model, *size, threads, precision, int8_xml)
         else:
             raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
         runners[mode] = (run, time.perf_counter() - start)
     return runners
 
 
-def train_step_time(model: nn.Module, *, batch: int = 2, size=(321, 321), amp: str = "none",
-                    channels_last: bool = False, iterations: int = 3, warmup: int = 1) -> dict:
-    """Seconds per SGD step (forward, stride-8 cross-entropy, backward, update) on random data.
+TRAIN_CHOICES = (("none", False), ("none", True), ("bf16", True))
 
-    Runs on a copy of ``model`` in train mode; ``amp="bf16"`` uses ``torch.autocast`` (the
-    weights stay fp32, as training needs). Returns median/mean/min seconds and the GFLOP/s
-    achieved counting the backward pass as twice the forward FLOPs.
-    """
+
+def _train_step(model: nn.Module, *, batch: int, size, amp: str, channels_last: bool):
+    """A closure running one SGD step (forward, stride-8 cross-entropy, backward, update) on
+    random data, on a copy of ``model`` in train mode; ``amp="bf16"`` is ``torch.autocast``
+    (the weights stay fp32, as training needs)."""
     import copy
 
     from .inference import autocast_context
@@ -178,59 +323,102 @@ def train_step_time(model: nn.Module, *, batch: int = 2, size=(321, 321), amp: s
         loss = F.cross_entropy(logits.float(), target, ignore_index=255)
         loss.backward()
         optimizer.step()
+    return step
 
-    warm, times = _time(step, iterations, warmup)
+
+def train_step_times(model: nn.Module, *, batch: int = 2, size=(321, 321),
+                     choices=TRAIN_CHOICES, iterations: int = 3, warmup: int = 2) -> list[dict]:
+    """Seconds per training step of each ``(amp, channels_last)`` choice: ``warmup`` untimed
+    steps each (the first bf16 steps are many times slower than the later ones), then
+    ``iterations`` timed steps round-robin over the choices. Per choice: median/mean/min
+    seconds, the first step's time, GFLOP/s (backward counted as twice the forward) and the
+    peak resident memory during its own steps."""
     flops = 3 * forward_flops(model, *size, batch=batch)
-    return {"batch": batch, "size": list(size), "amp": amp, "channels_last": channels_last,
-            "flops": flops, **_summary(warm, times, flops), "peak_rss_mib": peak_rss_mib()}
+    steps = [_train_step(model, batch=batch, size=size, amp=amp, channels_last=cl)
+             for amp, cl in choices]
+    warm, times, peaks = [], [[] for _ in steps], [0.0] * len(steps)
+    for k, step in enumerate(steps):
+        with RSSSampler() as mem:
+            warm.append(_time(step, 0, warmup)[0])
+        peaks[k] = mem.peak_mib
+    for _ in range(iterations):
+        for k, step in enumerate(steps):
+            with RSSSampler() as mem:
+                start = time.perf_counter()
+                step()
+                times[k].append(time.perf_counter() - start)
+            peaks[k] = max(peaks[k], mem.peak_mib)
+    return [{"batch": batch, "size": list(size), "amp": amp, "channels_last": cl,
+             "flops": flops, **_summary(warm[k], times[k], flops), "peak_rss_mib": peaks[k]}
+            for k, (amp, cl) in enumerate(choices)]
+
+
+def train_step_time(model: nn.Module, *, batch: int = 2, size=(321, 321), amp: str = "none",
+                    channels_last: bool = False, iterations: int = 3, warmup: int = 2) -> dict:
+    """:func:`train_step_times` of one choice."""
+    return train_step_times(model, batch=batch, size=size, choices=((amp, channels_last),),
+                            iterations=iterations, warmup=warmup)[0]
 
 
 def bench(model: nn.Module, sizes, modes=DEFAULT_MODES, iterations: int = 3, warmup: int = 1,
           threads: int | None = None, *, train_step: bool = True, train_batch: int = 2,
           train_size=(321, 321), train_iterations: int | None = None,
-          train_warmup: int | None = None, peak: bool = True) -> dict:
+          train_warmup: int = 2, bounds: bool = True, bound_size: int = 2048) -> dict:
     """Time ``model`` (a DeepLabV2 in any state; it is not changed) and return a plain dict.
 
     ``sizes``: ``(height, width)`` pairs; ``modes``: names from :data:`MODES`; ``threads``:
-    ``torch.set_num_threads`` (and ONNX Runtime's intra-op threads) when given.
+    ``torch.set_num_threads`` and the peers' thread count when given. Every mode is prepared
+    for each size (the peers compiled at that size), warmed up by ``warmup`` calls, then timed
+    ``iterations`` times round-robin over the modes.
 
-    Returns ``{"threads", "torch", "inference": [{"size", "mode", "flops", "median_s",
-    "mean_s", "min_s", "iterations", "first_call_s", "gflops_per_s", "speedup_vs_eager",
-    "prepare_s", "peak_rss_mib"}, ...], "train": [{...}, ...]}``; ``speedup_vs_eager`` is
-    present when ``eager`` is among the modes, and ``train`` holds fp32 NCHW, fp32
-    channels-last and bf16 channels-last steps of ``train_batch`` images of ``train_size``
-    (empty when ``train_step=False``), timed ``train_iterations`` times after ``train_warmup``
-    untimed steps (default: ``iterations`` and ``warmup``). With ``peak``, ``"conv_peak"`` holds
-    :func:`conv_peak_gflops` and every row its ``"percent_of_peak"``.
+    Returns ``{"threads", "machine", "inference": [{"size", "mode", "dtype", "flops",
+    "median_s", "mean_s", "min_s", "iterations", "first_call_s", "gflops_per_s",
+    "speedup_vs_eager", "max_rel_diff_vs_eager", "prepare_s", "peak_rss_mib",
+    "call_peak_mib"}, ...], "train": [{...}, ...], "train_auto": {...}}``:
+    ``peak_rss_mib`` is the largest resident memory seen during that mode's calls and
+    ``call_peak_mib`` its rise above the memory before the call (the call's working memory);
+    ``train`` holds fp32 NCHW, fp32 channels-last and bf16 channels-last steps
+    (:func:`train_step_times`, ``train_warmup`` warm-up steps each) and ``train_auto`` what
+    ``train.amp: auto`` picks here and why. With ``bounds``, ``"bounds"`` holds
+    :func:`dtype_bounds` and every row its ``"percent_of_bound"`` (of its dtype's bound).
     """
+    from .precision import resolve_train_amp
     if threads:
         torch.set_num_threads(int(threads))
     sizes = [tuple(int(v) for v in s) for s in sizes]
     modes = tuple(modes)
     was_training = model.training
     model.eval()
-    runners = _inference_runners(model, modes, sizes, threads)
+    _OV_MODELS.pop(id(model), None)
     rows = []
     for height, width in sizes:
+        runners = _inference_runners(model, modes, (height, width), threads)
         flops = forward_flops(model, height, width)
         x = torch.randn(1, 3, height, width, generator=torch.Generator().manual_seed(0))
         # Warm-up per mode, then the timed calls round-robin over the modes, so that a change
         # in the machine's load during the run affects every mode alike.
         warm, times, outputs = {}, {m: [] for m in modes}, {}
+        peak, rise = {m: 0.0 for m in modes}, {m: 0.0 for m in modes}
         with torch.no_grad():
             for mode in modes:
-                warm[mode], _ = _time(lambda: runners[mode][0](x), 0, warmup)
+                with RSSSampler() as mem:
+                    warm[mode], _ = _time(lambda: runners[mode][0](x), 0, warmup)
+                peak[mode], rise[mode] = mem.peak_mib, mem.peak_mib - mem.start_mib
             for _ in range(iterations):
                 for mode in modes:
-                    start = time.perf_counter()
-                    out = runners[mode][0](x)
-                    times[mode].append(time.perf_counter() - start)
+                    with RSSSampler() as mem:
+                        start = time.perf_counter()
+                        out = runners[mode][0](x)
+                        times[mode].append(time.perf_counter() - start)
+                    peak[mode] = max(peak[mode], mem.peak_mib)
+                    rise[mode] = max(rise[mode], mem.peak_mib - mem.start_mib)
                     outputs[mode] = out
+        del runners
         eager_median = eager_out = None
         for mode in modes:
-            row = {"size": [height, width], "mode": mode, "flops": flops,
-                   **_summary(warm[mode], times[mode], flops), "prepare_s": runners[mode][1],
-                   "peak_rss_mib": peak_rss_mib()}
+            row = {"size": [height, width], "mode": mode, "dtype": MODE_DTYPES.get(mode, "fp32"),
+                   "flops": flops, **_summary(warm[mode], times[mode], flops),
+                   "peak_rss_mib": peak[mode], "call_peak_mib": rise[mode]}
             out = torch.as_tensor(outputs.pop(mode)).float()
             if mode == "eager":
                 eager_median, eager_out = row["median_s"], out
@@ -239,28 +427,33 @@ def bench(model: nn.Module, sizes, modes=DEFAULT_MODES, iterations: int = 3, war
                 row["max_rel_diff_vs_eager"] = float((out - eager_out).abs().max()
                                                      / eager_out.abs().max())
             rows.append(row)
-    train = []
+    train, train_auto = [], {}
     if train_step:
-        for amp, channels_last in (("none", False), ("none", True), ("bf16", True)):
-            train.append(train_step_time(model, batch=train_batch, size=train_size, amp=amp,
-                                         channels_last=channels_last,
-                                         iterations=train_iterations or iterations,
-                                         warmup=warmup if train_warmup is None else train_warmup))
-        for row in train[1:]:
+        train = train_step_times(model, batch=train_batch, size=train_size,
+                                 iterations=train_iterations or iterations, warmup=train_warmup)
+        for row in train:
+            row["dtype"] = "bf16" if row["amp"] == "bf16" else "fp32"
             row["speedup_vs_fp32"] = train[0]["median_s"] / row["median_s"]
+        amp, channels_last, why = resolve_train_amp("auto", False, torch.device("cpu"))
+        train_auto = {"amp": amp, "channels_last": channels_last, "why": why}
     model.train(was_training)
+    _OV_MODELS.pop(id(model), None)
     result = {"threads": torch.get_num_threads(), "torch": torch.__version__,
-              "inference": rows, "train": train}
-    if peak:
-        result["conv_peak"] = conv_peak_gflops(iterations, threads)
+              "machine": machine(), "inference": rows, "train": train,
+              "train_auto": train_auto}
+    if bounds:
+        result["bounds"] = dtype_bounds(threads, n=bound_size)
         for row in rows + train:
-            row["percent_of_peak"] = 100 * row["gflops_per_s"] / result["conv_peak"]["gflops_per_s"]
+            bound = result["bounds"].get(row["dtype"])
+            if bound:
+                row["percent_of_bound"] = 100 * row["gflops_per_s"] / bound["gflops_per_s"]
     return result
 
 
 @torch.no_grad()
 def mode_accuracy(model: nn.Module, dataset, modes=("fast", "bf16", "onnxruntime"), *,
-                  limit: int | None = None, threads: int | None = None) -> dict:
+                  limit: int | None = None, threads: int | None = None,
+                  int8_xml=None) -> dict:
     """What each inference mode costs in accuracy, against eager FP32 on a labelled dataset.
 
     Every image (or the first ``limit``) goes through the eager FP32 model and through each of
@@ -268,6 +461,7 @@ def mode_accuracy(model: nn.Module, dataset, modes=("fast", "bf16", "onnxruntime
     pixels whose label differs from eager FP32's, the mIoU and its difference from eager FP32's
     in points (percent), and the largest ``max|logits - eager| / max|eager|`` over the images.
     Use a trained model: an untrained deep network's logits are too chaotic to say anything.
+    Mode ``int8`` runs ``int8_xml`` (``deeplabv2 quantize``'s file for this model).
     """
     from .metrics import ConfusionMatrix
     if threads:
@@ -278,7 +472,10 @@ def mode_accuracy(model: nn.Module, dataset, modes=("fast", "bf16", "onnxruntime
     if n == 0:
         raise ValueError("mode_accuracy needs at least one image")
     first = model.preprocess(dataset.load(0)[0])
-    runners = _inference_runners(model, ("eager", *modes), [tuple(first.shape[-2:])], threads)
+    if "int8" in modes and not int8_xml:
+        raise ValueError("mode_accuracy's int8 mode needs int8_xml, the quantized model")
+    runners = _inference_runners(model, ("eager", *modes), tuple(first.shape[-2:]), threads,
+                                 int8_xml=int8_xml, dynamic=True)
     cms = {mode: ConfusionMatrix(dataset.num_classes) for mode in runners}
     changed = {mode: 0 for mode in runners}
     worst = {mode: 0.0 for mode in runners}
@@ -331,29 +528,58 @@ def _size(text: str) -> tuple[int, int]:
 
 def format_table(result: dict) -> str:
     """The inference and training rows of :func:`bench` as a Markdown table."""
-    lines = ["| size | mode | median s | GFLOP/s | % of conv peak | vs eager | max rel. diff "
-             "| peak RSS MiB |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| size | mode | median s | min s | GFLOP/s | % of dtype bound | vs eager "
+             "| max rel. diff | peak RSS MiB | call peak MiB |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
 
     def pct(r):
-        return f"{r['percent_of_peak']:.0f}%" if "percent_of_peak" in r else "-"
+        return f"{r['percent_of_bound']:.0f}% {r['dtype']}" if "percent_of_bound" in r else "-"
 
     for r in result["inference"]:
         lines.append(f"| {r['size'][0]}x{r['size'][1]} | {r['mode']} | {r['median_s']:.3f} | "
-                     f"{r.get('gflops_per_s', 0):.1f} | {pct(r)} | "
+                     f"{r['min_s']:.3f} | {r.get('gflops_per_s', 0):.1f} | {pct(r)} | "
                      f"{r.get('speedup_vs_eager', 1):.2f}x | "
-                     f"{r.get('max_rel_diff_vs_eager', 0):.1e} | {r['peak_rss_mib']:.0f} |")
-    for i, r in enumerate(result["train"]):
-        mode = "train " + ("fp32" if r["amp"] == "none" else r["amp"]) + \
-            ("+channels_last" if r["channels_last"] else "")
-        ratio = f"{r['speedup_vs_fp32']:.2f}x" if i else "1.00x"
+                     f"{r.get('max_rel_diff_vs_eager', 0):.1e} | {r['peak_rss_mib']:.0f} | "
+                     f"{r['call_peak_mib']:.0f} |")
+    for r in result["train"]:
+        mode = "train " + ("fp32" if r["amp"] == "none" else r["amp"] + " autocast") + \
+            (" + channels-last" if r["channels_last"] else " NCHW")
         lines.append(f"| {r['batch']}x{r['size'][0]}x{r['size'][1]} | {mode} | "
-                     f"{r['median_s']:.3f} | {r.get('gflops_per_s', 0):.1f} | {pct(r)} | "
-                     f"{ratio} | - | {r['peak_rss_mib']:.0f} |")
-    if "conv_peak" in result:
-        per = ", ".join(f"{k} {v:.0f}" for k, v in result["conv_peak"]["per_shape"].items())
-        lines.append(f"\nConvolution peak {result['conv_peak']['gflops_per_s']:.0f} GFLOP/s "
-                     f"(best direct fp32 convolution, channels-last: {per}).")
+                     f"{r['median_s']:.3f} | {r['min_s']:.3f} | {r.get('gflops_per_s', 0):.1f} | "
+                     f"{pct(r)} | {r['speedup_vs_fp32']:.2f}x vs fp32 NCHW (first step "
+                     f"{r['first_call_s']:.1f} s) | - | {r['peak_rss_mib']:.0f} | - |")
+    if result.get("train_auto"):
+        a = result["train_auto"]
+        lines.append(f"\n`train.amp: auto` here: amp={a['amp']}, channels_last="
+                     f"{a['channels_last']} ({a['why']}).")
+    if "bounds" in result:
+        for dtype, b in result["bounds"].items():
+            per = ", ".join(f"{k} {v:.0f}" for k, v in b["per_shape"].items())
+            lines.append(f"\n{dtype} bound {b['gflops_per_s']:.0f} GFLOP/s (best of: {per}).")
     return "\n".join(lines)
+
+
+def goal_ratios(result: dict) -> list[str]:
+    """The issue's goals as ratios of this run, per size: our FP32 path (``fast``) against the
+    faster of ONNX Runtime and OpenVINO FP32, our bf16 against OpenVINO bf16, INT8 against our
+    fastest other precision, and the bf16 training step against FP32 NCHW."""
+    out = []
+    for size in {tuple(r["size"]) for r in result["inference"]}:
+        t = {r["mode"]: r["median_s"] for r in result["inference"] if tuple(r["size"]) == size}
+        peers = [t[m] for m in ("onnxruntime", "openvino") if m in t]
+        name = f"{size[0]}x{size[1]}"
+        if "fast" in t and peers:
+            out.append(f"{name}: FP32 ours (fast) / best peer FP32: {min(peers) / t['fast']:.2f}x")
+        if "bf16" in t and "openvino-bf16" in t:
+            out.append(f"{name}: bf16 ours / OpenVINO bf16: {t['openvino-bf16'] / t['bf16']:.2f}x")
+        ours = [t[m] for m in ("fast", "bf16", "compile") if m in t]
+        if "int8" in t and ours:
+            out.append(f"{name}: INT8 / our fastest other precision: {min(ours) / t['int8']:.2f}x")
+    for r in result["train"]:
+        if r["amp"] == "bf16":
+            out.append(f"training step bf16 autocast + channels-last / FP32 NCHW: "
+                       f"{r['speedup_vs_fp32']:.2f}x")
+    return sorted(out)
 
 
 def cmd_bench(args) -> int:
@@ -362,7 +588,8 @@ def cmd_bench(args) -> int:
     from . import model as models
     net = getattr(models, f"deeplabv2_{args.model}")(args.num_classes, weights=args.weights)
     result = bench(net, [_size(s) for s in args.sizes], args.modes, args.iterations,
-                   args.warmup, args.threads, train_step=not args.no_train)
+                   args.warmup, args.threads, train_step=not args.no_train,
+                   train_warmup=args.train_warmup)
     result["model"] = args.model
     print(format_table(result))
     if args.json:
@@ -398,6 +625,7 @@ def register(subparsers) -> None:
     be.add_argument("--modes", nargs="+", choices=MODES, default=list(DEFAULT_MODES))
     be.add_argument("--iterations", type=int, default=3, help="timed calls per size and mode")
     be.add_argument("--warmup", type=int, default=1, help="untimed calls first")
+    be.add_argument("--train-warmup", type=int, default=2, help="untimed training steps first")
     be.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     be.add_argument("--no-train", action="store_true", help="skip the training-step timing")
     be.add_argument("--json", default=None, help="write the results as JSON here")

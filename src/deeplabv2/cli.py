@@ -100,10 +100,16 @@ def _add_inference_args(sp) -> None:
     sp.add_argument("--stride", type=int, default=None, help="window stride (default 2/3 CROP)")
 
 
-def _add_runtime_args(sp) -> None:
+def _add_runtime_args(sp, precision: str = "fp32") -> None:
     from .fast import PRECISIONS
-    sp.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                    help="fp32 (default), bf16 (CPU with native bf16, or GPU) or fp16 (GPU)")
+    sp.add_argument("--precision", choices=(*PRECISIONS, "int8", "auto"), default=precision,
+                    help=f"fp32, bf16 (CPU with AMX, or GPU), fp16 (GPU), int8 (the "
+                         f"OpenVINO model of `deeplabv2 quantize`) or auto (bf16 where "
+                         f"measured faster: AMX CPUs, bf16 GPUs; else fp32); default "
+                         f"{precision}")
+    sp.add_argument("--runtime", choices=("torch", "openvino"), default="torch",
+                    help="torch (default) or openvino (CPU; the converted network is cached "
+                         "beside the checkpoint; int8 always runs there)")
     sp.add_argument("--eager", action="store_true",
                     help="run the network as loaded (BN unfolded, NCHW; bf16/fp16 by autocast) "
                          "instead of the BN-folded channels-last copy")
@@ -115,7 +121,17 @@ def _add_runtime_args(sp) -> None:
 def _runtime(model, args, device):
     """``(network, amp)`` for evaluate/predict: by default a BN-folded, channels-last copy in
     ``--precision`` (:func:`deeplabv2.fast.optimize_for_inference`); ``--eager`` keeps the
-    loaded model and runs reduced precision by autocast."""
+    loaded model and runs reduced precision by autocast. ``--precision auto`` is resolved
+    here (:func:`deeplabv2.precision.resolve_inference_precision`); ``--runtime openvino`` and
+    ``--precision int8`` run the OpenVINO model (:mod:`deeplabv2.deploy`)."""
+    from .precision import resolve_inference_precision
+    args.precision, _ = resolve_inference_precision(args.precision, device)
+    if args.precision == "int8" or getattr(args, "runtime", "torch") == "openvino":
+        if device.type != "cpu" or args.eager or args.compile or args.precision == "fp16":
+            raise ValueError("--runtime openvino / --precision int8 run fp32, bf16 or int8 on "
+                             "the CPU, without --eager/--compile")
+        from .deploy.openvino_runtime import load_openvino
+        return load_openvino(model, args.checkpoint, args.precision), "none"
     if args.precision == "fp16" and device.type != "cuda":
         raise ValueError("--precision fp16 needs a CUDA device; use bf16 on the CPU")
     if args.eager:
@@ -273,6 +289,15 @@ def cmd_score(args) -> int:
     return 0
 
 
+def cmd_quantize(args) -> int:
+    from .deploy.quantize import quantize_checkpoint
+    cfg = load_config(args.config, args.overrides)
+    xml = quantize_checkpoint(args.checkpoint, cfg, samples=args.samples, seed=args.seed)
+    print(f"INT8 model written to {xml} ({args.samples} calibration crops of "
+          f"{cfg.data.dataset} {cfg.data.train_split}); run it with --precision int8")
+    return 0
+
+
 def cmd_demo(args) -> int:
     if args.adapt:
         from .adapt.demo import ALL_METHODS, run_adapt_demo
@@ -336,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
     pr.add_argument("-o", "--out", required=True, help="output folder")
     pr.add_argument("--probs", action="store_true", help="also save probabilities (.npy)")
-    _add_runtime_args(pr)
+    _add_runtime_args(pr, precision="auto")
     pr.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     pr.add_argument("--batch-size", type=int, default=4, help="images of equal size per batch")
     pr.add_argument("--cityscapes-ids", action="store_true",
@@ -384,6 +409,16 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: fda)")
     de.add_argument("overrides", nargs="*", help="section.key=value for the demo config")
     de.set_defaults(func=cmd_demo)
+
+    qu = sub.add_parser("quantize", help="static INT8 quantization of a checkpoint (OpenVINO, "
+                                         "NNCF) for --precision int8")
+    qu.add_argument("checkpoint")
+    qu.add_argument("-c", "--config", required=True,
+                    help="config naming the training set the calibration crops come from")
+    qu.add_argument("--samples", type=int, default=300, help="calibration crops (default 300)")
+    qu.add_argument("--seed", type=int, default=0)
+    qu.add_argument("overrides", nargs="*", help="section.key=value")
+    qu.set_defaults(func=cmd_quantize)
 
     from .app.commands import register as register_app  # adds "compare" and "serve"
     register_app(sub)

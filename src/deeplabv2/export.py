@@ -37,13 +37,15 @@ def _deploy_copy(model: nn.Module) -> nn.Module:
     return _UpsampledLogits(net).eval()
 
 
-def export_onnx(model: nn.Module, path, height: int, width: int, opset: int = 17) -> Path:
+def export_onnx(model: nn.Module, path, height: int, width: int, opset: int = 17,
+                dynamic: bool = True) -> Path:
     """Write ``model`` as ONNX to ``path`` and return the path.
 
     Input ``image``: ``(batch, 3, height, width)`` float32; output ``logits``:
     ``(batch, C, height, width)`` float32, upsampled bilinearly to the input size. The batch,
-    height and width axes are dynamic; ``height``/``width`` only size the example input used
-    for tracing. Uses the TorchScript-based exporter (``dynamo=False``), which needs only
+    height and width axes are dynamic (``dynamic=False``: fixed at ``1 x height x width``, as a
+    runtime that plans for one size runs fastest); ``height``/``width`` size the example
+    input used for tracing. Uses the TorchScript-based exporter (``dynamo=False``), which needs only
     the ``onnx`` package.
     """
     net = _deploy_copy(model)
@@ -57,8 +59,8 @@ def export_onnx(model: nn.Module, path, height: int, width: int, opset: int = 17
         warnings.simplefilter("ignore", category=FutureWarning)
         atomic_write(path, lambda tmp: torch.onnx.export(
             net, (example,), tmp, input_names=["image"], output_names=["logits"],
-            dynamic_axes={"image": axes, "logits": axes}, opset_version=opset,
-            do_constant_folding=True, dynamo=False),
+            dynamic_axes={"image": axes, "logits": axes} if dynamic else None,
+            opset_version=opset, do_constant_folding=True, dynamo=False),
             fsync=False)  # no half-written .onnx under the final name
     write_sha256(path)
     return path

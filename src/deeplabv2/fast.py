@@ -6,9 +6,15 @@ blocks, Winograd atrous convolutions, bf16/fp16, compile.
   and replaced by ``nn.Identity``: the same function, 53 fewer elementwise passes over the
   feature maps of ResNet-101.
 * :class:`FusedBottleneck` runs a folded ResNet block's ReLUs and residual sum as post-ops of
-  its oneDNN convolutions (CPU).
+  its oneDNN convolutions (CPU), whose weights are reordered into oneDNN's blocked layout once
+  (:func:`_packed_weight`), not at every call; :class:`PrepackedConv2d` does the same for the
+  other convolutions.
+* :class:`TapsASPP` runs the summed ASPP head as one 1x1 convolution of its 36 taps and
+  shifted sums (oneDNN has no efficient kernel for 2048->19 dilated convolutions, in bf16
+  least of all).
 * :mod:`deeplabv2.atrous` runs the dilated 3x3 convolutions of layer3/layer4 as one Winograd
-  convolution over the tiled sub-grids (CPU, fp32, maps of 64x64 and more).
+  convolution over the tiled sub-grids (CPU, fp32, maps of 64x64 and more; by default only on
+  AVX2 CPUs, :func:`winograd_pays`).
 * :func:`optimize_for_inference` puts these together with the memory layout, the precision
   and ``torch.compile``, and returns an :class:`InferenceModel` that takes and returns
   ``float32`` tensors. ``deeplabv2 evaluate`` and ``predict`` run it by default
@@ -102,14 +108,52 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     return folded
 
 
+def winograd_pays() -> bool:
+    """Whether the tiled Winograd atrous convolutions (:mod:`deeplabv2.atrous`) beat oneDNN's
+    direct ones on this CPU: only where PyTorch's best vector ISA is AVX2. Measured: 1.1-2x per
+    layer on a 2-core AVX2 AMD EPYC, where oneDNN has no Winograd kernel; slower than oneDNN's
+    AVX-512/AMX direct kernels on a Xeon with AMX (``benchmarks/speed_results.md``)."""
+    return torch.backends.cpu.get_cpu_capability() == "AVX2"
+
+
+class _PackedWeights(dict):
+    """dtype -> (source weight, packed weight); copies and pickles start empty (opaque oneDNN
+    tensors have no storage to copy, and the copy packs its own on its first call)."""
+
+    def __deepcopy__(self, memo):
+        return _PackedWeights()
+
+    def __reduce__(self):
+        return (_PackedWeights, ())
+
+
+def _packed_weight(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``conv.weight`` reordered once into oneDNN's blocked layout for inputs like ``x``
+    (cached on the module per dtype), as Inductor's freezing does: a plain weight is reordered
+    again on every call, which costs up to half the time of a bf16 1x1 convolution. The cached
+    copy is an opaque ``torch._mkldnn`` tensor, not a parameter: state dicts do not see it."""
+    cache = conv.__dict__.setdefault("_onednn_weights", _PackedWeights())
+    packed = cache.get(x.dtype)
+    if packed is None or packed[0] is not conv.weight:
+        w = torch.ops.mkldnn._reorder_convolution_weight(
+            conv.weight, list(conv.padding), list(conv.stride), list(conv.dilation),
+            conv.groups, list(x.shape))
+        packed = cache[x.dtype] = (conv.weight, w)
+    return packed[1]
+
+
 def _mkldnn_conv(conv: nn.Conv2d, x: torch.Tensor, unary: str = "none",
-                 other: torch.Tensor | None = None) -> torch.Tensor:
+                 other: torch.Tensor | None = None, inplace: bool = False) -> torch.Tensor:
     """``conv(x)``, then ``+ other`` if given, then ``unary`` ("relu" or "none"), in one
-    oneDNN convolution with post-ops (the CPU kernels ``torch.compile`` also lowers to)."""
-    args = (conv.weight, conv.bias, list(conv.padding), list(conv.stride), list(conv.dilation),
-            conv.groups)
+    oneDNN convolution with post-ops and a prepacked weight (the CPU kernels
+    ``torch.compile`` with freezing also lowers to)."""
+    args = (_packed_weight(conv, x), conv.bias, list(conv.padding), list(conv.stride),
+            list(conv.dilation), conv.groups)
     if other is None:
         return torch.ops.mkldnn._convolution_pointwise(x, *args, unary, [], "")
+    if inplace:  # oneDNN's "sum" post-op accumulates into ``other``: measured 1.2-1.8x faster
+        return torch.ops.mkldnn._convolution_pointwise_.binary(other, x, *args, "add", 1.0,
+                                                               unary, [], "")
     return torch.ops.mkldnn._convolution_pointwise.binary(x, other, *args, "add", 1.0, unary,
                                                           [], "")
 
@@ -140,6 +184,10 @@ class FusedBottleneck(nn.Module):
                                    and isinstance(ds[1], nn.Identity)):
             raise ValueError("FusedBottleneck needs a folded (conv, Identity) downsample")
         self.downsample = None if ds is None else ds[0]
+        # The residual sum may overwrite the identity in place when it is the downsample's
+        # output, or when the block's input is an intermediate nobody else reads (set by
+        # fuse_bottlenecks for blocks after the first of a layer).
+        self.input_is_private = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not _fusable(x):
@@ -149,11 +197,12 @@ class FusedBottleneck(nn.Module):
             return torch.relu(self.conv3(out) + identity)
         identity = x if self.downsample is None else _mkldnn_conv(self.downsample, x)
         out = _mkldnn_conv(self.conv1, x, "relu")
-        if type(self.conv2) is nn.Conv2d:
+        if isinstance(self.conv2, nn.Conv2d):
             out = _mkldnn_conv(self.conv2, out, "relu")
         else:  # e.g. the Winograd atrous convolution
             out = torch.relu_(self.conv2(out))
-        return _mkldnn_conv(self.conv3, out, "relu", other=identity)
+        inplace = self.downsample is not None or self.input_is_private
+        return _mkldnn_conv(self.conv3, out, "relu", other=identity, inplace=inplace)
 
 
 def fuse_bottlenecks(model: nn.Module) -> int:
@@ -163,14 +212,119 @@ def fuse_bottlenecks(model: nn.Module) -> int:
         return 0
     replaced = 0
     for module in list(model.modules()):
+        previous = None
         for name, child in list(module.named_children()):
             if isinstance(child, Bottleneck):
                 try:
-                    setattr(module, name, FusedBottleneck(child))
+                    fused = FusedBottleneck(child)
+                except ValueError:
+                    previous = None
+                    continue
+                # inside a Sequential, a block after a fused block reads only its output
+                fused.input_is_private = isinstance(module, nn.Sequential) and \
+                    isinstance(previous, FusedBottleneck)
+                setattr(module, name, fused)
+                previous = fused
+                replaced += 1
+            else:
+                previous = child
+    return replaced
+
+
+class TapsASPP(nn.Module):
+    """The summed ASPP head as *one* 1x1 convolution and shifted sums.
+
+    A branch ``w`` of rate ``d`` computes ``out[y, x] = sum_ij w[:, :, i, j] @ x[y + (i-1) d,
+    x + (j-1) d]`` (zero outside the map): each of its 9 taps is a 1x1 convolution of ``x``,
+    shifted. All 36 taps of the 4 branches are stacked into one 1x1 convolution of
+    ``36 * num_classes`` output channels (the same FLOPs, but one large GEMM-like convolution
+    instead of four dilated ones with 19-21 output channels, for which oneDNN has no efficient
+    kernel: a bf16 2048->19 rate-12 convolution at 65x129 took 480 ms on an AMX Xeon where this
+    form takes a few tens), then the tap maps are shifted and summed in float32, with the
+    branches' biases. Same function up to float rounding (tests); autograd and other inputs
+    take the branch convolutions."""
+
+    def __init__(self, convs: list[nn.Conv2d]):
+        super().__init__()
+        if not convs or not all(_aspp_branch(c) for c in convs):
+            raise ValueError("TapsASPP needs 3x3 stride-1 convolutions with padding == dilation")
+        self.branches = nn.ModuleList(convs)
+        c, cin = convs[0].out_channels, convs[0].in_channels
+        weight = torch.cat([conv.weight[:, :, i, j] for conv in convs
+                            for i in range(3) for j in range(3)])[:, :, None, None]
+        self.taps = nn.Conv2d(cin, weight.shape[0], 1, bias=False).to(weight.device, weight.dtype)
+        self.taps.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+        self.shifts = [((i - 1) * conv.dilation[0], (j - 1) * conv.dilation[1])
+                       for conv in convs for i in range(3) for j in range(3)]
+        bias = sum(conv.bias.detach().float() for conv in convs if conv.bias is not None)
+        self.register_buffer("bias", torch.zeros(c) + bias)
+        self.num_classes = c
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            out = self.branches[0](x)
+            for conv in self.branches[1:]:
+                out = out + conv(x)
+            return out
+        y = _mkldnn_conv(self.taps, x) if _fusable(x) else self.taps(x)
+        y = y.contiguous()  # NCHW: each tap map one plane per class
+        n, _, h, w = y.shape
+        c = self.num_classes
+        out = self.bias.view(1, c, 1, 1).expand(n, c, h, w).contiguous()
+        for k, (dy, dx) in enumerate(self.shifts):
+            if abs(dy) >= h or abs(dx) >= w:
+                continue  # the tap reads only padding
+            y0, y1, x0, x1 = max(0, -dy), min(h, h - dy), max(0, -dx), min(w, w - dx)
+            out[:, :, y0:y1, x0:x1] += y[:, k * c:(k + 1) * c, y0 + dy:y1 + dy, x0 + dx:x1 + dx]
+        out = out.to(x.dtype)
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            out = out.contiguous(memory_format=torch.channels_last)
+        return out
+
+
+def _aspp_branch(conv: nn.Module) -> bool:
+    return (type(conv) is nn.Conv2d and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
+            and conv.groups == 1 and conv.padding == conv.dilation
+            and conv.padding_mode == "zeros")
+
+
+def fuse_aspp(model: nn.Module) -> int:
+    """Replace, in place, every summed :class:`~deeplabv2.model.aspp.ASPP` head of ``model``
+    by a :class:`TapsASPP`; returns how many."""
+    from .model.aspp import ASPP
+    replaced = 0
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, ASPP):
+                try:
+                    setattr(module, name, TapsASPP(child.summed_convs()))
                     replaced += 1
                 except ValueError:
                     pass
     return replaced
+
+
+class PrepackedConv2d(nn.Conv2d):
+    """An ``nn.Conv2d`` that, for CPU inference on channels-last fp32/bf16 input, runs as a
+    oneDNN convolution with its weight prepacked once (:func:`_packed_weight`): the stem and
+    any other convolution outside the fused blocks. Autograd and other inputs: ``nn.Conv2d``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.padding_mode == "zeros" and not isinstance(self.padding, str) and _fusable(x):
+            return _mkldnn_conv(self, x)
+        return super().forward(x)
+
+
+def prepack_convolutions(model: nn.Module) -> int:
+    """Turn, in place, every plain ``nn.Conv2d`` of ``model`` into a :class:`PrepackedConv2d`
+    (same parameters; call it after the fusions, which take plain convolutions); returns how
+    many (0 where this torch has no oneDNN)."""
+    if not torch.backends.mkldnn.is_available():
+        return 0
+    convs = [m for m in model.modules() if type(m) is nn.Conv2d]
+    for conv in convs:
+        conv.__class__ = PrepackedConv2d
+    return len(convs)
 
 
 class InferenceModel(nn.Module):
@@ -225,14 +379,18 @@ def optimize_for_inference(model: nn.Module, *, precision: str = "fp32",
     ``torch.autocast``: autocast re-casts every conv weight on every call, and on the CPU that
     costs time without saving any (see ``benchmarks/speed_results.md``). The logits come back
     as float32; expect ~1e-2 relative differences from fp32. On a CPU without native bf16
-    (AVX512-BF16/AMX) bf16 convolutions are emulated and slower than fp32; fp16 is slower still.
+    bf16 convolutions are emulated and slower than fp32, and on one with AVX512-BF16 but no AMX
+    bf16 is still measured slower than fp32: :func:`deeplabv2.precision.bf16_pays` says
+    where it pays (``--precision auto``); fp16 is slower still.
 
     ``channels_last`` stores weights and activations NHWC, the layout oneDNN convolutions run
     in natively. ``fuse`` runs each ResNet block's ReLUs and residual sum as post-ops of its
-    convolutions (:class:`FusedBottleneck`; ``None``: on for channels-last on the CPU).
+    convolutions (:class:`FusedBottleneck`), the ASPP as :class:`TapsASPP` and every
+    convolution with a prepacked weight (``None``: on for channels-last on the CPU).
     ``winograd`` runs the dilated 3x3 convolutions of layer3/layer4 as tiled
     Winograd convolutions (:mod:`deeplabv2.atrous`; ~1e-5 relative rounding per layer);
-    ``None`` (default) turns it on for fp32 on the CPU where NNPACK is available.
+    ``None`` (default) turns it on for fp32 on the CPU where NNPACK is available and it pays
+    (:func:`winograd_pays`: AVX2 CPUs).
     ``compile=True`` wraps the network in ``torch.compile`` with freezing on the CPU (needs a
     C++ compiler there; the first call then takes 20-60 s for ResNet-101 on 2 cores), in
     place of ``fuse`` and ``winograd``.
@@ -249,7 +407,7 @@ def optimize_for_inference(model: nn.Module, *, precision: str = "fp32",
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
     if winograd is None:
-        winograd = on_cpu and precision == "fp32" and not compile
+        winograd = on_cpu and precision == "fp32" and not compile and winograd_pays()
     if winograd:  # after the layout change: NNPACK wants its weights NCHW, kept as they are
         if not on_cpu or precision != "fp32":
             raise ValueError("winograd=True needs an fp32 model on the CPU")
@@ -258,6 +416,8 @@ def optimize_for_inference(model: nn.Module, *, precision: str = "fp32",
         fuse = on_cpu and channels_last and not compile
     if fuse:
         fuse_bottlenecks(net)
+        fuse_aspp(net)
+        prepack_convolutions(net)
     if compile:
         # freezing: weights become constants, so Inductor prepacks them for oneDNN and fuses
         # the convolutions' bias, ReLU and sums (CPU inference; it is ignored on the GPU)

@@ -290,6 +290,24 @@ def _ignore_sigint(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def _resolve_amp(cfg: Config, device: torch.device) -> tuple[Config, str]:
+    """``cfg`` with ``train.amp: auto`` replaced by the choice that is faster on ``device``
+    (:func:`deeplabv2.precision.resolve_train_amp`, agreed by all ranks), and a line that
+    says why; the run's ``config.yaml`` records the choice."""
+    import dataclasses
+
+    from .precision import resolve_train_amp
+    amp, channels_last, why = resolve_train_amp(cfg.train.amp, cfg.train.channels_last, device)
+    if cfg.train.amp == "auto":  # every rank runs as the slowest one's probe says
+        votes = dist_utils.all_reduce_sum(torch.tensor([float(amp == "bf16"), 1.0],
+                                                       device=device))
+        if votes[0] < votes[1]:
+            amp, channels_last = "none", cfg.train.channels_last
+            why += "; another rank measured FP32 faster: FP32 on every rank"
+    train_cfg = dataclasses.replace(cfg.train, amp=amp, channels_last=channels_last)
+    return dataclasses.replace(cfg, train=train_cfg), why
+
+
 # -- the loop -----------------------------------------------------------------------------------
 def train(cfg: Config, resume: str | None = None,
           on_iteration: Callable[[int, dict], None] | None = None, *,
@@ -331,8 +349,10 @@ def _train(cfg: Config, resume: str | None, on_iteration, allow_changes: bool,
     if t.threads:
         torch.set_num_threads(t.threads)
     device = dist_utils.pick_device(t.device)
-    autocast_context(device, t.amp)  # fails now, not at the first step, for fp16 on a CPU
     info = dist_utils.init_distributed(device)
+    cfg, amp_choice = _resolve_amp(cfg, device)
+    t = cfg.train
+    autocast_context(device, t.amp)  # fails now, not at the first step, for fp16 on a CPU
     out_dir = Path(t.out_dir)
     torch.manual_seed(t.seed + info.rank)
 
@@ -383,6 +403,8 @@ def _train(cfg: Config, resume: str | None, on_iteration, allow_changes: bool,
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.yaml")
+        if t.progress:
+            print(amp_choice)
 
     # The optimizer, checkpoints and evaluation use the plain model; MSC only wraps the forward.
     net = MSC(model, t.msc_scales) if t.msc_scales else model

@@ -1,0 +1,184 @@
+"""DeepLab v2 on OpenVINO: FP32 and bf16 (``--runtime openvino``) and the INT8 model.
+
+The IR holds the BN-folded network up to its stride-8 scores ``(N, C, H // 8 + 1, W // 8 + 1)``
+with dynamic batch, height and width; :class:`OpenVINOModel` reshapes and compiles it at each
+input size it meets (OpenVINO is fastest on static shapes; the compiled blobs are cached on
+disk), and upsamples the scores in PyTorch with the model's own alignment, so that MSC,
+sliding windows, the CRF and every other caller see the same interface as
+:class:`deeplabv2.fast.InferenceModel`: ``model(x, upsample=True)`` -> float32 logits.
+
+Files beside the checkpoint ``model.pth``: ``model.pth.openvino/fp32.xml`` (+ ``.bin``), the
+converted network, and ``int8.xml`` from ``deeplabv2 quantize``, each with a ``.json`` that
+records the checkpoint's SHA-256 (a stale file is rebuilt, or for INT8 refused), and
+``cache/``, OpenVINO's compiled-model cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..fast import fold_batchnorm
+
+#: OpenVINO's ``INFERENCE_PRECISION_HINT`` per ``--precision``
+HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}  # int8: the non-quantized ops in f32
+
+
+class MissingRuntime(ValueError):
+    """An optional runtime (OpenVINO, NNCF) is not installed; the message says what to run."""
+
+
+def require_openvino():
+    try:
+        import openvino
+    except ImportError:
+        raise MissingRuntime("the OpenVINO runtime is not installed: pip install "
+                           "'deeplabv2[openvino]' (or pip install openvino)") from None
+    return openvino
+
+
+def file_digest(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def artefact_dir(checkpoint) -> Path:
+    """``<checkpoint>.openvino/``: where the IR files and the compiled-model cache live."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.with_name(checkpoint.name + ".openvino")
+
+
+class _Scores(nn.Module):
+    """``image -> stride-8 scores``: one tensor in, one out, for the converter."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.net.logits(image)
+
+
+def convert(model: nn.Module, example_size=(321, 321)):
+    """The BN-folded FP32 ``model`` as an ``openvino.Model`` (input ``(?, 3, ?, ?)``
+    preprocessed float32 image, output the stride-8 scores)."""
+    ov = require_openvino()
+    net = fold_batchnorm(model.eval()).eval().float().to(memory_format=torch.contiguous_format)
+    for p in net.parameters():
+        p.requires_grad_(False)
+    with torch.no_grad():
+        return ov.convert_model(_Scores(net).eval(),
+                                example_input=torch.zeros(1, 3, *example_size),
+                                input=[ov.PartialShape([-1, 3, -1, -1])])
+
+
+def write_sidecar(xml: Path, checkpoint, **info) -> None:
+    info = {"checkpoint": str(checkpoint), "checkpoint_sha256": file_digest(checkpoint), **info}
+    xml.with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+def read_sidecar(xml: Path) -> dict:
+    try:
+        return json.loads(xml.with_suffix(".json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def fp32_ir(model: nn.Module, checkpoint) -> Path:
+    """The FP32 IR of ``checkpoint`` (whose loaded network is ``model``), converted now unless
+    a current one lies beside the checkpoint."""
+    ov = require_openvino()
+    xml = artefact_dir(checkpoint) / "fp32.xml"
+    if xml.is_file() and read_sidecar(xml).get("checkpoint_sha256") == file_digest(checkpoint):
+        return xml
+    xml.parent.mkdir(parents=True, exist_ok=True)
+    tmp = xml.with_name("fp32.tmp.xml")
+    ov.save_model(convert(model), str(tmp), compress_to_fp16=False)
+    tmp.with_suffix(".bin").replace(xml.with_suffix(".bin"))
+    tmp.replace(xml)
+    write_sidecar(xml, checkpoint, precision="fp32")
+    return xml
+
+
+class OpenVINOModel(nn.Module):
+    """An OpenVINO model behind the :class:`deeplabv2.fast.InferenceModel` interface.
+
+    ``forward(x, upsample=True)``: preprocessed float32 ``(N, 3, H, W)`` -> float32 logits
+    ``(N, C, H, W)`` (or the stride-8 scores with ``upsample=False``). One compiled model per
+    input shape (``PERFORMANCE_HINT: LATENCY``, ``threads`` inference threads, ``precision``
+    as OpenVINO's inference precision hint).
+    """
+
+    def __init__(self, ov_model, source: nn.Module, *, precision: str = "fp32",
+                 threads: int | None = None, cache_dir=None):
+        super().__init__()
+        ov = require_openvino()
+        if precision not in HINTS:
+            raise ValueError(f"precision must be one of {', '.join(HINTS)}, got {precision!r}")
+        self.core = ov.Core()
+        if cache_dir:
+            self.core.set_property({"CACHE_DIR": str(cache_dir)})
+        self.ov_model = ov_model
+        self.precision = precision
+        self.threads = int(threads or torch.get_num_threads())
+        self._compiled: dict[tuple, object] = {}
+        for name in ("config", "preprocessing", "alignment", "output_stride", "classes",
+                     "palette"):
+            if hasattr(source, name):
+                setattr(self, name, getattr(source, name))
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.config["num_classes"])
+
+    def preprocess(self, images) -> torch.Tensor:
+        return self.preprocessing(images)
+
+    def compiled(self, shape: tuple):
+        """The model compiled for inputs of ``shape`` (compiled on first use)."""
+        shape = tuple(int(s) for s in shape)
+        if shape not in self._compiled:
+            model = self.ov_model.clone()
+            model.reshape({model.inputs[0]: list(shape)})
+            config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": self.threads,
+                      "INFERENCE_PRECISION_HINT": HINTS[self.precision]}
+            self._compiled[shape] = self.core.compile_model(model, "CPU", config)
+        return self._compiled[shape]
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        compiled = self.compiled(tuple(x.shape))
+        image = x.detach().float().contiguous().cpu().numpy()
+        return torch.from_numpy(compiled(image)[0].copy())
+
+    def forward(self, x: torch.Tensor, upsample: bool = True) -> torch.Tensor:
+        scores = self.logits(x).to(x.device)
+        if not upsample:
+            return scores
+        return self.alignment.upsample(scores, x.shape[-2:], self.output_stride)
+
+
+def load_openvino(model: nn.Module, checkpoint, precision: str = "fp32",
+                  threads: int | None = None) -> OpenVINOModel:
+    """``checkpoint`` (loaded as ``model``) on OpenVINO in ``precision``: fp32/bf16 from the
+    FP32 IR beside it (converted on first use), int8 from ``deeplabv2 quantize``'s file."""
+    ov = require_openvino()
+    folder = artefact_dir(checkpoint)
+    if precision == "int8":
+        xml = folder / "int8.xml"
+        if not xml.is_file():
+            raise FileNotFoundError(f"{xml}: no INT8 model for {checkpoint}; run "
+                                    f"`deeplabv2 quantize {checkpoint} -c CONFIG` first")
+        if read_sidecar(xml).get("checkpoint_sha256") != file_digest(checkpoint):
+            raise ValueError(f"{xml} was quantized from another version of {checkpoint}; "
+                             f"run `deeplabv2 quantize` again")
+    else:
+        xml = fp32_ir(model, checkpoint)
+    return OpenVINOModel(ov.Core().read_model(str(xml)), model, precision=precision,
+                         threads=threads, cache_dir=folder / "cache")

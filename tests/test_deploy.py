@@ -1,0 +1,138 @@
+"""OpenVINO runtime (FP32 parity with PyTorch within 1e-4, the IR cached beside the checkpoint)
+and INT8 quantization (NNCF): skipped when the optional extra 'openvino' is not installed."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from deeplabv2.cli import main
+from deeplabv2.config import load_config, save_config
+from deeplabv2.data import build_dataset
+from deeplabv2.model import FrozenBatchNorm2d, build_model
+from deeplabv2.weights import load_model, save_weights
+
+ov = pytest.importorskip("openvino", reason="OpenVINO not installed (extra 'openvino')")
+from deeplabv2.deploy.openvino_runtime import artefact_dir, load_openvino  # noqa: E402
+
+TINY = {"backbone": "resnet", "blocks": [1, 1, 1, 1], "width": 8, "num_classes": 7}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    m = build_model(TINY).eval()
+    with torch.no_grad():  # non-trivial BN, so that the folding is checked too
+        for bn in m.modules():
+            if isinstance(bn, FrozenBatchNorm2d):
+                bn.weight.uniform_(0.5, 1.5)
+                bn.running_mean.normal_(0, 0.3)
+                bn.running_var.uniform_(0.5, 2.0)
+        for conv in m.head.convs:
+            conv.weight.normal_(0, 0.1)
+    path = tmp_path_factory.mktemp("deploy") / "model.pth"
+    save_weights(m, path)
+    return path
+
+
+def _close(a, b, rtol):
+    return (a - b).abs().max().item() <= rtol * b.abs().max().item()
+
+
+def test_openvino_fp32_matches_pytorch_and_caches_the_ir(checkpoint):
+    model = load_model(checkpoint).eval()
+    net = load_openvino(model, checkpoint, "fp32", threads=1)
+    xml = artefact_dir(checkpoint) / "fp32.xml"
+    assert xml.is_file() and json.loads(xml.with_suffix(".json").read_text())["checkpoint_sha256"]
+    with torch.no_grad():
+        for shape in ((1, 3, 64, 96), (2, 3, 45, 77)):  # two sizes, one not a multiple of 8
+            x = torch.randn(*shape)
+            ref = model(x)
+            out = net(x)
+            assert out.shape == ref.shape and out.dtype == torch.float32
+            assert _close(out, ref, 1e-4)
+            assert _close(net(x, upsample=False), model.logits(x), 1e-4)
+    assert len(net._compiled) == 2  # compiled at each size it ran
+    stamp = xml.stat().st_mtime_ns
+    load_openvino(model, checkpoint, "fp32")
+    assert xml.stat().st_mtime_ns == stamp  # reused, not converted again
+    bf16 = load_openvino(model, checkpoint, "bf16", threads=1)
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        assert _close(bf16(x), model(x), 5e-2)
+
+
+def test_the_ir_follows_the_checkpoint(tmp_path, checkpoint):
+    path = tmp_path / "model.pth"
+    path.write_bytes(checkpoint.read_bytes())
+    model = load_model(path).eval()
+    load_openvino(model, path, "fp32")
+    with torch.no_grad():  # a new version of the checkpoint: the IR is converted again
+        model.head.convs[0].bias.add_(1.0)
+    save_weights(model, path)
+    net = load_openvino(model, path, "fp32")
+    x = torch.randn(1, 3, 40, 48)
+    with torch.no_grad():
+        assert _close(net(x), model(x), 1e-4)
+
+
+def test_int8_needs_a_quantized_model(tmp_path, checkpoint):
+    path = tmp_path / "model.pth"
+    path.write_bytes(checkpoint.read_bytes())
+    with pytest.raises(FileNotFoundError, match="deeplabv2 quantize"):
+        load_openvino(load_model(path), path, "int8")
+
+
+def test_quantize_then_evaluate_and_predict_int8(tmp_path, checkpoint, capsys):
+    pytest.importorskip("nncf", reason="NNCF not installed (extra 'openvino')")
+    ckpt = tmp_path / "model.pth"
+    ckpt.write_bytes(checkpoint.read_bytes())
+    cfg_path = tmp_path / "tiny.yaml"
+    cfg = load_config(None, ["model.blocks=[1, 1, 1, 1]", "model.width=8",
+                             "data.dataset=synthetic", "data.crop_size=[48, 64]",
+                             "data.options={num_samples: 6, size: [48, 64]}",
+                             "data.num_workers=0"])
+    save_config(cfg, cfg_path)
+    assert main(["quantize", str(ckpt), "-c", str(cfg_path), "--samples", "8"]) == 0
+    xml = artefact_dir(ckpt) / "int8.xml"
+    info = json.loads(xml.with_suffix(".json").read_text())
+    assert info["samples"] == 8 and "per output channel" in info["weights"]
+    # the IR holds quantized weights: int8 constants
+    types = {op.get_output_element_type(0).get_type_name()
+             for op in ov.Core().read_model(str(xml)).get_ops() if op.get_type_name() == "Constant"}
+    assert "i8" in types
+    model = load_model(ckpt).eval()
+    int8 = load_openvino(model, ckpt, "int8", threads=1)
+    x = torch.randn(1, 3, 48, 64)
+    with torch.no_grad():
+        ref, out = model(x), int8(x)
+    assert out.shape == ref.shape and _close(out, ref, 0.5)  # quantized, but the same function
+    assert main(["evaluate", str(ckpt), "-c", str(cfg_path), "--precision", "int8",
+                 "--limit", "2"]) == 0
+    assert "int8" in capsys.readouterr().out
+    images = tmp_path / "images"
+    images.mkdir()
+    ds = build_dataset("synthetic", None, "val", num_samples=2, size=[48, 64])
+    for i in range(len(ds)):
+        Image.fromarray(ds.load(i)[0]).save(images / f"{i}.png")
+    assert main(["predict", str(ckpt), str(images), "-o", str(tmp_path / "pred"),
+                 "--precision", "int8"]) == 0
+    assert len(list((tmp_path / "pred").glob("*.png"))) >= 2
+
+
+def test_runtime_openvino_on_the_command_line(tmp_path, checkpoint):
+    ckpt = tmp_path / "model.pth"
+    ckpt.write_bytes(checkpoint.read_bytes())
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 56, 3), dtype=np.uint8)) \
+        .save(images / "a.png")
+    for runtime in ("torch", "openvino"):
+        assert main(["predict", str(ckpt), str(images), "-o", str(tmp_path / runtime),
+                     "--runtime", runtime, "--precision", "fp32", "--probs"]) == 0
+    a, b = (np.load(next((tmp_path / r).glob("*.npy"))) for r in ("torch", "openvino"))
+    assert np.abs(a.astype(np.float32) - b).max() < 1e-3  # probabilities saved as float16
+    assert main(["predict", str(ckpt), str(images), "-o", str(tmp_path / "x"), "--runtime",
+                 "openvino", "--eager"]) == 2

@@ -1,0 +1,125 @@
+"""train.amp: auto and predict --precision auto: the decision rule, with the CPU and the probe
+mocked (the speed itself is measured in benchmarks/, not here)."""
+
+import pytest
+import torch
+
+import deeplabv2.precision as precision
+from deeplabv2.config import ConfigError, load_config
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cache(monkeypatch):
+    monkeypatch.delenv(precision.PIN_ENV, raising=False)  # conftest pins fp32 for the others
+    precision._cpu_bf16_pays.cache_clear()
+    yield
+    precision._cpu_bf16_pays.cache_clear()
+
+
+def _cpu(monkeypatch, flags):
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset(flags))
+
+
+AMX = {"avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "amx_int8"}
+AVX512_BF16 = {"avx512f", "avx512_bf16", "avx512_vnni"}  # no AMX: bf16 measured slower
+AVX2 = {"avx", "avx2", "fma"}
+
+
+def _probe(value, calls):
+    def probe():
+        calls.append(value)
+        return value
+    return probe
+
+
+@pytest.mark.parametrize("flags", [AVX512_BF16, AVX2])
+def test_auto_is_fp32_without_amx_and_runs_no_probe(monkeypatch, flags):
+    _cpu(monkeypatch, flags)
+    calls = []
+    amp, cl, why = precision.resolve_train_amp("auto", False, torch.device("cpu"),
+                                               probe=_probe(5.0, calls))
+    assert (amp, cl) == ("none", False) and calls == [] and "no AMX" in why
+    assert precision.resolve_inference_precision("auto", "cpu", _probe(5.0, calls))[0] == "fp32"
+
+
+def test_auto_on_amx_follows_the_probe(monkeypatch):
+    _cpu(monkeypatch, AMX)
+    calls = []
+    amp, cl, why = precision.resolve_train_amp("auto", False, "cpu", probe=_probe(2.4, calls))
+    assert (amp, cl) == ("bf16", True) and "2.4x" in why
+    precision._cpu_bf16_pays.cache_clear()
+    amp, cl, why = precision.resolve_train_amp("auto", True, "cpu", probe=_probe(1.1, calls))
+    assert (amp, cl) == ("none", True) and "1.10x" in why  # channels_last kept as configured
+    assert calls == [2.4, 1.1]
+    assert precision.resolve_inference_precision("auto", "cpu", _probe(1.1, calls))[0] == "fp32"
+
+
+def test_the_probe_runs_once_per_process(monkeypatch):
+    _cpu(monkeypatch, AMX)
+    calls = []
+    probe = _probe(3.0, calls)
+    for _ in range(3):
+        assert precision.resolve_train_amp("auto", False, "cpu", probe=probe)[0] == "bf16"
+    assert precision.resolve_inference_precision("auto", "cpu", probe)[0] == "bf16"
+    assert calls == [3.0]
+
+
+def test_explicit_choices_are_kept(monkeypatch):
+    _cpu(monkeypatch, AMX)
+    calls = []
+    for amp in ("none", "bf16", "fp16"):
+        assert precision.resolve_train_amp(amp, False, "cpu", _probe(3.0, calls))[:2] == \
+            (amp, False)
+    assert precision.resolve_inference_precision("fp32", "cpu", _probe(3.0, calls))[0] == "fp32"
+    assert calls == []
+
+
+def test_gpu_rule(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert precision.resolve_train_amp("auto", False, torch.device("cuda"),
+                                       _probe(0.5, calls))[:2] == ("bf16", True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert precision.resolve_train_amp("auto", False, torch.device("cuda"),
+                                       _probe(5.0, calls))[:2] == ("none", False)
+    assert calls == []
+
+
+def test_the_probe_returns_a_positive_ratio():
+    assert precision.bf16_train_speedup(channels=8, size=8, repeats=1) > 0
+
+
+def test_amp_auto_is_the_default_and_validated():
+    assert load_config(None).train.amp == "auto"
+    with pytest.raises(ConfigError, match="train.amp"):
+        load_config(None, ["train.amp=fast"])
+
+
+def test_training_records_the_choice(monkeypatch, tmp_path):
+    """A run with amp: auto trains in what the rule picked and writes it to config.yaml."""
+    import yaml
+
+    from deeplabv2.train import train
+    monkeypatch.setattr(precision, "bf16_pays", lambda device, probe=None: (True, "mocked"))
+    cfg = load_config("demo", ["train.iterations=1", f"train.out_dir={tmp_path}",
+                               "data.options={num_samples: 4, size: [48, 64]}",
+                               "data.crop_size=[48, 64]", "data.batch_size=2",
+                               "data.num_workers=0", "train.tensorboard=false",
+                               "train.progress=false", "train.channels_last=false"])
+    result = train(cfg)
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())["train"]
+    assert saved["amp"] == "bf16" and saved["channels_last"] is True
+    assert result.iterations == 1
+
+
+def test_the_environment_pins_the_choice(monkeypatch):
+    _cpu(monkeypatch, AMX)
+    calls = []
+    monkeypatch.setenv(precision.PIN_ENV, "fp32")
+    assert precision.resolve_train_amp("auto", False, "cpu", _probe(3.0, calls))[0] == "none"
+    monkeypatch.setenv(precision.PIN_ENV, "bf16")
+    assert precision.resolve_inference_precision("auto", "cpu", _probe(3.0, calls))[0] == "bf16"
+    assert calls == []
+    monkeypatch.setenv(precision.PIN_ENV, "fast")
+    with pytest.raises(ValueError, match=precision.PIN_ENV):
+        precision.resolve_train_amp("auto", False, "cpu")
