@@ -11,8 +11,8 @@ from PIL import Image
 from deeplabv2.cli import main
 from deeplabv2.config import load_config, save_config
 from deeplabv2.data import build_dataset
-from deeplabv2.model import FrozenBatchNorm2d, build_model
 from deeplabv2.weights import load_model, save_weights
+from test_export import nontrivial_model
 
 ov = pytest.importorskip("openvino", reason="OpenVINO not installed (extra 'openvino')")
 from deeplabv2.deploy.openvino_runtime import artefact_dir, load_openvino  # noqa: E402
@@ -22,16 +22,7 @@ TINY = {"backbone": "resnet", "blocks": [1, 1, 1, 1], "width": 8, "num_classes":
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    m = build_model(TINY).eval()
-    with torch.no_grad():  # non-trivial BN, so that the folding is checked too
-        for bn in m.modules():
-            if isinstance(bn, FrozenBatchNorm2d):
-                bn.weight.uniform_(0.5, 1.5)
-                bn.running_mean.normal_(0, 0.3)
-                bn.running_var.uniform_(0.5, 2.0)
-        for conv in m.head.convs:
-            conv.weight.normal_(0, 0.1)
+    m = nontrivial_model(TINY)  # non-trivial BN, so that the folding is checked too
     path = tmp_path_factory.mktemp("deploy") / "model.pth"
     save_weights(m, path)
     return path

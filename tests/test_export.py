@@ -12,11 +12,12 @@ TINY = {"backbone": "resnet", "blocks": [1, 1, 1, 1], "width": 8, "num_classes":
 SIZES = [(64, 96), (45, 77)]  # the second is not the traced size and not a multiple of 8
 
 
-@pytest.fixture(scope="module")
-def model():
+def nontrivial_model(config: dict):
+    """An eval-mode model of ``config`` with non-trivial frozen BN and head weights (seed 0),
+    so that BN folding and the head are really checked by a comparison."""
     torch.manual_seed(0)
-    m = build_model(TINY).eval()
-    with torch.no_grad():  # non-trivial BN, so that the folded export is checked too
+    m = build_model(config).eval()
+    with torch.no_grad():
         for bn in m.modules():
             if isinstance(bn, FrozenBatchNorm2d):
                 bn.weight.uniform_(0.5, 1.5)
@@ -25,6 +26,11 @@ def model():
         for conv in m.head.convs:
             conv.weight.normal_(0, 0.1)
     return m
+
+
+@pytest.fixture(scope="module")
+def model():
+    return nontrivial_model(TINY)
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-4) -> bool:

@@ -13,8 +13,9 @@ Inference modes:
 * ``fast``: :func:`deeplabv2.fast.optimize_for_inference`, fp32: ``fold`` plus, on the CPU,
   ReLU and residual sums fused into prepacked oneDNN convolutions and, on AVX2 CPUs, Winograd
   atrous convolutions (what ``evaluate`` and ``predict --precision fp32`` run);
-* ``winograd-all``: ``fast`` with every dilated 3x3 convolution (the ASPP's too) through
-  Winograd, whatever its size: the worst case of that path's rounding, for accuracy checks;
+* ``winograd-all``: ``fast`` with every dilated 3x3 convolution of the backbone through Winograd
+  (the ASPP head runs as ``TapsASPP``), whatever its size: the worst case of that path's
+  rounding, for accuracy checks;
 * ``bf16``: ``fast`` in bfloat16 (``--precision bf16``);
 * ``compile``: ``fold`` under ``torch.compile`` with freezing, whose own fusion replaces
   ``fast``'s (the compile time is the row's ``first_call_s``);
