@@ -179,3 +179,27 @@ def test_strong_augmentation_keeps_grey_grey_and_constant_images_constant():
     rotated = colour_jitter(red, 1.0, torch.Generator().manual_seed(3))
     assert not torch.allclose(rotated[:, 0], red[:, 0])  # hue moved off pure red
     assert math.isfinite(float(rotated.sum()))
+
+
+_BLUR_UNDER_AUTOCAST = """
+import torch
+from deeplabv2.adapt.mix import gaussian_blur
+torch.manual_seed(0)
+x = (torch.rand(2, 3, 96, 160) * 255).contiguous(memory_format=torch.channels_last)
+with torch.autocast("cpu", dtype=torch.bfloat16):
+    y = gaussian_blur(x, 0.7)
+assert y.dtype == torch.float32, y.dtype
+assert torch.equal(y, gaussian_blur(x.contiguous(), 0.7))
+print("ok")
+"""
+
+
+def test_blur_runs_in_float32_under_bf16_autocast_on_channels_last_input():
+    """DACS blurs inside the training step, under the AMP autocast: the blur must not follow
+    it (a bf16 channels-last depthwise 1x17 convolution never returned on an AMX Xeon, torch
+    2.13). In a subprocess with a timeout, so that a regression fails instead of hanging."""
+    import subprocess
+    import sys
+    run = subprocess.run([sys.executable, "-c", _BLUR_UNDER_AUTOCAST], capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]

@@ -134,7 +134,17 @@ def colour_jitter(images: torch.Tensor, strength: float, generator: torch.Genera
 
 
 def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur, kernel about 10% of the image side (odd), reflect padding."""
+    """Separable Gaussian blur, kernel about 10% of the image side (odd), reflect padding.
+
+    Always float32, contiguous, outside autocast: it is image augmentation, not the network,
+    and under bf16 autocast on channels-last input the depthwise 1xk convolution (k >= 15)
+    never returns on an AMX Xeon (torch 2.13: oneDNN's brdgmm kernel generation loops; seen
+    as DACS training stalling at its first blurred batch)."""
+    with torch.autocast(images.device.type, enabled=False):
+        return _gaussian_blur(images.float().contiguous(), sigma)
+
+
+def _gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
     out = images
     for axis, length in ((-2, images.shape[-2]), (-1, images.shape[-1])):
         k = max(3, int(math.ceil(0.1 * length)) // 2 * 2 + 1)
