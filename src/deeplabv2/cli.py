@@ -142,6 +142,36 @@ def _runtime(model, args, device):
     return optimize_for_inference(model, precision=args.precision, compile=args.compile), "none"
 
 
+def _add_ensemble_arg(sp) -> None:
+    sp.add_argument("--ensemble", nargs="+", default=None, metavar="CHECKPOINT",
+                    help="more checkpoints whose softmax outputs are averaged with the first's "
+                         "(FDA's multi-band ensemble: the runs with beta 0.01, 0.05, 0.09)")
+
+
+def _ensemble(net, args, device):
+    """``net`` alone, or with ``--ensemble``: an :class:`deeplabv2.ensemble.Ensemble` of it and
+    the other checkpoints, each loaded and prepared as ``net`` was (``--alignment``,
+    ``--precision``, ``--eager``, ``--compile``)."""
+    extra = getattr(args, "ensemble", None)
+    if not extra:
+        return net
+    if args.precision == "int8" or getattr(args, "runtime", "torch") == "openvino":
+        raise ValueError("--ensemble runs on the PyTorch runtime: drop --runtime openvino / "
+                         "--precision int8")
+    from .ensemble import Ensemble
+    from .weights import load_model
+    members = [net]
+    for path in extra:
+        model = load_model(path, device=device)
+        if getattr(args, "alignment", None):
+            from .model import get_alignment
+            model.alignment = get_alignment(args.alignment)
+        member, _ = _runtime(model, argparse.Namespace(**{**vars(args), "checkpoint": path}),
+                             device)
+        members.append(member)
+    return Ensemble(members, names=[args.checkpoint, *extra])
+
+
 def _inference(args, base: dict | None = None):
     from .inference import InferenceConfig
     d = dict(base or {})
@@ -221,9 +251,12 @@ def cmd_evaluate(args) -> int:
     _require_same_classes(args.checkpoint, model.classes, ds)
     inference = _inference(args, cfg.eval.inference().to_dict())
     net, amp = _runtime(model, args, device)
+    net = _ensemble(net, args, device)
     from .app.commands import finish_report, report_collector
     report = report_collector(args, ds)  # None without --report
-    print(f"evaluating {args.checkpoint} on {cfg.data.dataset} {ds.split} ({len(ds)} images), "
+    members = f" (ensemble with {', '.join(args.ensemble)})" if args.ensemble else ""
+    print(f"evaluating {args.checkpoint}{members} on {cfg.data.dataset} {ds.split} "
+          f"({len(ds)} images), "
           f"{inference.describe()}{', dense CRF' if args.crf or cfg.eval.crf else ''}, "
           f"{args.precision}{' eager' if args.eager else ''}")
     crf = _crf(args, cfg, model)
@@ -233,6 +266,7 @@ def cmd_evaluate(args) -> int:
     _print_metrics(results, list(ds.classes), args.out)
     finish_report(args, report, results, title=f"{args.checkpoint} on {cfg.data.dataset} "
                   f"{ds.split}", settings={"checkpoint": args.checkpoint,
+                                           "ensemble": args.ensemble or [],
                                            "inference": inference.describe(),
                                            "dense CRF": crf is not None,
                                            "precision": args.precision})
@@ -259,6 +293,7 @@ def cmd_predict(args) -> int:
         from .data import voc_palette
         palette = voc_palette(model.num_classes)
     net, amp = _runtime(model, args, device)
+    net = _ensemble(net, args, device)
     result = predict_files(net, args.inputs, args.out, palette, device=device,
                            save_probs=args.probs, amp=amp, inference=_inference(args),
                            crf=_crf(args, None, model), batch_size=args.batch_size,
@@ -347,6 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", default=None, help="split (default: the config's eval.split)")
     ev.add_argument("--limit", type=int, default=None, help="only the first N images")
     _add_runtime_args(ev)
+    _add_ensemble_arg(ev)
     ev.add_argument("--out", default=None, help="write the metrics as JSON here")
     ev.add_argument("--device", default=None,
                     help="auto, cpu, cuda or cuda:N (default: the config's train.device)")
@@ -362,6 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("-o", "--out", required=True, help="output folder")
     pr.add_argument("--probs", action="store_true", help="also save probabilities (.npy)")
     _add_runtime_args(pr, precision="auto")
+    _add_ensemble_arg(pr)
     pr.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     pr.add_argument("--batch-size", type=int, default=4, help="images of equal size per batch")
     pr.add_argument("--cityscapes-ids", action="store_true",
