@@ -79,6 +79,40 @@ def test_aspp_sums_all_four_branches():
     assert all(c.padding == c.dilation for c in head.convs)
 
 
+def _conv_sum(convs, x):
+    out = convs[0](x)
+    for conv in convs[1:]:
+        out = out + conv(x)
+    return out
+
+
+@pytest.mark.parametrize("size,head_mode", [((9, 11), "aspp"), ((41, 30), "aspp"),
+                                            ((41, 41), "adaptsegnet")])
+def test_aspp_training_path_is_the_conv_sum_with_its_gradients(size, head_mode):
+    """On the CPU with autograd the head runs as one 1x1 convolution of the 36 taps, shifted
+    (summed_taps): the same scores and the same gradients for input, weights and biases as
+    the four dilated convolutions, on maps smaller and larger than the rates."""
+    torch.manual_seed(0)
+    head = ASPP(16, 5, head_mode=head_mode)
+    with torch.no_grad():
+        for conv in head.convs:
+            conv.bias.normal_()
+    x = torch.randn(2, 16, *size).contiguous(memory_format=torch.channels_last)
+    results = []
+    for fn in (head, lambda t: _conv_sum(head.summed_convs(), t)):
+        head.zero_grad()
+        xi = x.clone().requires_grad_()
+        out = fn(xi)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results.append([out, xi.grad] + [p.grad if p.grad is not None else torch.zeros_like(p)
+                                         for p in head.parameters()])
+    for a, b in zip(*results):  # float rounding of sums in another order, no more
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
+    assert results[0][2].abs().sum() > 0  # the weights did get gradients
+    with torch.no_grad():  # inference: the plain convolutions
+        torch.testing.assert_close(head(x), _conv_sum(head.summed_convs(), x))
+
+
 def test_aspp_initialisation():
     torch.manual_seed(0)
     head = ASPP(2048, 19)
