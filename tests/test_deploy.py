@@ -113,6 +113,28 @@ def test_quantize_then_evaluate_and_predict_int8(tmp_path, checkpoint, capsys):
     assert len(list((tmp_path / "pred").glob("*.png"))) >= 2
 
 
+def test_quantize_with_a_bound_on_the_changed_labels(tmp_path, checkpoint, capsys):
+    """--max-label-change 0: NNCF's accuracy control returns operations to floating point until
+    no stride-8 score of the check crops changes class; the sidecar says what it did."""
+    pytest.importorskip("nncf", reason="NNCF not installed (extra 'openvino')")
+    ckpt = tmp_path / "model.pth"
+    ckpt.write_bytes(checkpoint.read_bytes())
+    cfg_path = tmp_path / "tiny.yaml"
+    save_config(load_config(None, ["model.blocks=[1, 1, 1, 1]", "model.width=8",
+                                   "data.dataset=synthetic", "data.crop_size=[48, 64]",
+                                   "data.options={num_samples: 6, size: [48, 64]}",
+                                   "data.num_workers=0"]), cfg_path)
+    assert main(["quantize", str(ckpt), "-c", str(cfg_path), "--samples", "6",
+                 "--max-label-change", "0", "--check-samples", "4"]) == 0
+    info = json.loads((artefact_dir(ckpt) / "int8.json").read_text())
+    assert info["max_label_change"] == 0 and info["check_samples"] == 4
+    assert info["label_change_measured"] == 0
+    assert 0 <= info["operations_in_fp32"] <= 21  # the tiny network's convolutions
+    assert "kept in floating point" in capsys.readouterr().out
+    assert main(["quantize", str(ckpt), "-c", str(cfg_path), "--max-label-change", "1.5"]) == 2
+    assert "max_label_change is a fraction" in capsys.readouterr().err
+
+
 def test_runtime_openvino_on_the_command_line(tmp_path, checkpoint):
     ckpt = tmp_path / "model.pth"
     ckpt.write_bytes(checkpoint.read_bytes())

@@ -6,6 +6,10 @@ tensor, their ranges the min/max over ``samples`` crops of the training set draw
 draws them (the config's ``TrainTransform``: scale, crop, flip, a fixed seed); fast bias
 correction. The result, ``<checkpoint>.openvino/int8.xml``, is what ``evaluate``/``predict
 --precision int8`` run; its ``.json`` records the calibration and the checkpoint's SHA-256.
+``--max-label-change`` bounds the share of scores whose class INT8 changes, by NNCF's
+accuracy control returning the most harmful operations to floating point
+(``benchmarks/accuracy_results.md``: on the demo network plain INT8 changes 1.8% of the
+labels, and the bound 0.6% kept 16 of its 21 convolutions in FP32).
 
 Why NNCF + OpenVINO rather than PyTorch's PT2E (torch 2.13 no longer ships
 ``torch.ao.quantization.quantize_pt2e``; it lives in torchao): a PT2E model runs fast only
@@ -25,9 +29,18 @@ from .openvino_runtime import MissingRuntime, artefact_dir, convert, require_ope
 
 
 def quantize_checkpoint(checkpoint, cfg, *, samples: int = 300, seed: int = 0,
-                        out=None, progress: bool = True) -> Path:
+                        out=None, progress: bool = True, max_label_change: float | None = None,
+                        check_samples: int = 50) -> Path:
     """Quantize ``checkpoint`` to INT8 with ``samples`` calibration crops of ``cfg``'s training
-    set; writes and returns ``<checkpoint>.openvino/int8.xml`` (or ``out``)."""
+    set; writes and returns ``<checkpoint>.openvino/int8.xml`` (or ``out``).
+
+    ``max_label_change`` (a fraction, e.g. 0.005) bounds what INT8 may change: NNCF's
+    accuracy-controlled quantization (``nncf.quantize_with_accuracy_control``) ranks the
+    quantized operations by how much they change the result and returns them to floating point,
+    most harmful first, until the share of stride-8 scores whose class differs from the FP32
+    network's is at most that, on ``check_samples`` other training crops (no labels and no
+    validation images are used). Slower to make, and the operations left in floating point
+    run at FP32 speed."""
     ov = require_openvino()
     try:
         import nncf
@@ -39,6 +52,10 @@ def quantize_checkpoint(checkpoint, cfg, *, samples: int = 300, seed: int = 0,
     from ..weights import load_model
     if samples < 1:
         raise ValueError(f"samples must be positive, got {samples}")
+    if max_label_change is not None and not 0 <= max_label_change < 1:
+        raise ValueError(f"max_label_change is a fraction in [0, 1), got {max_label_change}")
+    if max_label_change is not None and check_samples < 1:
+        raise ValueError(f"check_samples must be positive, got {check_samples}")
     model = load_model(checkpoint).eval()
     d = cfg.data
     ds = build_dataset(d.dataset, d.root, d.train_split, seed=seed, **d.options)
@@ -49,10 +66,11 @@ def quantize_checkpoint(checkpoint, cfg, *, samples: int = 300, seed: int = 0,
     rng = np.random.default_rng(seed)
     order = rng.permutation(max(samples, len(ds)))[:samples] % len(ds)
 
-    def crops():
-        for k, index in enumerate(order):
+    def crops(indices, stream: int = 0):
+        for k, index in enumerate(indices):
             image, label = ds.load(int(index))
-            sample = transform(image, label, np.random.default_rng([seed, k]))
+            key = [seed, k] if stream == 0 else [seed, stream, k]
+            sample = transform(image, label, np.random.default_rng(key))
             yield sample["image"][None].float().numpy()
 
     start = time.perf_counter()
@@ -63,9 +81,21 @@ def quantize_checkpoint(checkpoint, cfg, *, samples: int = 300, seed: int = 0,
     from nncf.quantization.range_estimator import RangeEstimatorParametersSet
     advanced = AdvancedQuantizationParameters(
         activations_range_estimator_params=RangeEstimatorParametersSet.MINMAX)
-    quantized = nncf.quantize(ov_model, nncf.Dataset(list(crops())), subset_size=samples,
-                              preset=nncf.QuantizationPreset.PERFORMANCE,
-                              fast_bias_correction=True, advanced_parameters=advanced)
+    calibration = nncf.Dataset(list(crops(order)))
+    extra = {}
+    if max_label_change is None:
+        quantized = nncf.quantize(ov_model, calibration, subset_size=samples,
+                                  preset=nncf.QuantizationPreset.PERFORMANCE,
+                                  fast_bias_correction=True, advanced_parameters=advanced)
+    else:
+        check = list(crops(rng.permutation(max(check_samples, len(ds)))[:check_samples]
+                           % len(ds), stream=1))
+        quantized = _with_accuracy_control(ov, nncf, ov_model, calibration, check,
+                                           max_label_change, samples, advanced)
+        extra = {"max_label_change": max_label_change, "check_samples": int(check_samples),
+                 "label_change_measured": round(1 - _agreement(ov, ov_model, quantized,
+                                                               check), 6),
+                 "operations_in_fp32": _fp32_operations(quantized)}
     xml = Path(out) if out else artefact_dir(checkpoint) / "int8.xml"
     xml.parent.mkdir(parents=True, exist_ok=True)
     tmp = xml.with_name(xml.stem + ".tmp.xml")
@@ -77,5 +107,52 @@ def quantize_checkpoint(checkpoint, cfg, *, samples: int = 300, seed: int = 0,
                   dataset=d.dataset, split=d.train_split, crop_size=list(d.crop_size),
                   weights="int8 symmetric per output channel",
                   activations="int8 per tensor, min/max ranges (PERFORMANCE preset)",
-                  seconds=round(time.perf_counter() - start, 1))
+                  seconds=round(time.perf_counter() - start, 1), **extra)
     return xml
+
+
+def _compile(ov, model):
+    return ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+
+
+def _classes(compiled, x) -> np.ndarray:
+    return compiled(x)[0].argmax(1)
+
+
+def _with_accuracy_control(ov, nncf, ov_model, calibration, check: list, max_change: float,
+                           samples: int, advanced):
+    """``nncf.quantize_with_accuracy_control`` with the metric "share of stride-8 scores whose
+    class is the FP32 network's" on ``check`` (per crop, as NNCF ranks with per-item values)."""
+    reference = _compile(ov, ov_model)
+    expected = [_classes(reference, x) for x in check]
+
+    def agreement(compiled, data):
+        per = [float((_classes(compiled, x) == expected[i]).mean()) for i, x in enumerate(data)]
+        return float(np.mean(per)), per
+
+    return nncf.quantize_with_accuracy_control(
+        ov_model, calibration, nncf.Dataset(check), agreement, max_drop=max_change,
+        drop_type=nncf.DropType.ABSOLUTE, subset_size=samples,
+        preset=nncf.QuantizationPreset.PERFORMANCE, fast_bias_correction=True,
+        advanced_quantization_parameters=advanced)
+
+
+def _agreement(ov, fp32_model, int8_model, check: list) -> float:
+    a, b = _compile(ov, fp32_model), _compile(ov, int8_model)
+    return float(np.mean([(_classes(a, x) == _classes(b, x)).mean() for x in check]))
+
+
+def _fp32_operations(model) -> int:
+    """Convolutions of ``model`` whose weights stayed floating point (neither behind a
+    FakeQuantize nor int8 constants)."""
+    count = 0
+    for op in model.get_ordered_ops():
+        if op.get_type_name() != "Convolution":
+            continue
+        source = op.input_value(1).get_node()
+        while source.get_type_name() in ("Convert", "Multiply", "Subtract", "Reshape"):
+            source = source.input_value(0).get_node()
+        quantized = source.get_type_name() == "FakeQuantize" or \
+            source.get_output_element_type(0).get_type_name() in ("i8", "u8")
+        count += not quantized
+    return count
