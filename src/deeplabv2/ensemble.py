@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fast import copy_network_facts
+
 #: probabilities are floored here before the logarithm (a class no member gives any
 #: probability stays the least likely, without -inf in the output)
 FLOOR = 1e-30
@@ -48,11 +50,7 @@ class Ensemble(nn.Module):
             _require_compatible(names[0], first, name, member)
         self.members = nn.ModuleList(members)
         self.names = names
-        # the facts callers read from a network, taken from the first member
-        for attr in ("config", "preprocessing", "alignment", "output_stride", "classes",
-                     "palette"):
-            if hasattr(first, attr):
-                setattr(self, attr, getattr(first, attr))
+        copy_network_facts(first, self)  # config, preprocessing, classes... of the first
 
     @property
     def num_classes(self) -> int:

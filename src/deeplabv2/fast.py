@@ -327,6 +327,18 @@ def prepack_convolutions(model: nn.Module) -> int:
     return len(convs)
 
 
+#: what callers read from a :class:`deeplabv2.model.DeepLabV2` besides calling it
+NETWORK_FACTS = ("config", "preprocessing", "alignment", "output_stride", "classes", "palette")
+
+
+def copy_network_facts(source: nn.Module, target: nn.Module) -> None:
+    """Give ``target`` (a wrapper that runs ``source``'s function) the :data:`NETWORK_FACTS`
+    ``source`` has."""
+    for name in NETWORK_FACTS:
+        if hasattr(source, name):
+            setattr(target, name, getattr(source, name))
+
+
 class InferenceModel(nn.Module):
     """A model prepared by :func:`optimize_for_inference`.
 
@@ -342,11 +354,8 @@ class InferenceModel(nn.Module):
         self.model = model
         self.dtype = dtype
         self.channels_last = channels_last
-        # The facts callers read from a DeepLabV2, kept without registering the source.
-        for name in ("config", "preprocessing", "alignment", "output_stride", "classes",
-                     "palette"):
-            if source is not None and hasattr(source, name):
-                setattr(self, name, getattr(source, name))
+        if source is not None:  # kept without registering the source as a submodule
+            copy_network_facts(source, self)
 
     @property
     def num_classes(self) -> int:

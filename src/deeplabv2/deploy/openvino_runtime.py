@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..fast import fold_batchnorm
+from ..fast import copy_network_facts, fold_batchnorm
 
 #: OpenVINO's ``INFERENCE_PRECISION_HINT`` per ``--precision``
 HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}  # int8: the non-quantized ops in f32
@@ -129,10 +129,7 @@ class OpenVINOModel(nn.Module):
         self.precision = precision
         self.threads = int(threads or torch.get_num_threads())
         self._compiled: dict[tuple, object] = {}
-        for name in ("config", "preprocessing", "alignment", "output_stride", "classes",
-                     "palette"):
-            if hasattr(source, name):
-                setattr(self, name, getattr(source, name))
+        copy_network_facts(source, self)
 
     @property
     def num_classes(self) -> int:
