@@ -156,6 +156,40 @@ def test_frozen_bn_really_frozen_in_train_mode():
     assert not torch.equal(before["head.convs.3.weight"], after["head.convs.3.weight"])
 
 
+def test_frozen_bn_applied_to_the_weights_under_autograd_is_the_same_function_and_gradients():
+    """With autograd, conv -> FrozenBN runs as one convolution of the scaled weight
+    (resnet.conv_bn): the network's scores and every parameter's gradient equal those of the
+    modules run one after the other (eval, no autograd path patched out)."""
+    from deeplabv2.model import resnet
+    torch.manual_seed(0)
+    model = build_model(TINY)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, FrozenBatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(2, 3, 41, 45)
+    results = []
+    for fused in (True, False):
+        model.zero_grad()
+        if not fused:  # the plain composition
+            original = resnet.conv_bn
+            resnet.conv_bn = lambda conv, bn, t: bn(conv(t))
+        try:
+            out = model(x, upsample=False)
+            (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        finally:
+            if not fused:
+                resnet.conv_bn = original
+        results.append([out] + [p.grad for p in model.parameters() if p.requires_grad])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))
+    assert all(p.grad is None for m in model.modules() if isinstance(m, FrozenBatchNorm2d)
+               for p in m.parameters())
+
+
 def test_unfrozen_bn_option_trains_bn():
     model = build_model({**TINY, "frozen_bn": False})
     assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())

@@ -15,6 +15,7 @@ are supported by switching :attr:`ResNet.layout`; the parameters are the same ei
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 #: layout name -> (stride on the first 1x1 conv?, max-pool ceil_mode)
@@ -52,6 +53,31 @@ class FrozenBatchNorm2d(nn.Module):
         return f"{self.num_features}, eps={self.eps}"
 
 
+def conv_bn(conv: nn.Module, bn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``bn(conv(x))``. Under autograd with a :class:`FrozenBatchNorm2d`, computed as one
+    convolution whose weight is the conv's scaled by the BN (``W * s``, bias ``t``, or
+    ``b * s + t``): the same function of the same parameters, with the same gradients (the
+    product is part of the graph), but the scale and shift touch the small weight tensor instead
+    of two passes over the activations forward and one backward. Measured: the frozen BN's
+    elementwise work is most of what a bf16 training step spends outside the convolutions
+    (``benchmarks/speed_results.md``). Inference keeps the plain modules (the fast path folds
+    them for good)."""
+    if (isinstance(bn, FrozenBatchNorm2d) and type(conv) is nn.Conv2d and torch.is_grad_enabled()
+            and conv.padding_mode == "zeros" and not torch.jit.is_tracing()
+            and not torch.jit.is_scripting()):
+        scale, shift = bn.scale_shift()
+        weight = conv.weight * scale.view(-1, 1, 1, 1)
+        bias = shift if conv.bias is None else conv.bias * scale + shift
+        return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    return bn(conv(x))
+
+
+def _downsample(ds: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
+    if isinstance(ds, nn.Sequential) and len(ds) == 2:
+        return conv_bn(ds[0], ds[1], x)
+    return x if ds is None else ds(x)
+
+
 def make_norm(frozen: bool):
     """Return the norm-layer factory: frozen BN (fine-tuning) or trainable BN (from scratch)."""
     return FrozenBatchNorm2d if frozen else nn.BatchNorm2d
@@ -80,10 +106,10 @@ class Bottleneck(nn.Module):
         self.conv1.stride, self.conv2.stride = (s, (1, 1)) if stride_in_1x1 else ((1, 1), s)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
+        identity = _downsample(self.downsample, x)
+        out = self.relu(conv_bn(self.conv1, self.bn1, x))
+        out = self.relu(conv_bn(self.conv2, self.bn2, out))
+        out = conv_bn(self.conv3, self.bn3, out)
         return self.relu(out + identity)
 
 
@@ -136,6 +162,6 @@ class ResNet(nn.Module):
     def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(layer3, layer4)`` stride-8 features: ``(N, 1024, h, w)`` and ``(N, 2048, h, w)``
         for ResNet-101 (layer3 feeds the multi-level auxiliary head of AdaptSegNet/ADVENT)."""
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.maxpool(self.relu(conv_bn(self.conv1, self.bn1, x)))
         x3 = self.layer3(self.layer2(self.layer1(x)))
         return x3, self.layer4(x3)
