@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from .atrous import use_atrous_winograd
+from .model.aspp import tap_shifts, tap_weight
 from .model.resnet import Bottleneck, FrozenBatchNorm2d
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -250,12 +251,10 @@ class TapsASPP(nn.Module):
             raise ValueError("TapsASPP needs 3x3 stride-1 convolutions with padding == dilation")
         self.branches = nn.ModuleList(convs)
         c, cin = convs[0].out_channels, convs[0].in_channels
-        weight = torch.cat([conv.weight[:, :, i, j] for conv in convs
-                            for i in range(3) for j in range(3)])[:, :, None, None]
+        weight = tap_weight(convs)
         self.taps = nn.Conv2d(cin, weight.shape[0], 1, bias=False).to(weight.device, weight.dtype)
         self.taps.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
-        self.shifts = [((i - 1) * conv.dilation[0], (j - 1) * conv.dilation[1])
-                       for conv in convs for i in range(3) for j in range(3)]
+        self.shifts = tap_shifts(convs)
         bias = sum(conv.bias.detach().float() for conv in convs if conv.bias is not None)
         self.register_buffer("bias", torch.zeros(c) + bias)
         self.num_classes = c

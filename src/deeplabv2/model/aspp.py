@@ -58,6 +58,19 @@ class ASPP(nn.Module):
         return f"head_mode={self.head_mode!r}"
 
 
+def tap_weight(convs: list[nn.Conv2d]) -> torch.Tensor:
+    """The 9 taps of each 3x3 convolution of ``convs`` stacked as one ``(9 * len(convs) * C,
+    Cin, 1, 1)`` 1x1 weight, in the order of :func:`tap_shifts` (differentiable)."""
+    return torch.cat([conv.weight[:, :, i, j] for conv in convs
+                      for i in range(3) for j in range(3)])[:, :, None, None]
+
+
+def tap_shifts(convs: list[nn.Conv2d]) -> list[tuple[int, int]]:
+    """``(dy, dx)`` of each tap of :func:`tap_weight`: where in the input it reads."""
+    return [((i - 1) * conv.dilation[0], (j - 1) * conv.dilation[1])
+            for conv in convs for i in range(3) for j in range(3)]
+
+
 def summed_taps(convs: list[nn.Conv2d], x: torch.Tensor) -> torch.Tensor:
     """The sum of the 3x3 convolutions ``convs`` (padding = dilation, stride 1) of ``x``, as
     *one* 1x1 convolution of their 9 taps each, shifted and summed in float32; differentiable,
@@ -72,15 +85,12 @@ def summed_taps(convs: list[nn.Conv2d], x: torch.Tensor) -> torch.Tensor:
     runs :class:`deeplabv2.fast.TapsASPP`, the same idea without autograd.
     """
     c = convs[0].out_channels
-    weight = torch.cat([conv.weight[:, :, i, j] for conv in convs
-                        for i in range(3) for j in range(3)])[:, :, None, None]
-    y = F.conv2d(x, weight)
+    y = F.conv2d(x, tap_weight(convs))
     out_dtype = y.dtype
     y = y.float()
     n, _, h, w = y.shape
     out = None
-    for k, (dy, dx) in enumerate((i * conv.dilation[0], j * conv.dilation[1])
-                                 for conv in convs for i in (-1, 0, 1) for j in (-1, 0, 1)):
+    for k, (dy, dx) in enumerate(tap_shifts(convs)):
         if abs(dy) >= h or abs(dx) >= w:
             continue  # the tap reads only zero padding
         tap = y[:, k * c:(k + 1) * c]
