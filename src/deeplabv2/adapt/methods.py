@@ -101,6 +101,13 @@ class Method(nn.Module):
             opt.load_state_dict(s)
 
     # -- shared pieces -------------------------------------------------------------------------
+    def require_one_crop_size(self, step: Step) -> None:
+        """Methods that combine a source and a target crop pixel by pixel (FDA, DACS) need the
+        two of one size (the config check refuses other settings; this guards direct use)."""
+        if step.images.shape[-2:] != step.target.shape[-2:]:
+            raise ValueError(f"{self.name} combines source and target crops of one size (set "
+                             "adapt.target_crop_size to data.crop_size)")
+
     def scores(self, step: Step, x: torch.Tensor):
         """``(main, aux or None)`` stride-8 scores of ``x`` through ``step.net`` (MSC: the
         fused map)."""
@@ -221,9 +228,7 @@ class FDA(Method):
     def loss(self, step: Step, k: int) -> torch.Tensor:
         pre = step.model.preprocessing
         if k == 0:
-            if step.images.shape[-2:] != step.target.shape[-2:]:
-                raise ValueError("fda needs source and target crops of one size (set "
-                                 "adapt.target_crop_size to data.crop_size)")
+            self.require_one_crop_size(step)
             with torch.no_grad():
                 restyled = fda_source_to_target(to_rgb(step.images, pre),
                                                 to_rgb(step.target, pre), self.settings.fda_beta)
@@ -252,10 +257,8 @@ class DACS(Method):
     def loss(self, step: Step, k: int) -> torch.Tensor:
         if k == 0:
             return self.source_loss(step, step.images)
+        self.require_one_crop_size(step)
         pre, size = step.model.preprocessing, step.target.shape[-2:]
-        if step.images.shape[-2:] != size:
-            raise ValueError("dacs mixes source and target crops of one size (set "
-                             "adapt.target_crop_size to data.crop_size)")
         with torch.no_grad():
             probs = F.softmax(self.teacher(step.target).float(), dim=1)  # upsampled, eval
             confidence, pseudo = probs.max(1)
