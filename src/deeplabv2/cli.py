@@ -159,15 +159,10 @@ def _ensemble(net, args, device):
         raise ValueError("--ensemble runs on the PyTorch runtime: drop --runtime openvino / "
                          "--precision int8")
     from .ensemble import Ensemble
-    from .weights import load_model
     members = [net]
     for path in extra:
-        model = load_model(path, device=device)
-        if getattr(args, "alignment", None):
-            from .model import get_alignment
-            model.alignment = get_alignment(args.alignment)
-        member, _ = _runtime(model, argparse.Namespace(**{**vars(args), "checkpoint": path}),
-                             device)
+        member_args = argparse.Namespace(**{**vars(args), "checkpoint": path})
+        member, _ = _runtime(_load(member_args, device), member_args, device)
         members.append(member)
     return Ensemble(members, names=[args.checkpoint, *extra])
 

@@ -91,11 +91,17 @@ def quantize_checkpoint(checkpoint, cfg, *, samples: int = 300, seed: int = 0,
     else:
         check = list(crops(rng.permutation(max(check_samples, len(ds)))[:check_samples]
                            % len(ds), stream=1))
-        quantized = _with_accuracy_control(ov, nncf, ov_model, calibration, check,
-                                           max_label_change, samples, advanced)
+        reference = _compile(ov, ov_model)
+        expected = [_classes(reference, x) for x in check]  # FP32's, once
+        quantized = nncf.quantize_with_accuracy_control(
+            ov_model, calibration, nncf.Dataset(check),
+            lambda compiled, data: _agreement(compiled, data, expected),
+            max_drop=max_label_change, drop_type=nncf.DropType.ABSOLUTE, subset_size=samples,
+            preset=nncf.QuantizationPreset.PERFORMANCE, fast_bias_correction=True,
+            advanced_quantization_parameters=advanced)
+        agreement, _ = _agreement(_compile(ov, quantized), check, expected)
         extra = {"max_label_change": max_label_change, "check_samples": int(check_samples),
-                 "label_change_measured": round(1 - _agreement(ov, ov_model, quantized,
-                                                               check), 6),
+                 "label_change_measured": round(1 - agreement, 6),
                  "operations_in_fp32": _fp32_operations(quantized)}
     xml = Path(out) if out else artefact_dir(checkpoint) / "int8.xml"
     xml.parent.mkdir(parents=True, exist_ok=True)
@@ -120,27 +126,11 @@ def _classes(compiled, x) -> np.ndarray:
     return compiled(x)[0].argmax(1)
 
 
-def _with_accuracy_control(ov, nncf, ov_model, calibration, check: list, max_change: float,
-                           samples: int, advanced):
-    """``nncf.quantize_with_accuracy_control`` with the metric "share of stride-8 scores whose
-    class is the FP32 network's" on ``check`` (per crop, as NNCF ranks with per-item values)."""
-    reference = _compile(ov, ov_model)
-    expected = [_classes(reference, x) for x in check]
-
-    def agreement(compiled, data):
-        per = [float((_classes(compiled, x) == expected[i]).mean()) for i, x in enumerate(data)]
-        return float(np.mean(per)), per
-
-    return nncf.quantize_with_accuracy_control(
-        ov_model, calibration, nncf.Dataset(check), agreement, max_drop=max_change,
-        drop_type=nncf.DropType.ABSOLUTE, subset_size=samples,
-        preset=nncf.QuantizationPreset.PERFORMANCE, fast_bias_correction=True,
-        advanced_quantization_parameters=advanced)
-
-
-def _agreement(ov, fp32_model, int8_model, check: list) -> float:
-    a, b = _compile(ov, fp32_model), _compile(ov, int8_model)
-    return float(np.mean([(_classes(a, x) == _classes(b, x)).mean() for x in check]))
+def _agreement(compiled, data, expected) -> tuple[float, list[float]]:
+    """NNCF's validation metric for ``--max-label-change``: the share of stride-8 scores whose
+    class is FP32's (``expected``), overall and per crop (NNCF ranks with per-item values)."""
+    per = [float((_classes(compiled, x) == expected[i]).mean()) for i, x in enumerate(data)]
+    return float(np.mean(per)), per
 
 
 def _fp32_operations(model) -> int:
