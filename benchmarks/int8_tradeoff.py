@@ -6,6 +6,7 @@ round-robin on the stride-8 scores of one input size.
     cp A/model.pth B/model.pth
     deeplabv2 quantize B/model.pth -c demo --max-label-change 0.005     # bounded INT8
     python benchmarks/int8_tradeoff.py A/model.pth B/model.pth --size 512 1024
+    python benchmarks/int8_tradeoff.py A/model.pth        # plain INT8 against FP32 and bf16 only
 
 Results: ``accuracy_results.md``.
 """
@@ -23,7 +24,8 @@ from deeplabv2.weights import load_model
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("plain", help="checkpoint with a plain int8.xml beside it")
-    p.add_argument("bounded", help="the same checkpoint quantized with --max-label-change")
+    p.add_argument("bounded", nargs="?", default=None,
+                   help="the same checkpoint quantized with --max-label-change (optional)")
     p.add_argument("--size", type=int, nargs=2, default=[512, 1024])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--warmup", type=int, default=2)
@@ -33,9 +35,10 @@ def main() -> None:
     model = load_model(args.plain).eval()
     runs = {"ours fp32": optimize_for_inference(model),
             "ours bf16": optimize_for_inference(model, precision="bf16"),
-            "int8 plain": load_openvino(model, args.plain, "int8", threads=args.threads),
-            "int8 bounded": load_openvino(load_model(args.bounded).eval(), args.bounded, "int8",
-                                          threads=args.threads)}
+            "int8 plain": load_openvino(model, args.plain, "int8", threads=args.threads)}
+    if args.bounded:
+        runs["int8 bounded"] = load_openvino(load_model(args.bounded).eval(), args.bounded, "int8",
+                                             threads=args.threads)
     x = torch.randn(1, 3, *args.size)
     times = {k: [] for k in runs}
     with torch.no_grad():

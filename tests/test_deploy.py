@@ -90,6 +90,8 @@ def test_quantize_then_evaluate_and_predict_int8(tmp_path, checkpoint, capsys):
     xml = artefact_dir(ckpt) / "int8.xml"
     info = json.loads(xml.with_suffix(".json").read_text())
     assert info["samples"] == 8 and "per output channel" in info["weights"]
+    assert 0 <= info["label_change_measured"] <= 0.05 and info["check_samples"] == 50
+    assert "check crops' scores" in capsys.readouterr().out
     # the IR holds quantized weights: int8 constants
     types = {op.get_output_element_type(0).get_type_name()
              for op in ov.Core().read_model(str(xml)).get_ops() if op.get_type_name() == "Constant"}
@@ -133,6 +135,42 @@ def test_quantize_with_a_bound_on_the_changed_labels(tmp_path, checkpoint, capsy
     assert "kept in floating point" in capsys.readouterr().out
     assert main(["quantize", str(ckpt), "-c", str(cfg_path), "--max-label-change", "1.5"]) == 2
     assert "max_label_change is a fraction" in capsys.readouterr().err
+
+
+def test_quantize_refuses_an_int8_model_that_changes_too_many_classes(tmp_path, checkpoint,
+                                                                     capsys, monkeypatch):
+    """A broken INT8 model (here: one whose measured agreement with FP32 is forced to 40%) is
+    refused with the measured share and the file in the message, and nothing is written."""
+    pytest.importorskip("nncf", reason="NNCF not installed (extra 'openvino')")
+    from deeplabv2.deploy import quantize as q
+    ckpt = tmp_path / "model.pth"
+    ckpt.write_bytes(checkpoint.read_bytes())
+    cfg_path = tmp_path / "tiny.yaml"
+    save_config(load_config(None, ["model.blocks=[1, 1, 1, 1]", "model.width=8",
+                                   "data.dataset=synthetic", "data.crop_size=[48, 64]",
+                                   "data.options={num_samples: 6, size: [48, 64]}",
+                                   "data.num_workers=0"]), cfg_path)
+    real = q._agreement
+    calls = []
+
+    def agreement(compiled, data, expected):
+        calls.append(1)
+        value, per = real(compiled, data, expected)
+        return 0.4, per
+
+    monkeypatch.setattr(q, "_agreement", agreement)
+    assert main(["quantize", str(ckpt), "-c", str(cfg_path), "--samples", "4",
+                 "--check-samples", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "60.00%" in err and str(ckpt) in err and "nothing written" in err and calls
+    assert not (artefact_dir(ckpt) / "int8.xml").exists()
+    # a higher bound keeps it, and says what it measured
+    assert main(["quantize", str(ckpt), "-c", str(cfg_path), "--samples", "4",
+                 "--check-samples", "3", "--refuse-above", "0.7"]) == 0
+    info = json.loads((artefact_dir(ckpt) / "int8.json").read_text())
+    assert info["label_change_measured"] == 0.6 and info["check_samples"] == 3
+    assert main(["quantize", str(ckpt), "-c", str(cfg_path), "--refuse-above", "2"]) == 2
+    assert "refuse_above is a fraction" in capsys.readouterr().err
 
 
 def test_runtime_openvino_on_the_command_line(tmp_path, checkpoint):

@@ -324,14 +324,16 @@ def cmd_quantize(args) -> int:
     cfg = load_config(args.config, args.overrides)
     xml = quantize_checkpoint(args.checkpoint, cfg, samples=args.samples, seed=args.seed,
                               max_label_change=args.max_label_change,
-                              check_samples=args.check_samples)
+                              check_samples=args.check_samples,
+                              refuse_above=args.refuse_above)
     print(f"INT8 model written to {xml} ({args.samples} calibration crops of "
           f"{cfg.data.dataset} {cfg.data.train_split}); run it with --precision int8")
-    if args.max_label_change is not None:
-        info = json.loads(xml.with_suffix(".json").read_text())
-        print(f"classes changed on {100 * info['label_change_measured']:.2f}% of the check "
-              f"crops' scores (bound {100 * args.max_label_change:g}%); "
-              f"{info['operations_in_fp32']} convolutions kept in floating point")
+    info = json.loads(xml.with_suffix(".json").read_text())
+    bound = "" if args.max_label_change is None else \
+        f" (bound {100 * args.max_label_change:g}%)"
+    print(f"classes changed on {100 * info['label_change_measured']:.2f}% of the "
+          f"{info['check_samples']} check crops' scores{bound}; "
+          f"{info['operations_in_fp32']} convolutions kept in floating point")
     return 0
 
 
@@ -463,7 +465,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "(e.g. 0.005; NNCF's accuracy control, on --check-samples other "
                          "training crops)")
     qu.add_argument("--check-samples", type=int, default=50,
-                    help="training crops for --max-label-change (default 50)")
+                    help="training crops on which the INT8 model's changed classes are "
+                         "measured (and --max-label-change decides; default 50)")
+    qu.add_argument("--refuse-above", type=float, default=0.05, metavar="FRACTION",
+                    help="refuse (write nothing) when INT8 changes the class of more than "
+                         "this share of the check crops' scores (default 0.05)")
     qu.add_argument("overrides", nargs="*", help="section.key=value")
     qu.set_defaults(func=cmd_quantize)
 
