@@ -113,6 +113,11 @@ def test_quantize_then_evaluate_and_predict_int8(tmp_path, checkpoint, capsys):
     assert main(["predict", str(ckpt), str(images), "-o", str(tmp_path / "pred"),
                  "--precision", "int8"]) == 0
     assert len(list((tmp_path / "pred").glob("*.png"))) >= 2
+    # an INT8 model from before quantize measured its result still runs, with a warning
+    del info["label_change_measured"]
+    xml.with_suffix(".json").write_text(json.dumps(info))
+    with pytest.warns(UserWarning, match="accuracy is unchecked"):
+        load_openvino(model, ckpt, "int8", threads=1)
 
 
 def test_quantize_with_a_bound_on_the_changed_labels(tmp_path, checkpoint, capsys):

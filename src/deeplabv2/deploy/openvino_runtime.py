@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -172,9 +173,15 @@ def load_openvino(model: nn.Module, checkpoint, precision: str = "fp32",
         if not xml.is_file():
             raise FileNotFoundError(f"{xml}: no INT8 model for {checkpoint}; run "
                                     f"`deeplabv2 quantize {checkpoint} -c CONFIG` first")
-        if read_sidecar(xml).get("checkpoint_sha256") != file_digest(checkpoint):
+        info = read_sidecar(xml)
+        if info.get("checkpoint_sha256") != file_digest(checkpoint):
             raise ValueError(f"{xml} was quantized from another version of {checkpoint}; "
                              f"run `deeplabv2 quantize` again")
+        if "label_change_measured" not in info:
+            warnings.warn(f"{xml} was made before `deeplabv2 quantize` measured what INT8 "
+                          f"changes; its accuracy is unchecked (INT8 can break a model: "
+                          f"benchmarks/accuracy_results.md): run `deeplabv2 quantize` again",
+                          stacklevel=2)
     else:
         xml = fp32_ir(model, checkpoint)
     return OpenVINOModel(ov.Core().read_model(str(xml)), model, precision=precision,
