@@ -76,16 +76,22 @@ def test_int8_needs_a_quantized_model(tmp_path, checkpoint):
         load_openvino(load_model(path), path, "int8")
 
 
-def test_quantize_then_evaluate_and_predict_int8(tmp_path, checkpoint, capsys):
-    pytest.importorskip("nncf", reason="NNCF not installed (extra 'openvino')")
+def _checkpoint_and_tiny_config(tmp_path, checkpoint):
+    """A copy of ``checkpoint`` (its artefacts land beside it in ``tmp_path``) and a config
+    whose training set is six 48x64 synthetic scenes, for ``quantize``."""
     ckpt = tmp_path / "model.pth"
     ckpt.write_bytes(checkpoint.read_bytes())
     cfg_path = tmp_path / "tiny.yaml"
-    cfg = load_config(None, ["model.blocks=[1, 1, 1, 1]", "model.width=8",
-                             "data.dataset=synthetic", "data.crop_size=[48, 64]",
-                             "data.options={num_samples: 6, size: [48, 64]}",
-                             "data.num_workers=0"])
-    save_config(cfg, cfg_path)
+    save_config(load_config(None, ["model.blocks=[1, 1, 1, 1]", "model.width=8",
+                                   "data.dataset=synthetic", "data.crop_size=[48, 64]",
+                                   "data.options={num_samples: 6, size: [48, 64]}",
+                                   "data.num_workers=0"]), cfg_path)
+    return ckpt, cfg_path
+
+
+def test_quantize_then_evaluate_and_predict_int8(tmp_path, checkpoint, capsys):
+    pytest.importorskip("nncf", reason="NNCF not installed (extra 'openvino')")
+    ckpt, cfg_path = _checkpoint_and_tiny_config(tmp_path, checkpoint)
     assert main(["quantize", str(ckpt), "-c", str(cfg_path), "--samples", "8"]) == 0
     xml = artefact_dir(ckpt) / "int8.xml"
     info = json.loads(xml.with_suffix(".json").read_text())
@@ -124,13 +130,7 @@ def test_quantize_with_a_bound_on_the_changed_labels(tmp_path, checkpoint, capsy
     """--max-label-change 0: NNCF's accuracy control returns operations to floating point until
     no stride-8 score of the check crops changes class; the sidecar says what it did."""
     pytest.importorskip("nncf", reason="NNCF not installed (extra 'openvino')")
-    ckpt = tmp_path / "model.pth"
-    ckpt.write_bytes(checkpoint.read_bytes())
-    cfg_path = tmp_path / "tiny.yaml"
-    save_config(load_config(None, ["model.blocks=[1, 1, 1, 1]", "model.width=8",
-                                   "data.dataset=synthetic", "data.crop_size=[48, 64]",
-                                   "data.options={num_samples: 6, size: [48, 64]}",
-                                   "data.num_workers=0"]), cfg_path)
+    ckpt, cfg_path = _checkpoint_and_tiny_config(tmp_path, checkpoint)
     assert main(["quantize", str(ckpt), "-c", str(cfg_path), "--samples", "6",
                  "--max-label-change", "0", "--check-samples", "4"]) == 0
     info = json.loads((artefact_dir(ckpt) / "int8.json").read_text())
@@ -148,13 +148,7 @@ def test_quantize_refuses_an_int8_model_that_changes_too_many_classes(tmp_path, 
     refused with the measured share and the file in the message, and nothing is written."""
     pytest.importorskip("nncf", reason="NNCF not installed (extra 'openvino')")
     from deeplabv2.deploy import quantize as q
-    ckpt = tmp_path / "model.pth"
-    ckpt.write_bytes(checkpoint.read_bytes())
-    cfg_path = tmp_path / "tiny.yaml"
-    save_config(load_config(None, ["model.blocks=[1, 1, 1, 1]", "model.width=8",
-                                   "data.dataset=synthetic", "data.crop_size=[48, 64]",
-                                   "data.options={num_samples: 6, size: [48, 64]}",
-                                   "data.num_workers=0"]), cfg_path)
+    ckpt, cfg_path = _checkpoint_and_tiny_config(tmp_path, checkpoint)
     real = q._agreement
     calls = []
 
