@@ -1,6 +1,7 @@
 """Where INT8 hurts a trained network: a PyTorch simulation of the quantization scheme of
 ``deeplabv2 quantize`` (int8 weights symmetric per output channel; every convolution's input
-int8 per tensor, u8 where it is never negative, its range the min/max over calibration crops),
+int8 per tensor, u8 where it is never negative, its range the min/max over training crops drawn
+as ``quantize`` draws its calibration crops),
 applied to one part of the network at a time, and the share of stride-8 scores of validation
 images whose class then differs from FP32.
 
@@ -18,7 +19,7 @@ import torch
 
 from deeplabv2.config import load_config
 from deeplabv2.data import build_dataset
-from deeplabv2.data.transforms import TrainTransform
+from deeplabv2.deploy.quantize import TrainingCrops
 from deeplabv2.fast import fold_batchnorm
 from deeplabv2.weights import load_model
 
@@ -36,14 +37,11 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     model = load_model(args.checkpoint).eval()
-    d = load_config(args.config, []).data
-    train = build_dataset(d.dataset, d.root, d.train_split, seed=0, **d.options)
+    cfg = load_config(args.config, [])
+    d = cfg.data
     val = build_dataset(d.dataset, d.root, d.val_split, **d.options)
-    transform = TrainTransform(crop_size=tuple(d.crop_size), scale_range=tuple(d.scale_range),
-                               scales=d.scales, flip=d.flip, preprocessing=model.preprocessing)
-    calibration = torch.cat([transform(*train.load(i % len(train)),
-                                       np.random.default_rng([0, i]))["image"][None].float()
-                             for i in range(args.calibration)])
+    calibration = torch.from_numpy(np.concatenate(
+        TrainingCrops(cfg, model.preprocessing).draw(args.calibration)))
     images = [model.preprocess(torch.from_numpy(val.load(i)[0])[None])
               for i in range(min(args.images, len(val)))]
     net = fold_batchnorm(model).eval()

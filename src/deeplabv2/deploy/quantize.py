@@ -57,8 +57,6 @@ def quantize_checkpoint(checkpoint, cfg, *, samples: int = 300, seed: int = 0,
     except ImportError:
         raise MissingRuntime("quantization needs NNCF: pip install 'deeplabv2[openvino]' "
                            "(or pip install nncf)") from None
-    from ..data import build_dataset
-    from ..data.transforms import TrainTransform
     from ..weights import load_model
     if samples < 1:
         raise ValueError(f"samples must be positive, got {samples}")
@@ -70,20 +68,7 @@ def quantize_checkpoint(checkpoint, cfg, *, samples: int = 300, seed: int = 0,
         raise ValueError(f"check_samples must be positive, got {check_samples}")
     model = load_model(checkpoint).eval()
     d = cfg.data
-    ds = build_dataset(d.dataset, d.root, d.train_split, seed=seed, **d.options)
-    if len(ds) == 0:
-        raise ValueError(f"dataset {d.dataset!r} split {d.train_split!r} is empty")
-    transform = TrainTransform(crop_size=tuple(d.crop_size), scale_range=tuple(d.scale_range),
-                               scales=d.scales, flip=d.flip, preprocessing=model.preprocessing)
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(max(samples, len(ds)))[:samples] % len(ds)
-
-    def crops(indices, stream: int = 0):
-        for k, index in enumerate(indices):
-            image, label = ds.load(int(index))
-            key = [seed, k] if stream == 0 else [seed, stream, k]
-            sample = transform(image, label, np.random.default_rng(key))
-            yield sample["image"][None].float().numpy()
+    crops = TrainingCrops(cfg, model.preprocessing, seed=seed)
 
     start = time.perf_counter()
     ov_model = convert(model)
@@ -93,9 +78,8 @@ def quantize_checkpoint(checkpoint, cfg, *, samples: int = 300, seed: int = 0,
     from nncf.quantization.range_estimator import RangeEstimatorParametersSet
     advanced = AdvancedQuantizationParameters(
         activations_range_estimator_params=RangeEstimatorParametersSet.MINMAX)
-    calibration = nncf.Dataset(list(crops(order)))
-    check = list(crops(rng.permutation(max(check_samples, len(ds)))[:check_samples]
-                       % len(ds), stream=1))
+    calibration = nncf.Dataset(crops.draw(samples))
+    check = crops.draw(check_samples, stream=1)
     reference = _compile(ov, ov_model)
     expected = [_classes(reference, x) for x in check]  # FP32's, once
     extra = {}
@@ -133,6 +117,38 @@ def quantize_checkpoint(checkpoint, cfg, *, samples: int = 300, seed: int = 0,
                   activations="int8 per tensor, min/max ranges (PERFORMANCE preset)",
                   seconds=round(time.perf_counter() - start, 1), **extra)
     return xml
+
+
+class TrainingCrops:
+    """Crops of ``cfg``'s training set drawn as training draws them (the config's
+    ``TrainTransform``: scale, crop, flip), each an ``(1, 3, h, w)`` float32 array preprocessed
+    with ``preprocessing``; reproducible from ``seed``. Successive :meth:`draw` calls pick their
+    images from one seeded generator; ``stream`` keeps their augmentations apart."""
+
+    def __init__(self, cfg, preprocessing, seed: int = 0):
+        from ..data import build_dataset
+        from ..data.transforms import TrainTransform
+        d = cfg.data
+        self.dataset = build_dataset(d.dataset, d.root, d.train_split, seed=seed, **d.options)
+        if len(self.dataset) == 0:
+            raise ValueError(f"dataset {d.dataset!r} split {d.train_split!r} is empty")
+        self.transform = TrainTransform(
+            crop_size=tuple(d.crop_size), scale_range=tuple(d.scale_range), scales=d.scales,
+            flip=d.flip, preprocessing=preprocessing)
+        self.seed = seed
+        self._rng = np.random.default_rng(seed)
+
+    def draw(self, count: int, stream: int = 0) -> list[np.ndarray]:
+        """``count`` crops of distinct images (repeating only when the set is smaller)."""
+        n = len(self.dataset)
+        order = self._rng.permutation(max(count, n))[:count] % n
+        out = []
+        for k, index in enumerate(order):
+            image, label = self.dataset.load(int(index))
+            key = [self.seed, k] if stream == 0 else [self.seed, stream, k]
+            out.append(self.transform(image, label, np.random.default_rng(key))["image"][None]
+                       .float().numpy())
+        return out
 
 
 class QuantizationRefused(ValueError):
