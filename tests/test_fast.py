@@ -248,11 +248,15 @@ def test_bench_reports_positive_numbers_per_size_and_mode():
 
 
 def test_rss_sampler_sees_the_memory_of_its_own_block():
+    import mmap
     from deeplabv2.bench import RSSSampler, peak_rss_mib
     with RSSSampler() as big:
-        x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        # 64 MiB of fresh pages, touched: a tensor could be served from memory an earlier test
+        # in this process freed but left resident, and not raise the RSS at all
+        x = mmap.mmap(-1, 64 * 2**20)
+        x.write(b"\x01" * len(x))
         big.sample()  # what the thread does every 2 ms (it may not be scheduled in time)
-        del x
+        x.close()
     assert big.peak_mib - big.start_mib > 48
     assert big.peak_mib <= peak_rss_mib() + 1  # never above the process's own maximum
 
