@@ -99,9 +99,20 @@ def test_quantize_then_evaluate_and_predict_int8(tmp_path, checkpoint, capsys):
     assert 0 <= info["label_change_measured"] <= 0.05 and info["check_samples"] == 50
     assert "check crops' scores" in capsys.readouterr().out
     # the IR holds quantized weights: int8 constants
+    ir = ov.Core().read_model(str(xml))
     types = {op.get_output_element_type(0).get_type_name()
-             for op in ov.Core().read_model(str(xml)).get_ops() if op.get_type_name() == "Constant"}
+             for op in ir.get_ops() if op.get_type_name() == "Constant"}
     assert "i8" in types
+    # the ASPP's three sums and layer4's residual sum take FP32 inputs, the other residual
+    # sums INT8 ones (FakeQuantize)
+    assert info["bias_correction"] == "full" and info["aspp_input_equalized"] is True
+    sums = info["sums_in_fp32"]
+    assert len(sums) == 4 and sum(".head/" in n for n in sums) == 3
+    fed = {op.get_friendly_name(): {i.get_source_output().get_node().get_type_name()
+                                    for i in op.inputs()}
+           for op in ir.get_ops() if op.get_type_name() == "Add"}
+    assert all("FakeQuantize" not in fed[n] for n in sums)
+    assert all("FakeQuantize" in v for n, v in fed.items() if n.endswith("layer3.0/aten::add"))
     model = load_model(ckpt).eval()
     int8 = load_openvino(model, ckpt, "int8", threads=1)
     x = torch.randn(1, 3, 48, 64)
@@ -124,6 +135,19 @@ def test_quantize_then_evaluate_and_predict_int8(tmp_path, checkpoint, capsys):
     xml.with_suffix(".json").write_text(json.dumps(info))
     with pytest.warns(UserWarning, match="accuracy is unchecked"):
         load_openvino(model, ckpt, "int8", threads=1)
+
+
+def test_the_sums_left_in_fp32_on_resnet101_and_vgg16():
+    """The names NNCF is told to leave alone are found on the real networks: ResNet-101's
+    three layer4 residual sums and three ASPP sums, VGG-16's three branch sums."""
+    from deeplabv2.deploy.openvino_runtime import convert
+    from deeplabv2.deploy.quantize import fp32_sums
+    from deeplabv2.model.deeplab import deeplabv2_resnet101, deeplabv2_vgg16
+    r101 = deeplabv2_resnet101(19).eval()
+    names = fp32_sums(convert(r101, example_size=(65, 65)), r101)
+    assert len(names) == 6 and sum(".layer4." in n for n in names) == 3
+    vgg = deeplabv2_vgg16(21).eval()
+    assert len(fp32_sums(convert(vgg, example_size=(65, 65)), vgg)) == 3
 
 
 def test_quantize_with_a_bound_on_the_changed_labels(tmp_path, checkpoint, capsys):

@@ -1,0 +1,59 @@
+"""The INT8 recipe's exact FP32 step (:func:`deeplabv2.deploy.quantize.equalize_aspp_input`):
+rescaling the ASPP input's channels must leave the network's function unchanged and narrow the
+spread of their ranges. Pure PyTorch; what NNCF does with it is in ``test_deploy.py``."""
+
+import torch
+
+from deeplabv2.deploy.quantize import equalize_aspp_input
+from deeplabv2.fast import fold_batchnorm
+from deeplabv2.model.deeplab import deeplabv2_resnet101, deeplabv2_vgg16
+from test_export import nontrivial_model
+
+
+def _channel_spread(net, x):
+    r = net.backbone(x).amax(dim=(0, 2, 3))
+    return (r.max() / r.median()).item()
+
+
+@torch.no_grad()
+def _with_loud_channels(net, channels, factor):
+    """Make ``channels`` of layer4's stream ``factor`` times larger without changing the
+    function (the same kind of rescaling, the other way): a trained network's outliers."""
+    blocks = list(net.backbone.layer4)
+    for p in [b.conv3 for b in blocks] + [blocks[0].downsample[0]]:
+        p.weight[channels] *= factor
+        p.bias[channels] *= factor
+    for c in [b.conv1 for b in blocks[1:]] + list(net.head.convs):
+        c.weight[:, channels] /= factor
+
+
+@torch.no_grad()
+def test_equalizing_the_aspp_input_of_resnet101_keeps_its_scores():
+    net = fold_batchnorm(deeplabv2_resnet101(19)).eval()
+    torch.manual_seed(0)
+    for conv in net.head.convs:
+        conv.weight.normal_(0, 0.01)
+    _with_loud_channels(net, slice(0, 40), 30.0)
+    x = torch.randn(2, 3, 97, 97)
+    before, spread = net.logits(x), _channel_spread(net, x)
+    scales = equalize_aspp_input(net, [x[:1].numpy(), x[1:].numpy()])
+    assert scales.shape == (2048,) and (scales > 0).all()
+    after = net.logits(x)
+    assert (after - before).abs().max() <= 1e-4 * before.abs().max()
+    assert _channel_spread(net, x) < spread / 4  # the loud channels were brought in
+
+
+@torch.no_grad()
+def test_equalizing_needs_a_folded_resnet():
+    tiny = {"backbone": "resnet", "blocks": [1, 1, 1, 1], "width": 8, "num_classes": 7}
+    m = nontrivial_model(tiny)
+    try:
+        equalize_aspp_input(m, [torch.randn(1, 3, 33, 33).numpy()])
+    except ValueError as e:
+        assert "fold_batchnorm" in str(e)
+    else:
+        raise AssertionError("an unfolded network was equalized")
+    vgg = fold_batchnorm(deeplabv2_vgg16(21)).eval()
+    state = {k: v.clone() for k, v in vgg.state_dict().items()}
+    assert equalize_aspp_input(vgg, [torch.randn(1, 3, 33, 33).numpy()]) is None
+    assert all(torch.equal(v, vgg.state_dict()[k]) for k, v in state.items())
