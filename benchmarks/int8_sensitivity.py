@@ -8,7 +8,9 @@ images whose class then differs from FP32.
     python benchmarks/int8_sensitivity.py run/model.pth -c demo
 
 It is a simulation (round-to-nearest fake quantization in float32, no bias correction), not
-NNCF: its purpose is to say *which* quantizers break a model. Results:
+NNCF: its purpose is to say *which* quantizers break a model. It quantizes no sums (NNCF
+quantizes both inputs of the residual sums of layer1-layer3; ``quantize`` leaves the ASPP's
+and layer4's in FP32) and does not equalize the ASPP input as ``quantize`` does. Results:
 ``accuracy_results.md``.
 """
 

@@ -156,9 +156,11 @@ def test_quantize_with_a_bound_on_the_changed_labels(tmp_path, checkpoint, capsy
     pytest.importorskip("nncf", reason="NNCF not installed (extra 'openvino')")
     ckpt, cfg_path = _checkpoint_and_tiny_config(tmp_path, checkpoint)
     assert main(["quantize", str(ckpt), "-c", str(cfg_path), "--samples", "6",
-                 "--max-label-change", "0", "--check-samples", "4"]) == 0
+                 "--max-label-change", "0", "--check-samples", "4",
+                 "--bias-correction", "fast"]) == 0
     info = json.loads((artefact_dir(ckpt) / "int8.json").read_text())
     assert info["max_label_change"] == 0 and info["check_samples"] == 4
+    assert info["bias_correction"] == "fast" and len(info["sums_in_fp32"]) == 4
     assert info["label_change_measured"] == 0
     assert 0 <= info["operations_in_fp32"] <= 21  # the tiny network's convolutions
     assert "kept in floating point" in capsys.readouterr().out

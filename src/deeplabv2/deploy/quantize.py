@@ -56,7 +56,8 @@ EQUALIZE_SAMPLES = 32
 
 def quantize_checkpoint(checkpoint, cfg, *, samples: int = 300, seed: int = 0,
                         out=None, progress: bool = True, max_label_change: float | None = None,
-                        check_samples: int = 50, refuse_above: float = 0.05) -> Path:
+                        check_samples: int = 50, refuse_above: float = 0.05,
+                        bias_correction: str = "full") -> Path:
     """Quantize ``checkpoint`` to INT8 with ``samples`` calibration crops of ``cfg``'s training
     set; writes and returns ``<checkpoint>.openvino/int8.xml`` (or ``out``).
 
@@ -67,6 +68,9 @@ def quantize_checkpoint(checkpoint, cfg, *, samples: int = 300, seed: int = 0,
     network's is at most that, on ``check_samples`` other training crops (no labels and no
     validation images are used). Slower to make, and the operations left in floating point
     run at FP32 speed.
+
+    ``bias_correction``: NNCF's full bias correction (``"full"``, the default) or its fast one
+    (``"fast"``, quicker to make; on the demo model 0.89% of the labels changed against 0.67%).
 
     Whatever the mode, the result's share of changed classes on the check crops is measured
     and recorded; above ``refuse_above`` a :class:`QuantizationRefused` is raised and nothing
@@ -86,6 +90,8 @@ def quantize_checkpoint(checkpoint, cfg, *, samples: int = 300, seed: int = 0,
         raise ValueError(f"refuse_above is a fraction in [0, 1], got {refuse_above}")
     if check_samples < 1:
         raise ValueError(f"check_samples must be positive, got {check_samples}")
+    if bias_correction not in ("full", "fast"):
+        raise ValueError(f"bias_correction is 'full' or 'fast', got {bias_correction!r}")
     model = load_model(checkpoint).eval()
     d = cfg.data
     crops = TrainingCrops(cfg, model.preprocessing, seed=seed)
@@ -106,7 +112,7 @@ def quantize_checkpoint(checkpoint, cfg, *, samples: int = 300, seed: int = 0,
     ov_model = convert(net)
     ignored = nncf.IgnoredScope(names=fp32_sums(ov_model, net))
     common = dict(subset_size=samples, preset=nncf.QuantizationPreset.PERFORMANCE,
-                  fast_bias_correction=False, ignored_scope=ignored)
+                  fast_bias_correction=bias_correction == "fast", ignored_scope=ignored)
     extra = {}
     if max_label_change is None:
         quantized = nncf.quantize(ov_model, nncf.Dataset(images), advanced_parameters=advanced,
@@ -138,7 +144,7 @@ def quantize_checkpoint(checkpoint, cfg, *, samples: int = 300, seed: int = 0,
                   dataset=d.dataset, split=d.train_split, crop_size=list(d.crop_size),
                   weights="int8 symmetric per output channel",
                   activations="int8 per tensor, min/max ranges (PERFORMANCE preset)",
-                  sums_in_fp32=list(ignored.names), bias_correction="full",
+                  sums_in_fp32=list(ignored.names), bias_correction=bias_correction,
                   aspp_input_equalized=equalized is not None,
                   seconds=round(time.perf_counter() - start, 1), **extra)
     return xml
