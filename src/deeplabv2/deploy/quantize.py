@@ -42,7 +42,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 import torch
 from torch import nn
 
@@ -169,7 +168,8 @@ def equalize_aspp_input(net: nn.Module, images, alpha: float = 0.5) -> torch.Ten
     that reader's largest) balances the activation grid against the readers' per-channel
     weight grids."""
     blocks = list(getattr(net.backbone, "layer4", ()))
-    if not blocks or not hasattr(net.head, "convs") or not all(isinstance(b, Bottleneck) for b in blocks) \
+    if not blocks or not hasattr(net.head, "convs") \
+            or not all(isinstance(b, Bottleneck) for b in blocks) \
             or not isinstance(blocks[0].downsample, nn.Sequential):
         return None
     producers = [b.conv3 for b in blocks] + [blocks[0].downsample[0]]
