@@ -106,6 +106,7 @@ def test_quantize_then_evaluate_and_predict_int8(tmp_path, checkpoint, capsys):
     # the ASPP's three sums and layer4's residual sum take FP32 inputs, the other residual
     # sums INT8 ones (FakeQuantize)
     assert info["bias_correction"] == "full" and info["aspp_input_equalized"] is True
+    assert info["ranges"] == "minmax"
     sums = info["sums_in_fp32"]
     assert len(sums) == 4 and sum(".head/" in n for n in sums) == 3
     fed = {op.get_friendly_name(): {i.get_source_output().get_node().get_type_name()
@@ -188,12 +189,14 @@ def test_quantize_refuses_an_int8_model_that_changes_too_many_classes(tmp_path, 
                  "--check-samples", "3"]) == 2
     err = capsys.readouterr().err
     assert "60.00%" in err and str(ckpt) in err and "nothing written" in err and calls
+    assert "--ranges median" in err
     assert not (artefact_dir(ckpt) / "int8.xml").exists()
     # a higher bound keeps it, and says what it measured
     assert main(["quantize", str(ckpt), "-c", str(cfg_path), "--samples", "4",
-                 "--check-samples", "3", "--refuse-above", "0.7"]) == 0
+                 "--check-samples", "3", "--refuse-above", "0.7", "--ranges", "median"]) == 0
     info = json.loads((artefact_dir(ckpt) / "int8.json").read_text())
     assert info["label_change_measured"] == 0.6 and info["check_samples"] == 3
+    assert info["ranges"] == "median" and "median" in info["activations"]
     assert main(["quantize", str(ckpt), "-c", str(cfg_path), "--refuse-above", "2"]) == 2
     assert "refuse_above is a fraction" in capsys.readouterr().err
 

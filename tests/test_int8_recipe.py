@@ -57,3 +57,19 @@ def test_equalizing_needs_a_folded_resnet():
     state = {k: v.clone() for k, v in vgg.state_dict().items()}
     assert equalize_aspp_input(vgg, [torch.randn(1, 3, 33, 33).numpy()]) is None
     assert all(torch.equal(v, vgg.state_dict()[k]) for k, v in state.items())
+
+
+@torch.no_grad()
+def test_median_equalization_ignores_an_input_on_which_the_network_explodes():
+    """quantize --ranges median: the per-channel ranges are the median over the images of each
+    image's maxima, so one exploding input (here 1000x the others) leaves them as they were."""
+    import copy
+    tiny = {"backbone": "resnet", "blocks": [1, 1, 1, 1], "width": 8, "num_classes": 7}
+    net = fold_batchnorm(nontrivial_model(tiny)).eval()
+    x = torch.randn(1, 3, 41, 57).numpy()
+    images = [x, x, x, x, 1000 * x]
+    alone = equalize_aspp_input(copy.deepcopy(net), [x])
+    median = equalize_aspp_input(copy.deepcopy(net), images, statistic="median")
+    maximum = equalize_aspp_input(copy.deepcopy(net), images, statistic="max")
+    assert torch.allclose(median, alone, rtol=1e-5)
+    assert not torch.allclose(maximum, alone, rtol=0.05)

@@ -326,7 +326,7 @@ def cmd_quantize(args) -> int:
                               max_label_change=args.max_label_change,
                               check_samples=args.check_samples,
                               refuse_above=args.refuse_above,
-                              bias_correction=args.bias_correction)
+                              bias_correction=args.bias_correction, ranges=args.ranges)
     print(f"INT8 model written to {xml} ({args.samples} calibration crops of "
           f"{cfg.data.dataset} {cfg.data.train_split}); run it with --precision int8")
     info = json.loads(xml.with_suffix(".json").read_text())
@@ -475,6 +475,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="NNCF's bias correction: full (default; on the demo model 0.67%% of "
                          "the labels changed against 0.89%%) or fast (quicker to make on small "
                          "crops; about the same at 513x1025)")
+    qu.add_argument("--ranges", choices=("minmax", "median"), default="minmax",
+                    help="activation ranges: min/max over the crops (default) or the median "
+                         "of each crop's min/max, for networks whose activations explode on "
+                         "some inputs")
     qu.add_argument("overrides", nargs="*", help="section.key=value")
     qu.set_defaults(func=cmd_quantize)
 
