@@ -478,7 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     qu.add_argument("--ranges", choices=("minmax", "median"), default="minmax",
                     help="activation ranges: min/max over the crops (default) or the median "
                          "of each crop's min/max, for networks whose activations explode on "
-                         "some inputs")
+                         "some inputs (use it with --bias-correction fast)")
     qu.add_argument("overrides", nargs="*", help="section.key=value")
     qu.set_defaults(func=cmd_quantize)
 
