@@ -84,7 +84,7 @@ def main(argv=None) -> int:
     else:
         model = deeplabv2.deeplabv2_resnet101(num_classes=19)
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes]
-    modes = args.modes or (["eager", "fold", "fast", "bf16"] +
+    modes = args.modes or (["eager", "fold", "fast", "fast-direct", "bf16"] +
                            (["compile"] if args.compile else []) + _peers())
     start = time.perf_counter()
     load_before = os.getloadavg()
@@ -126,13 +126,15 @@ forward). "% of dtype bound" divides it by the best GFLOP/s of large matrix prod
 convolutions measured in the same run in that dtype (below the table). "max rel. diff" is
 `max|logits - eager| / max|eager|` of the last call (random weights: see
 `accuracy_results.md` for labels and mIoU on a trained model). "peak RSS" is the largest
-resident memory seen during that mode's own calls (sampled every 2 ms), "call peak" its rise
-above the memory before the call.
+resident memory seen during that mode's warm-up calls and one more untimed call (sampled every
+2 ms; the timed calls are not sampled), "call peak" its rise above the memory before the call.
 
 Modes: `eager` the model as built; `fold` BN folded into the convolutions + channels-last;
 `fast` what `evaluate`/`predict --precision fp32` run (`deeplabv2.fast.optimize_for_inference`):
-`fold` plus ReLU/residual sums fused into prepacked oneDNN convolutions (and, on AVX2 CPUs
-only, the dilated 3x3 convolutions of layer3/layer4 as tiled Winograd); `bf16` the same in
+`fold` plus ReLU/residual sums fused into prepacked oneDNN convolutions and the dilated 3x3
+convolutions of layer3/layer4 as tiled Winograd (NNPACK on AVX2 CPUs, F(6x6, 3x3) through
+torch's GEMM on AVX-512 ones); `fast-direct` the same with oneDNN's direct convolutions in
+place of Winograd (`--no-winograd`); `bf16` the same in
 bfloat16 (`--precision bf16`); `compile` `fold` under `torch.compile` (freezing on);
 `onnxruntime` the ONNX export fixed at the size it runs, ONNX Runtime's default CPU session,
 {result["threads"]} intra-op threads; `openvino`/`openvino-bf16` the network converted to

@@ -6,7 +6,8 @@ from torch import nn
 
 from torch.nn import functional as F
 
-from deeplabv2.atrous import atrous_conv3x3, nnpack_available, use_atrous_winograd
+from deeplabv2.atrous import (atrous_conv3x3, atrous_conv3x3_gemm, nnpack_available,
+                              use_atrous_winograd, winograd_weight)
 from deeplabv2.fast import (FusedBottleneck, InferenceModel, fold_batchnorm,
                             optimize_for_inference)
 from deeplabv2.model import FrozenBatchNorm2d, build_model
@@ -125,9 +126,50 @@ def test_atrous_winograd_equals_the_dilated_convolution(shape, dilation, channel
     assert out.is_contiguous(memory_format=fmt)
 
 
-def test_fused_and_winograd_network_equals_eager_and_falls_back_with_autograd():
-    if not nnpack_available():
-        pytest.skip("this torch has no NNPACK")
+@pytest.mark.parametrize("tile", [4, 6])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("shape,dilation", [((1, 16, 8, 13, 17), 2), ((2, 8, 12, 9, 10), 4),
+                                            ((1, 5, 3, 7, 7), 3), ((1, 4, 4, 3, 5), 6),
+                                            ((2, 24, 24, 16, 32), 1), ((1, 32, 16, 33, 65), 2)])
+def test_gemm_winograd_equals_the_dilated_convolution(shape, dilation, channels_last, tile):
+    """F(4x4, 3x3) and F(6x6, 3x3) through torch's GEMM: batches, sub-grids of unequal sizes,
+    maps smaller than one tile, either layout kept; with and without bias and ReLU."""
+    n, c, co, h, w = shape
+    g = torch.Generator().manual_seed(h * w + dilation + tile)
+    x = torch.randn(n, c, h, w, generator=g)
+    weight, bias = torch.randn(co, c, 3, 3, generator=g), torch.randn(co, generator=g)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    u = winograd_weight(weight, tile)
+    assert u.shape == ((tile + 2) ** 2, c, co)
+    for b, relu in ((bias, False), (None, False), (bias, True)):
+        ref = F.conv2d(x.double(), weight.double(), None if b is None else b.double(),
+                       padding=dilation, dilation=dilation)
+        if relu:
+            ref = ref.relu()
+        out = atrous_conv3x3_gemm(x, u, b, dilation, relu=relu)
+        assert out.shape == ref.shape and out.dtype == torch.float32
+        assert _close(out, ref, 1e-4), (b is None, relu)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        assert out.is_contiguous(memory_format=fmt)
+
+
+def test_gemm_winograd_refuses_weights_it_cannot_use():
+    with pytest.raises(ValueError, match="3, 3"):
+        winograd_weight(torch.zeros(4, 4, 5, 5))
+    with pytest.raises(ValueError, match="tile"):
+        winograd_weight(torch.zeros(4, 4, 3, 3), tile=5)
+    u = winograd_weight(torch.zeros(4, 8, 3, 3))
+    with pytest.raises(ValueError, match="for 6 input channels"):
+        atrous_conv3x3_gemm(torch.zeros(1, 6, 9, 9), u, None, 2)
+
+
+def _winograd_backends() -> list[str]:
+    return ["gemm"] + (["nnpack"] if nnpack_available() else [])
+
+
+@pytest.mark.parametrize("backend", _winograd_backends())
+def test_fused_and_winograd_network_equals_eager_and_falls_back_with_autograd(backend):
     model = _tiny()
     fast = optimize_for_inference(model)  # CPU fp32 defaults: fold, channels-last, fuse
     kinds = [type(m) for m in fast.modules()]
@@ -136,7 +178,7 @@ def test_fused_and_winograd_network_equals_eager_and_falls_back_with_autograd():
     wino = optimize_for_inference(model, fuse=True, winograd=False)
     # layer3 (d=2), layer4 (d=4) and the four ASPP branches (d=6..24, 5 output channels)
     assert use_atrous_winograd(wino.model, min_channels=1, min_pixels=1,
-                               max_overhead=float("inf")) == 6
+                               max_overhead=float("inf"), backend=backend) == 6
     x = torch.randn(2, 3, 45, 61)
     with torch.no_grad():
         ref = model(x)
@@ -154,6 +196,12 @@ def test_winograd_only_where_the_tiling_pays():
     assert not worth_tiling(41, 41, 2)  # too small a map
     assert not worth_tiling(65, 129, 24)  # 3x6 sub-grids: the zero borders would double the work
     assert worth_tiling(65, 129, 24, max_overhead=float("inf"))
+    # F(6x6, 3x3): whole 6x6 tiles; ResNet-101 at 321x321 (41x41 scores) and 512x1024 pay,
+    # layer4's 9x9 sub-grids at 33x33 would be 12x12 (1.78x the work)
+    for size in ((41, 41), (65, 129)):
+        assert worth_tiling(*size, 2, 32 * 32, tile=6) and worth_tiling(*size, 4, 32 * 32, tile=6)
+    assert not worth_tiling(33, 33, 4, 32 * 32, tile=6)
+    assert not worth_tiling(31, 33, 2, 32 * 32, tile=6)  # below the GEMM form's smallest map
 
 
 def test_the_real_vgg16_optimized_equals_eager():
@@ -166,28 +214,32 @@ def test_the_real_vgg16_optimized_equals_eager():
         assert _close(fast(x), model(x), 1e-4)
 
 
-def test_the_real_resnet101_optimized_equals_eager(monkeypatch):
+@pytest.mark.parametrize("backend", _winograd_backends())
+def test_the_real_resnet101_optimized_equals_eager(monkeypatch, backend):
     """ResNet-101 as it is deployed: 33 fused blocks, 26 Winograd atrous convolutions (23 in
     layer3, 3 in layer4) that run at 65x65 scores, logits within 1e-4 of the eager network."""
     import deeplabv2.atrous as atrous
     torch.manual_seed(0)
     model = build_model({"backbone": "resnet", "blocks": [3, 4, 23, 3], "num_classes": 19})
     model.eval()
-    # Winograd forced on: by default it runs only on AVX2 CPUs (winograd_pays)
-    fast = optimize_for_inference(model, winograd=nnpack_available())
+    # each backend forced on: by default NNPACK runs on AVX2 CPUs, GEMM on AVX-512 ones
+    fast = optimize_for_inference(model, winograd=backend)
     kinds = [type(m).__name__ for m in fast.modules()]
     assert kinds.count("FusedBottleneck") == 33
+    assert kinds.count("AtrousWinogradConv2d") == 26
+    wino = [m for m in fast.modules() if type(m).__name__ == "AtrousWinogradConv2d"]
+    # the direct convolution kept for small maps is prepacked like the others
+    assert all(type(m.conv).__name__ == "PrepackedConv2d" for m in wino)
     calls = []
-    monkeypatch.setattr(atrous, "atrous_conv3x3",
-                        lambda *a: calls.append(a[3]) or atrous_conv3x3(*a))
+    name = "atrous_conv3x3_gemm" if backend == "gemm" else "atrous_conv3x3"
+    original = getattr(atrous, name)
+    monkeypatch.setattr(atrous, name, lambda *a, **k: calls.append(a[3]) or original(*a, **k))
     x = torch.randn(1, 3, 513, 513)  # 65x65 scores: above the Winograd threshold
     with torch.no_grad():
         assert _close(fast(x), model(x), 1e-4)
-    if nnpack_available():
-        assert kinds.count("AtrousWinogradConv2d") == 26
-        wino = [m for m in fast.modules() if type(m).__name__ == "AtrousWinogradConv2d"]
-        assert all(m.weight.is_contiguous() for m in wino)  # NCHW, as NNPACK takes it
-        assert sorted(calls) == [2] * 23 + [4] * 3
+    assert sorted(calls) == [2] * 23 + [4] * 3
+    if backend == "nnpack":
+        assert all(m.winograd_weights.is_contiguous() for m in wino)  # NCHW, as NNPACK takes it
 
 
 def test_optimize_for_inference_bf16_is_close_and_returns_float32():
@@ -282,6 +334,25 @@ def test_mode_accuracy_counts_changed_labels_and_miou_against_eager():
     assert not model.training
 
 
+def test_goal_ratios_per_round_follow_a_drifting_machine():
+    """Round i of every mode saw about the same machine: the median of the per-round ratios
+    sees through a slowdown that caught one mode's call in a round and both modes' calls in
+    later rounds, where the ratio of the medians is thrown off."""
+    from deeplabv2.bench import goal_ratios
+    times = {"fast": [1.0, 1.0, 1.0, 3.0, 3.0],
+             "onnxruntime": [1.25, 1.25, 3.75, 3.75, 3.75],  # round 3: slow already
+             "openvino": [2.0, 2.0, 6.0, 6.0, 6.0]}
+    rows = [{"size": [8, 8], "mode": m, "median_s": sorted(t)[2], "times_s": t}
+            for m, t in times.items()]
+    lines = goal_ratios({"inference": rows, "train": []})
+    assert lines == ["8x8: FP32 ours (fast) / best peer FP32: 3.75x "
+                     "(median of per-round ratios 1.25x)"]
+    for r in rows:  # older results without the rounds' times: the ratio of the medians
+        del r["times_s"]
+    assert goal_ratios({"inference": rows, "train": []}) == [
+        "8x8: FP32 ours (fast) / best peer FP32: 3.75x"]
+
+
 def test_bench_and_export_subcommands_parse():
     import argparse
 
@@ -297,16 +368,39 @@ def test_bench_and_export_subcommands_parse():
     assert args.func is cmd_export and (args.height, args.width) == (512, 1024)
 
 
-def test_winograd_by_default_only_on_avx2_cpus(monkeypatch):
+def test_winograd_backend_by_cpu(monkeypatch):
+    """NNPACK on AVX2 CPUs, the GEMM form on AVX-512 ones, the direct convolutions elsewhere
+    (and always for bf16)."""
     import deeplabv2.fast as fast_mod
     model = build_model({"backbone": "resnet", "blocks": [1, 1, 1, 1], "width": 64,
                          "num_classes": 3}).eval()  # 256-512 channels in layer3/4: eligible
-    for capability, expected in (("AVX2", nnpack_available()), ("AVX512", False)):
+    expected = {"AVX2": "nnpack" if nnpack_available() else None, "AVX512": "gemm",
+                "AVX512_BF16": "gemm", "DEFAULT": None}
+    for capability, backend in expected.items():
         monkeypatch.setattr(fast_mod.torch.backends.cpu, "get_cpu_capability",
                             lambda c=capability: c)
-        fast = optimize_for_inference(model)
-        wino = [m for m in fast.modules() if type(m).__name__ == "AtrousWinogradConv2d"]
-        assert bool(wino) == expected, capability
+        assert fast_mod.winograd_backend() == backend, capability
+        for precision in ("fp32", "bf16"):
+            fast = optimize_for_inference(model, precision=precision)
+            wino = [m for m in fast.modules() if type(m).__name__ == "AtrousWinogradConv2d"]
+            want = backend if precision == "fp32" else None
+            assert [m.backend for m in wino] == ([want] * 2 if want else []), (capability,
+                                                                              precision)
+
+
+def test_no_winograd_flag_keeps_the_direct_convolutions(monkeypatch):
+    """``evaluate/predict --no-winograd``: oneDNN's direct convolutions whatever the CPU."""
+    import deeplabv2.fast as fast_mod
+    from deeplabv2.cli import _runtime, build_parser
+    monkeypatch.setattr(fast_mod.torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    model = build_model({"backbone": "resnet", "blocks": [1, 1, 1, 1], "width": 64,
+                         "num_classes": 3}).eval()
+    for flags, count in (([], 2), (["--no-winograd"], 0)):
+        args = build_parser().parse_args(["predict", "ckpt.pth", "in", "-o", "out",
+                                          "--precision", "fp32", *flags])
+        net, _ = _runtime(model, args, torch.device("cpu"))
+        kinds = [type(m).__name__ for m in net.modules()]
+        assert kinds.count("AtrousWinogradConv2d") == count, flags
 
 
 def test_prepacked_weights_follow_the_input_and_survive_copies():

@@ -11,8 +11,10 @@ Inference modes:
 * ``eager``: the model as given (frozen BN as separate ops, NCHW, fp32);
 * ``fold``: frozen BN folded into the convolutions, channels-last, fp32 (nothing else);
 * ``fast``: :func:`deeplabv2.fast.optimize_for_inference`, fp32: ``fold`` plus, on the CPU,
-  ReLU and residual sums fused into prepacked oneDNN convolutions and, on AVX2 CPUs, Winograd
-  atrous convolutions (what ``evaluate`` and ``predict --precision fp32`` run);
+  ReLU and residual sums fused into prepacked oneDNN convolutions and Winograd atrous
+  convolutions (NNPACK on AVX2 CPUs, F(6x6, 3x3) through torch's GEMM on AVX-512 ones: what
+  ``evaluate`` and ``predict --precision fp32`` run);
+* ``fast-direct``: ``fast`` with oneDNN's direct convolutions in place of Winograd;
 * ``winograd-all``: ``fast`` with every dilated 3x3 convolution of the backbone through Winograd
   (the ASPP head runs as ``TapsASPP``), whatever its size: the worst case of that path's
   rounding, for accuracy checks;
@@ -44,7 +46,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-MODES = ("eager", "fold", "fast", "winograd-all", "bf16", "compile", "onnxruntime",
+MODES = ("eager", "fold", "fast", "fast-direct", "winograd-all", "bf16", "compile", "onnxruntime",
          "openvino", "openvino-bf16", "int8")
 #: the dtype each mode computes in (for the per-dtype upper bound)
 MODE_DTYPES = {"bf16": "bf16", "openvino-bf16": "bf16", "int8": "int8"}
@@ -130,7 +132,7 @@ def _time(fn, iterations: int, warmup: int) -> tuple[list[float], list[float]]:
 def _summary(warm: list[float], times: list[float], flops: int | None) -> dict:
     median = statistics.median(times)
     out = {"median_s": median, "mean_s": statistics.fmean(times), "min_s": min(times),
-           "iterations": len(times), "first_call_s": (warm or times)[0]}
+           "iterations": len(times), "first_call_s": (warm or times)[0], "times_s": times}
     if flops:
         out["gflops_per_s"] = flops / median / 1e9
     return out
@@ -275,13 +277,16 @@ def _inference_runners(model: nn.Module, modes, size, threads, int8_xml=None,
             run = optimize_for_inference(model, precision="fp32", fuse=False, winograd=False)
         elif mode == "fast":
             run = optimize_for_inference(model, precision="fp32")
+        elif mode == "fast-direct":
+            run = optimize_for_inference(model, precision="fp32", winograd=False)
         elif mode == "winograd-all":
             from .atrous import use_atrous_winograd
+            from .fast import winograd_backend
             run = optimize_for_inference(model, precision="fp32", winograd=False)
             if not use_atrous_winograd(run.model, min_channels=1, min_pixels=1,
-                                       max_overhead=float("inf")):
-                raise ValueError("winograd-all: no NNPACK in this torch, or no dilated 3x3 "
-                                 "convolution in the model")
+                                       max_overhead=float("inf"),
+                                       backend=winograd_backend() or "gemm"):
+                raise ValueError("winograd-all: no dilated 3x3 convolution in the model")
         elif mode == "bf16":
             run = optimize_for_inference(model, precision="bf16")
         elif mode == "compile":
@@ -377,11 +382,12 @@ def bench(model: nn.Module, sizes, modes=DEFAULT_MODES, iterations: int = 3, war
     ``iterations`` times round-robin over the modes.
 
     Returns ``{"threads", "machine", "inference": [{"size", "mode", "dtype", "flops",
-    "median_s", "mean_s", "min_s", "iterations", "first_call_s", "gflops_per_s",
+    "median_s", "mean_s", "min_s", "iterations", "first_call_s", "times_s", "gflops_per_s",
     "speedup_vs_eager", "max_rel_diff_vs_eager", "prepare_s", "peak_rss_mib",
     "call_peak_mib"}, ...], "train": [{...}, ...], "train_auto": {...}}``:
-    ``peak_rss_mib`` is the largest resident memory seen during that mode's calls and
-    ``call_peak_mib`` its rise above the memory before the call (the call's working memory);
+    ``peak_rss_mib`` is the largest resident memory seen during that mode's warm-up calls and
+    one more untimed call, and ``call_peak_mib`` its rise above the memory before the call
+    (the call's working memory); ``times_s`` the timed calls, in round order;
     ``train`` holds fp32 NCHW, fp32 channels-last and bf16 channels-last steps
     (:func:`train_step_times`, ``train_warmup`` warm-up steps each) and ``train_auto`` what
     ``train.amp: auto`` picks here and why. With ``bounds``, ``"bounds"`` holds
@@ -400,8 +406,11 @@ def bench(model: nn.Module, sizes, modes=DEFAULT_MODES, iterations: int = 3, war
         runners = _inference_runners(model, modes, (height, width), threads)
         flops = forward_flops(model, height, width)
         x = torch.randn(1, 3, height, width, generator=torch.Generator().manual_seed(0))
-        # Warm-up per mode, then the timed calls round-robin over the modes, so that a change
-        # in the machine's load during the run affects every mode alike.
+        # Warm-up per mode, then one call whose memory is sampled, then the timed calls
+        # round-robin over the modes, so that a change in the machine's load during the run
+        # affects every mode alike. The timed calls are not sampled: the sampling thread
+        # would take CPU time from the 2 compute threads, the more so for modes made of many
+        # short operations.
         warm, times, outputs = {}, {m: [] for m in modes}, {}
         peak, rise = {m: 0.0 for m in modes}, {m: 0.0 for m in modes}
         with torch.no_grad():
@@ -409,15 +418,15 @@ def bench(model: nn.Module, sizes, modes=DEFAULT_MODES, iterations: int = 3, war
                 with RSSSampler() as mem:
                     warm[mode], _ = _time(lambda: runners[mode][0](x), 0, warmup)
                 peak[mode], rise[mode] = mem.peak_mib, mem.peak_mib - mem.start_mib
+                with RSSSampler() as mem:
+                    outputs[mode] = runners[mode][0](x)
+                peak[mode] = max(peak[mode], mem.peak_mib)
+                rise[mode] = max(rise[mode], mem.peak_mib - mem.start_mib)
             for _ in range(iterations):
                 for mode in modes:
-                    with RSSSampler() as mem:
-                        start = time.perf_counter()
-                        out = runners[mode][0](x)
-                        times[mode].append(time.perf_counter() - start)
-                    peak[mode] = max(peak[mode], mem.peak_mib)
-                    rise[mode] = max(rise[mode], mem.peak_mib - mem.start_mib)
-                    outputs[mode] = out
+                    start = time.perf_counter()
+                    runners[mode][0](x)
+                    times[mode].append(time.perf_counter() - start)
         del runners
         eager_median = eager_out = None
         for mode in modes:
@@ -564,22 +573,40 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _per_round(numerators: list[list[float]], denominator: list[float]) -> float | None:
+    """Median over the rounds of ``min(numerators at round i) / denominator[i]``: the modes
+    of a size are timed round-robin, so the times of one round saw the same machine."""
+    rounds = [min(column) / d for *column, d in zip(*numerators, denominator)]
+    return statistics.median(rounds) if rounds else None
+
+
 def goal_ratios(result: dict) -> list[str]:
     """The issue's goals as ratios of this run, per size: our FP32 path (``fast``) against the
     faster of ONNX Runtime and OpenVINO FP32, our bf16 against OpenVINO bf16, INT8 against our
-    fastest other precision, and the bf16 training step against FP32 NCHW."""
+    fastest other precision, and the bf16 training step against FP32 NCHW. Each as the ratio
+    of the medians and, where the rounds' times are known, the median of the per-round
+    ratios (less moved by a machine whose speed drifts during the run)."""
     out = []
     for size in {tuple(r["size"]) for r in result["inference"]}:
-        t = {r["mode"]: r["median_s"] for r in result["inference"] if tuple(r["size"]) == size}
-        peers = [t[m] for m in ("onnxruntime", "openvino") if m in t]
+        rows = {r["mode"]: r for r in result["inference"] if tuple(r["size"]) == size}
+        t = {m: r["median_s"] for m, r in rows.items()}
         name = f"{size[0]}x{size[1]}"
-        if "fast" in t and peers:
-            out.append(f"{name}: FP32 ours (fast) / best peer FP32: {min(peers) / t['fast']:.2f}x")
-        if "bf16" in t and "openvino-bf16" in t:
-            out.append(f"{name}: bf16 ours / OpenVINO bf16: {t['openvino-bf16'] / t['bf16']:.2f}x")
-        ours = [t[m] for m in ("fast", "bf16", "compile") if m in t]
-        if "int8" in t and ours:
-            out.append(f"{name}: INT8 / our fastest other precision: {min(ours) / t['int8']:.2f}x")
+
+        def ratio(label: str, ours: list[str], theirs: list[str]) -> None:
+            ours, theirs = [m for m in ours if m in t], [m for m in theirs if m in t]
+            if not ours or not theirs:
+                return
+            line = f"{name}: {label}: {min(t[m] for m in theirs) / min(t[m] for m in ours):.2f}x"
+            mine = min(ours, key=t.get)
+            if all("times_s" in rows[m] for m in (mine, *theirs)):
+                per_round = _per_round([rows[m]["times_s"] for m in theirs],
+                                       rows[mine]["times_s"])
+                line += f" (median of per-round ratios {per_round:.2f}x)"
+            out.append(line)
+
+        ratio("FP32 ours (fast) / best peer FP32", ["fast"], ["onnxruntime", "openvino"])
+        ratio("bf16 ours / OpenVINO bf16", ["bf16"], ["openvino-bf16"])
+        ratio("INT8 / our fastest other precision", ["int8"], ["fast", "bf16", "compile"])
     for r in result["train"]:
         if r["amp"] == "bf16":
             out.append(f"training step bf16 autocast + channels-last / FP32 NCHW: "

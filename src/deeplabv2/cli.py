@@ -116,6 +116,9 @@ def _add_runtime_args(sp, precision: str = "fp32") -> None:
     sp.add_argument("--compile", action="store_true",
                     help="torch.compile the folded network (the first image compiles for "
                          "tens of seconds)")
+    sp.add_argument("--no-winograd", dest="winograd", action="store_false",
+                    help="oneDNN's direct dilated convolutions instead of Winograd (fp32 on "
+                         "the CPU: slower, but ResNet-101 then needs ~0.6 GB less memory)")
 
 
 def _runtime(model, args, device):
@@ -139,7 +142,9 @@ def _runtime(model, args, device):
             raise ValueError("--compile works on the optimized network; drop --eager")
         return model, ("none" if args.precision == "fp32" else args.precision)
     from .fast import optimize_for_inference
-    return optimize_for_inference(model, precision=args.precision, compile=args.compile), "none"
+    winograd = None if getattr(args, "winograd", True) else False
+    return optimize_for_inference(model, precision=args.precision, compile=args.compile,
+                                  winograd=winograd), "none"
 
 
 def _add_ensemble_arg(sp) -> None:

@@ -13,8 +13,8 @@ blocks, Winograd atrous convolutions, bf16/fp16, compile.
   shifted sums (oneDNN has no efficient kernel for 2048->19 dilated convolutions, in bf16
   least of all).
 * :mod:`deeplabv2.atrous` runs the dilated 3x3 convolutions of layer3/layer4 as one Winograd
-  convolution over the tiled sub-grids (CPU, fp32, maps of 64x64 and more; by default only on
-  AVX2 CPUs, :func:`winograd_pays`).
+  convolution over the tiled sub-grids (CPU, fp32): NNPACK's on AVX2 CPUs, F(6x6, 3x3)
+  through torch's GEMM on AVX-512 ones (:func:`winograd_backend`).
 * :func:`optimize_for_inference` puts these together with the memory layout, the precision
   and ``torch.compile``, and returns an :class:`InferenceModel` that takes and returns
   ``float32`` tensors. ``deeplabv2 evaluate`` and ``predict`` run it by default
@@ -33,7 +33,7 @@ import copy
 import torch
 from torch import nn
 
-from .atrous import use_atrous_winograd
+from .atrous import AtrousWinogradConv2d, nnpack_available, use_atrous_winograd
 from .model.aspp import tap_shifts, tap_weight
 from .model.resnet import Bottleneck, FrozenBatchNorm2d
 
@@ -109,12 +109,19 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     return folded
 
 
-def winograd_pays() -> bool:
-    """Whether the tiled Winograd atrous convolutions (:mod:`deeplabv2.atrous`) beat oneDNN's
-    direct ones on this CPU: only where PyTorch's best vector ISA is AVX2. Measured: 1.1-2x per
-    layer on a 2-core AVX2 AMD EPYC, where oneDNN has no Winograd kernel; slower than oneDNN's
-    AVX-512/AMX direct kernels on a Xeon with AMX (``benchmarks/speed_results.md``)."""
-    return torch.backends.cpu.get_cpu_capability() == "AVX2"
+def winograd_backend() -> str | None:
+    """Which Winograd form of the dilated 3x3 convolutions (:mod:`deeplabv2.atrous`) beats
+    oneDNN's direct kernels on this CPU, by PyTorch's best vector ISA: ``"nnpack"`` on AVX2
+    (NNPACK's kernels; measured 1.1-2x per layer on a 2-core AVX2 AMD EPYC, where oneDNN has no
+    Winograd kernel), ``"gemm"`` on AVX-512 (F(6x6, 3x3) through torch's batched GEMM: 1.30x
+    oneDNN's direct kernels on ResNet-101 at 512x1024 on a 2-core Xeon with AMX, whose fp32
+    runs on the same AVX-512 units as on one without; NNPACK, AVX2 only, is slower than oneDNN
+    there), and None elsewhere (not measured). The GEMM form's weights take 64/9 of the 3x3
+    weights' memory: ~0.6 GB more for ResNet-101. Results in ``benchmarks/speed_results.md``."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability == "AVX2":
+        return "nnpack" if nnpack_available() else None
+    return "gemm" if capability.startswith("AVX512") else None
 
 
 class _PackedWeights(dict):
@@ -198,9 +205,11 @@ class FusedBottleneck(nn.Module):
             return torch.relu(self.conv3(out) + identity)
         identity = x if self.downsample is None else _mkldnn_conv(self.downsample, x)
         out = _mkldnn_conv(self.conv1, x, "relu")
-        if isinstance(self.conv2, nn.Conv2d):
+        if isinstance(self.conv2, AtrousWinogradConv2d):
+            out = self.conv2(out, relu=True)
+        elif isinstance(self.conv2, nn.Conv2d):
             out = _mkldnn_conv(self.conv2, out, "relu")
-        else:  # e.g. the Winograd atrous convolution
+        else:
             out = torch.relu_(self.conv2(out))
         inplace = self.downsample is not None or self.input_is_private
         return _mkldnn_conv(self.conv3, out, "relu", other=identity, inplace=inplace)
@@ -266,18 +275,20 @@ class TapsASPP(nn.Module):
                 out = out + conv(x)
             return out
         y = _mkldnn_conv(self.taps, x) if _fusable(x) else self.taps(x)
-        y = y.contiguous()  # NCHW: each tap map one plane per class
         n, _, h, w = y.shape
         c = self.num_classes
-        out = self.bias.view(1, c, 1, 1).expand(n, c, h, w).contiguous()
+        # channels last: tap k of a pixel is the k-th run of c values (a view of oneDNN's
+        # channels-last output; 5x faster to sum than after a copy to NCHW planes)
+        y = y.permute(0, 2, 3, 1).reshape(n, h, w, len(self.shifts), c)
+        out = self.bias.expand(n, h, w, c).contiguous()
         for k, (dy, dx) in enumerate(self.shifts):
             if abs(dy) >= h or abs(dx) >= w:
                 continue  # the tap reads only padding
             y0, y1, x0, x1 = max(0, -dy), min(h, h - dy), max(0, -dx), min(w, w - dx)
-            out[:, :, y0:y1, x0:x1] += y[:, k * c:(k + 1) * c, y0 + dy:y1 + dy, x0 + dx:x1 + dx]
-        out = out.to(x.dtype)
-        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-            out = out.contiguous(memory_format=torch.channels_last)
+            out[:, y0:y1, x0:x1] += y[:, y0 + dy:y1 + dy, x0 + dx:x1 + dx, k]
+        out = out.permute(0, 3, 1, 2).to(x.dtype)  # (n, c, h, w), stored channels-last
+        if not x.is_contiguous(memory_format=torch.channels_last) or x.is_contiguous():
+            out = out.contiguous()
         return out
 
 
@@ -378,7 +389,7 @@ class InferenceModel(nn.Module):
 
 def optimize_for_inference(model: nn.Module, *, precision: str = "fp32",
                            channels_last: bool = True, fuse: bool | None = None,
-                           winograd: bool | None = None,
+                           winograd: bool | str | None = None,
                            compile: bool = False) -> InferenceModel:
     """An eval-mode, BN-folded copy of ``model`` for inference only (``model`` is unchanged).
 
@@ -396,9 +407,10 @@ def optimize_for_inference(model: nn.Module, *, precision: str = "fp32",
     convolutions (:class:`FusedBottleneck`), the ASPP as :class:`TapsASPP` and every
     convolution with a prepacked weight (``None``: on for channels-last on the CPU).
     ``winograd`` runs the dilated 3x3 convolutions of layer3/layer4 as tiled
-    Winograd convolutions (:mod:`deeplabv2.atrous`; ~1e-5 relative rounding per layer);
-    ``None`` (default) turns it on for fp32 on the CPU where NNPACK is available and it pays
-    (:func:`winograd_pays`: AVX2 CPUs).
+    Winograd convolutions (:mod:`deeplabv2.atrous`; ~1e-5 relative rounding per layer):
+    ``"nnpack"`` or ``"gemm"``, ``True`` for this CPU's choice (``"gemm"`` where it has none),
+    ``None`` (default) for fp32 on the CPU where one is measured to pay
+    (:func:`winograd_backend`: NNPACK on AVX2, GEMM on AVX-512).
     ``compile=True`` wraps the network in ``torch.compile`` with freezing on the CPU (needs a
     C++ compiler there; the first call then takes 20-60 s for ResNet-101 on 2 cores), in
     place of ``fuse`` and ``winograd``.
@@ -415,11 +427,13 @@ def optimize_for_inference(model: nn.Module, *, precision: str = "fp32",
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
     if winograd is None:
-        winograd = on_cpu and precision == "fp32" and not compile and winograd_pays()
+        winograd = on_cpu and precision == "fp32" and not compile and winograd_backend()
+    elif winograd is True:
+        winograd = winograd_backend() or "gemm"
     if winograd:  # after the layout change: NNPACK wants its weights NCHW, kept as they are
         if not on_cpu or precision != "fp32":
-            raise ValueError("winograd=True needs an fp32 model on the CPU")
-        use_atrous_winograd(net)
+            raise ValueError("winograd needs an fp32 model on the CPU")
+        use_atrous_winograd(net, backend=winograd)
     if fuse is None:
         fuse = on_cpu and channels_last and not compile
     if fuse:
