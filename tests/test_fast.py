@@ -154,6 +154,21 @@ def test_gemm_winograd_equals_the_dilated_convolution(shape, dilation, channels_
         assert out.is_contiguous(memory_format=fmt)
 
 
+def test_gemm_winograd_reads_only_what_it_wrote(monkeypatch):
+    """Its buffers are allocated uninitialised and only their borders zeroed: filled with NaN
+    first, the result must not change."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 8, 23, 30, generator=g).contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.randn(6, 8, 3, 3, generator=g), torch.randn(6, generator=g)
+    ref = F.conv2d(x, weight, bias, padding=3, dilation=3)
+    real = torch.Tensor.new_empty
+    monkeypatch.setattr(torch.Tensor, "new_empty",
+                        lambda self, *size, **kw: real(self, *size, **kw).fill_(float("nan")))
+    for tile in (4, 6):
+        out = atrous_conv3x3_gemm(x, winograd_weight(weight, tile), bias, 3)
+        assert torch.isfinite(out).all() and _close(out, ref, 1e-4), tile
+
+
 def test_gemm_winograd_refuses_weights_it_cannot_use():
     with pytest.raises(ValueError, match="3, 3"):
         winograd_weight(torch.zeros(4, 4, 5, 5))

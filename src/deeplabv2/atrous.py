@@ -163,13 +163,19 @@ def atrous_conv3x3_gemm(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | N
     th, tw = -(-h // m), -(-w // m)  # output tiles per sub-grid
     tiles = n * d * d * th * tw
     # Sub-grid (a, b) of image i, channels last, in a zero border (its padding) at
-    # padded[i, a, b]; the input tile (p, q) starts at row m * p, column m * q.
-    padded = x.new_zeros(n, d, d, m * th + 2, m * tw + 2, c)
+    # padded[i, a, b]; the input tile (p, q) starts at row m * p, column m * q. Only the
+    # border is zeroed: the interior is written once.
+    padded = x.new_empty(n, d, d, m * th + 2, m * tw + 2, c)
+    padded[:, :, :, 0] = 0
+    padded[:, :, :, :, 0] = 0
     nhwc = x.permute(0, 2, 3, 1)
     for a in range(d):
         for b in range(d):
             sub = nhwc[:, a::d, b::d]
-            padded[:, a, b, 1:1 + sub.shape[1], 1:1 + sub.shape[2]] = sub
+            sh, sw = sub.shape[1], sub.shape[2]
+            padded[:, a, b, 1:1 + sh, 1:1 + sw] = sub
+            padded[:, a, b, 1 + sh:] = 0
+            padded[:, a, b, :, 1 + sw:] = 0
     bt, _, at = (torch.tensor(t, dtype=x.dtype, device=x.device) for t in _TRANSFORMS[m])
     # B^T d: the rows of each tile, read in place (a tile's r rows of r * c values are a
     # matrix with the padded row stride), one matmul per row of tiles.
