@@ -7,7 +7,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from deeplabv2.atrous import (atrous_conv3x3, atrous_conv3x3_gemm, nnpack_available,
-                              use_atrous_winograd, winograd_weight)
+                              release_workspace, use_atrous_winograd, winograd_weight)
 from deeplabv2.fast import (FusedBottleneck, InferenceModel, fold_batchnorm,
                             optimize_for_inference)
 from deeplabv2.model import FrozenBatchNorm2d, build_model
@@ -155,8 +155,8 @@ def test_gemm_winograd_equals_the_dilated_convolution(shape, dilation, channels_
 
 
 def test_gemm_winograd_reads_only_what_it_wrote(monkeypatch):
-    """Its buffers are allocated uninitialised and only their borders zeroed: filled with NaN
-    first, the result must not change."""
+    """Its buffers are uninitialised (and kept between calls) and only their borders zeroed:
+    filled with NaN first, or holding an earlier call's values, the result must not change."""
     g = torch.Generator().manual_seed(5)
     x = torch.randn(2, 8, 23, 30, generator=g).contiguous(memory_format=torch.channels_last)
     weight, bias = torch.randn(6, 8, 3, 3, generator=g), torch.randn(6, generator=g)
@@ -165,8 +165,13 @@ def test_gemm_winograd_reads_only_what_it_wrote(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "new_empty",
                         lambda self, *size, **kw: real(self, *size, **kw).fill_(float("nan")))
     for tile in (4, 6):
+        release_workspace()  # buffers are kept between calls: make them anew, NaN-filled
         out = atrous_conv3x3_gemm(x, winograd_weight(weight, tile), bias, 3)
         assert torch.isfinite(out).all() and _close(out, ref, 1e-4), tile
+        # reused, with the previous call's values (a larger map) still in them
+        small = x[:1, :, :11, :13]
+        again = atrous_conv3x3_gemm(small, winograd_weight(weight, tile), bias, 3)
+        assert _close(again, F.conv2d(small, weight, bias, padding=3, dilation=3), 1e-4)
 
 
 def test_gemm_winograd_refuses_weights_it_cannot_use():
