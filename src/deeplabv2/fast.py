@@ -113,11 +113,11 @@ def winograd_backend() -> str | None:
     """Which Winograd form of the dilated 3x3 convolutions (:mod:`deeplabv2.atrous`) beats
     oneDNN's direct kernels on this CPU, by PyTorch's best vector ISA: ``"nnpack"`` on AVX2
     (NNPACK's kernels; measured 1.1-2x per layer on a 2-core AVX2 AMD EPYC, where oneDNN has no
-    Winograd kernel), ``"gemm"`` on AVX-512 (F(6x6, 3x3) through torch's batched GEMM: 1.30x
+    Winograd kernel), ``"gemm"`` on AVX-512 (F(6x6, 3x3) through torch's batched GEMM: 1.26x
     oneDNN's direct kernels on ResNet-101 at 512x1024 on a 2-core Xeon with AMX, whose fp32
     runs on the same AVX-512 units as on one without; NNPACK, AVX2 only, is slower than oneDNN
     there), and None elsewhere (not measured). The GEMM form's weights take 64/9 of the 3x3
-    weights' memory: ~0.6 GB more for ResNet-101. Results in ``benchmarks/speed_results.md``."""
+    weights' memory: ~0.6 GB more for ResNet-101. Results in ``benchmarks/winograd_results.md``."""
     capability = torch.backends.cpu.get_cpu_capability()
     if capability == "AVX2":
         return "nnpack" if nnpack_available() else None
