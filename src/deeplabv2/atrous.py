@@ -56,8 +56,8 @@ BACKENDS = ("nnpack", "gemm")
 #: do not pay below 64x64 on AVX2; the GEMM form beat the direct convolution of layer3 at
 #: 33x33 and 41x41 on an AVX-512 Xeon
 MIN_PIXELS = {"nnpack": 64 * 64, "gemm": 32 * 32}
-#: the GEMM form's default output tile: on ResNet-101 F(6x6, 3x3) measured 1.26x the direct
-#: convolutions at 512x1024 where F(4x4, 3x3) gave 1.17x (benchmarks/winograd_results.md)
+#: the GEMM form's default output tile: on ResNet-101 F(6x6, 3x3) measured 1.26-1.27x the direct
+#: convolutions at 512x1024 where F(4x4, 3x3) gave 1.17-1.20x (benchmarks/winograd_results.md)
 GEMM_TILE = 6
 
 
