@@ -26,6 +26,8 @@ replaces those in a model. The results agree with ``F.conv2d`` to about 1e-5 rel
 
 from __future__ import annotations
 
+import functools
+import math
 import threading
 
 import torch
@@ -146,6 +148,15 @@ def winograd_weight(weight: torch.Tensor, tile: int = GEMM_TILE) -> torch.Tensor
     return u.reshape(-1, weight.shape[1], weight.shape[0]).float().contiguous()
 
 
+@functools.lru_cache(maxsize=None)
+def _transform_matrices(tile: int, dtype: torch.dtype,
+                        device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B^T, A^T kron A^T)`` of F(tile x tile, 3x3), made once per dtype and device (not
+    at every call of every layer)."""
+    bt, _, at = (torch.tensor(t, dtype=dtype, device=device) for t in _TRANSFORMS[tile])
+    return bt, torch.kron(at, at)
+
+
 _WORKSPACE = threading.local()
 
 
@@ -157,9 +168,7 @@ def _workspace(name: str, shape: tuple, like: torch.Tensor) -> torch.Tensor:
     right after ONNX Runtime or OpenVINO had run in the process, 2.4 s against 3.6 s)."""
     buffers = _WORKSPACE.__dict__.setdefault("buffers", {})
     key = (name, like.dtype, like.device)
-    numel = 1
-    for size in shape:
-        numel *= int(size)
+    numel = math.prod(int(size) for size in shape)
     buffer = buffers.get(key)
     if buffer is None or buffer.numel() < numel:
         buffers[key] = buffer = None  # let the old one go first
@@ -205,7 +214,7 @@ def atrous_conv3x3_gemm(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | N
             padded[:, a, b, 1:1 + sh, 1:1 + sw] = sub
             padded[:, a, b, 1 + sh:] = 0
             padded[:, a, b, :, 1 + sw:] = 0
-    bt, _, at = (torch.tensor(t, dtype=x.dtype, device=x.device) for t in _TRANSFORMS[m])
+    bt, at_at = _transform_matrices(m, x.dtype, x.device)
     # B^T d: the rows of each tile, read in place (a tile's r rows of r * c values are a
     # matrix with the padded row stride), one matmul per row of tiles.
     rows = _workspace("a", (n * d * d, th, tw, r, r * c), x)
@@ -222,7 +231,7 @@ def atrous_conv3x3_gemm(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | N
                      out=_workspace("a", (r * r, tiles, k), x))
     if bias is not None:  # at the point (1, 1): column 1 of A^T is all ones, so it adds the
         prod[r + 1] += bias  # bias to every output of the tile
-    y = torch.mm(torch.kron(at, at), prod.view(r * r, tiles * k),  # A^T M A, over the dead v
+    y = torch.mm(at_at, prod.view(r * r, tiles * k),  # A^T M A, over the dead v
                  out=_workspace("b", (m * m, tiles * k), x))
     y = y.view(m, m, n, d, d, th, tw, k).permute(2, 5, 0, 3, 6, 1, 4, 7)
     y = y.reshape(n, m * th * d, m * tw * d, k)[:, :height, :width]
@@ -248,11 +257,11 @@ class AtrousWinogradConv2d(nn.Module):
     turns into a prepacked oneDNN one). Measured on ResNet-101's layer3/layer4 shapes:
     NNPACK 0.6-0.7x the direct convolution at 41x41, 1.0-1.2x at 65x65, 1.1-1.8x at 65x129, up
     to 2x at 129x257, on a 2-core AVX2 CPU; the GEMM form on a 2-core AVX-512 Xeon in
-    ``benchmarks/speed_results.md``. ``forward(x, relu=True)`` also applies a ReLU (in the
+    ``benchmarks/winograd_results.md``. ``forward(x, relu=True)`` also applies a ReLU (in the
     last pass, for the GEMM form)."""
 
     def __init__(self, conv: nn.Conv2d, min_pixels: int = 64 * 64, max_overhead: float = 1.5,
-                 backend: str = "nnpack", tile: int = GEMM_TILE):
+                 backend: str = "nnpack", tile: int | None = GEMM_TILE):
         super().__init__()
         if not winograd_eligible(conv, min_channels=1):
             raise ValueError(f"not a dilated 3x3 stride-1 fp32 convolution with same padding: "
@@ -288,7 +297,7 @@ class AtrousWinogradConv2d(nn.Module):
 
 def use_atrous_winograd(model: nn.Module, min_channels: int = 128,
                         min_pixels: int | None = None, max_overhead: float = 1.5,
-                        backend: str = "nnpack", tile: int = GEMM_TILE) -> int:
+                        backend: str = "nnpack", tile: int | None = GEMM_TILE) -> int:
     """Replace, in place, every :func:`winograd_eligible` convolution of ``model`` by an
     :class:`AtrousWinogradConv2d` (``min_pixels``: the backend's :data:`MIN_PIXELS` unless
     given); returns how many were replaced (0 for NNPACK where this torch has none)."""
