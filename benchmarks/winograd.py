@@ -45,15 +45,13 @@ def variants(model) -> dict:
         forms.append(("nnpack", "nnpack", None))
     for name, backend, tile in forms:
         net = optimize_for_inference(model, winograd=False)
-        replaced = use_atrous_winograd(net.model, backend=backend,
-                                       **({"tile": tile} if tile else {}))
-        if replaced:
+        if use_atrous_winograd(net.model, backend=backend, tile=tile):  # NNPACK: tile None
             out[name] = net
     return out
 
 
 def winograd_weight_mib(net) -> float:
-    return sum(m.winograd_weights.numel() * 4 for m in net.modules()
+    return sum(m.winograd_weights.nbytes for m in net.modules()
                if isinstance(m, AtrousWinogradConv2d)) / 2 ** 20
 
 
