@@ -142,9 +142,8 @@ def _runtime(model, args, device):
             raise ValueError("--compile works on the optimized network; drop --eager")
         return model, ("none" if args.precision == "fp32" else args.precision)
     from .fast import optimize_for_inference
-    winograd = None if getattr(args, "winograd", True) else False
     return optimize_for_inference(model, precision=args.precision, compile=args.compile,
-                                  winograd=winograd), "none"
+                                  winograd=None if args.winograd else False), "none"
 
 
 def _add_ensemble_arg(sp) -> None:
