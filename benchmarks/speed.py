@@ -90,7 +90,8 @@ def main(argv=None) -> int:
     load_before = os.getloadavg()
     result = bench(model, sizes, modes, args.iterations, args.warmup, args.threads,
                    train_step=not args.no_train, train_iterations=args.train_iterations,
-                   train_warmup=args.train_warmup)
+                   train_warmup=args.train_warmup,
+                   bound_size=256 if args.tiny else 2048)  # --tiny: a quick try, small bounds
     elapsed = time.perf_counter() - start
     result.update(cpu=cpu_model(), cpu_flags=cpu_flags(), elapsed_s=elapsed,
                   load_average=[list(load_before), list(os.getloadavg())],
@@ -105,12 +106,19 @@ def main(argv=None) -> int:
     versions = ", ".join(f"{k} {m[k]}" for k in ("torch", "onnxruntime", "openvino", "nncf")
                          if m.get(k))
     la, lb = result["load_average"]
+    caps = m.get("isa_caps") or {}
+    capped = ("" if not caps else
+              "* **instruction set capped** by the environment: "
+              + ", ".join(f"`{k}={v}`" for k, v in caps.items())
+              + ": the libraries use no instructions beyond these, so this CPU runs as a kind "
+                "that lacks the rest would "
+                "(its caches, clocks and memory stay this machine's)\n")
     report = f"""# DeepLab v2 {title}: speed on the CPU
 
-* command: `{command}`
+* command: `{" ".join(f"{k}={v}" for k, v in caps.items())}{" " if caps else ""}{command}`
 * CPU: {result["cpu"]}, {m["cores"]} cores, {result["threads"]} threads used; PyTorch CPU
   capability {m["torch_cpu_capability"]}; flags: {result["cpu_flags"]}
-* date: {result["date"]}; {versions}
+{capped}* date: {result["date"]}; {versions}
 * inference: {args.warmup} warm-up call(s) per mode and size, then {args.iterations} timed
   call(s) round-robin; training: {args.train_warmup} warm-up step(s) per row, then
   {args.train_iterations} timed step(s) round-robin

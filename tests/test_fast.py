@@ -373,6 +373,47 @@ def test_goal_ratios_per_round_follow_a_drifting_machine():
         "8x8: FP32 ours (fast) / best peer FP32: 3.75x"]
 
 
+def test_isa_caps_come_from_the_environment(monkeypatch):
+    from deeplabv2.bench import ISA_CAPS, isa_caps
+    for name in ISA_CAPS:
+        monkeypatch.delenv(name, raising=False)
+    assert isa_caps() == {}
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+    monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", " ")  # blank: not a cap
+    assert isa_caps() == {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}
+
+
+def test_speed_report_names_an_instruction_set_cap(tmp_path, monkeypatch):
+    """benchmarks/speed.py on a capped CPU says so, and its command line can be rerun as is;
+    uncapped, it says nothing of caps. (The cap itself is mocked: oneDNN reads the variable
+    once per process, and setting it here would slow the rest of this worker's tests.)"""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    import deeplabv2.bench as bench
+    spec = importlib.util.spec_from_file_location(
+        "speed", Path(__file__).parents[1] / "benchmarks" / "speed.py")
+    speed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(speed)
+    argv = ["--tiny", "--sizes", "32x32", "--modes", "eager", "fast", "--iterations", "1",
+            "--no-train"]
+    for caps in ({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}, {}):
+        monkeypatch.setattr(bench, "isa_caps", lambda caps=caps: dict(caps))
+        out, raw = tmp_path / "r.md", tmp_path / "r.json"
+        assert speed.main(argv + ["--out", str(out), "--json", str(raw)]) == 0
+        report = out.read_text()
+        assert json.loads(raw.read_text())["machine"]["isa_caps"] == caps
+        if caps:
+            assert ("* command: `ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 python benchmarks/speed.py "
+                    "--tiny") in report
+            assert "**instruction set capped** by the environment" in report
+        else:
+            assert "* command: `python benchmarks/speed.py --tiny" in report
+            assert "capped" not in report
+        assert "| 32x32 | fast |" in report
+
+
 def test_bench_and_export_subcommands_parse():
     import argparse
 

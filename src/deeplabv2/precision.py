@@ -98,7 +98,8 @@ def _cpu_bf16_pays(probe) -> tuple[bool, str]:
     speedup = probe()
     if speedup >= MIN_SPEEDUP:
         return True, f"AMX CPU, bf16 probe {speedup:.1f}x FP32"
-    return False, f"AMX CPU, but the bf16 probe measured only {speedup:.2f}x FP32 now"
+    return False, (f"the CPU lists AMX, but the bf16 probe measured only {speedup:.2f}x FP32 "
+                   "now (AMX off in the OS or by ONEDNN_MAX_CPU_ISA, or a busy machine)")
 
 
 #: environment variable that pins what ``auto`` picks: ``fp32`` or ``bf16`` (the test suite
