@@ -38,6 +38,19 @@ def cpu_flags() -> str:
     return " ".join(keep) or "unknown"
 
 
+def capped(command: str, caps: dict[str, str]) -> tuple[str, str]:
+    """``command`` as it can be rerun, with the instruction-set caps it ran under
+    (``deeplabv2.bench.isa_caps``) in front, and a report line that names them ("" if none)."""
+    if not caps:
+        return command, ""
+    prefix = " ".join(f"{k}={v}" for k, v in caps.items())
+    note = ("* **instruction set capped** by the environment: "
+            + ", ".join(f"`{k}={v}`" for k, v in caps.items())
+            + ": the libraries use no instructions beyond these, so this CPU runs as a kind "
+              "that lacks the rest would (its caches, clocks and memory stay this machine's)\n")
+    return f"{prefix} {command}", note
+
+
 def write_outputs(report: str, out, result: dict, json_path=None) -> None:
     """The Markdown report to ``out`` and, when asked, the raw result as JSON."""
     Path(out).write_text(report)
@@ -106,19 +119,13 @@ def main(argv=None) -> int:
     versions = ", ".join(f"{k} {m[k]}" for k in ("torch", "onnxruntime", "openvino", "nncf")
                          if m.get(k))
     la, lb = result["load_average"]
-    caps = m.get("isa_caps") or {}
-    capped = ("" if not caps else
-              "* **instruction set capped** by the environment: "
-              + ", ".join(f"`{k}={v}`" for k, v in caps.items())
-              + ": the libraries use no instructions beyond these, so this CPU runs as a kind "
-                "that lacks the rest would "
-                "(its caches, clocks and memory stay this machine's)\n")
+    command, cap_note = capped(command, m.get("isa_caps") or {})
     report = f"""# DeepLab v2 {title}: speed on the CPU
 
-* command: `{" ".join(f"{k}={v}" for k, v in caps.items())}{" " if caps else ""}{command}`
+* command: `{command}`
 * CPU: {result["cpu"]}, {m["cores"]} cores, {result["threads"]} threads used; PyTorch CPU
   capability {m["torch_cpu_capability"]}; flags: {result["cpu_flags"]}
-{capped}* date: {result["date"]}; {versions}
+{cap_note}* date: {result["date"]}; {versions}
 * inference: {args.warmup} warm-up call(s) per mode and size, then {args.iterations} timed
   call(s) round-robin; training: {args.train_warmup} warm-up step(s) per row, then
   {args.train_iterations} timed step(s) round-robin

@@ -30,11 +30,11 @@ import torch
 
 import deeplabv2
 from deeplabv2.atrous import AtrousWinogradConv2d, nnpack_available, use_atrous_winograd
-from deeplabv2.bench import cpu_model
+from deeplabv2.bench import cpu_model, isa_caps
 from deeplabv2.fast import optimize_for_inference, winograd_backend
 
 sys.path.insert(0, str(Path(__file__).parent))
-from speed import cpu_flags, write_outputs  # noqa: E402
+from speed import capped, cpu_flags, write_outputs  # noqa: E402
 
 
 def variants(model) -> dict:
@@ -111,12 +111,14 @@ def main(argv=None) -> int:
                      f"| {r['winograd_weights_mib']:.0f} |")
     table = "\n".join(lines)
     print(table)
-    command = "python " + " ".join(["benchmarks/winograd.py", *(argv or sys.argv[1:])])
+    command, cap_note = capped(
+        "python " + " ".join(["benchmarks/winograd.py", *(argv or sys.argv[1:])]), isa_caps())
     report = f"""# Winograd atrous convolutions vs oneDNN's direct ones ({args.model})
 
 * command: `{command}`
-* CPU: {cpu_model()} ({args.threads} threads; vector extensions: {cpu_flags()})
-* default on this CPU (`deeplabv2.fast.winograd_backend`): {winograd_backend()}
+* CPU: {cpu_model()} ({args.threads} threads; vector extensions: {cpu_flags()}); PyTorch CPU
+  capability {torch.backends.cpu.get_cpu_capability()}
+{cap_note}* default on this CPU (`deeplabv2.fast.winograd_backend`): {winograd_backend()}
 * torch {torch.__version__}; {datetime.date.today().isoformat()}; load average
   {load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after; took {elapsed:.0f} s
 
@@ -124,7 +126,8 @@ Batch 1, stride-8 scores, {args.rounds} timed calls per variant, round-robin in 
 
 {table}
 """
-    write_outputs(report, args.out, {"rows": rows, "cpu": cpu_model(), "flags": cpu_flags()},
+    write_outputs(report, args.out, {"rows": rows, "cpu": cpu_model(), "flags": cpu_flags(),
+                                    "isa_caps": isa_caps()},
                   args.json)
     return 0
 
