@@ -449,19 +449,30 @@ def test_winograd_backend_by_cpu(monkeypatch):
                                                                               precision)
 
 
-def test_no_winograd_flag_keeps_the_direct_convolutions(monkeypatch):
-    """``evaluate/predict --no-winograd``: oneDNN's direct convolutions whatever the CPU."""
+def test_winograd_flags_choose_the_dilated_convolutions(monkeypatch):
+    """``evaluate/predict --winograd auto|gemm|nnpack|off`` (``--no-winograd``: off): on an
+    AVX-512 CPU auto is the GEMM form; gemm and nnpack are taken as asked whatever the CPU;
+    off keeps oneDNN's direct convolutions; a Winograd form asked for with bf16 is an error."""
     import deeplabv2.fast as fast_mod
     from deeplabv2.cli import _runtime, build_parser
     monkeypatch.setattr(fast_mod.torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     model = build_model({"backbone": "resnet", "blocks": [1, 1, 1, 1], "width": 64,
                          "num_classes": 3}).eval()
-    for flags, count in (([], 2), (["--no-winograd"], 0)):
+    cases = [([], "gemm"), (["--winograd", "auto"], "gemm"), (["--winograd", "gemm"], "gemm"),
+             (["--winograd", "off"], None), (["--no-winograd"], None)]
+    if nnpack_available():
+        cases.append((["--winograd", "nnpack"], "nnpack"))
+    for flags, backend in cases:
         args = build_parser().parse_args(["predict", "ckpt.pth", "in", "-o", "out",
                                           "--precision", "fp32", *flags])
         net, _ = _runtime(model, args, torch.device("cpu"))
-        kinds = [type(m).__name__ for m in net.modules()]
-        assert kinds.count("AtrousWinogradConv2d") == count, flags
+        winograd = [m for m in net.modules() if type(m).__name__ == "AtrousWinogradConv2d"]
+        assert len(winograd) == (2 if backend else 0), flags
+        assert all(m.backend == backend for m in winograd), flags
+    args = build_parser().parse_args(["predict", "ckpt.pth", "in", "-o", "out",
+                                      "--precision", "bf16", "--winograd", "gemm"])
+    with pytest.raises(ValueError, match="fp32 model on the CPU"):
+        _runtime(model, args, torch.device("cpu"))
 
 
 def test_prepacked_weights_follow_the_input_and_survive_copies():

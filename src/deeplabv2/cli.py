@@ -116,9 +116,14 @@ def _add_runtime_args(sp, precision: str = "fp32") -> None:
     sp.add_argument("--compile", action="store_true",
                     help="torch.compile the folded network (the first image compiles for "
                          "tens of seconds)")
-    sp.add_argument("--no-winograd", dest="winograd", action="store_false",
-                    help="oneDNN's direct dilated convolutions instead of Winograd (fp32 on "
-                         "the CPU: slower, but ResNet-101 then needs ~0.6 GB less memory)")
+    sp.add_argument("--winograd", choices=WINOGRAD_CHOICES, default="auto",
+                    help="the dilated 3x3 convolutions in fp32 on the CPU: auto (default: "
+                         "NNPACK's Winograd on AVX2 CPUs, F(6x6, 3x3) through GEMM on AVX-512 "
+                         "ones), gemm, nnpack, or off (oneDNN's direct convolutions: slower, "
+                         "but ResNet-101 then needs ~0.6 GB less memory than with gemm); "
+                         "benchmarks/winograd.py measures which is fastest on this CPU")
+    sp.add_argument("--no-winograd", dest="winograd", action="store_const", const="off",
+                    help="the same as --winograd off")
 
 
 def _runtime(model, args, device):
@@ -143,7 +148,16 @@ def _runtime(model, args, device):
         return model, ("none" if args.precision == "fp32" else args.precision)
     from .fast import optimize_for_inference
     return optimize_for_inference(model, precision=args.precision, compile=args.compile,
-                                  winograd=None if args.winograd else False), "none"
+                                  winograd=_winograd(args.winograd)), "none"
+
+
+#: ``--winograd`` values: ``auto`` lets :func:`deeplabv2.fast.winograd_backend` choose by CPU
+WINOGRAD_CHOICES = ("auto", "gemm", "nnpack", "off")
+
+
+def _winograd(choice: str):
+    """``--winograd`` as :func:`deeplabv2.fast.optimize_for_inference` takes it."""
+    return {"auto": None, "off": False}.get(choice, choice)
 
 
 def _add_ensemble_arg(sp) -> None:
