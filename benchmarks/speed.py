@@ -140,9 +140,15 @@ convolutions (`torch.utils.flop_counter`, multiply-add = 2; the backward pass as
 forward). "% of dtype bound" divides it by the best GFLOP/s of large matrix products and
 convolutions measured in the same run in that dtype (below the table). "max rel. diff" is
 `max|logits - eager| / max|eager|` of the last call (random weights: see
-`accuracy_results.md` for labels and mIoU on a trained model). "peak RSS" is the largest
-resident memory seen during that mode's warm-up calls and one more untimed call (sampled every
-2 ms; the timed calls are not sampled), "call peak" its rise above the memory before the call.
+`accuracy_results.md` for labels and mIoU on a trained model). Memory, per mode: "held" is
+the resident memory the mode keeps between calls (its weights, packed or transformed
+copies, workspaces, a runtime's arena: the rise over its preparation and its warm-up calls,
+measured with freed memory handed back to the OS first; `eager` runs the source model, which
+no mode counts: 168 MiB of FP32 weights for ResNet-101); "call peak" is the rise above the memory before a
+call during the warm-up calls and one more untimed call (sampled every 2 ms; the timed calls
+are not sampled); "process peak RSS" is the largest resident memory of the whole process in
+those calls, with every mode of that size loaded (so it grows down the table). The first
+mode of a runtime (ONNX Runtime, OpenVINO) also holds that runtime's libraries as they load.
 
 Modes: `eager` the model as built; `fold` BN folded into the convolutions + channels-last;
 `fast` what `evaluate`/`predict --precision fp32` run (`deeplabv2.fast.optimize_for_inference`):

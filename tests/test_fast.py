@@ -297,6 +297,7 @@ def test_bench_reports_positive_numbers_per_size_and_mode():
                     "speedup_vs_eager", "percent_of_bound"):
             assert r[key] > 0, key
         assert 0 <= r["call_peak_mib"] <= r["peak_rss_mib"]
+        assert r["prepare_s"] >= 0 and r["held_mib"] < r["peak_rss_mib"]
     assert rows[0]["flops"] > rows[5]["flops"]  # the larger input costs more
     fp32, fp32_cl, bf16 = result["train"]
     assert [(t["amp"], t["channels_last"]) for t in result["train"]] == \
@@ -331,6 +332,17 @@ def test_rss_sampler_sees_the_memory_of_its_own_block():
         x.close()
     assert big.peak_mib - big.start_mib > 48
     assert big.peak_mib <= peak_rss_mib() + 1  # never above the process's own maximum
+
+
+def test_settled_rss_counts_what_is_held_not_what_the_allocator_caches():
+    """64 MiB in small heap blocks: held, the settled memory rises by about that much; freed,
+    it falls back, though glibc would keep freed heap pages resident without the trim."""
+    from deeplabv2.bench import settled_rss_mib
+    before = settled_rss_mib()
+    blocks = [bytearray(b"\x01" * 65536) for _ in range(1024)]
+    assert settled_rss_mib() - before > 48
+    del blocks
+    assert settled_rss_mib() - before < 16
 
 
 def test_mode_accuracy_counts_changed_labels_and_miou_against_eager():

@@ -68,6 +68,27 @@ def rss_mib() -> float:
     return pages * resource.getpagesize() / 2**20
 
 
+def _malloc_trim() -> None:
+    """Hand the C allocator's free memory back to the OS (glibc's ``malloc_trim``; a no-op
+    where there is none)."""
+    import ctypes
+    import ctypes.util
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def settled_rss_mib() -> float:
+    """Resident memory once what is free has been handed back (Python's garbage collected,
+    then :func:`_malloc_trim`): what the process holds, not what its allocators keep cached
+    from earlier work. Differences of it measure what a piece of work keeps."""
+    import gc
+    gc.collect()
+    _malloc_trim()
+    return rss_mib()
+
+
 class RSSSampler:
     """The largest resident memory seen while the ``with`` block runs (sampled every
     ``interval`` s in a thread; the sampled ops release the GIL): the peak of *that* work,
@@ -278,11 +299,13 @@ def _openvino_runner(model: nn.Module, height: int, width: int, threads: int | N
 
 def _inference_runners(model: nn.Module, modes, size, threads, int8_xml=None,
                        dynamic: bool = False):
-    """mode -> (callable(x), seconds it took to prepare) for inputs of ``size`` (the peers
-    are compiled for that size; ``dynamic``: ONNX Runtime takes any size)."""
+    """mode -> (callable(x), seconds it took to prepare, MiB of resident memory the
+    preparation kept) for inputs of ``size`` (the peers are compiled for that size;
+    ``dynamic``: ONNX Runtime takes any size)."""
     from .fast import optimize_for_inference
     runners = {}
     for mode in modes:
+        held = settled_rss_mib()
         start = time.perf_counter()
         if mode == "eager":
             run = model
@@ -311,7 +334,7 @@ def _inference_runners(model: nn.Module, modes, size, threads, int8_xml=None,
             run = _openvino_runner(model, *size, threads, precision, int8_xml)
         else:
             raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
-        runners[mode] = (run, time.perf_counter() - start)
+        runners[mode] = (run, time.perf_counter() - start, settled_rss_mib() - held)
     return runners
 
 
@@ -396,11 +419,14 @@ def bench(model: nn.Module, sizes, modes=DEFAULT_MODES, iterations: int = 3, war
 
     Returns ``{"threads", "machine", "inference": [{"size", "mode", "dtype", "flops",
     "median_s", "mean_s", "min_s", "iterations", "first_call_s", "times_s", "gflops_per_s",
-    "speedup_vs_eager", "max_rel_diff_vs_eager", "prepare_s", "peak_rss_mib",
+    "speedup_vs_eager", "max_rel_diff_vs_eager", "prepare_s", "held_mib", "peak_rss_mib",
     "call_peak_mib"}, ...], "train": [{...}, ...], "train_auto": {...}}``:
-    ``peak_rss_mib`` is the largest resident memory seen during that mode's warm-up calls and
-    one more untimed call, and ``call_peak_mib`` its rise above the memory before the call
-    (the call's working memory); ``times_s`` the timed calls, in round order;
+    ``held_mib`` is the resident memory that mode keeps between calls (what its preparation
+    and its first calls kept, by :func:`settled_rss_mib`: its weights, packed copies,
+    workspaces, a runtime's arena; the source model is not counted), ``peak_rss_mib`` the
+    largest resident memory of the process (every mode of that size loaded) seen during that
+    mode's warm-up calls and one more untimed call, and ``call_peak_mib`` its rise above the
+    memory before the call (the call's working memory); ``times_s`` the timed calls, in round order;
     ``train`` holds fp32 NCHW, fp32 channels-last and bf16 channels-last steps
     (:func:`train_step_times`, ``train_warmup`` warm-up steps each) and ``train_auto`` what
     ``train.amp: auto`` picks here and why. With ``bounds``, ``"bounds"`` holds
@@ -424,28 +450,39 @@ def bench(model: nn.Module, sizes, modes=DEFAULT_MODES, iterations: int = 3, war
         # affects every mode alike. The timed calls are not sampled: the sampling thread
         # would take CPU time from the 2 compute threads, the more so for modes made of many
         # short operations.
+        # A mode's held memory: what its preparation kept plus what its first calls kept
+        # (caches, workspaces, a runtime's arena), each measured as the settled memory after
+        # minus before, so that the other modes' models do not count. Trimming hands cached
+        # free pages back to the OS, so one untimed round follows before the timed ones.
         warm, times, outputs = {}, {m: [] for m in modes}, {}
         peak, rise = {m: 0.0 for m in modes}, {m: 0.0 for m in modes}
+        held = {m: runners[m][2] for m in modes}
         with torch.no_grad():
             for mode in modes:
+                before = settled_rss_mib()
                 with RSSSampler() as mem:
                     warm[mode], _ = _time(lambda: runners[mode][0](x), 0, warmup)
                 peak[mode], rise[mode] = mem.peak_mib, mem.peak_mib - mem.start_mib
+                held[mode] += settled_rss_mib() - before
                 with RSSSampler() as mem:
                     outputs[mode] = runners[mode][0](x)
                 peak[mode] = max(peak[mode], mem.peak_mib)
                 rise[mode] = max(rise[mode], mem.peak_mib - mem.start_mib)
+            for mode in modes:
+                runners[mode][0](x)
             for _ in range(iterations):
                 for mode in modes:
                     start = time.perf_counter()
                     runners[mode][0](x)
                     times[mode].append(time.perf_counter() - start)
+        prepared = {m: runners[m][1] for m in modes}
         del runners
         eager_median = eager_out = None
         for mode in modes:
             row = {"size": [height, width], "mode": mode, "dtype": MODE_DTYPES.get(mode, "fp32"),
                    "flops": flops, **_summary(warm[mode], times[mode], flops),
-                   "peak_rss_mib": peak[mode], "call_peak_mib": rise[mode]}
+                   "peak_rss_mib": peak[mode], "call_peak_mib": rise[mode],
+                   "held_mib": held[mode], "prepare_s": prepared[mode]}
             out = torch.as_tensor(outputs.pop(mode)).float()
             if mode == "eager":
                 eager_median, eager_out = row["median_s"], out
@@ -512,7 +549,7 @@ def mode_accuracy(model: nn.Module, dataset, modes=("fast", "bf16", "onnxruntime
         x = model.preprocess(image)
         target = torch.from_numpy(label.astype("int64"))[None]
         ref = None
-        for mode, (run, _) in runners.items():
+        for mode, (run, *_) in runners.items():
             logits = torch.as_tensor(run(x)).float()
             if ref is None:
                 ref = logits
@@ -556,8 +593,8 @@ def _size(text: str) -> tuple[int, int]:
 def format_table(result: dict) -> str:
     """The inference and training rows of :func:`bench` as a Markdown table."""
     lines = ["| size | mode | median s | min s | GFLOP/s | % of dtype bound | vs eager "
-             "| max rel. diff | peak RSS MiB | call peak MiB |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| max rel. diff | held MiB | call peak MiB | process peak RSS MiB |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
 
     def pct(r):
         return f"{r['percent_of_bound']:.0f}% {r['dtype']}" if "percent_of_bound" in r else "-"
@@ -566,15 +603,16 @@ def format_table(result: dict) -> str:
         lines.append(f"| {r['size'][0]}x{r['size'][1]} | {r['mode']} | {r['median_s']:.3f} | "
                      f"{r['min_s']:.3f} | {r.get('gflops_per_s', 0):.1f} | {pct(r)} | "
                      f"{r.get('speedup_vs_eager', 1):.2f}x | "
-                     f"{r.get('max_rel_diff_vs_eager', 0):.1e} | {r['peak_rss_mib']:.0f} | "
-                     f"{r['call_peak_mib']:.0f} |")
+                     f"{r.get('max_rel_diff_vs_eager', 0):.1e} | "
+                     f"{r['held_mib']:.0f} | {r['call_peak_mib']:.0f} | "
+                     f"{r['peak_rss_mib']:.0f} |")
     for r in result["train"]:
         mode = "train " + ("fp32" if r["amp"] == "none" else r["amp"] + " autocast") + \
             (" + channels-last" if r["channels_last"] else " NCHW")
         lines.append(f"| {r['batch']}x{r['size'][0]}x{r['size'][1]} | {mode} | "
                      f"{r['median_s']:.3f} | {r['min_s']:.3f} | {r.get('gflops_per_s', 0):.1f} | "
                      f"{pct(r)} | {r['speedup_vs_fp32']:.2f}x vs fp32 NCHW (first step "
-                     f"{r['first_call_s']:.1f} s) | - | {r['peak_rss_mib']:.0f} | - |")
+                     f"{r['first_call_s']:.1f} s) | - | - | - | {r['peak_rss_mib']:.0f} |")
     if result.get("train_auto"):
         a = result["train_auto"]
         lines.append(f"\n`train.amp: auto` here: amp={a['amp']}, channels_last="
