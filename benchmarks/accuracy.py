@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     model = load_model(args.checkpoint)
     start = time.perf_counter()
     int8_note = ""
-    if "int8" in args.modes:
+    if {"int8", "int8-f32"} & set(args.modes):
         from deeplabv2.deploy.openvino_runtime import artefact_dir, read_sidecar
         from deeplabv2.deploy.quantize import quantize_checkpoint
         xml = Path(args.int8 or artefact_dir(args.checkpoint) / "int8.xml")

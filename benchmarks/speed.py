@@ -62,7 +62,7 @@ def write_outputs(report: str, out, result: dict, json_path=None) -> None:
 def _peers() -> list[str]:
     modes = []
     for module, names in (("onnxruntime", ["onnxruntime"]),
-                          ("openvino", ["openvino", "openvino-bf16"]), ("nncf", ["int8"])):
+                          ("openvino", ["openvino", "openvino-bf16"]), ("nncf", ["int8", "int8-f32"])):
         try:
             __import__(module)
             modes += names
@@ -162,7 +162,10 @@ bfloat16 (`--precision bf16`); `compile` `fold` under `torch.compile` (freezing 
 OpenVINO, compiled at the size it runs with `PERFORMANCE_HINT: LATENCY`,
 `INFERENCE_NUM_THREADS: {result["threads"]}` and inference precision f32/bf16 (`--runtime
 openvino`); `int8` the network quantized by NNCF (per-channel int8 weights; calibrated here on
-4 random inputs, since speed does not depend on the values) in OpenVINO (`--precision int8`).
+4 random inputs, since speed does not depend on the values) in OpenVINO (`--precision int8`:
+the operations it leaves in floating point run in bf16 where bf16 pays, by the rule of
+`train.amp: auto` below);
+`int8-f32` the same with those operations in f32.
 
 {table}
 

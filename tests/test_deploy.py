@@ -15,7 +15,8 @@ from deeplabv2.weights import load_model, save_weights
 from test_export import nontrivial_model
 
 ov = pytest.importorskip("openvino", reason="OpenVINO not installed (extra 'openvino')")
-from deeplabv2.deploy.openvino_runtime import artefact_dir, load_openvino  # noqa: E402
+from deeplabv2.deploy.openvino_runtime import (OpenVINOModel, artefact_dir,  # noqa: E402
+                                               load_openvino)
 
 TINY = {"backbone": "resnet", "blocks": [1, 1, 1, 1], "width": 8, "num_classes": 7}
 
@@ -97,6 +98,7 @@ def test_quantize_then_evaluate_and_predict_int8(tmp_path, checkpoint, capsys):
     info = json.loads(xml.with_suffix(".json").read_text())
     assert info["samples"] == 8 and "per output channel" in info["weights"]
     assert 0 <= info["label_change_measured"] <= 0.05 and info["check_samples"] == 50
+    assert info["checked_as"] == "int8-f32"  # the suite pins auto to fp32: bf16 does not pay
     assert "check crops' scores" in capsys.readouterr().out
     # the IR holds quantized weights: int8 constants
     ir = ov.Core().read_model(str(xml))
@@ -120,6 +122,17 @@ def test_quantize_then_evaluate_and_predict_int8(tmp_path, checkpoint, capsys):
     with torch.no_grad():
         ref, out = model(x), int8(x)
     assert out.shape == ref.shape and _close(out, ref, 0.5)  # quantized, but the same function
+    assert int8.precision == "int8-f32"
+    # where bf16 pays, INT8's floating-point operations run in bf16: the same function still
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DEEPLABV2_AUTO_PRECISION", "bf16")
+        int8_bf16 = load_openvino(model, ckpt, "int8", threads=1)
+    assert int8_bf16.precision == "int8-bf16"
+    assert int8_bf16.compiled(tuple(x.shape)) is not None
+    with torch.no_grad():
+        assert _close(int8_bf16(x), ref, 0.5)
+    with pytest.raises(ValueError, match="int8, fp32, bf16, int8-f32, int8-bf16"):
+        OpenVINOModel(ir, model, precision="fp16")
     assert main(["evaluate", str(ckpt), "-c", str(cfg_path), "--precision", "int8",
                  "--limit", "2"]) == 0
     assert "int8" in capsys.readouterr().out

@@ -89,6 +89,14 @@ def test_the_probe_returns_a_positive_ratio():
     assert precision.bf16_train_speedup(channels=8, size=8, repeats=1) > 0
 
 
+def test_the_probe_runs_inside_no_grad():
+    """The probe is a training step: asked first from inference code under ``no_grad`` (as
+    ``--precision int8`` does while the bench's modes are prepared), it still measures."""
+    with torch.no_grad():
+        assert precision.bf16_train_speedup(channels=8, size=8, repeats=1) > 0
+        assert not torch.is_grad_enabled()
+
+
 def test_amp_auto_is_the_default_and_validated():
     assert load_config(None).train.amp == "auto"
     with pytest.raises(ConfigError, match="train.amp"):

@@ -28,7 +28,10 @@ Inference modes:
   ``--runtime openvino``);
 * ``int8``: the network quantized to INT8 by NNCF (:mod:`deeplabv2.deploy.quantize`) in
   OpenVINO (``--precision int8``); in :func:`bench` calibrated on random inputs (speed does not
-  depend on the values), in :func:`mode_accuracy` on the given quantized file.
+  depend on the values), in :func:`mode_accuracy` on the given quantized file; its
+  non-quantized operations in bf16 where bf16 pays, as ``--precision int8`` runs them
+  (:func:`deeplabv2.deploy.openvino_runtime.int8_precision`);
+* ``int8-f32``: ``int8`` with its non-quantized operations in f32 whatever the CPU.
 """
 
 from __future__ import annotations
@@ -47,9 +50,9 @@ from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 MODES = ("eager", "fold", "fast", "fast-direct", "winograd-all", "bf16", "compile", "onnxruntime",
-         "openvino", "openvino-bf16", "int8")
+         "openvino", "openvino-bf16", "int8", "int8-f32")
 #: the dtype each mode computes in (for the per-dtype upper bound)
-MODE_DTYPES = {"bf16": "bf16", "openvino-bf16": "bf16", "int8": "int8"}
+MODE_DTYPES = {"bf16": "bf16", "openvino-bf16": "bf16", "int8": "int8", "int8-f32": "int8"}
 DEFAULT_MODES = ("eager", "fast", "bf16")
 
 
@@ -273,7 +276,7 @@ def _openvino_runner(model: nn.Module, height: int, width: int, threads: int | N
     cache = _OV_MODELS.setdefault(id(model), {})
     if "fp32" not in cache:
         cache["fp32"] = convert(model)
-    if precision == "int8":
+    if precision in ("int8", "int8-f32"):
         if int8_xml:
             ov_model = ov.Core().read_model(str(int8_xml))
         else:
@@ -329,8 +332,8 @@ def _inference_runners(model: nn.Module, modes, size, threads, int8_xml=None,
             run = optimize_for_inference(model, precision="fp32", compile=True)
         elif mode == "onnxruntime":
             run = _onnx_runner(model, *size, threads, dynamic)
-        elif mode in ("openvino", "openvino-bf16", "int8"):
-            precision = {"openvino": "fp32", "openvino-bf16": "bf16", "int8": "int8"}[mode]
+        elif mode in ("openvino", "openvino-bf16", "int8", "int8-f32"):
+            precision = {"openvino": "fp32", "openvino-bf16": "bf16"}.get(mode, mode)
             run = _openvino_runner(model, *size, threads, precision, int8_xml)
         else:
             raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
@@ -536,7 +539,7 @@ def mode_accuracy(model: nn.Module, dataset, modes=("fast", "bf16", "onnxruntime
     if n == 0:
         raise ValueError("mode_accuracy needs at least one image")
     first = model.preprocess(dataset.load(0)[0])
-    if "int8" in modes and not int8_xml:
+    if {"int8", "int8-f32"} & set(modes) and not int8_xml:
         raise ValueError("mode_accuracy's int8 mode needs int8_xml, the quantized model")
     runners = _inference_runners(model, ("eager", *modes), tuple(first.shape[-2:]), threads,
                                  int8_xml=int8_xml, dynamic=True)

@@ -49,7 +49,8 @@ from torch import nn
 
 from ..fast import fold_batchnorm
 from ..model.resnet import Bottleneck
-from .openvino_runtime import MissingRuntime, artefact_dir, convert, require_openvino, write_sidecar
+from .openvino_runtime import (HINTS, MissingRuntime, artefact_dir, convert, int8_precision,
+                               require_openvino, write_sidecar)
 
 #: calibration crops whose ASPP input sets the equalization (per-channel maxima)
 EQUALIZE_SAMPLES = 32
@@ -140,7 +141,8 @@ def quantize_checkpoint(checkpoint, cfg, *, samples: int = 300, seed: int = 0,
             max_drop=max_label_change, drop_type=nncf.DropType.ABSOLUTE,
             advanced_quantization_parameters=advanced, **common)
         extra = {"max_label_change": max_label_change}
-    changed = 1 - _agreement(_compile(ov, quantized), check, expected)[0]
+    runs_as = int8_precision()  # what --precision int8 will run here: check that
+    changed = 1 - _agreement(_compile(ov, quantized, HINTS[runs_as]), check, expected)[0]
     if changed > refuse_above:
         raise QuantizationRefused(
             f"{checkpoint}: INT8 changes the class of {100 * changed:.2f}% of the stride-8 "
@@ -149,6 +151,7 @@ def quantize_checkpoint(checkpoint, cfg, *, samples: int = 300, seed: int = 0,
             f"activations explode on some inputs), --max-label-change (keeps the harmful "
             f"operations in floating point) or raise --refuse-above to keep it anyway")
     extra.update(check_samples=int(check_samples), label_change_measured=round(changed, 6),
+                 checked_as=runs_as,
                  operations_in_fp32=_fp32_operations(quantized))
     xml = Path(out) if out else artefact_dir(checkpoint) / "int8.xml"
     xml.parent.mkdir(parents=True, exist_ok=True)
@@ -279,8 +282,8 @@ class QuantizationRefused(ValueError):
     """The INT8 model changes more classes than ``refuse_above`` allows; nothing was written."""
 
 
-def _compile(ov, model):
-    return ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+def _compile(ov, model, hint: str = "f32"):
+    return ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint})
 
 
 def _classes(compiled, x) -> np.ndarray:
