@@ -105,12 +105,12 @@ def test_quantize_then_evaluate_and_predict_int8(tmp_path, checkpoint, capsys):
     types = {op.get_output_element_type(0).get_type_name()
              for op in ir.get_ops() if op.get_type_name() == "Constant"}
     assert "i8" in types
-    # the ASPP's three sums and layer4's residual sum take FP32 inputs, the other residual
-    # sums INT8 ones (FakeQuantize)
+    # the ASPP as 36 taps: its 35 shifted sums and layer4's residual sum take FP32 inputs,
+    # the other residual sums INT8 ones (FakeQuantize)
     assert info["bias_correction"] == "full" and info["aspp_input_equalized"] is True
-    assert info["ranges"] == "minmax"
+    assert info["ranges"] == "minmax" and info["aspp_as_taps"] is True
     sums = info["sums_in_fp32"]
-    assert len(sums) == 4 and sum(".head/" in n for n in sums) == 3
+    assert len(sums) == 36 and sum(".head/" in n for n in sums) == 35
     fed = {op.get_friendly_name(): {i.get_source_output().get_node().get_type_name()
                                     for i in op.inputs()}
            for op in ir.get_ops() if op.get_type_name() == "Add"}
@@ -164,6 +164,32 @@ def test_the_sums_left_in_fp32_on_resnet101_and_vgg16():
     assert len(fp32_sums(convert(vgg, example_size=(65, 65)), vgg)) == 3
 
 
+def test_the_int8_graph_of_resnet101_has_its_aspp_as_taps():
+    """What ``quantize`` converts: ResNet-101 with its ASPP as one 1x1 convolution of 36 taps
+    and 35 shifted sums (left in floating point with layer4's three), one graph that gives the
+    network's scores at every input size."""
+    from deeplabv2.deploy.openvino_runtime import convert
+    from deeplabv2.deploy.quantize import fp32_sums, with_taps_head
+    from deeplabv2.fast import fold_batchnorm
+    from deeplabv2.model.deeplab import deeplabv2_resnet101
+    torch.manual_seed(0)
+    r101 = deeplabv2_resnet101(19).eval()
+    with torch.no_grad():
+        for conv in r101.head.convs:
+            conv.bias.normal_(0, 1)
+    net = with_taps_head(fold_batchnorm(r101).eval())
+    ir = convert(net, example_size=(65, 65))
+    names = fp32_sums(ir, net)
+    assert len(names) == 38 and sum(".layer4." in n for n in names) == 3
+    compiled = ov.Core().compile_model(ir, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    for h, w in ((65, 65), (41, 97), (161, 129)):
+        x = torch.randn(1, 3, h, w)
+        with torch.no_grad():
+            ref = r101.logits(x)
+        out = torch.from_numpy(compiled(x.numpy())[0])
+        assert out.shape == ref.shape and _close(out, ref, 1e-5), (h, w)
+
+
 def test_quantize_with_a_bound_on_the_changed_labels(tmp_path, checkpoint, capsys):
     """--max-label-change 0: NNCF's accuracy control returns operations to floating point until
     no stride-8 score of the check crops changes class; the sidecar says what it did."""
@@ -174,7 +200,7 @@ def test_quantize_with_a_bound_on_the_changed_labels(tmp_path, checkpoint, capsy
                  "--bias-correction", "fast"]) == 0
     info = json.loads((artefact_dir(ckpt) / "int8.json").read_text())
     assert info["max_label_change"] == 0 and info["check_samples"] == 4
-    assert info["bias_correction"] == "fast" and len(info["sums_in_fp32"]) == 4
+    assert info["bias_correction"] == "fast" and len(info["sums_in_fp32"]) == 36
     assert info["label_change_measured"] == 0
     assert 0 <= info["operations_in_fp32"] <= 21  # the tiny network's convolutions
     assert "kept in floating point" in capsys.readouterr().out

@@ -73,3 +73,30 @@ def test_median_equalization_ignores_an_input_on_which_the_network_explodes():
     maximum = equalize_aspp_input(copy.deepcopy(net), images, statistic="max")
     assert torch.allclose(median, alone, rtol=1e-5)
     assert not torch.allclose(maximum, alone, rtol=0.05)
+
+
+@torch.no_grad()
+def test_the_int8_graphs_taps_head_is_the_aspp_at_every_size():
+    """The ASPP as one 1x1 convolution of its 36 taps with constant-offset shifted sums
+    (what ``quantize`` converts): the summed branches' scores at every map size, maps smaller
+    than the largest rate included (their far taps read only padding), and in AdaptSegNet mode
+    (two branches); VGG-16's DeepLab-ASPP-L head is left as it is."""
+    from deeplabv2.deploy.quantize import ExportTapsASPP, with_taps_head
+    from deeplabv2.model.aspp import ASPP
+    torch.manual_seed(0)
+    for mode, taps in (("aspp", 36), ("adaptsegnet", 18)):
+        head = ASPP(32, 5, head_mode=mode).eval()
+        for conv in head.convs:
+            conv.weight.normal_(0, 0.1)
+            conv.bias.normal_(0, 1)
+        export = ExportTapsASPP(head.summed_convs()).eval()
+        assert len(export.shifts) == taps and export.pad == (24 if mode == "aspp" else 12)
+        for h, w in ((1, 1), (5, 7), (13, 30), (65, 49)):
+            x = torch.randn(2, 32, h, w)
+            ref = head(x)
+            assert torch.allclose(export(x), ref, atol=1e-5 * ref.abs().max().item()), (mode, h, w)
+    net = fold_batchnorm(deeplabv2_resnet101(19).eval())
+    assert isinstance(with_taps_head(net).head, ExportTapsASPP)
+    assert not isinstance(net.head, ExportTapsASPP)  # a copy: the network is left alone
+    vgg = fold_batchnorm(deeplabv2_vgg16(21).eval())
+    assert with_taps_head(vgg) is vgg

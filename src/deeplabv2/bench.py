@@ -285,13 +285,17 @@ def _openvino_runner(model: nn.Module, height: int, width: int, threads: int | N
                 g = torch.Generator().manual_seed(0)
                 data = [torch.randn(1, 3, height, width, generator=g).numpy()
                         for _ in range(calibration)]
-                from .deploy.quantize import fp32_sums
-                # the operations quantize leaves in floating point, so that the graph timed
-                # is the one it writes (its other steps change values, not operations)
+                from .deploy.quantize import fp32_sums, with_taps_head
+                from .fast import fold_batchnorm
+                # the graph quantize writes (its ASPP as taps) and the operations it leaves in
+                # floating point, so that the graph timed is its graph (its other steps change
+                # values, not operations)
+                net = with_taps_head(fold_batchnorm(model).eval())
+                source = convert(net)
                 cache["int8"] = nncf.quantize(
-                    cache["fp32"], nncf.Dataset(data), subset_size=calibration,
+                    source, nncf.Dataset(data), subset_size=calibration,
                     preset=nncf.QuantizationPreset.PERFORMANCE,
-                    ignored_scope=nncf.IgnoredScope(names=fp32_sums(cache["fp32"], model)))
+                    ignored_scope=nncf.IgnoredScope(names=fp32_sums(source, net)))
             ov_model = cache["int8"]
     else:
         ov_model = cache["fp32"]
