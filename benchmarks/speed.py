@@ -138,7 +138,8 @@ training rows it is against the FP32 NCHW step (forward, stride-8 loss, backward
 2 crops), whose first (cold) step is shown apart. GFLOP/s counts the convolutions as direct
 convolutions (`torch.utils.flop_counter`, multiply-add = 2; the backward pass as twice the
 forward). "% of dtype bound" divides it by the best GFLOP/s of large matrix products and
-convolutions measured in the same run in that dtype (below the table). "max rel. diff" is
+convolutions measured in the same run in that dtype (below the table; none for int8, where
+no measure found was an upper bound: `deeplabv2.bench.dtype_bounds`). "max rel. diff" is
 `max|logits - eager| / max|eager|` of the last call (random weights: see
 `accuracy_results.md` for labels and mIoU on a trained model). Memory, per mode: "held" is
 the resident memory the mode keeps between calls (its weights, packed or transformed

@@ -303,6 +303,7 @@ def test_bench_reports_positive_numbers_per_size_and_mode():
     assert [(t["amp"], t["channels_last"]) for t in result["train"]] == \
         [("none", False), ("none", True), ("bf16", True)]
     assert result["train_auto"]["amp"] in ("none", "bf16") and result["train_auto"]["why"]
+    assert sorted(result["bounds"]) == ["bf16", "fp32"]  # no int8 bound: none was found
     for dtype in ("fp32", "bf16"):
         b = result["bounds"][dtype]
         assert b["gflops_per_s"] == max(b["per_shape"].values()) > 0
