@@ -593,6 +593,11 @@ def _size(text: str) -> tuple[int, int]:
     return h, w
 
 
+def _fmt(row: dict, key: str, spec: str) -> str:
+    """``row[key]`` formatted, or "-" where the run had no such value (no eager mode)."""
+    return spec.format(row[key]) if key in row else "-"
+
+
 def format_table(result: dict) -> str:
     """The inference and training rows of :func:`bench` as a Markdown table."""
     lines = ["| size | mode | median s | min s | GFLOP/s | % of dtype bound | vs eager "
@@ -605,8 +610,8 @@ def format_table(result: dict) -> str:
     for r in result["inference"]:
         lines.append(f"| {r['size'][0]}x{r['size'][1]} | {r['mode']} | {r['median_s']:.3f} | "
                      f"{r['min_s']:.3f} | {r.get('gflops_per_s', 0):.1f} | {pct(r)} | "
-                     f"{r.get('speedup_vs_eager', 1):.2f}x | "
-                     f"{r.get('max_rel_diff_vs_eager', 0):.1e} | "
+                     f"{_fmt(r, 'speedup_vs_eager', '{:.2f}x')} | "
+                     f"{_fmt(r, 'max_rel_diff_vs_eager', '{:.1e}')} | "
                      f"{r['held_mib']:.0f} | {r['call_peak_mib']:.0f} | "
                      f"{r['peak_rss_mib']:.0f} |")
     for r in result["train"]:
