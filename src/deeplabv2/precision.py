@@ -8,8 +8,8 @@ bf16 is not faster wherever the CPU "supports" it. Measured (2 threads, ResNet-1
   step (batch 2, 321x321) is 2.4x the FP32 step, bf16 inference 4-5x FP32;
 * Intel Xeon with AVX512-BF16 and VNNI but no AMX: the bf16 step is 0.94x the FP32 step and
   bf16 inference 0.77x: the ``avx512_bf16`` flag alone does not make bf16 pay; the AMX Xeon
-  with AMX turned off in oneDNN (``ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16``): step 0.63x,
-  inference 0.46x, and the probe below 0.60x, so ``auto`` stays in FP32 there too;
+  with AMX turned off in oneDNN (``ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16``): step 0.63-0.82x,
+  inference 0.46-0.54x, and the probe at 0.60-0.61x, so ``auto`` stays in FP32 there too;
 * AVX2 CPUs (no native bf16): bf16 is emulated, 0.05x (training) and 0.2x (inference);
 * CUDA GPUs with bf16 (compute capability 8.0+): bf16 autocast is the usual speed-up.
 
