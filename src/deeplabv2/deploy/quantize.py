@@ -54,7 +54,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..fast import fold_batchnorm
+from ..fast import TapsASPP, fold_batchnorm
 from ..model.resnet import Bottleneck
 from .openvino_runtime import (HINTS, MissingRuntime, artefact_dir, convert, int8_precision,
                                require_openvino, write_sidecar)
@@ -229,32 +229,20 @@ def equalize_aspp_input(net: nn.Module, images, alpha: float = 0.5,
     return s
 
 
-class ExportTapsASPP(nn.Module):
+class ExportTapsASPP(TapsASPP):
     """The summed ASPP head, for the INT8 graph, as one 1x1 convolution of its branches' 36
-    taps and shifted sums (the form :class:`deeplabv2.fast.TapsASPP` runs in PyTorch): the
-    dilated 2048 -> 19 convolutions of the original are the slowest INT8 operations in
-    OpenVINO (191 of 538 ms of ResNet-101 at 512x1024 on a 2-core AMX Xeon for 3% of the
-    FLOPs), where a 2048 -> 684 1x1 convolution is a plain INT8 GEMM. Each tap map is cut from
-    the taps padded by the largest rate, with constant offsets from either end, so that the one
-    traced graph serves every input size; taps that fall wholly in the padding add zeros.
-    Its weights are quantized per tap and class (684 output channels instead of 19), and the
-    shifted sums stay in floating point (:func:`fp32_sums`)."""
+    taps and shifted sums: :class:`deeplabv2.fast.TapsASPP` (same weights, shifts and bias)
+    with a forward that traces into one graph for every input size. The dilated 2048 -> 19
+    convolutions of the original are the slowest INT8 operations in OpenVINO (191 of 538 ms
+    of ResNet-101 at 512x1024 on a 2-core AMX Xeon for 3% of the FLOPs), where a 2048 -> 684
+    1x1 convolution is a plain INT8 GEMM. Each tap map is cut from the taps padded by the
+    largest rate, with constant offsets from either end; taps that fall wholly in the padding
+    add zeros. Its weights are quantized per tap and class (684 output channels instead of
+    19), and the shifted sums stay in floating point (:func:`fp32_sums`)."""
 
     def __init__(self, convs: list[nn.Conv2d]):
-        super().__init__()
-        from ..fast import _aspp_branch
-        from ..model.aspp import tap_shifts, tap_weight
-        if not convs or not all(_aspp_branch(c) for c in convs):
-            raise ValueError("ExportTapsASPP needs 3x3 stride-1 convolutions with padding == "
-                             "dilation")
-        weight = tap_weight(convs).detach().clone()
-        self.taps = nn.Conv2d(weight.shape[1], weight.shape[0], 1, bias=False)
-        self.taps.weight = nn.Parameter(weight, requires_grad=False)
-        self.shifts = tap_shifts(convs)
+        super().__init__(convs)
         self.pad = max(max(abs(dy), abs(dx)) for dy, dx in self.shifts)
-        self.num_classes = convs[0].out_channels
-        bias = sum(c.bias.detach() for c in convs if c.bias is not None)
-        self.register_buffer("bias", torch.zeros(self.num_classes) + bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p, c = self.pad, self.num_classes
@@ -276,14 +264,13 @@ def with_taps_head(net: nn.Module) -> nn.Module:
     :class:`ExportTapsASPP`; ``net`` itself where the head is of another kind (VGG-16's
     DeepLab-ASPP-L branches)."""
     import copy
-
-    from ..fast import _aspp_branch
-    head = getattr(net, "head", None)
-    convs = head.summed_convs() if hasattr(head, "summed_convs") else []
-    if not convs or not all(_aspp_branch(c) for c in convs):
+    if not hasattr(getattr(net, "head", None), "summed_convs"):
         return net
     out = copy.deepcopy(net)
-    out.head = ExportTapsASPP(convs)
+    try:
+        out.head = ExportTapsASPP(out.head.summed_convs())
+    except ValueError:  # branches that are not plain 3x3 convolutions
+        return net
     return out
 
 
