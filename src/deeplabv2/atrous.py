@@ -32,7 +32,6 @@ import threading
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 
 def nnpack_available() -> bool:
@@ -61,6 +60,11 @@ MIN_PIXELS = {"nnpack": 64 * 64, "gemm": 32 * 32}
 #: the GEMM form's default output tile: on ResNet-101 F(6x6, 3x3) measured 1.26-1.27x the direct
 #: convolutions at 512x1024 where F(4x4, 3x3) gave 1.17-1.20x (benchmarks/winograd_results.md)
 GEMM_TILE = 6
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
 
 
 def worth_tiling(height: int, width: int, dilation: int, min_pixels: int = 64 * 64,
@@ -266,8 +270,7 @@ class AtrousWinogradConv2d(nn.Module):
         if not winograd_eligible(conv, min_channels=1):
             raise ValueError(f"not a dilated 3x3 stride-1 fp32 convolution with same padding: "
                              f"{conv}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        _check_backend(backend)
         self.conv = conv
         self.dilation = conv.dilation[0]
         self.backend = backend
@@ -301,8 +304,7 @@ def use_atrous_winograd(model: nn.Module, min_channels: int = 128,
     """Replace, in place, every :func:`winograd_eligible` convolution of ``model`` by an
     :class:`AtrousWinogradConv2d` (``min_pixels``: the backend's :data:`MIN_PIXELS` unless
     given); returns how many were replaced (0 for NNPACK where this torch has none)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    _check_backend(backend)
     if backend == "nnpack" and not nnpack_available():
         return 0
     if min_pixels is None:

@@ -36,6 +36,7 @@ Inference modes:
 
 from __future__ import annotations
 
+import functools
 import os
 import resource
 import statistics
@@ -71,15 +72,23 @@ def rss_mib() -> float:
     return pages * resource.getpagesize() / 2**20
 
 
-def _malloc_trim() -> None:
-    """Hand the C allocator's free memory back to the OS (glibc's ``malloc_trim``; a no-op
-    where there is none)."""
+@functools.lru_cache(maxsize=1)
+def _libc():
+    """The C library, or None (``find_library`` runs ``ldconfig``: once per process)."""
     import ctypes
     import ctypes.util
     try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+def _malloc_trim() -> None:
+    """Hand the C allocator's free memory back to the OS (glibc's ``malloc_trim``; a no-op
+    where there is none)."""
+    trim = getattr(_libc(), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
 
 
 def settled_rss_mib() -> float:

@@ -205,12 +205,10 @@ class FusedBottleneck(nn.Module):
             return torch.relu(self.conv3(out) + identity)
         identity = x if self.downsample is None else _mkldnn_conv(self.downsample, x)
         out = _mkldnn_conv(self.conv1, x, "relu")
-        if isinstance(self.conv2, AtrousWinogradConv2d):
+        if isinstance(self.conv2, AtrousWinogradConv2d):  # its ReLU fused into its last pass
             out = self.conv2(out, relu=True)
-        elif isinstance(self.conv2, nn.Conv2d):
-            out = _mkldnn_conv(self.conv2, out, "relu")
         else:
-            out = torch.relu_(self.conv2(out))
+            out = _mkldnn_conv(self.conv2, out, "relu")
         inplace = self.downsample is not None or self.input_is_private
         return _mkldnn_conv(self.conv3, out, "relu", other=identity, inplace=inplace)
 

@@ -80,10 +80,11 @@ def bf16_train_speedup(channels: int = 256, size: int = 48, batch: int = 2,
     def step(kind):
         model, inp = nets[kind]
         # a training step whatever the caller's mode (the probe may first be asked from
-        # inside torch.no_grad(), e.g. while inference modes are being prepared)
-        with torch.enable_grad(), torch.autocast("cpu", dtype=torch.bfloat16,
-                                                 enabled=kind == "bf16"):
-            out = model(inp)
+        # inside torch.no_grad(), e.g. while inference modes are being prepared); the
+        # backward outside autocast, as training runs it
+        with torch.enable_grad():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=kind == "bf16"):
+                out = model(inp)
             out.float().square().mean().backward()
 
     best = {"fp32": float("inf"), "bf16": float("inf")}
