@@ -1,4 +1,4 @@
-"""Dense CRF speed: deeplabv2.crf against pydensecrf (densecrf) on the same inputs, in one run.
+"""Dense CRF speed: deeplabv2.inference.crf against pydensecrf (densecrf) on the same inputs, in one run.
 
     python benchmarks/crf.py                      # 512x1024, 19 classes, 10 iterations
     python benchmarks/crf.py --batch 4 --repeats 5 --output benchmarks/crf_results.md
@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from deeplabv2.crf import DenseCRF
+from deeplabv2.inference.crf import DenseCRF
 
 
 def photo(height: int, width: int, index: int = 0) -> np.ndarray:
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
         machine = (f"{platform.machine()}, {os.cpu_count()} cores, Python "
                    f"{platform.python_version()}, torch {torch.__version__}; load average at "
                    f"the end {load}")
-        args.output.write_text(f"# Dense CRF: deeplabv2.crf vs pydensecrf\n\n{table}\n\n"
+        args.output.write_text(f"# Dense CRF: deeplabv2.inference.crf vs pydensecrf\n\n{table}\n\n"
                                f"Command: `{command.strip()}`\n\nMachine: {machine}.\n")
 
 

@@ -22,7 +22,7 @@ import torch
 from deeplabv2.config import load_config
 from deeplabv2.data import build_dataset
 from deeplabv2.deploy.quantize import TrainingCrops
-from deeplabv2.fast import fold_batchnorm
+from deeplabv2.deploy.fast import fold_batchnorm
 from deeplabv2.weights import load_model
 
 PARTS = ("backbone.conv1", "backbone.layer1", "backbone.layer2", "backbone.layer3",

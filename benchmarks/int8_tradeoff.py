@@ -18,7 +18,7 @@ import time
 import torch
 
 from deeplabv2.deploy.openvino_runtime import artefact_dir, load_openvino, read_sidecar
-from deeplabv2.fast import optimize_for_inference
+from deeplabv2.deploy.fast import optimize_for_inference
 from deeplabv2.weights import load_model
 
 

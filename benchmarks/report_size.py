@@ -23,7 +23,7 @@ import numpy as np
 
 from deeplabv2.app.report import ReportCollector
 from deeplabv2.data import CityscapesDataset, SyntheticDataset
-from deeplabv2.metrics import ConfusionMatrix
+from deeplabv2.evaluation.metrics import ConfusionMatrix
 
 sys.path.insert(0, str(Path(__file__).parent))
 from serve_load import cpu_model  # noqa: E402

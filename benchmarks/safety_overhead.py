@@ -22,7 +22,7 @@ import torch
 from torch.nn import functional as F
 
 from deeplabv2 import build_model
-from deeplabv2.digest import all_finite, content_digest
+from deeplabv2.utils.digest import all_finite, content_digest
 from deeplabv2.checkpoint import load_checkpoint, save_checkpoint
 
 

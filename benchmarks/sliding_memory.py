@@ -33,7 +33,7 @@ def child(mode: str, height: int, width: int, crop: int, stride: int, threads: i
     import torch
 
     import deeplabv2
-    from deeplabv2.inference import infer, window_starts
+    from deeplabv2.inference.front import infer, window_starts
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 import deeplabv2
-from deeplabv2.bench import bench, cpu_model, format_table, goal_ratios
+from deeplabv2.deploy.bench import bench, cpu_model, format_table, goal_ratios
 from deeplabv2.model import build_model
 from deeplabv2.precision import cpu_flags as _flags
 
@@ -40,7 +40,7 @@ def cpu_flags() -> str:
 
 def capped(command: str, caps: dict[str, str]) -> tuple[str, str]:
     """``command`` as it can be rerun, with the instruction-set caps it ran under
-    (``deeplabv2.bench.isa_caps``) in front, and a report line that names them ("" if none)."""
+    (``deeplabv2.deploy.bench.isa_caps``) in front, and a report line that names them ("" if none)."""
     if not caps:
         return command, ""
     prefix = " ".join(f"{k}={v}" for k, v in caps.items())
@@ -139,7 +139,7 @@ training rows it is against the FP32 NCHW step (forward, stride-8 loss, backward
 convolutions (`torch.utils.flop_counter`, multiply-add = 2; the backward pass as twice the
 forward). "% of dtype bound" divides it by the best GFLOP/s of large matrix products and
 convolutions measured in the same run in that dtype (below the table; none for int8, where
-no measure found was an upper bound: `deeplabv2.bench.dtype_bounds`). "max rel. diff" is
+no measure found was an upper bound: `deeplabv2.deploy.bench.dtype_bounds`). "max rel. diff" is
 `max|logits - eager| / max|eager|` of the last call (random weights: see
 `accuracy_results.md` for labels and mIoU on a trained model). Memory, per mode: "held" is
 the resident memory the mode keeps between calls (its weights, packed or transformed
@@ -152,7 +152,7 @@ those calls, with every mode of that size loaded (so it grows down the table). T
 mode of a runtime (ONNX Runtime, OpenVINO) also holds that runtime's libraries as they load.
 
 Modes: `eager` the model as built; `fold` BN folded into the convolutions + channels-last;
-`fast` what `evaluate`/`predict --precision fp32` run (`deeplabv2.fast.optimize_for_inference`):
+`fast` what `evaluate`/`predict --precision fp32` run (`deeplabv2.deploy.fast.optimize_for_inference`):
 `fold` plus ReLU/residual sums fused into prepacked oneDNN convolutions and the dilated 3x3
 convolutions of layer3/layer4 as tiled Winograd (NNPACK on AVX2 CPUs, F(6x6, 3x3) through
 torch's GEMM on AVX-512 ones); `fast-direct` the same with oneDNN's direct convolutions in

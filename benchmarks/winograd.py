@@ -1,9 +1,9 @@
 """Winograd atrous convolutions against oneDNN's direct ones, whole network, on this CPU.
 
-Our FP32 inference path (:func:`deeplabv2.fast.optimize_for_inference`: BN folded,
+Our FP32 inference path (:func:`deeplabv2.deploy.fast.optimize_for_inference`: BN folded,
 channels-last, fused prepacked oneDNN convolutions, the ASPP as taps) with its dilated 3x3
 convolutions run four ways: oneDNN's direct kernels (the baseline), Winograd F(4x4, 3x3) and
-F(6x6, 3x3) through torch's batched GEMM (``deeplabv2.atrous.atrous_conv3x3_gemm``), and
+F(6x6, 3x3) through torch's batched GEMM (``deeplabv2.deploy.atrous.atrous_conv3x3_gemm``), and
 NNPACK's Winograd where this torch has it. Same network, same input, stride-8 scores; the
 timed calls go round-robin over the variants in a fresh random order each round (the host's
 speed drifts), after a warm-up call each. Reports per variant the median and minimum seconds,
@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 
 import deeplabv2
-from deeplabv2.atrous import AtrousWinogradConv2d, nnpack_available, use_atrous_winograd
-from deeplabv2.bench import cpu_model, isa_caps
-from deeplabv2.fast import optimize_for_inference, winograd_backend
+from deeplabv2.deploy.atrous import AtrousWinogradConv2d, nnpack_available, use_atrous_winograd
+from deeplabv2.deploy.bench import cpu_model, isa_caps
+from deeplabv2.deploy.fast import optimize_for_inference, winograd_backend
 
 sys.path.insert(0, str(Path(__file__).parent))
 from speed import capped, cpu_flags, write_outputs  # noqa: E402
@@ -118,7 +118,7 @@ def main(argv=None) -> int:
 * command: `{command}`
 * CPU: {cpu_model()} ({args.threads} threads; vector extensions: {cpu_flags()}); PyTorch CPU
   capability {torch.backends.cpu.get_cpu_capability()}
-{cap_note}* default on this CPU (`deeplabv2.fast.winograd_backend`): {winograd_backend()}
+{cap_note}* default on this CPU (`deeplabv2.deploy.fast.winograd_backend`): {winograd_backend()}
 * torch {torch.__version__}; {datetime.date.today().isoformat()}; load average
   {load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after; took {elapsed:.0f} s
 

@@ -79,9 +79,9 @@ def wait_for(driver, script: str, seconds: float = 60):
 def report(tmp_path_factory):
     from deeplabv2 import build_model
     from deeplabv2.app.report import ReportCollector
-    from deeplabv2.crf import DenseCRF
+    from deeplabv2.inference.crf import DenseCRF
     from deeplabv2.data import build_dataset
-    from deeplabv2.evaluate import evaluate
+    from deeplabv2.evaluation.evaluate import evaluate
     out = tmp_path_factory.mktemp("browser_report")
     ds = build_dataset("synthetic", None, "val", num_samples=20, size=[64, 96])
     model = build_model({"backbone": "resnet", "blocks": [1, 1, 1, 1], "width": 8,

@@ -154,8 +154,8 @@ def test_evaluate_msc_is_the_paper_max_fusion_and_crf_search_takes_it(trained, t
     """``--msc`` evaluates the scores of scales 1, 0.75, 0.5 fused by max (MSC in eval mode),
     ``--avg-scales`` averages probabilities: each equal to the library's computation."""
     import torch
-    from deeplabv2.evaluate import evaluate
-    from deeplabv2.inference import InferenceConfig
+    from deeplabv2.evaluation.evaluate import evaluate
+    from deeplabv2.inference.front import InferenceConfig
     from deeplabv2.weights import load_model
     root, cfg_path = trained
     ckpt = str(root / "run" / "model.pth")

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from deeplabv2.crf import PROB_SUM_TOLERANCE, DenseCRF, PermutohedralLattice, dense_crf
+from deeplabv2.inference.crf import PROB_SUM_TOLERANCE, DenseCRF, PermutohedralLattice, dense_crf
 
 
 @pytest.fixture(autouse=True)
@@ -242,7 +242,7 @@ def test_defaults_are_deeplabs():
 
 def test_presets_per_backbone_and_the_papers_grid():
     from deeplabv2.config import EvalConfig
-    from deeplabv2.crf import PAPER_GRID, crf_preset
+    from deeplabv2.inference.crf import PAPER_GRID, crf_preset
     resnet, vgg = crf_preset({"backbone": "resnet"}), crf_preset({"backbone": "vgg16"})
     assert (resnet.bi_w, resnet.bi_xy_std, resnet.bi_rgb_std, resnet.pos_w,
             resnet.pos_xy_std) == (4, 67, 3, 3, 1)

@@ -2,7 +2,7 @@
 
 import json
 
-from deeplabv2.demo import run_demo
+from deeplabv2.demo.supervised import run_demo
 
 
 def test_demo_writes_the_report(tmp_path, capsys):

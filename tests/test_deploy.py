@@ -170,7 +170,7 @@ def test_the_int8_graph_of_resnet101_has_its_aspp_as_taps():
     network's scores at every input size."""
     from deeplabv2.deploy.openvino_runtime import convert
     from deeplabv2.deploy.quantize import fp32_sums, with_taps_head
-    from deeplabv2.fast import fold_batchnorm
+    from deeplabv2.deploy.fast import fold_batchnorm
     from deeplabv2.model.deeplab import deeplabv2_resnet101
     torch.manual_seed(0)
     r101 = deeplabv2_resnet101(19).eval()

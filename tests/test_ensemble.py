@@ -12,11 +12,11 @@ from deeplabv2 import build_model, save_weights
 from deeplabv2.cli import main
 from deeplabv2.config import load_config, save_config
 from deeplabv2.data import SyntheticDataset, build_dataset
-from deeplabv2.ensemble import Ensemble
-from deeplabv2.evaluate import evaluate
-from deeplabv2.inference import InferenceConfig
-from deeplabv2.metrics import ConfusionMatrix
-from deeplabv2.preprocessing import Preprocessing
+from deeplabv2.inference.ensemble import Ensemble
+from deeplabv2.evaluation.evaluate import evaluate
+from deeplabv2.inference.front import InferenceConfig
+from deeplabv2.evaluation.metrics import ConfusionMatrix
+from deeplabv2.model.preprocessing import Preprocessing
 
 TINY = {"backbone": "resnet", "blocks": [1, 1, 1, 1], "width": 8, "num_classes": 7}
 
@@ -107,7 +107,7 @@ def test_evaluate_and_predict_commands_take_ensemble(tmp_path, capsys):
                  str(paths[2]), "--out", str(out)]) == 0
     assert "ensemble with" in capsys.readouterr().out
     ds = build_dataset("synthetic", None, "val", num_samples=3, size=[48, 64])
-    from deeplabv2.fast import optimize_for_inference
+    from deeplabv2.deploy.fast import optimize_for_inference
     from deeplabv2.weights import load_model
     direct = evaluate(Ensemble([optimize_for_inference(load_model(p)) for p in paths]), ds)
     assert json.loads(out.read_text())["miou"] == pytest.approx(direct["miou"], abs=1e-9)

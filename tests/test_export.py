@@ -5,7 +5,7 @@ import warnings
 import pytest
 import torch
 
-from deeplabv2.export import export_onnx, export_torchscript
+from deeplabv2.deploy.export import export_onnx, export_torchscript
 from deeplabv2.model import FrozenBatchNorm2d, build_model
 
 TINY = {"backbone": "resnet", "blocks": [1, 1, 1, 1], "width": 8, "num_classes": 5}
@@ -70,7 +70,7 @@ def test_torchscript_reproduces_the_logits_at_two_sizes(model, tmp_path):
 def test_export_subcommand_writes_both_files(model, tmp_path):
     import argparse
 
-    from deeplabv2.bench import register
+    from deeplabv2.deploy.bench import register
     from deeplabv2.weights import save_weights
     pytest.importorskip("onnx", reason="onnx not installed (extra 'export')")
     checkpoint = tmp_path / "tiny.pth"

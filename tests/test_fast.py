@@ -6,9 +6,9 @@ from torch import nn
 
 from torch.nn import functional as F
 
-from deeplabv2.atrous import (atrous_conv3x3, atrous_conv3x3_gemm, nnpack_available,
+from deeplabv2.deploy.atrous import (atrous_conv3x3, atrous_conv3x3_gemm, nnpack_available,
                               release_workspace, use_atrous_winograd, winograd_weight)
-from deeplabv2.fast import (FusedBottleneck, InferenceModel, fold_batchnorm,
+from deeplabv2.deploy.fast import (FusedBottleneck, InferenceModel, fold_batchnorm,
                             optimize_for_inference)
 from deeplabv2.model import FrozenBatchNorm2d, build_model
 
@@ -211,7 +211,7 @@ def test_fused_and_winograd_network_equals_eager_and_falls_back_with_autograd(ba
 
 
 def test_winograd_only_where_the_tiling_pays():
-    from deeplabv2.atrous import worth_tiling
+    from deeplabv2.deploy.atrous import worth_tiling
     assert worth_tiling(65, 129, 2) and worth_tiling(65, 129, 4) and worth_tiling(65, 65, 4)
     assert not worth_tiling(41, 41, 2)  # too small a map
     assert not worth_tiling(65, 129, 24)  # 3x6 sub-grids: the zero borders would double the work
@@ -238,7 +238,7 @@ def test_the_real_vgg16_optimized_equals_eager():
 def test_the_real_resnet101_optimized_equals_eager(monkeypatch, backend):
     """ResNet-101 as it is deployed: 33 fused blocks, 26 Winograd atrous convolutions (23 in
     layer3, 3 in layer4) that run at 65x65 scores, logits within 1e-4 of the eager network."""
-    import deeplabv2.atrous as atrous
+    import deeplabv2.deploy.atrous as atrous
     torch.manual_seed(0)
     model = build_model({"backbone": "resnet", "blocks": [3, 4, 23, 3], "num_classes": 19})
     model.eval()
@@ -281,7 +281,7 @@ def test_optimize_for_inference_rejects_an_unknown_precision():
 def test_bench_reports_positive_numbers_per_size_and_mode():
     import json
 
-    from deeplabv2.bench import bench, format_table, forward_flops, goal_ratios
+    from deeplabv2.deploy.bench import bench, format_table, forward_flops, goal_ratios
     model = _tiny()
     modes = ["eager", "fold", "fast", "bf16", "onnxruntime"]
     result = bench(model, [(33, 41), (24, 24)], modes, iterations=1, warmup=0, threads=1,
@@ -323,7 +323,7 @@ def test_bench_reports_positive_numbers_per_size_and_mode():
 
 def test_rss_sampler_sees_the_memory_of_its_own_block():
     import mmap
-    from deeplabv2.bench import RSSSampler, peak_rss_mib
+    from deeplabv2.deploy.bench import RSSSampler, peak_rss_mib
     with RSSSampler() as big:
         # 64 MiB of fresh pages, touched: a tensor could be served from memory an earlier test
         # in this process freed but left resident, and not raise the RSS at all
@@ -338,7 +338,7 @@ def test_rss_sampler_sees_the_memory_of_its_own_block():
 def test_settled_rss_counts_what_is_held_not_what_the_allocator_caches():
     """64 MiB in small heap blocks: held, the settled memory rises by about that much; freed,
     it falls back, though glibc would keep freed heap pages resident without the trim."""
-    from deeplabv2.bench import settled_rss_mib
+    from deeplabv2.deploy.bench import settled_rss_mib
     before = settled_rss_mib()
     blocks = [bytearray(b"\x01" * 65536) for _ in range(1024)]
     assert settled_rss_mib() - before > 48
@@ -347,7 +347,7 @@ def test_settled_rss_counts_what_is_held_not_what_the_allocator_caches():
 
 
 def test_mode_accuracy_counts_changed_labels_and_miou_against_eager():
-    from deeplabv2.bench import format_accuracy_table, mode_accuracy
+    from deeplabv2.deploy.bench import format_accuracy_table, mode_accuracy
     from deeplabv2.data import build_dataset
     model = _tiny()
     ds = build_dataset("synthetic", None, "val", num_samples=2, size=[40, 56])
@@ -371,7 +371,7 @@ def test_goal_ratios_per_round_follow_a_drifting_machine():
     """Round i of every mode saw about the same machine: the median of the per-round ratios
     sees through a slowdown that caught one mode's call in a round and both modes' calls in
     later rounds, where the ratio of the medians is thrown off."""
-    from deeplabv2.bench import goal_ratios
+    from deeplabv2.deploy.bench import goal_ratios
     times = {"fast": [1.0, 1.0, 1.0, 3.0, 3.0],
              "onnxruntime": [1.25, 1.25, 3.75, 3.75, 3.75],  # round 3: slow already
              "openvino": [2.0, 2.0, 6.0, 6.0, 6.0]}
@@ -387,7 +387,7 @@ def test_goal_ratios_per_round_follow_a_drifting_machine():
 
 
 def test_isa_caps_come_from_the_environment(monkeypatch):
-    from deeplabv2.bench import ISA_CAPS, isa_caps
+    from deeplabv2.deploy.bench import ISA_CAPS, isa_caps
     for name in ISA_CAPS:
         monkeypatch.delenv(name, raising=False)
     assert isa_caps() == {}
@@ -404,7 +404,7 @@ def test_speed_report_names_an_instruction_set_cap(tmp_path, monkeypatch):
     import json
     from pathlib import Path
 
-    import deeplabv2.bench as bench
+    import deeplabv2.deploy.bench as bench
     spec = importlib.util.spec_from_file_location(
         "speed", Path(__file__).parents[1] / "benchmarks" / "speed.py")
     speed = importlib.util.module_from_spec(spec)
@@ -430,7 +430,7 @@ def test_speed_report_names_an_instruction_set_cap(tmp_path, monkeypatch):
 def test_bench_and_export_subcommands_parse():
     import argparse
 
-    from deeplabv2.bench import cmd_bench, cmd_export, register
+    from deeplabv2.deploy.bench import cmd_bench, cmd_export, register
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["bench", "--sizes", "321x321", "512x1024", "--modes", "eager",
@@ -445,7 +445,7 @@ def test_bench_and_export_subcommands_parse():
 def test_winograd_backend_by_cpu(monkeypatch):
     """NNPACK on AVX2 CPUs, the GEMM form on AVX-512 ones, the direct convolutions elsewhere
     (and always for bf16)."""
-    import deeplabv2.fast as fast_mod
+    import deeplabv2.deploy.fast as fast_mod
     model = build_model({"backbone": "resnet", "blocks": [1, 1, 1, 1], "width": 64,
                          "num_classes": 3}).eval()  # 256-512 channels in layer3/4: eligible
     expected = {"AVX2": "nnpack" if nnpack_available() else None, "AVX512": "gemm",
@@ -466,7 +466,7 @@ def test_winograd_flags_choose_the_dilated_convolutions(monkeypatch):
     """``evaluate/predict --winograd auto|gemm|nnpack|off`` (``--no-winograd``: off): on an
     AVX-512 CPU auto is the GEMM form; gemm and nnpack are taken as asked whatever the CPU;
     off keeps oneDNN's direct convolutions; a Winograd form asked for with bf16 is an error."""
-    import deeplabv2.fast as fast_mod
+    import deeplabv2.deploy.fast as fast_mod
     from deeplabv2.cli import _runtime, build_parser
     monkeypatch.setattr(fast_mod.torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     model = build_model({"backbone": "resnet", "blocks": [1, 1, 1, 1], "width": 64,
@@ -509,7 +509,7 @@ def test_prepacked_weights_follow_the_input_and_survive_copies():
 def test_aspp_as_one_convolution_of_its_taps_equals_the_branches(head_mode):
     """TapsASPP: the 36 taps of the 4 dilated branches as one 1x1 convolution and shifted sums,
     on maps smaller than some rates (taps that read only padding are skipped) and larger."""
-    from deeplabv2.fast import TapsASPP
+    from deeplabv2.deploy.fast import TapsASPP
     torch.manual_seed(0)
     model = build_model({**TINY, "head_mode": head_mode}).eval()
     with torch.no_grad():

@@ -6,7 +6,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from deeplabv2 import build_model
-from deeplabv2.inference import InferenceConfig, infer, predict_probs, window_starts
+from deeplabv2.inference.front import InferenceConfig, infer, predict_probs, window_starts
 
 TINY = {"backbone": "resnet", "blocks": [1, 1, 1, 1], "width": 8, "num_classes": 5}
 

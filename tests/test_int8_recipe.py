@@ -5,7 +5,7 @@ spread of their ranges. Pure PyTorch; what NNCF does with it is in ``test_deploy
 import torch
 
 from deeplabv2.deploy.quantize import equalize_aspp_input
-from deeplabv2.fast import fold_batchnorm
+from deeplabv2.deploy.fast import fold_batchnorm
 from deeplabv2.model.deeplab import deeplabv2_resnet101, deeplabv2_vgg16
 from test_export import nontrivial_model
 

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from deeplabv2.metrics import ConfusionMatrix, format_table, save_json
+from deeplabv2.evaluation.metrics import ConfusionMatrix, format_table, save_json
 
 NAMES = ["road", "car", "sky", "bus"]
 

@@ -7,7 +7,7 @@ from torch import nn
 import deeplabv2
 from deeplabv2.model import get_alignment
 from deeplabv2.model import ASPP, Bottleneck, FrozenBatchNorm2d, build_model
-from deeplabv2.preprocessing import CAFFE_BGR, TORCHVISION_RGB
+from deeplabv2.model.preprocessing import CAFFE_BGR, TORCHVISION_RGB
 
 TINY = {"backbone": "resnet", "blocks": [1, 1, 1, 1], "width": 8, "num_classes": 5}
 

@@ -12,10 +12,10 @@ from PIL import Image
 from deeplabv2 import build_model
 from deeplabv2.app.report import ReportCollector, ReportError, compare_report, read_metrics
 from deeplabv2.cli import main
-from deeplabv2.crf import DenseCRF
+from deeplabv2.inference.crf import DenseCRF
 from deeplabv2.data import build_dataset
-from deeplabv2.evaluate import evaluate
-from deeplabv2.metrics import ConfusionMatrix
+from deeplabv2.evaluation.evaluate import evaluate
+from deeplabv2.evaluation.metrics import ConfusionMatrix
 
 TINY = {"backbone": "resnet", "blocks": [1, 1, 1, 1], "width": 8, "num_classes": 7}
 
@@ -129,7 +129,7 @@ def test_baseline_differences_are_sorted(evaluated, tmp_path):
     base = dict(metrics)
     base["iou"] = [0.5 if math.isnan(v) else min(1.0, v + 0.1 * (c - 3))
                    for c, v in enumerate(metrics["iou"])]
-    from deeplabv2.metrics import save_json
+    from deeplabv2.evaluation.metrics import save_json
     save_json(base, ds.classes, tmp_path / "base.json")
     page, diffs = compare_report(tmp_path / "cmp", out, tmp_path / "base.json")
     html = page.read_text()

@@ -15,8 +15,8 @@ from PIL import Image
 
 from deeplabv2.data.base import SegmentationDataset, read_label_png
 from deeplabv2.data.cityscapes_labels import CLASSES, LABEL_TO_TRAIN, LABELS, TRAIN_TO_LABEL
-from deeplabv2.metrics import ConfusionMatrix
-from deeplabv2.score import ScoreError, score_folder
+from deeplabv2.evaluation.metrics import ConfusionMatrix
+from deeplabv2.evaluation.score import ScoreError, score_folder
 
 FRAMES = [("aachen", "000000", "000019"), ("aachen", "000001", "000019"),
           ("bochum", "000000", "000313")]
@@ -220,7 +220,7 @@ def test_predict_cityscapes_ids_output_scores_without_renaming(cityscapes, tmp_p
     """`predict --cityscapes-ids` writes {stem}.png (train ids) and {stem}_labelIds.png side by
     side; `score` takes the label id files as they are, and says what it matched."""
     from deeplabv2 import build_model
-    from deeplabv2.predict import predict_files
+    from deeplabv2.inference.predict import predict_files
     dataset, _ = cityscapes
     model = build_model({"backbone": "resnet", "blocks": [1, 1, 1, 1], "width": 8,
                          "num_classes": 19}).eval()

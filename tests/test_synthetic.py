@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from deeplabv2.colour_baseline import (colour_baseline_miou, confusion_matrix,
+from deeplabv2.demo.colour_baseline import (colour_baseline_miou, confusion_matrix,
                                        fit_colour_classifier, miou_from_confusion)
 from deeplabv2.data import SyntheticDataset
 from deeplabv2.data.base import SegmentationDataset

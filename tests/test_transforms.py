@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from deeplabv2.data import EvalTransform, SyntheticDataset, TrainTransform
-from deeplabv2.preprocessing import CAFFE_BGR, TORCHVISION_RGB, Preprocessing
+from deeplabv2.model.preprocessing import CAFFE_BGR, TORCHVISION_RGB, Preprocessing
 
 # Leaves RGB values unchanged, so the output image can be compared with the input colours.
 IDENTITY = Preprocessing("RGB", 1.0, (0.0, 0.0, 0.0))

@@ -84,7 +84,7 @@ def test_cityscapes_16_and_13_class_protocols_and_unlabelled_images(tmp_path):
 
 
 def test_16_class_evaluation_also_reports_the_13_class_miou(tmp_path):
-    from deeplabv2.metrics import add_subset_mious, format_table
+    from deeplabv2.evaluation.metrics import add_subset_mious, format_table
     ds = CityscapesDataset.__new__(CityscapesDataset)
     ds.miou_subsets = {"13": [0, 1, 2, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]}
     iou = [0.5] * 16

@@ -136,7 +136,7 @@ def test_adapt_demo_writes_its_report(tmp_path, monkeypatch):
     """The whole ``demo --adapt`` pipeline on a few scenes and iterations (the real run's
     numbers are in the README)."""
     import json
-    from deeplabv2.adapt import demo
+    from deeplabv2.demo import adapt as demo
     for name in ("SOURCE", "TARGET", "TARGET_VAL", "SOURCE_VAL"):
         monkeypatch.setattr(demo, name, {**getattr(demo, name), "num_samples": 6})
     summary = demo.run_adapt_demo(

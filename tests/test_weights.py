@@ -13,7 +13,7 @@ import torch
 
 import deeplabv2
 from deeplabv2 import WeightsError, build_model, load_model, load_weights, save_weights
-from deeplabv2.preprocessing import CAFFE_BGR, TORCHVISION_RGB
+from deeplabv2.model.preprocessing import CAFFE_BGR, TORCHVISION_RGB
 
 NARROW = {"backbone": "resnet", "blocks": [3, 4, 23, 3], "width": 8}
 _HEAD_KEY = re.compile(r"^head\.convs\.(\d)\.(weight|bias)$")

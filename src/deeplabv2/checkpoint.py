@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .digest import non_finite_keys
+from .utils.digest import non_finite_keys
 from .weights import WeightsError, _unwrap, load_state, save_weights, torch_load
 
 

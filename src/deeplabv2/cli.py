@@ -18,7 +18,7 @@ def _build(name: str, num_classes: int, weights):
 
 
 def cmd_info(args) -> int:
-    from .info import model_info
+    from .model.info import model_info
     m = _build(args.model, args.num_classes, args.weights).eval()
     info = model_info(m, args.height, args.width)
     if args.json:
@@ -71,7 +71,7 @@ def _eval_dataset(cfg, split):
 
 
 def _print_metrics(results: dict, classes: list, out) -> None:
-    from .metrics import format_table, save_json
+    from .evaluation.metrics import format_table, save_json
     print(format_table(results, classes))
     if out:
         save_json(results, classes, out)
@@ -101,7 +101,7 @@ def _add_inference_args(sp) -> None:
 
 
 def _add_runtime_args(sp, precision: str = "fp32") -> None:
-    from .fast import PRECISIONS
+    from .deploy.fast import PRECISIONS
     sp.add_argument("--precision", choices=(*PRECISIONS, "int8", "auto"), default=precision,
                     help=f"fp32, bf16 (CPU with AMX, or GPU), fp16 (GPU), int8 (the "
                          f"OpenVINO model of `deeplabv2 quantize`) or auto (bf16 where "
@@ -128,7 +128,7 @@ def _add_runtime_args(sp, precision: str = "fp32") -> None:
 
 def _runtime(model, args, device):
     """``(network, amp)`` for evaluate/predict: by default a BN-folded, channels-last copy in
-    ``--precision`` (:func:`deeplabv2.fast.optimize_for_inference`); ``--eager`` keeps the
+    ``--precision`` (:func:`deeplabv2.deploy.fast.optimize_for_inference`); ``--eager`` keeps the
     loaded model and runs reduced precision by autocast. ``--precision auto`` is resolved
     here (:func:`deeplabv2.precision.resolve_inference_precision`); ``--runtime openvino`` and
     ``--precision int8`` run the OpenVINO model (:mod:`deeplabv2.deploy`)."""
@@ -146,17 +146,17 @@ def _runtime(model, args, device):
         if args.compile:
             raise ValueError("--compile works on the optimized network; drop --eager")
         return model, ("none" if args.precision == "fp32" else args.precision)
-    from .fast import optimize_for_inference
+    from .deploy.fast import optimize_for_inference
     return optimize_for_inference(model, precision=args.precision, compile=args.compile,
                                   winograd=_winograd(args.winograd)), "none"
 
 
-#: ``--winograd`` values: ``auto`` lets :func:`deeplabv2.fast.winograd_backend` choose by CPU
+#: ``--winograd`` values: ``auto`` lets :func:`deeplabv2.deploy.fast.winograd_backend` choose by CPU
 WINOGRAD_CHOICES = ("auto", "gemm", "nnpack", "off")
 
 
 def _winograd(choice: str):
-    """``--winograd`` as :func:`deeplabv2.fast.optimize_for_inference` takes it."""
+    """``--winograd`` as :func:`deeplabv2.deploy.fast.optimize_for_inference` takes it."""
     return {"auto": None, "off": False}.get(choice, choice)
 
 
@@ -167,7 +167,7 @@ def _add_ensemble_arg(sp) -> None:
 
 
 def _ensemble(net, args, device):
-    """``net`` alone, or with ``--ensemble``: an :class:`deeplabv2.ensemble.Ensemble` of it and
+    """``net`` alone, or with ``--ensemble``: an :class:`deeplabv2.inference.ensemble.Ensemble` of it and
     the other checkpoints, each loaded and prepared as ``net`` was (``--alignment``,
     ``--precision``, ``--eager``, ``--compile``)."""
     extra = getattr(args, "ensemble", None)
@@ -176,7 +176,7 @@ def _ensemble(net, args, device):
     if args.precision == "int8" or getattr(args, "runtime", "torch") == "openvino":
         raise ValueError("--ensemble runs on the PyTorch runtime: drop --runtime openvino / "
                          "--precision int8")
-    from .ensemble import Ensemble
+    from .inference.ensemble import Ensemble
     members = [net]
     for path in extra:
         member_args = argparse.Namespace(**{**vars(args), "checkpoint": path})
@@ -186,7 +186,7 @@ def _ensemble(net, args, device):
 
 
 def _inference(args, base: dict | None = None):
-    from .inference import InferenceConfig
+    from .inference.front import InferenceConfig
     d = dict(base or {})
     if args.msc is not None:
         from .model.msc import PAPER_SCALES
@@ -203,7 +203,7 @@ def _inference(args, base: dict | None = None):
 def _crf(args, cfg, model):
     """The DenseCRF asked for by ``--crf`` or the config's ``eval.crf`` (None: no CRF): the
     preset of the model's backbone updated by the config's ``eval.crf_params``."""
-    from .crf import crf_preset
+    from .inference.crf import crf_preset
     if cfg is not None:
         return cfg.eval.dense_crf(model.config, force=args.crf)
     return crf_preset(model.config) if args.crf else None
@@ -222,9 +222,9 @@ def _load(args, device):
 def cmd_crf_search(args) -> int:
     import itertools
     import json
-    from .crf import DenseCRF
-    from .evaluate import crf_search
-    from .distributed import pick_device
+    from .inference.crf import DenseCRF
+    from .evaluation.evaluate import crf_search
+    from .utils.distributed import pick_device
     cfg = load_config(args.config, args.overrides)
     device = pick_device(cfg.train.device)
     model = _load(args, device)
@@ -245,15 +245,15 @@ def cmd_crf_search(args) -> int:
     print(f"best: {best['crf'] or 'no CRF'} (mIoU {100 * best['miou']:.2f} on "
           f"{min(args.limit or len(ds), len(ds))} images)")
     if args.out:
-        from .fileio import atomic_write_text
+        from .utils.fileio import atomic_write_text
         atomic_write_text(args.out, json.dumps({"results": results, "best": best}, indent=2))
     return 0
 
 
 def cmd_evaluate(args) -> int:
-    from .evaluate import evaluate
+    from .evaluation.evaluate import evaluate
     cfg = load_config(args.config, _with_device(args))
-    from .distributed import pick_device
+    from .utils.distributed import pick_device
     device = pick_device(cfg.train.device)
     model = _load(args, device)
     ds = _eval_dataset(cfg, args.split)
@@ -297,8 +297,8 @@ def _require_same_classes(checkpoint, model_classes, ds) -> None:
 
 
 def cmd_predict(args) -> int:
-    from .predict import predict_files
-    from .distributed import pick_device
+    from .inference.predict import predict_files
+    from .utils.distributed import pick_device
     device = pick_device(args.device)
     model = _load(args, device)
     palette = model.palette
@@ -322,14 +322,14 @@ def cmd_predict(args) -> int:
 
 
 def cmd_score(args) -> int:
-    from .score import score_folder
+    from .evaluation.score import score_folder
     cfg = load_config(args.config, args.overrides)
     ds = _eval_dataset(cfg, args.split)
     from .app.commands import finish_report, report_collector, score_callback
     report = report_collector(args, ds)
     results = score_folder(args.predictions, ds, id_format=args.id_format,
                            on_image=score_callback(report, ds))
-    from .score import describe_files
+    from .evaluation.score import describe_files
     print(describe_files(results["files"]) + f" ({len(ds)} images in {ds.split})")
     _print_metrics(results, list(ds.classes), args.out)
     finish_report(args, report, results, title=f"{args.predictions} on {cfg.data.dataset} "
@@ -358,11 +358,11 @@ def cmd_quantize(args) -> int:
 
 def cmd_demo(args) -> int:
     if args.adapt:
-        from .adapt.demo import ALL_METHODS, run_adapt_demo
+        from .demo.adapt import ALL_METHODS, run_adapt_demo
         methods = ALL_METHODS if args.methods == ["all"] else tuple(args.methods)
         run_adapt_demo(args.out or "reports/demo_adapt", methods, overrides=args.overrides)
         return 0
-    from .demo import run_demo
+    from .demo.supervised import run_demo
     run_demo(args.out or "reports/demo", args.overrides)
     return 0
 
@@ -434,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     cs.add_argument("-c", "--config", required=True, help="config naming the dataset")
     cs.add_argument("--split", default=None)
     cs.add_argument("--limit", type=int, default=100, help="first N images (paper: 100)")
-    from .crf import PAPER_GRID
+    from .inference.crf import PAPER_GRID
     cs.add_argument("--bi-w", type=float, nargs="+", default=PAPER_GRID["bi_w"],
                     help="appearance weights (default: the paper's 3 4 5 6)")
     cs.add_argument("--bi-xy-std", type=float, nargs="+", default=PAPER_GRID["bi_xy_std"],
@@ -502,7 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .app.commands import register as register_app  # adds "compare" and "serve"
     register_app(sub)
-    from .bench import register as register_bench  # adds "bench" and "export"
+    from .deploy.bench import register as register_bench  # adds "bench" and "export"
     register_bench(sub)
     for sp in sub.choices.values():  # every option's help says its default
         sp.formatter_class = _HelpWithDefaults
@@ -560,7 +560,7 @@ def main(argv=None) -> int:
         print(f"deeplabv2 {args.command}: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # one clear line for the user's mistakes, full trace with -v later
-        from .fileio import LockError
+        from .utils.fileio import LockError
         from .weights import WeightsError
         from .train import Interrupted, TrainingError
         if isinstance(e, Interrupted):

@@ -94,16 +94,16 @@ class EvalConfig:
     crf_params: dict[str, Any] = field(default_factory=dict)  # DenseCRF fields; {}: defaults
 
     def dense_crf(self, model_config: dict | None = None, force: bool = False):
-        """The :class:`deeplabv2.crf.DenseCRF` for a model of ``model_config``: the released
-        preset of its backbone (:func:`deeplabv2.crf.crf_preset`) updated by ``crf_params``.
+        """The :class:`deeplabv2.inference.crf.DenseCRF` for a model of ``model_config``: the released
+        preset of its backbone (:func:`deeplabv2.inference.crf.crf_preset`) updated by ``crf_params``.
         None when ``crf`` is off, unless ``force``."""
-        from .crf import DenseCRF, crf_preset
+        from .inference.crf import DenseCRF, crf_preset
         params = DenseCRF.from_dict({**crf_preset(model_config).to_dict(), **self.crf_params})
         return params if (self.crf or force) else None
 
     def inference(self):
-        """The :class:`deeplabv2.inference.InferenceConfig` these settings describe."""
-        from .inference import InferenceConfig
+        """The :class:`deeplabv2.inference.front.InferenceConfig` these settings describe."""
+        from .inference.front import InferenceConfig
         return InferenceConfig.from_dict({k: getattr(self, k) for k in InferenceConfig.keys()})
 
 @dataclass
@@ -310,5 +310,5 @@ def _validate_adapt(cfg: Config) -> None:
 
 
 def save_config(cfg: Config, path) -> None:
-    from .fileio import atomic_write_text
+    from .utils.fileio import atomic_write_text
     atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -27,16 +27,16 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from . import distributed as dist_utils
+from .utils import distributed as dist_utils
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Config, save_config
 from .data import IGNORE_INDEX, build_dataset
 from .data.transforms import TrainTransform
-from .digest import all_finite, content_digest
-from .evaluate import evaluate
-from .fileio import RunLock, atomic_write_text, remove_stale_tmp
-from .inference import autocast_context
-from .metrics import save_json
+from .utils.digest import all_finite, content_digest
+from .evaluation.evaluate import evaluate
+from .utils.fileio import RunLock, atomic_write_text, remove_stale_tmp
+from .inference.front import autocast_context
+from .evaluation.metrics import save_json
 from .adapt.methods import Step, build_method
 from .model import MSC, DeepLabV2, build_model, get_alignment, msc_loss
 from .weights import load_weights, save_weights
@@ -702,7 +702,7 @@ def _read_history(out_dir: Path) -> list[dict]:
 @torch.no_grad()
 def _log_samples(writer, model, dataset, device, step: int, count: int = 2) -> None:
     """Image | ground truth | prediction rows for the first ``count`` validation images."""
-    from .visualize import colorize
+    from .utils.visualize import colorize
     model.eval()
     palette = dataset.palette
     for i in range(min(count, len(dataset))):

@@ -45,9 +45,9 @@ from typing import Any
 
 import torch
 
-from .digest import DIGEST_KEY, content_digest, digest_of_checkpoint, non_finite_keys
-from .fileio import atomic_write
-from .preprocessing import CAFFE_BGR, TORCHVISION_RGB, Preprocessing
+from .utils.digest import DIGEST_KEY, content_digest, digest_of_checkpoint, non_finite_keys
+from .utils.fileio import atomic_write
+from .model.preprocessing import CAFFE_BGR, TORCHVISION_RGB, Preprocessing
 
 FORMAT = "deeplabv2"
 FORMAT_VERSION = 2  # 2: records "alignment"; version 1 files resized with align_corners=False

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..preprocessing import from_rgb, to_rgb
+from ..model.preprocessing import from_rgb, to_rgb
 from .discriminator import FCDiscriminator, adversarial_loss, discriminator_loss
 from .entropy import charbonnier_entropy, entropy_loss, self_information
 from .fda import fda_source_to_target

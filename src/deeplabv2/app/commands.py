@@ -31,7 +31,7 @@ def report_collector(args, ds):
         raise ValueError("--baseline compares in the report: give --report DIR too")
     if not args.report:
         return None
-    from ..distributed import rank_and_world
+    from ..utils.distributed import rank_and_world
     if rank_and_world()[1] > 1:
         raise ValueError("--report needs the whole split in one process; run without "
                          "torchrun (or write --out and use `deeplabv2 compare`)")

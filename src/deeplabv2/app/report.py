@@ -12,7 +12,7 @@
                          when the CRF ran, the prediction before it (palette PNGs), all at most
                          ``thumb_width`` pixels wide
 
-Per-image numbers use the definitions of :mod:`deeplabv2.metrics` on that image's pixels alone
+Per-image numbers use the definitions of :mod:`deeplabv2.evaluation.metrics` on that image's pixels alone
 (mIoU over the classes present in its ground truth or prediction). Thumbnails are written as
 the evaluation goes, so memory stays flat however many images there are; a 500-image
 Cityscapes val run gives about 500 x 35 kB.
@@ -29,8 +29,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from ..fileio import atomic_write_text
-from ..metrics import save_json
+from ..utils.fileio import atomic_write_text
+from ..evaluation.metrics import save_json
 from . import asset
 
 THUMB_WIDTH = 320
@@ -59,7 +59,7 @@ def per_image_confusion(label: np.ndarray, pred: np.ndarray, num_classes: int) -
 
 def iou_of(counts: np.ndarray) -> np.ndarray:
     """Per-class IoU of ``(C, C + 1)`` counts (NaN: class in neither ground truth nor
-    prediction), as :meth:`deeplabv2.metrics.ConfusionMatrix.compute` defines it."""
+    prediction), as :meth:`deeplabv2.evaluation.metrics.ConfusionMatrix.compute` defines it."""
     c = counts.shape[0]
     matrix = counts[:, :c].astype(np.float64)
     tp = np.diag(matrix)
@@ -82,7 +82,7 @@ class ReportCollector:
     """Collects what the report needs, one image at a time (``add``), and writes it (``write``).
 
     ``palette``: ``(C, 3)`` uint8 colours of the ``class_names``. Pass the collector as
-    :func:`deeplabv2.evaluate.evaluate`'s ``on_image`` (it is callable with that signature)
+    :func:`deeplabv2.evaluation.evaluate.evaluate`'s ``on_image`` (it is callable with that signature)
     or call :meth:`add` yourself.
     """
 
@@ -178,7 +178,7 @@ class ReportCollector:
     def write(self, metrics: dict, *, title: str = "Evaluation report", settings: dict | None
               = None, baseline: dict | None = None, baseline_name: str = "baseline") -> Path:
         """Write ``metrics.json``, ``per_image.json`` and ``index.html``; return the page's
-        path. ``metrics`` is :func:`deeplabv2.evaluate.evaluate`'s dict (``iou``,
+        path. ``metrics`` is :func:`deeplabv2.evaluation.evaluate.evaluate`'s dict (``iou``,
         ``class_accuracy``, ``confusion``, ...); ``baseline`` a second run's metrics (the same
         dict, or a ``metrics.json`` as read from disk)."""
         save_json(metrics, self.class_names, self.out / "metrics.json")

@@ -111,8 +111,8 @@ class Predictor:
     def __init__(self, checkpoint, *, device="cpu", queue_size: int = 4,
                  max_pixels: float = DEFAULTS["max_pixels"]):
         import torch
-        from ..distributed import pick_device
-        from ..fast import optimize_for_inference
+        from ..utils.distributed import pick_device
+        from ..deploy.fast import optimize_for_inference
         from ..weights import load_model
         if queue_size < 1:
             raise ValueError(f"queue_size must be >= 1, got {queue_size}")
@@ -162,7 +162,7 @@ class Predictor:
 
     def _run(self, data: bytes, crf: bool, multi_scale: bool):
         import torch
-        from ..inference import InferenceConfig
+        from ..inference.front import InferenceConfig
         started = time.perf_counter()
         image = decode_image(data, self.max_pixels)
         del data
@@ -177,7 +177,7 @@ class Predictor:
 
     def _dense_crf(self):
         if self._crf is None:  # the parameters released for the model's backbone
-            from ..crf import crf_preset
+            from ..inference.crf import crf_preset
             self._crf = crf_preset(self.model.config)
         return self._crf
 

@@ -6,7 +6,7 @@ Train and val draw from disjoint seed streams, so val scenes are never seen in t
 The classes are designed so that colour alone is a poor cue: every object draws its colour
 from a pool of paints that several classes share (with per-object jitter, a per-image
 illumination and pixel noise), so a per-pixel colour classifier scores a low mIoU (0.26 on
-200 val scenes, fitted on 400 train scenes; see :mod:`deeplabv2.colour_baseline`). What tells
+200 val scenes, fitted on 400 train scenes; see :mod:`deeplabv2.demo.colour_baseline`). What tells
 the classes apart is what a convolutional network with a wide receptive field sees (a small
 output-stride-8 dilated CNN trained from scratch for 400 iterations on 2 CPU cores: 0.85):
 

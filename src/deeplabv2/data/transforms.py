@@ -3,7 +3,7 @@
 Input: RGB ``uint8`` ``(H, W, 3)`` image and ``uint8`` ``(H, W)`` label (train ids, 255 =
 ignore), plus an ``np.random.Generator`` that the dataset seeds by ``(seed, epoch, index)``.
 Output: ``"image"`` a ``float32`` ``(3, h, w)`` tensor already normalised by the given
-:class:`~deeplabv2.preprocessing.Preprocessing`, ``"label"`` an ``int64`` ``(h, w)`` tensor.
+:class:`~deeplabv2.model.preprocessing.Preprocessing`, ``"label"`` an ``int64`` ``(h, w)`` tensor.
 
 Resizing uses PIL on ``uint8`` arrays (fast, and runs inside DataLoader workers): the image
 bilinearly, the label with NEAREST only, so no label value is ever invented by interpolation.
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..preprocessing import CAFFE_BGR, Preprocessing
+from ..model.preprocessing import CAFFE_BGR, Preprocessing
 from .base import IGNORE_INDEX
 
 

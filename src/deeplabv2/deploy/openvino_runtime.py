@@ -5,7 +5,7 @@ with dynamic batch, height and width; :class:`OpenVINOModel` reshapes and compil
 input size it meets (OpenVINO is fastest on static shapes; the compiled blobs are cached on
 disk), and upsamples the scores in PyTorch with the model's own alignment, so that MSC,
 sliding windows, the CRF and every other caller see the same interface as
-:class:`deeplabv2.fast.InferenceModel`: ``model(x, upsample=True)`` -> float32 logits.
+:class:`deeplabv2.deploy.fast.InferenceModel`: ``model(x, upsample=True)`` -> float32 logits.
 
 Files beside the checkpoint ``model.pth``: ``model.pth.openvino/fp32.xml`` (+ ``.bin``), the
 converted network, and ``int8.xml`` from ``deeplabv2 quantize``, each with a ``.json`` that
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..fast import copy_network_facts, fold_batchnorm
+from .fast import copy_network_facts, fold_batchnorm
 
 #: OpenVINO's ``INFERENCE_PRECISION_HINT`` per precision; for an INT8 model it sets what its
 #: non-quantized operations (the sums left in floating point, the last layers) run in.
@@ -121,7 +121,7 @@ def fp32_ir(model: nn.Module, checkpoint) -> Path:
 
 
 class OpenVINOModel(nn.Module):
-    """An OpenVINO model behind the :class:`deeplabv2.fast.InferenceModel` interface.
+    """An OpenVINO model behind the :class:`deeplabv2.deploy.fast.InferenceModel` interface.
 
     ``forward(x, upsample=True)``: preprocessed float32 ``(N, 3, H, W)`` -> float32 logits
     ``(N, C, H, W)`` (or the stride-8 scores with ``upsample=False``). One compiled model per

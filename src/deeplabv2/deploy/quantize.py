@@ -54,7 +54,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..fast import TapsASPP, fold_batchnorm
+from .fast import TapsASPP, fold_batchnorm
 from ..model.resnet import Bottleneck
 from .openvino_runtime import (HINTS, MissingRuntime, artefact_dir, convert, int8_precision,
                                require_openvino, write_sidecar)
@@ -231,7 +231,7 @@ def equalize_aspp_input(net: nn.Module, images, alpha: float = 0.5,
 
 class ExportTapsASPP(TapsASPP):
     """The summed ASPP head, for the INT8 graph, as one 1x1 convolution of its branches' 36
-    taps and shifted sums: :class:`deeplabv2.fast.TapsASPP` (same weights, shifts and bias)
+    taps and shifted sums: :class:`deeplabv2.deploy.fast.TapsASPP` (same weights, shifts and bias)
     with a forward that traces into one graph for every input size. The dilated 2048 -> 19
     convolutions of the original are the slowest INT8 operations in OpenVINO (191 of 538 ms
     of ResNet-101 at 512x1024 on a 2-core AMX Xeon for 3% of the FLOPs), where a 2048 -> 684

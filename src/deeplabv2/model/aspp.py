@@ -82,7 +82,7 @@ def summed_taps(convs: list[nn.Conv2d], x: torch.Tensor) -> torch.Tensor:
     oneDNN's kernels for 2048 -> 19-21 dilated convolutions are slow: measured for one training
     step's ASPP (2 x 2048 x 41 x 41, forward + backward) on an AMX Xeon, 403 -> 236 ms in
     float32 and 547 -> 153 ms under bf16 autocast. The model uses it for CPU training; inference
-    runs :class:`deeplabv2.fast.TapsASPP`, the same idea without autograd.
+    runs :class:`deeplabv2.deploy.fast.TapsASPP`, the same idea without autograd.
     """
     c = convs[0].out_channels
     y = F.conv2d(x, tap_weight(convs))

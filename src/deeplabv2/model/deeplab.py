@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..preprocessing import CAFFE_BGR, Preprocessing
+from .preprocessing import CAFFE_BGR, Preprocessing
 from .alignment import CAFFE, Alignment, get_alignment
 from .aspp import ASPP
 from .resnet import ResNet

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..inference import check_scales
+from ..inference.front import check_scales
 from .alignment import Alignment, get_alignment
 
 PAPER_SCALES = (1.0, 0.75, 0.5)

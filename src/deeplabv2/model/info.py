@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .model import DeepLabV2
+from . import DeepLabV2
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
@@ -34,7 +34,7 @@ def model_info(model: DeepLabV2, height: int, width: int) -> dict:
 
 
 def _meta_copy(model: DeepLabV2) -> DeepLabV2:
-    from .model import build_model
+    from . import build_model
     with torch.device("meta"):
         meta = build_model(model.config)
     if hasattr(meta.backbone, "set_layout"):

@@ -10,7 +10,7 @@ Inference modes:
 
 * ``eager``: the model as given (frozen BN as separate ops, NCHW, fp32);
 * ``fold``: frozen BN folded into the convolutions, channels-last, fp32 (nothing else);
-* ``fast``: :func:`deeplabv2.fast.optimize_for_inference`, fp32: ``fold`` plus, on the CPU,
+* ``fast``: :func:`deeplabv2.deploy.fast.optimize_for_inference`, fp32: ``fold`` plus, on the CPU,
   ReLU and residual sums fused into prepacked oneDNN convolutions and Winograd atrous
   convolutions (NNPACK on AVX2 CPUs, F(6x6, 3x3) through torch's GEMM on AVX-512 ones: what
   ``evaluate`` and ``predict --precision fp32`` run);
@@ -236,7 +236,7 @@ def machine() -> dict:
     """What decides the speed: CPU model, the vector/matrix flags, PyTorch's CPU capability,
     any cap put on the instruction set (:func:`isa_caps`), core count, the runtimes'
     versions."""
-    from .precision import cpu_flags
+    from ..precision import cpu_flags
     keep = sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma")))
     info = {"cpu": cpu_model(), "cpu_flags": " ".join(keep) or "unknown",
             "isa_caps": isa_caps(),
@@ -274,7 +274,7 @@ def _openvino_runner(model: nn.Module, height: int, width: int, threads: int | N
                      precision: str, int8_xml=None, calibration: int = 4):
     """OpenVINO compiled at ``height x width`` with the latency hint (fp32/bf16), or the INT8
     model (``int8_xml``, else quantized now on ``calibration`` random inputs)."""
-    from .deploy.openvino_runtime import OpenVINOModel, convert, require_openvino
+    from .openvino_runtime import OpenVINOModel, convert, require_openvino
     ov = require_openvino()
     # one conversion (and one quantization) per model, reused for every size and precision:
     # the converted model has dynamic shapes and each OpenVINOModel compiles its own size
@@ -290,7 +290,7 @@ def _openvino_runner(model: nn.Module, height: int, width: int, threads: int | N
                 g = torch.Generator().manual_seed(0)
                 data = [torch.randn(1, 3, height, width, generator=g).numpy()
                         for _ in range(calibration)]
-                from .deploy.quantize import fp32_sums, with_taps_head
+                from .quantize import fp32_sums, with_taps_head
                 from .fast import fold_batchnorm
                 # the graph quantize writes (its ASPP as taps) and the operations it leaves in
                 # floating point, so that the graph timed is its graph (its other steps change
@@ -359,7 +359,7 @@ def _train_step(model: nn.Module, *, batch: int, size, amp: str, channels_last: 
     (the weights stay fp32, as training needs)."""
     import copy
 
-    from .inference import autocast_context
+    from ..inference.front import autocast_context
     net = copy.deepcopy(model).train()
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
@@ -444,7 +444,7 @@ def bench(model: nn.Module, sizes, modes=DEFAULT_MODES, iterations: int = 3, war
     ``train.amp: auto`` picks here and why. With ``bounds``, ``"bounds"`` holds
     :func:`dtype_bounds` and every row its ``"percent_of_bound"`` (of its dtype's bound).
     """
-    from .precision import resolve_train_amp
+    from ..precision import resolve_train_amp
     if threads:
         torch.set_num_threads(int(threads))
     sizes = [tuple(int(v) for v in s) for s in sizes]
@@ -539,7 +539,7 @@ def mode_accuracy(model: nn.Module, dataset, modes=("fast", "bf16", "onnxruntime
     Use a trained model: an untrained deep network's logits are too chaotic to say anything.
     Mode ``int8`` runs ``int8_xml`` (``deeplabv2 quantize``'s file for this model).
     """
-    from .metrics import ConfusionMatrix
+    from ..evaluation.metrics import ConfusionMatrix
     if threads:
         torch.set_num_threads(int(threads))
     was_training = model.training
@@ -685,7 +685,7 @@ def goal_ratios(result: dict) -> list[str]:
 def cmd_bench(args) -> int:
     import json
 
-    from . import model as models
+    from .. import model as models
     net = getattr(models, f"deeplabv2_{args.model}")(args.num_classes, weights=args.weights)
     result = bench(net, [_size(s) for s in args.sizes], args.modes, args.iterations,
                    args.warmup, args.threads, train_step=not args.no_train,
@@ -693,7 +693,7 @@ def cmd_bench(args) -> int:
     result["model"] = args.model
     print(format_table(result))
     if args.json:
-        from .fileio import atomic_write_text
+        from ..utils.fileio import atomic_write_text
         atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
         print(f"results written to {args.json}")
     return 0
@@ -701,7 +701,7 @@ def cmd_bench(args) -> int:
 
 def cmd_export(args) -> int:
     from .export import export_onnx, export_torchscript
-    from .weights import load_model
+    from ..weights import load_model
     if not (args.onnx or args.torchscript):
         raise ValueError("nothing to do: give --onnx PATH and/or --torchscript PATH")
     model = load_model(args.checkpoint).eval()

@@ -257,7 +257,7 @@ class AtrousWinogradConv2d(nn.Module):
 
     Maps smaller than ``min_pixels`` (height x width), or whose tiling would add over
     ``max_overhead`` times the work (:func:`worth_tiling`), take the direct convolution
-    ``self.conv`` (the original module, which :func:`deeplabv2.fast.prepack_convolutions`
+    ``self.conv`` (the original module, which :func:`deeplabv2.deploy.fast.prepack_convolutions`
     turns into a prepacked oneDNN one). Measured on ResNet-101's layer3/layer4 shapes:
     NNPACK 0.6-0.7x the direct convolution at 41x41, 1.0-1.2x at 65x65, 1.1-1.8x at 65x129, up
     to 2x at 129x257, on a 2-core AVX2 CPU; the GEMM form on a 2-core AVX-512 Xeon in

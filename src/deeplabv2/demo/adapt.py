@@ -27,11 +27,11 @@ import numpy as np
 
 from ..config import load_config
 from ..data import build_dataset
-from ..evaluate import evaluate
-from ..fast import optimize_for_inference
-from ..fileio import atomic_write, atomic_write_text
+from ..evaluation.evaluate import evaluate
+from ..deploy.fast import optimize_for_inference
+from ..utils.fileio import atomic_write, atomic_write_text
 from ..train import train
-from ..visualize import colorize
+from ..utils.visualize import colorize
 from ..weights import load_model
 
 DEFAULT_METHODS = ("fda",)
@@ -151,7 +151,7 @@ def _table(runs: dict, summary: dict) -> str:
 
 
 def _curves(runs: dict, path: Path) -> None:
-    from ..report import _pyplot
+    from .charts import _pyplot
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
     offset = runs["warm_up"]["iterations"]
@@ -174,7 +174,7 @@ def _examples(dataset, checkpoints: dict, path: Path, count: int = 4) -> None:
     """Rows of target image | ground truth | each run's prediction, under column titles, with
     the class legend beside them."""
     import torch
-    from ..demo import _titled
+    from .supervised import _titled
     nets = {k: optimize_for_inference(load_model(p)) for k, p in checkpoints.items()}
     rows = []
     for i in range(count):

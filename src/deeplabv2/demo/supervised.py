@@ -15,19 +15,19 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .app.report import ReportCollector
+from ..app.report import ReportCollector
 from .colour_baseline import colour_baseline_miou
-from .config import load_config
-from .data import build_dataset
-from .evaluate import evaluate
-from .fast import optimize_for_inference
-from .fileio import atomic_write
-from .metrics import format_table
-from .predict import predict_files
-from .report import write_report
-from .train import train
-from .visualize import colorize
-from .weights import load_model
+from ..config import load_config
+from ..data import build_dataset
+from ..evaluation.evaluate import evaluate
+from ..deploy.fast import optimize_for_inference
+from ..utils.fileio import atomic_write
+from ..evaluation.metrics import format_table
+from ..inference.predict import predict_files
+from .charts import write_report
+from ..train import train
+from ..utils.visualize import colorize
+from ..weights import load_model
 
 NUM_EXAMPLES = 6
 
@@ -118,7 +118,7 @@ def _example_panel(dataset, pred_dir: Path, path: Path, class_names=None) -> Non
 def _titled(grid: np.ndarray, column_width: int, gap: int, titles, class_names, palette):
     """``grid`` under a row of column titles, with the legend of ``class_names`` on its right."""
     from PIL import ImageDraw
-    from .predict import legend_image
+    from ..inference.predict import legend_image
     header = 20
     key = legend_image(class_names, palette) if class_names else None
     width = grid.shape[1] + (key.width + 8 if key else 0)

@@ -28,7 +28,7 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
-from .fileio import atomic_write_text
+from ..utils.fileio import atomic_write_text
 
 
 class ConfusionMatrix:
@@ -204,7 +204,7 @@ def save_json(results: dict, class_names: Sequence[str], path) -> None:
 
     Layout: ``{"miou", "fw_iou", "pixel_accuracy", "mean_class_accuracy", "pixels",
     "classes": {name: {"iou", "accuracy"}}}``, then any other entries of ``results`` as they are
-    (e.g. ``"confusion"`` added by :func:`deeplabv2.evaluate.evaluate`). The file is written to a
+    (e.g. ``"confusion"`` added by :func:`deeplabv2.evaluation.evaluate.evaluate`). The file is written to a
     temporary file in the same folder and renamed over ``path``, so a reader never sees half a
     file.
     """

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from . import distributed as dist_utils
-from .inference import InferenceConfig
+from ..utils import distributed as dist_utils
+from ..inference.front import InferenceConfig
 from .metrics import ConfusionMatrix, add_subset_mious
 
 
@@ -34,7 +34,7 @@ def evaluate(model, dataset, *, device=None, limit: int | None = None, amp: str 
     summed, so every rank returns the metrics of the whole split. ``inference`` chooses whole
     image, sliding window, multi-scale and flip (default: whole image); ``predict(model, x)``
     may replace it altogether (it must return ``(N, C, H, W)`` probabilities). ``crf`` (a
-    :class:`deeplabv2.crf.DenseCRF`) refines the probabilities with the image. Returns
+    :class:`deeplabv2.inference.crf.DenseCRF`) refines the probabilities with the image. Returns
     :meth:`ConfusionMatrix.compute`'s dict plus ``"confusion"`` (the ``(C, C)`` counts).
 
     ``on_image(index, image, label, pred, pred_before_crf)``, when given, sees every image this

@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data.cityscapes_labels import IGNORE_INDEX, LABEL_TO_TRAIN, LABELS, NUM_CLASSES
-from .data.base import DatasetError, check_label_values, read_label_png
+from ..data.cityscapes_labels import IGNORE_INDEX, LABEL_TO_TRAIN, LABELS, NUM_CLASSES
+from ..data.base import DatasetError, check_label_values, read_label_png
 from .metrics import ConfusionMatrix
 
 ID_FORMATS = ("auto", "label", "train")

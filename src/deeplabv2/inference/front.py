@@ -132,14 +132,14 @@ def _sliding_probs(model, x: torch.Tensor, crop: tuple[int, int], stride: tuple[
 
 
 def _alignment(model):
-    from .model.alignment import get_alignment
+    from ..model.alignment import get_alignment
     return get_alignment(getattr(model, "alignment", None))
 
 
 def msc_model(model, scales):
     """``model`` wrapped for the paper's test-time MSC (eval mode): scores of every scale fused
     by max, then upsampled."""
-    from .model.msc import MSC
+    from ..model.msc import MSC
     return MSC(model, scales).eval()
 
 

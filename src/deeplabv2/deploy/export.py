@@ -1,6 +1,6 @@
 """Export a model for deployment: ONNX (dynamic height and width) and TorchScript.
 
-Both exports take the BN-folded fp32 network (:func:`deeplabv2.fast.fold_batchnorm`), whose
+Both exports take the BN-folded fp32 network (:func:`deeplabv2.deploy.fast.fold_batchnorm`), whose
 input is the preprocessed ``(N, 3, H, W)`` float32 image and whose output is the logits
 upsampled to the input size, ``(N, C, H, W)`` float32. Preprocessing (channel order, mean,
 scale) is *not* part of the graph: apply ``model.preprocessing`` first, as for the PyTorch model.
@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .fast import fold_batchnorm
-from .fileio import atomic_write, atomic_write_text
+from ..utils.fileio import atomic_write, atomic_write_text
 
 
 class _UpsampledLogits(nn.Module):

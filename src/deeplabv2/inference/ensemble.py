@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fast import copy_network_facts
+from ..deploy.fast import copy_network_facts
 
 #: probabilities are floored here before the logarithm (a class no member gives any
 #: probability stays the least likely, without -inf in the output)
@@ -33,7 +33,7 @@ FLOOR = 1e-30
 class Ensemble(nn.Module):
     """Equal-weight average of the softmax outputs of ``members`` (networks taking the same
     preprocessed input, e.g. :class:`deeplabv2.model.DeepLabV2` or the result of
-    :func:`deeplabv2.fast.optimize_for_inference`); ``names`` (e.g. their files) label the
+    :func:`deeplabv2.deploy.fast.optimize_for_inference`); ``names`` (e.g. their files) label the
     members in errors and in :meth:`extra_repr`."""
 
     def __init__(self, members: Sequence[nn.Module], names: Sequence[str] | None = None):

@@ -25,10 +25,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .data.base import DatasetError, read_image
-from .fileio import atomic_write
-from .inference import InferenceConfig
-from .visualize import overlay
+from ..data.base import DatasetError, read_image
+from ..utils.fileio import atomic_write
+from .front import InferenceConfig
+from ..utils.visualize import overlay
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".tif", ".tiff", ".webp"}
 
@@ -179,7 +179,7 @@ def predict_files(model, inputs, out_dir, palette, *, device=None, save_probs: b
 
     Images of equal size are run ``batch_size`` at a time. ``inference`` chooses whole image /
     sliding window / scales / flip (default: whole image); ``predict(model, x)`` may replace it
-    altogether; ``crf`` (a :class:`deeplabv2.crf.DenseCRF`) refines the probabilities with the
+    altogether; ``crf`` (a :class:`deeplabv2.inference.crf.DenseCRF`) refines the probabilities with the
     image. ``cityscapes_ids`` also writes ``{stem}_labelIds.png`` with Cityscapes label ids (the
     official submission format). ``class_names`` adds ``legend.png``. Returns what was
     written and what failed; the caller decides the exit code.
@@ -188,7 +188,7 @@ def predict_files(model, inputs, out_dir, palette, *, device=None, save_probs: b
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if cityscapes_ids:
-        from .data.cityscapes import train_to_label_ids
+        from ..data.cityscapes import train_to_label_ids
         if model.num_classes != 19:
             raise ValueError(f"Cityscapes label ids need a 19-class model, this one has "
                              f"{model.num_classes}")

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .data.base import IGNORE_INDEX
+from ..data.base import IGNORE_INDEX
 
 
 @dataclass

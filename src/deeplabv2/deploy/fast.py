@@ -12,7 +12,7 @@ blocks, Winograd atrous convolutions, bf16/fp16, compile.
 * :class:`TapsASPP` runs the summed ASPP head as one 1x1 convolution of its 36 taps and
   shifted sums (oneDNN has no efficient kernel for 2048->19 dilated convolutions, in bf16
   least of all).
-* :mod:`deeplabv2.atrous` runs the dilated 3x3 convolutions of layer3/layer4 as one Winograd
+* :mod:`deeplabv2.deploy.atrous` runs the dilated 3x3 convolutions of layer3/layer4 as one Winograd
   convolution over the tiled sub-grids (CPU, fp32): NNPACK's on AVX2 CPUs, F(6x6, 3x3)
   through torch's GEMM on AVX-512 ones (:func:`winograd_backend`).
 * :func:`optimize_for_inference` puts these together with the memory layout, the precision
@@ -34,8 +34,8 @@ import torch
 from torch import nn
 
 from .atrous import AtrousWinogradConv2d, nnpack_available, use_atrous_winograd
-from .model.aspp import tap_shifts, tap_weight
-from .model.resnet import Bottleneck, FrozenBatchNorm2d
+from ..model.aspp import tap_shifts, tap_weight
+from ..model.resnet import Bottleneck, FrozenBatchNorm2d
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PRECISIONS = tuple(DTYPES)
@@ -110,7 +110,7 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
 
 
 def winograd_backend() -> str | None:
-    """Which Winograd form of the dilated 3x3 convolutions (:mod:`deeplabv2.atrous`) beats
+    """Which Winograd form of the dilated 3x3 convolutions (:mod:`deeplabv2.deploy.atrous`) beats
     oneDNN's direct kernels on this CPU, by PyTorch's best vector ISA: ``"nnpack"`` on AVX2
     (NNPACK's kernels; measured 1.1-2x per layer on a 2-core AVX2 AMD EPYC, where oneDNN has no
     Winograd kernel), ``"gemm"`` on AVX-512 (F(6x6, 3x3) through torch's batched GEMM: 1.26x
@@ -299,7 +299,7 @@ def _aspp_branch(conv: nn.Module) -> bool:
 def fuse_aspp(model: nn.Module) -> int:
     """Replace, in place, every summed :class:`~deeplabv2.model.aspp.ASPP` head of ``model``
     by a :class:`TapsASPP`; returns how many."""
-    from .model.aspp import ASPP
+    from ..model.aspp import ASPP
     replaced = 0
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
@@ -405,7 +405,7 @@ def optimize_for_inference(model: nn.Module, *, precision: str = "fp32",
     convolutions (:class:`FusedBottleneck`), the ASPP as :class:`TapsASPP` and every
     convolution with a prepacked weight (``None``: on for channels-last on the CPU).
     ``winograd`` runs the dilated 3x3 convolutions of layer3/layer4 as tiled
-    Winograd convolutions (:mod:`deeplabv2.atrous`; ~1e-5 relative rounding per layer):
+    Winograd convolutions (:mod:`deeplabv2.deploy.atrous`; ~1e-5 relative rounding per layer):
     ``"nnpack"`` or ``"gemm"``, ``True`` for this CPU's choice (``"gemm"`` where it has none),
     ``None`` (default) for fp32 on the CPU where one is measured to pay
     (:func:`winograd_backend`: NNPACK on AVX2, GEMM on AVX-512).

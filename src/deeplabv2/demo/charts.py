@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .fileio import atomic_write_text
-from .metrics import format_table, save_json
+from ..utils.fileio import atomic_write_text
+from ..evaluation.metrics import format_table, save_json
 
 
 def _pyplot():
@@ -46,7 +46,7 @@ def training_curve(history: list[dict], path, val_points: list[tuple[int, float]
 
 
 def _savefig(fig, path) -> None:
-    from .fileio import atomic_write
+    from ..utils.fileio import atomic_write
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"), fsync=False)
 
 

@@ -1,0 +1,15 @@
+"""What a network is asked at test time: class probabilities of preprocessed images.
+
+* :mod:`.front`: every test-time mode as a value (:class:`InferenceConfig`: whole image or
+  sliding windows, the paper's MSC, averaged scales, flip) and :func:`infer`, which turns a batch into
+  class probabilities;
+* :mod:`.crf`: the fully connected CRF;
+* :mod:`.ensemble`: several networks averaged, one network to everything above;
+* :mod:`.predict`: image files in, label/colour/overlay files out.
+
+How a network *runs* (device, precision, runtime) is :mod:`deeplabv2.deploy`'s business.
+"""
+
+from .front import InferenceConfig, infer, predict_probs
+
+__all__ = ["InferenceConfig", "infer", "predict_probs"]
