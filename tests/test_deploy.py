@@ -156,7 +156,7 @@ def test_the_sums_left_in_fp32_on_resnet101_and_vgg16():
     three layer4 residual sums and three ASPP sums, VGG-16's three branch sums."""
     from deeplabv2.deploy.openvino_runtime import convert
     from deeplabv2.deploy.quantize import fp32_sums
-    from deeplabv2.model.deeplab import deeplabv2_resnet101, deeplabv2_vgg16
+    from deeplabv2.hub import deeplabv2_resnet101, deeplabv2_vgg16
     r101 = deeplabv2_resnet101(19).eval()
     names = fp32_sums(convert(r101, example_size=(65, 65)), r101)
     assert len(names) == 6 and sum(".layer4." in n for n in names) == 3
@@ -171,7 +171,7 @@ def test_the_int8_graph_of_resnet101_has_its_aspp_as_taps():
     from deeplabv2.deploy.openvino_runtime import convert
     from deeplabv2.deploy.quantize import fp32_sums, with_taps_head
     from deeplabv2.deploy.fast import fold_batchnorm
-    from deeplabv2.model.deeplab import deeplabv2_resnet101
+    from deeplabv2.hub import deeplabv2_resnet101
     torch.manual_seed(0)
     r101 = deeplabv2_resnet101(19).eval()
     with torch.no_grad():

@@ -225,7 +225,7 @@ def test_winograd_only_where_the_tiling_pays():
 
 
 def test_the_real_vgg16_optimized_equals_eager():
-    from deeplabv2.model import deeplabv2_vgg16
+    from deeplabv2.hub import deeplabv2_vgg16
     torch.manual_seed(0)
     model = deeplabv2_vgg16(num_classes=21).eval()
     fast = optimize_for_inference(model)

@@ -6,7 +6,7 @@ import torch
 
 from deeplabv2.deploy.quantize import equalize_aspp_input
 from deeplabv2.deploy.fast import fold_batchnorm
-from deeplabv2.model.deeplab import deeplabv2_resnet101, deeplabv2_vgg16
+from deeplabv2.hub import deeplabv2_resnet101, deeplabv2_vgg16
 from test_export import nontrivial_model
 
 

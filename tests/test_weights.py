@@ -223,7 +223,7 @@ def test_vgg16_torchvision_weights(tmp_path):
 
 
 def test_vgg_decimation_of_the_real_imagenet_fc6_fc7():
-    from deeplabv2.model import decimate_vgg_classifier
+    from deeplabv2.weights import decimate_vgg_classifier
     g = torch.Generator().manual_seed(0)
     fc6_w, fc6_b = torch.randn(4096, 25088, generator=g), torch.randn(4096, generator=g)
     fc7_w, fc7_b = torch.randn(4096, 4096, generator=g), torch.randn(4096, generator=g)

@@ -1,7 +1,8 @@
 """DeepLab v2 (Chen et al., TPAMI 2018): atrous ResNet-101/VGG-16, ASPP, frozen BN, strict weights."""
 
-from .model import (DeepLabV2, FrozenBatchNorm2d, build_model, deeplabv2_resnet50,
-                    deeplabv2_resnet101, deeplabv2_vgg16, deeplabv2_vgg16_largefov)
+from .hub import (deeplabv2_resnet50, deeplabv2_resnet101, deeplabv2_vgg16,
+                  deeplabv2_vgg16_largefov)
+from .model import DeepLabV2, FrozenBatchNorm2d, build_model
 from .model.preprocessing import CAFFE_BGR, TORCHVISION_RGB, Preprocessing
 from .weights import LoadReport, WeightsError, load_model, load_weights, save_weights
 

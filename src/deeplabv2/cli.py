@@ -13,8 +13,8 @@ ARCHS = ("resnet101", "resnet50", "vgg16")
 
 
 def _build(name: str, num_classes: int, weights):
-    from . import model
-    return getattr(model, f"deeplabv2_{name}")(num_classes, weights=weights)
+    from . import hub
+    return getattr(hub, f"deeplabv2_{name}")(num_classes, weights=weights)
 
 
 def cmd_info(args) -> int:

@@ -21,6 +21,7 @@ a slower step by default.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import os
@@ -154,3 +155,15 @@ def resolve_inference_precision(precision: str, device, probe=bf16_train_speedup
         return precision, f"--precision {precision}"
     pays, why = bf16_pays(device, probe)
     return ("bf16" if pays else "fp32"), f"--precision auto: {'bf16' if pays else 'fp32'} ({why})"
+
+
+def autocast_context(device: torch.device, amp: str):
+    """``torch.autocast`` for ``amp`` in {"none", "bf16", "fp16"} (fp16 on CUDA only)."""
+    if amp in ("none", None):
+        return contextlib.nullcontext()
+    if amp == "fp16" and device.type != "cuda":
+        raise ValueError("amp=fp16 needs a CUDA device; use bf16 on the CPU")
+    if amp not in ("bf16", "fp16"):
+        raise ValueError(f"amp must be 'none', 'bf16' or 'fp16', got {amp!r}")
+    return torch.autocast(device_type=device.type,
+                          dtype=torch.bfloat16 if amp == "bf16" else torch.float16)

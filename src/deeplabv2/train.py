@@ -13,6 +13,7 @@ every rank sees its own slice of each global batch, metrics are summed across ra
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -35,10 +36,10 @@ from .data.transforms import TrainTransform
 from .utils.digest import all_finite, content_digest
 from .evaluation.evaluate import evaluate
 from .utils.fileio import RunLock, atomic_write_text, remove_stale_tmp
-from .inference.front import autocast_context
 from .evaluation.metrics import save_json
 from .adapt.methods import Step, build_method
 from .model import MSC, DeepLabV2, build_model, get_alignment, msc_loss
+from .precision import autocast_context, resolve_train_amp
 from .weights import load_weights, save_weights
 
 
@@ -294,9 +295,6 @@ def _resolve_amp(cfg: Config, device: torch.device) -> tuple[Config, str]:
     """``cfg`` with ``train.amp: auto`` replaced by the choice that is faster on ``device``
     (:func:`deeplabv2.precision.resolve_train_amp`, agreed by all ranks), and a line that
     says why; the run's ``config.yaml`` records the choice."""
-    import dataclasses
-
-    from .precision import resolve_train_amp
     amp, channels_last, why = resolve_train_amp(cfg.train.amp, cfg.train.channels_last, device)
     if cfg.train.amp == "auto":  # every rank runs as the slowest one's probe says
         votes = dist_utils.all_reduce_sum(torch.tensor([float(amp == "bf16"), 1.0],

@@ -45,9 +45,11 @@ from typing import Any
 
 import torch
 
+from .model import build_model
+from .model.alignment import get_alignment
+from .model.preprocessing import CAFFE_BGR, TORCHVISION_RGB, Preprocessing
 from .utils.digest import DIGEST_KEY, content_digest, digest_of_checkpoint, non_finite_keys
 from .utils.fileio import atomic_write
-from .model.preprocessing import CAFFE_BGR, TORCHVISION_RGB, Preprocessing
 
 FORMAT = "deeplabv2"
 FORMAT_VERSION = 2  # 2: records "alignment"; version 1 files resized with align_corners=False
@@ -287,7 +289,6 @@ def _map_vgg_key(key: str) -> tuple[str | None, str | None]:
 def _decimated_vgg_head(state: dict, model, path) -> dict[str, torch.Tensor]:
     """torchvision VGG-16 ``classifier.0``/``classifier.3`` (fc6/fc7), decimated as DeepLab
     does, copied into every branch of the model's head: ``{model key: tensor}``."""
-    from .model.vgg import decimate_vgg_classifier
     need = ["classifier.0.weight", "classifier.0.bias", "classifier.3.weight",
             "classifier.3.bias"]
     missing = [k for k in need if k not in state]
@@ -434,7 +435,6 @@ def load_state(model, raw: dict[str, torch.Tensor], metadata: dict[str, Any], *,
                                f"weights do not fit this {_describe(model)})")
 
     # Follow the weights' layout, preprocessing and resizing convention before copying.
-    from .model.alignment import get_alignment
     if layout == "deeplabv2":
         backbone_layout = metadata.get("layout", "caffe")
         pre = metadata.get("preprocessing")
@@ -473,7 +473,6 @@ def _describe(model) -> str:
 
 # -- writing this project's checkpoints ---------------------------------------------------------
 def checkpoint_metadata(model, classes=None, palette=None) -> dict[str, Any]:
-    from .model.alignment import get_alignment
     return {"format": FORMAT, "version": FORMAT_VERSION, "model_config": dict(model.config),
             "layout": model.layout, "preprocessing": model.preprocessing.to_dict(),
             "alignment": get_alignment(getattr(model, "alignment", None)).name,
@@ -520,7 +519,6 @@ def load_model(path, *, device="cpu"):
 
     The returned model also carries the checkpoint's ``classes`` and ``palette`` (or None).
     """
-    from .model import build_model
     state, metadata = read_file(path)
     if metadata.get("format") != FORMAT or "model_config" not in metadata:
         raise WeightsError(f"{path}: not a deeplabv2 checkpoint (no model_config recorded); "
@@ -530,3 +528,26 @@ def load_model(path, *, device="cpu"):
     model.classes = metadata.get("classes")
     model.palette = metadata.get("palette")
     return model.to(device)
+
+
+def decimate_vgg_classifier(fc6_weight: torch.Tensor, fc6_bias: torch.Tensor,
+                            fc7_weight: torch.Tensor, fc7_bias: torch.Tensor,
+                            channels: int = 1024) -> dict[str, torch.Tensor]:
+    """ImageNet VGG-16's fc6 ``(4096, 25088)`` and fc7 ``(4096, 4096)`` -> DeepLab's fc6
+    ``(1024, 512, 3, 3)`` and fc7 ``(1024, 1024, 1, 1)`` by decimation: every 4th filter
+    (and, for fc7, every 4th input) and, of fc6's 7x7 taps, rows and columns 0, 3, 6.
+
+    Returns ``{"fc6.weight", "fc6.bias", "fc7.weight", "fc7.bias"}``.
+    """
+    out = fc6_weight.shape[0]
+    if fc6_weight.shape != (out, 512 * 7 * 7) or fc7_weight.shape != (out, out) or \
+            out % channels:
+        raise ValueError(f"expected VGG-16 fc6 ({out}, 25088) and fc7 ({out}, {out}) with "
+                         f"{out} divisible by {channels}, got {tuple(fc6_weight.shape)} and "
+                         f"{tuple(fc7_weight.shape)}")
+    step = out // channels
+    taps = torch.tensor([0, 3, 6])
+    fc6 = fc6_weight.reshape(out, 512, 7, 7)[::step][:, :, taps][:, :, :, taps]
+    return {"fc6.weight": fc6.contiguous(), "fc6.bias": fc6_bias[::step].clone(),
+            "fc7.weight": fc7_weight[::step, ::step].reshape(channels, channels, 1, 1).clone(),
+            "fc7.bias": fc7_bias[::step].clone()}

@@ -359,7 +359,7 @@ def _train_step(model: nn.Module, *, batch: int, size, amp: str, channels_last: 
     (the weights stay fp32, as training needs)."""
     import copy
 
-    from ..inference.front import autocast_context
+    from ..precision import autocast_context
     net = copy.deepcopy(model).train()
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
@@ -685,8 +685,8 @@ def goal_ratios(result: dict) -> list[str]:
 def cmd_bench(args) -> int:
     import json
 
-    from .. import model as models
-    net = getattr(models, f"deeplabv2_{args.model}")(args.num_classes, weights=args.weights)
+    from .. import hub
+    net = getattr(hub, f"deeplabv2_{args.model}")(args.num_classes, weights=args.weights)
     result = bench(net, [_size(s) for s in args.sizes], args.modes, args.iterations,
                    args.warmup, args.threads, train_step=not args.no_train,
                    train_warmup=args.train_warmup)

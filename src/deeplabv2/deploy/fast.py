@@ -35,6 +35,7 @@ from torch import nn
 
 from .atrous import AtrousWinogradConv2d, nnpack_available, use_atrous_winograd
 from ..model.aspp import tap_shifts, tap_weight
+from ..model.deeplab import copy_network_facts
 from ..model.resnet import Bottleneck, FrozenBatchNorm2d
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -333,18 +334,6 @@ def prepack_convolutions(model: nn.Module) -> int:
     for conv in convs:
         conv.__class__ = PrepackedConv2d
     return len(convs)
-
-
-#: what callers read from a :class:`deeplabv2.model.DeepLabV2` besides calling it
-NETWORK_FACTS = ("config", "preprocessing", "alignment", "output_stride", "classes", "palette")
-
-
-def copy_network_facts(source: nn.Module, target: nn.Module) -> None:
-    """Give ``target`` (a wrapper that runs ``source``'s function) the :data:`NETWORK_FACTS`
-    ``source`` has."""
-    for name in NETWORK_FACTS:
-        if hasattr(source, name):
-            setattr(target, name, getattr(source, name))
 
 
 class InferenceModel(nn.Module):

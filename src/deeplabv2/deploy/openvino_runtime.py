@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .fast import copy_network_facts, fold_batchnorm
+from ..model.deeplab import copy_network_facts
+from .fast import fold_batchnorm
 
 #: OpenVINO's ``INFERENCE_PRECISION_HINT`` per precision; for an INT8 model it sets what its
 #: non-quantized operations (the sums left in floating point, the last layers) run in.

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..deploy.fast import copy_network_facts
+from ..model.deeplab import copy_network_facts
 
 #: probabilities are floored here before the logarithm (a class no member gives any
 #: probability stays the least likely, without -inf in the output)

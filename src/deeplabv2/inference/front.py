@@ -20,26 +20,17 @@ callable.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import asdict, dataclass, fields
 
 import torch
 from torch.nn import functional as F
 
+from ..model.alignment import get_alignment
+from ..model.msc import MSC, check_scales
+from ..precision import autocast_context
+
 MODES = ("whole", "sliding")
-
-
-def autocast_context(device: torch.device, amp: str):
-    """``torch.autocast`` for ``amp`` in {"none", "bf16", "fp16"} (fp16 on CUDA only)."""
-    if amp in ("none", None):
-        return contextlib.nullcontext()
-    if amp == "fp16" and device.type != "cuda":
-        raise ValueError("amp=fp16 needs a CUDA device; use bf16 on the CPU")
-    if amp not in ("bf16", "fp16"):
-        raise ValueError(f"amp must be 'none', 'bf16' or 'fp16', got {amp!r}")
-    return torch.autocast(device_type=device.type,
-                          dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
 @torch.no_grad()
@@ -64,19 +55,6 @@ def _pair(value, name: str) -> tuple[int, int] | None:
                              for v in pair):
         raise ValueError(f"{name} must be a positive int or [height, width], got {value!r}")
     return int(pair[0]), int(pair[1])
-
-
-def check_scales(scales) -> tuple[float, ...]:
-    """A scale or a list of them as a tuple of positive floats; ValueError naming a bad one."""
-    if isinstance(scales, (int, float)):
-        scales = (scales,)
-    scales = tuple(float(s) for s in scales)
-    if not scales:
-        raise ValueError("scales must name at least one scale, got an empty list")
-    for s in scales:
-        if not (math.isfinite(s) and s > 0):
-            raise ValueError(f"scales must be positive, got {s} in {list(scales)}")
-    return scales
 
 
 def _window(mode: str, crop_size, stride) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
@@ -132,14 +110,12 @@ def _sliding_probs(model, x: torch.Tensor, crop: tuple[int, int], stride: tuple[
 
 
 def _alignment(model):
-    from ..model.alignment import get_alignment
     return get_alignment(getattr(model, "alignment", None))
 
 
 def msc_model(model, scales):
     """``model`` wrapped for the paper's test-time MSC (eval mode): scores of every scale fused
     by max, then upsampled."""
-    from ..model.msc import MSC
     return MSC(model, scales).eval()
 
 

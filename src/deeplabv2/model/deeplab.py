@@ -180,55 +180,13 @@ def build_model(config: dict[str, Any], preprocessing: Preprocessing | None = No
     return DeepLabV2(backbone, head, cfg, preprocessing or CAFFE_BGR, aux_head=aux)
 
 
-def _with_weights(model: DeepLabV2, weights, head: str, alignment) -> DeepLabV2:
-    if weights is not None:
-        from ..weights import load_weights
-        load_weights(model, weights, head=head, alignment=alignment)
-    elif alignment is not None:
-        model.alignment = get_alignment(alignment)
-    return model
+#: what callers read from a :class:`deeplabv2.model.DeepLabV2` besides calling it
+NETWORK_FACTS = ("config", "preprocessing", "alignment", "output_stride", "classes", "palette")
 
 
-def deeplabv2_resnet101(num_classes: int = 19, *, weights=None, frozen_bn: bool = True,
-                        atrous_rates=DEFAULT_RATES, head: str = "auto",
-                        head_mode: str = "aspp", alignment=None) -> DeepLabV2:
-    """DeepLab v2 with the atrous ResNet-101 (the paper's main model).
-
-    ``weights`` is a path to any layout :func:`deeplabv2.load_weights` accepts; the model then
-    follows that file's backbone layout and preprocessing. ``frozen_bn=False`` makes BN
-    trainable (for training from scratch). ``head`` is passed to ``load_weights``.
-    ``head_mode="adaptsegnet"`` sums ASPP branches 0+1 only, as AdaptSegNet-trained files need.
-    ``alignment`` (``"caffe"``, the default, or ``"pytorch"``): see
-    :mod:`deeplabv2.model.alignment`; None keeps the convention a checkpoint of ours records.
-    """
-    model = build_model({"backbone": "resnet", "blocks": RESNET_DEPTHS[101],
-                         "num_classes": num_classes, "frozen_bn": frozen_bn,
-                         "atrous_rates": atrous_rates, "head_mode": head_mode})
-    return _with_weights(model, weights, head, alignment)
-
-
-def deeplabv2_resnet50(num_classes: int = 19, *, weights=None, frozen_bn: bool = True,
-                       atrous_rates=DEFAULT_RATES, head: str = "auto",
-                       head_mode: str = "aspp", alignment=None) -> DeepLabV2:
-    """DeepLab v2 with an atrous ResNet-50 backbone."""
-    model = build_model({"backbone": "resnet", "blocks": RESNET_DEPTHS[50],
-                         "num_classes": num_classes, "frozen_bn": frozen_bn,
-                         "atrous_rates": atrous_rates, "head_mode": head_mode})
-    return _with_weights(model, weights, head, alignment)
-
-
-def deeplabv2_vgg16(num_classes: int = 21, *, weights=None, atrous_rates=DEFAULT_RATES,
-                    head: str = "auto", alignment=None) -> DeepLabV2:
-    """DeepLab-ASPP-L over VGG-16: four fc6/fc7/fc8 branches, summed. ``atrous_rates=(12,)``
-    gives DeepLab-LargeFOV (:func:`deeplabv2_vgg16_largefov`). ImageNet VGG-16 weights
-    (torchvision layout) initialise the features and, decimated, every branch's fc6/fc7."""
-    model = build_model({"backbone": "vgg16", "num_classes": num_classes,
-                         "atrous_rates": atrous_rates})
-    return _with_weights(model, weights, head, alignment)
-
-
-def deeplabv2_vgg16_largefov(num_classes: int = 21, *, weights=None, head: str = "auto",
-                             alignment=None) -> DeepLabV2:
-    """DeepLab-LargeFOV: VGG-16 with one fc6 (3x3, rate 12, 1024) -> fc7 -> fc8 branch."""
-    return deeplabv2_vgg16(num_classes, weights=weights, atrous_rates=LARGEFOV_RATES, head=head,
-                           alignment=alignment)
+def copy_network_facts(source: nn.Module, target: nn.Module) -> None:
+    """Give ``target`` (a wrapper that runs ``source``'s function) the :data:`NETWORK_FACTS`
+    ``source`` has."""
+    for name in NETWORK_FACTS:
+        if hasattr(source, name):
+            setattr(target, name, getattr(source, name))

@@ -12,15 +12,28 @@ score map. Sizes, resizing and label shrinking follow the model's
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
 from torch import nn
 
-from ..inference.front import check_scales
 from .alignment import Alignment, get_alignment
 
 PAPER_SCALES = (1.0, 0.75, 0.5)
+
+
+def check_scales(scales) -> tuple[float, ...]:
+    """A scale or a list of them as a tuple of positive floats; ValueError naming a bad one."""
+    if isinstance(scales, (int, float)):
+        scales = (scales,)
+    scales = tuple(float(s) for s in scales)
+    if not scales:
+        raise ValueError("scales must name at least one scale, got an empty list")
+    for s in scales:
+        if not (math.isfinite(s) and s > 0):
+            raise ValueError(f"scales must be positive, got {s} in {list(scales)}")
+    return scales
 
 
 class MSC(nn.Module):

@@ -9,7 +9,7 @@ branch: DeepLab-LargeFOV (paper Sec. 4.1, Table 3).
 
 fc6/fc7 are not new layers: DeepLab initialises them from ImageNet VGG-16's fully connected
 fc6/fc7, "decimated" (paper Sec. 3.1, DeepLab v1 Sec. 4.1) to 1024 channels and a 3x3 kernel
-(:func:`decimate_vgg_classifier`), and trains them like the backbone (lr x1 weights, x2
+(:func:`deeplabv2.weights.decimate_vgg_classifier`), and trains them like the backbone (lr x1 weights, x2
 biases); only fc8 is new (N(0, 0.01), lr x10/x20). Dropout is Caffe's element-wise dropout.
 
 ``features`` uses the indices of torchvision's ``vgg16().features`` so that ImageNet VGG-16
@@ -86,26 +86,3 @@ class VGGASPP(nn.Module):
         come from ImageNet VGG-16 and train at the backbone's x1/x2."""
         for b in self.branches:
             yield from b.fc8.parameters()
-
-
-def decimate_vgg_classifier(fc6_weight: torch.Tensor, fc6_bias: torch.Tensor,
-                            fc7_weight: torch.Tensor, fc7_bias: torch.Tensor,
-                            channels: int = 1024) -> dict[str, torch.Tensor]:
-    """ImageNet VGG-16's fc6 ``(4096, 25088)`` and fc7 ``(4096, 4096)`` -> DeepLab's fc6
-    ``(1024, 512, 3, 3)`` and fc7 ``(1024, 1024, 1, 1)`` by decimation: every 4th filter
-    (and, for fc7, every 4th input) and, of fc6's 7x7 taps, rows and columns 0, 3, 6.
-
-    Returns ``{"fc6.weight", "fc6.bias", "fc7.weight", "fc7.bias"}``.
-    """
-    out = fc6_weight.shape[0]
-    if fc6_weight.shape != (out, 512 * 7 * 7) or fc7_weight.shape != (out, out) or \
-            out % channels:
-        raise ValueError(f"expected VGG-16 fc6 ({out}, 25088) and fc7 ({out}, {out}) with "
-                         f"{out} divisible by {channels}, got {tuple(fc6_weight.shape)} and "
-                         f"{tuple(fc7_weight.shape)}")
-    step = out // channels
-    taps = torch.tensor([0, 3, 6])
-    fc6 = fc6_weight.reshape(out, 512, 7, 7)[::step][:, :, taps][:, :, :, taps]
-    return {"fc6.weight": fc6.contiguous(), "fc6.bias": fc6_bias[::step].clone(),
-            "fc7.weight": fc7_weight[::step, ::step].reshape(channels, channels, 1, 1).clone(),
-            "fc7.bias": fc7_bias[::step].clone()}
