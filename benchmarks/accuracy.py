@@ -62,7 +62,10 @@ def main(argv=None) -> int:
         from deeplabv2.deploy.quantize import quantize_checkpoint
         xml = Path(args.int8 or artefact_dir(args.checkpoint) / "int8.xml")
         if not xml.is_file():
-            quantize_checkpoint(args.checkpoint, cfg, samples=args.samples, out=xml)
+            quantize_checkpoint(args.checkpoint, d.dataset, d.root, d.train_split,
+                                crop_size=d.crop_size, scale_range=d.scale_range,
+                                scales=d.scales, flip=d.flip, options=d.options,
+                                samples=args.samples, out=xml)
         info = read_sidecar(xml)
         int8_note = (f"\n* int8: `{xml}`, {info.get('samples')} calibration crops of "
                      f"{info.get('dataset')} {info.get('split')} ({info.get('toolchain')}; "

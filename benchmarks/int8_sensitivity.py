@@ -42,8 +42,10 @@ def main() -> None:
     cfg = load_config(args.config, [])
     d = cfg.data
     val = build_dataset(d.dataset, d.root, d.val_split, **d.options)
-    calibration = torch.from_numpy(np.concatenate(
-        TrainingCrops(cfg, model.preprocessing).draw(args.calibration)))
+    crops = TrainingCrops(d.dataset, d.root, d.train_split, crop_size=d.crop_size,
+                          scale_range=d.scale_range, scales=d.scales, flip=d.flip,
+                          options=d.options, preprocessing=model.preprocessing)
+    calibration = torch.from_numpy(np.concatenate(crops.draw(args.calibration)))
     images = [model.preprocess(torch.from_numpy(val.load(i)[0])[None])
               for i in range(min(args.images, len(val)))]
     net = fold_batchnorm(model).eval()

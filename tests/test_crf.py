@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from deeplabv2.inference.crf import PROB_SUM_TOLERANCE, DenseCRF, PermutohedralLattice, dense_crf
+from extras import require
 
 
 @pytest.fixture(autouse=True)
@@ -19,9 +20,8 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def densecrf():
-    return pytest.importorskip(
-        "pydensecrf.densecrf",
-        reason="pydensecrf, the reference (PyPI package pydensecrf2), is not installed")
+    return require("pydensecrf.densecrf",
+                   "pydensecrf, the reference (PyPI package pydensecrf2), is not installed")
 
 
 def scene(height, width, classes, seed):

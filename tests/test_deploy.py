@@ -1,5 +1,6 @@
 """OpenVINO runtime (FP32 parity with PyTorch within 1e-4, the IR cached beside the checkpoint)
-and INT8 quantization (NNCF): skipped when the optional extra 'openvino' is not installed."""
+and INT8 quantization (NNCF): skipped when the optional extra 'openvino' is not installed, failed
+under ``DEEPLABV2_REQUIRE_EXTRAS=1`` (``make test``; see ``tests/extras.py``)."""
 
 import json
 
@@ -13,8 +14,9 @@ from deeplabv2.config import load_config, save_config
 from deeplabv2.data import build_dataset
 from deeplabv2.weights import load_model, save_weights
 from test_export import nontrivial_model
+from extras import require
 
-ov = pytest.importorskip("openvino", reason="OpenVINO not installed (extra 'openvino')")
+ov = require("openvino", "OpenVINO not installed (extra 'openvino')")
 from deeplabv2.deploy.openvino_runtime import (OpenVINOModel, artefact_dir,  # noqa: E402
                                                load_openvino)
 
@@ -91,7 +93,7 @@ def _checkpoint_and_tiny_config(tmp_path, checkpoint):
 
 
 def test_quantize_then_evaluate_and_predict_int8(tmp_path, checkpoint, capsys):
-    pytest.importorskip("nncf", reason="NNCF not installed (extra 'openvino')")
+    require("nncf", "NNCF not installed (extra 'openvino')")
     ckpt, cfg_path = _checkpoint_and_tiny_config(tmp_path, checkpoint)
     assert main(["quantize", str(ckpt), "-c", str(cfg_path), "--samples", "8"]) == 0
     xml = artefact_dir(ckpt) / "int8.xml"
@@ -193,7 +195,7 @@ def test_the_int8_graph_of_resnet101_has_its_aspp_as_taps():
 def test_quantize_with_a_bound_on_the_changed_labels(tmp_path, checkpoint, capsys):
     """--max-label-change 0: NNCF's accuracy control returns operations to floating point until
     no stride-8 score of the check crops changes class; the sidecar says what it did."""
-    pytest.importorskip("nncf", reason="NNCF not installed (extra 'openvino')")
+    require("nncf", "NNCF not installed (extra 'openvino')")
     ckpt, cfg_path = _checkpoint_and_tiny_config(tmp_path, checkpoint)
     assert main(["quantize", str(ckpt), "-c", str(cfg_path), "--samples", "6",
                  "--max-label-change", "0", "--check-samples", "4",
@@ -212,7 +214,7 @@ def test_quantize_refuses_an_int8_model_that_changes_too_many_classes(tmp_path, 
                                                                      capsys, monkeypatch):
     """A broken INT8 model (here: one whose measured agreement with FP32 is forced to 40%) is
     refused with the measured share and the file in the message, and nothing is written."""
-    pytest.importorskip("nncf", reason="NNCF not installed (extra 'openvino')")
+    require("nncf", "NNCF not installed (extra 'openvino')")
     from deeplabv2.deploy import quantize as q
     ckpt, cfg_path = _checkpoint_and_tiny_config(tmp_path, checkpoint)
     real = q._agreement

@@ -7,6 +7,7 @@ import torch
 
 from deeplabv2.deploy.export import export_onnx, export_torchscript
 from deeplabv2.model import FrozenBatchNorm2d, build_model
+from extras import require
 
 TINY = {"backbone": "resnet", "blocks": [1, 1, 1, 1], "width": 8, "num_classes": 5}
 SIZES = [(64, 96), (45, 77)]  # the second is not the traced size and not a multiple of 8
@@ -38,7 +39,7 @@ def _close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-4) -> bool:
 
 
 def test_onnxruntime_reproduces_the_logits_at_two_sizes(model, tmp_path):
-    ort = pytest.importorskip("onnxruntime", reason="onnxruntime not installed (extra 'export')")
+    ort = require("onnxruntime", "onnxruntime not installed (extra 'export')")
     path = export_onnx(model, tmp_path / "tiny.onnx", height=64, width=96)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["image"]
@@ -72,7 +73,7 @@ def test_export_subcommand_writes_both_files(model, tmp_path):
 
     from deeplabv2.deploy.bench import register
     from deeplabv2.weights import save_weights
-    pytest.importorskip("onnx", reason="onnx not installed (extra 'export')")
+    require("onnx", "onnx not installed (extra 'export')")
     checkpoint = tmp_path / "tiny.pth"
     save_weights(model, checkpoint)
     parser = argparse.ArgumentParser()

@@ -23,6 +23,7 @@ from deeplabv2.utils.digest import content_digest
 from deeplabv2.utils.fileio import RunLock, atomic_write_text
 from deeplabv2.train import TrainingError, train, weights_digest
 from deeplabv2.weights import WeightsError
+from extras import require
 from torchrun import run_torchrun
 
 from test_train import TINY, tiny_config
@@ -526,7 +527,7 @@ def test_version_and_every_option_says_its_default(capsys):
 def test_serve_decodes_a_phone_photo_upright():
     """`serve` reads uploads as `predict` reads files: the EXIF orientation is applied."""
     import io
-    pytest.importorskip("starlette")
+    require("starlette", "starlette not installed (extra 'serve')")
     from deeplabv2.app.server import decode_image
     rgb = np.zeros((20, 30, 3), np.uint8)
     rgb[:5, :5] = 255

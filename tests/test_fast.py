@@ -277,48 +277,118 @@ def test_optimize_for_inference_rejects_an_unknown_precision():
         optimize_for_inference(_tiny(), precision="int8")
 
 
-# -- bench: a smoke test of the measurement, not of the timings ----------------------------------
-def test_bench_reports_positive_numbers_per_size_and_mode():
+# -- bench: its bookkeeping on a clock of our own; the speed itself is benchmarks/speed.py's --------
+class _Clock:
+    """A stand-in for the ``time`` module of :mod:`deeplabv2.deploy.bench`: ``perf_counter``
+    reads a clock that moves only by :meth:`spend` (or by ``tick`` at every reading), in steps
+    that are exact in binary, so every interval bench measures is known exactly."""
+
+    def __init__(self, tick: float = 0.0):
+        self.now, self.tick = 0.0, tick
+
+    def perf_counter(self) -> float:
+        self.now += self.tick
+        return self.now
+
+    def spend(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_bench_books_each_modes_time_flops_ratios_and_differences(monkeypatch):
+    """Each inference call of a mode and each training step of a choice takes a known time on
+    a clock of the test's own (the calls themselves run for real): bench must report exactly
+    those times per size and mode, the FLOP rates and the ratios to eager, to FP32 NCHW and to
+    the dtype's bound that follow from them, and the real outputs' differences to eager. No
+    speed is measured or asserted (``benchmarks/speed.py`` measures it)."""
     import json
 
+    import deeplabv2.deploy.bench as bench_mod
     from deeplabv2.deploy.bench import bench, format_table, forward_flops, goal_ratios
+    clock = _Clock()
+    monkeypatch.setattr(bench_mod, "time", clock)
+    call_s = {"eager": 0.5, "fold": 0.25, "fast": 0.125, "bf16": 0.0625, "onnxruntime": 0.375}
+    step_s = {("none", False): 2.0, ("none", True): 1.0, ("bf16", True): 0.75}
+    real_runners, real_step = bench_mod._inference_runners, bench_mod._train_step
+
+    def runners(*args, **kwargs):
+        def timed(mode, run):
+            return lambda x: clock.spend(call_s[mode]) or run(x)
+        return {mode: (timed(mode, run), prepare_s, held)
+                for mode, (run, prepare_s, held) in real_runners(*args, **kwargs).items()}
+
+    def train_step(model, *, amp, channels_last, **kwargs):
+        step = real_step(model, amp=amp, channels_last=channels_last, **kwargs)
+        return lambda: clock.spend(step_s[amp, channels_last]) or step()
+
+    bounds = {"fp32": {"gflops_per_s": 8.0, "per_shape": {"mm 256^3": 8.0}},
+              "bf16": {"gflops_per_s": 32.0, "per_shape": {"mm 256^3": 32.0}}}
+    monkeypatch.setattr(bench_mod, "_inference_runners", runners)
+    monkeypatch.setattr(bench_mod, "_train_step", train_step)
+    monkeypatch.setattr(bench_mod, "dtype_bounds", lambda threads=None, n=2048: bounds)
+
     model = _tiny()
-    modes = ["eager", "fold", "fast", "bf16", "onnxruntime"]
-    result = bench(model, [(33, 41), (24, 24)], modes, iterations=1, warmup=0, threads=1,
+    modes, sizes = list(call_s), [(33, 41), (24, 24)]
+    result = bench(model, sizes, modes, iterations=2, warmup=1, threads=1,
                    train_size=(65, 65), train_warmup=1, bound_size=256)
     json.dumps(result)  # plain types only
     assert result["threads"] == 1
     assert result["machine"]["cpu"] and result["machine"]["torch_cpu_capability"]
     rows = result["inference"]
-    assert [(tuple(r["size"]), r["mode"]) for r in rows] == \
-        [(s, m) for s in [(33, 41), (24, 24)] for m in modes]
+    assert [(tuple(r["size"]), r["mode"]) for r in rows] == [(s, m) for s in sizes for m in modes]
     for r in rows:
-        for key in ("flops", "median_s", "mean_s", "min_s", "gflops_per_s", "peak_rss_mib",
-                    "speedup_vs_eager", "percent_of_bound"):
-            assert r[key] > 0, key
+        mode, seconds = r["mode"], call_s[r["mode"]]
+        assert r["flops"] == forward_flops(model, *r["size"]), mode
+        assert r["dtype"] == ("bf16" if mode == "bf16" else "fp32")
+        assert r["times_s"] == [seconds, seconds] and r["first_call_s"] == seconds, mode
+        assert r["median_s"] == r["mean_s"] == r["min_s"] == seconds and r["iterations"] == 2
+        assert r["gflops_per_s"] == pytest.approx(r["flops"] / seconds / 1e9, rel=1e-12)
+        assert r["speedup_vs_eager"] == pytest.approx(call_s["eager"] / seconds, rel=1e-12)
+        assert r["percent_of_bound"] == pytest.approx(
+            100 * r["gflops_per_s"] / bounds[r["dtype"]]["gflops_per_s"], rel=1e-12)
+        assert r["prepare_s"] == 0  # preparing spent none of the clock: no call was counted
         assert 0 <= r["call_peak_mib"] <= r["peak_rss_mib"]
-        assert r["prepare_s"] >= 0 and r["held_mib"] < r["peak_rss_mib"]
+        assert r["held_mib"] < r["peak_rss_mib"]
     assert rows[0]["flops"] > rows[5]["flops"]  # the larger input costs more
-    fp32, fp32_cl, bf16 = result["train"]
-    assert [(t["amp"], t["channels_last"]) for t in result["train"]] == \
-        [("none", False), ("none", True), ("bf16", True)]
-    assert result["train_auto"]["amp"] in ("none", "bf16") and result["train_auto"]["why"]
-    assert sorted(result["bounds"]) == ["bf16", "fp32"]  # no int8 bound: none was found
-    for dtype in ("fp32", "bf16"):
-        b = result["bounds"][dtype]
-        assert b["gflops_per_s"] == max(b["per_shape"].values()) > 0
     diffs = {r["mode"]: r["max_rel_diff_vs_eager"] for r in rows[:5]}
     assert diffs["eager"] == 0 and diffs["fold"] < 1e-4 and diffs["fast"] < 1e-4
     assert diffs["onnxruntime"] < 1e-4  # exported at the size it runs: 33x41, then 24x24
     assert 1e-4 < diffs["bf16"] < 0.2
+    # training steps: backward counted as twice the forward of the batch of 2; the warm-up
+    # step is the first call, apart from the timed ones
+    assert [(t["amp"], t["channels_last"]) for t in result["train"]] == list(step_s)
+    flops = 3 * forward_flops(model, 65, 65, batch=2)
+    for t in result["train"]:
+        seconds = step_s[t["amp"], t["channels_last"]]
+        assert t["batch"] == 2 and t["flops"] == flops
+        assert t["times_s"] == [seconds, seconds] and t["first_call_s"] == seconds
+        assert t["median_s"] == seconds and t["dtype"] == ("bf16" if t["amp"] == "bf16" else "fp32")
+        assert t["speedup_vs_fp32"] == pytest.approx(step_s["none", False] / seconds, rel=1e-12)
+        assert t["gflops_per_s"] == pytest.approx(flops / seconds / 1e9, rel=1e-12)
+        assert t["percent_of_bound"] == pytest.approx(
+            100 * t["gflops_per_s"] / bounds[t["dtype"]]["gflops_per_s"], rel=1e-12)
+        assert t["peak_rss_mib"] > 0
+    assert result["train_auto"]["amp"] in ("none", "bf16") and result["train_auto"]["why"]
+    assert result["bounds"] == bounds
     table = format_table(result)
     assert "% of dtype bound" in table and "fp32 bound" in table and "train.amp: auto" in table
+    assert "| 33x41 | fast | 0.125 | 0.125 |" in table and "| 4.00x |" in table
     assert any("best peer FP32" in line for line in goal_ratios(result))
-    # backward counted as twice the forward of the batch of 2; warm-up separate from timing
-    assert fp32["batch"] == 2 and fp32["flops"] == 3 * forward_flops(model, 65, 65, batch=2)
-    assert all(t[k] > 0 for t in (fp32, fp32_cl, bf16)
-               for k in ("median_s", "gflops_per_s", "first_call_s", "peak_rss_mib"))
     assert not model.training and isinstance(model.backbone.bn1, FrozenBatchNorm2d)
+
+
+def test_dtype_bounds_are_the_best_rate_of_their_shapes(monkeypatch):
+    """Every product and convolution timed as 1/8 s (a clock of the test's own): each shape's
+    rate is its FLOPs over that time, and the bound of a dtype is the best of them."""
+    import deeplabv2.deploy.bench as bench_mod
+    monkeypatch.setattr(bench_mod, "time", _Clock(tick=0.125))
+    bounds = bench_mod.dtype_bounds(threads=1, repeats=2, n=64)
+    assert sorted(bounds) == ["bf16", "fp32"]  # no int8 bound: none was found
+    for b in bounds.values():
+        assert len(b["per_shape"]) == 4
+        assert b["per_shape"]["mm 64^3"] == pytest.approx(2 * 64 ** 3 / 0.125 / 1e9, rel=1e-12)
+        # the 3x3 512 -> 512 convolution on 3x5 maps does the most work
+        assert b["gflops_per_s"] == max(b["per_shape"].values()) == \
+            b["per_shape"]["conv 3x3 512->512 d4 3x5"]
 
 
 def test_rss_sampler_sees_the_memory_of_its_own_block():
@@ -427,19 +497,43 @@ def test_speed_report_names_an_instruction_set_cap(tmp_path, monkeypatch):
         assert "| 32x32 | fast |" in report
 
 
-def test_bench_and_export_subcommands_parse():
-    import argparse
+def test_bench_command_passes_its_sizes_and_modes_and_writes_json(tmp_path, monkeypatch,
+                                                                   capsys):
+    """`deeplabv2 bench` end to end, with a tiny network in place of the one it builds and no
+    bounds: the model, HxW sizes, modes and counts of the command line reach bench, the table
+    is printed and --json written; a size that is not HxW is a one-line error. (`deeplabv2
+    export` runs end to end in tests/test_export.py.)"""
+    import json
 
-    from deeplabv2.deploy.bench import cmd_bench, cmd_export, register
-    parser = argparse.ArgumentParser()
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["bench", "--sizes", "321x321", "512x1024", "--modes", "eager",
-                              "bf16", "--json", "out.json"])
-    assert args.func is cmd_bench and args.sizes == ["321x321", "512x1024"]
-    assert args.modes == ["eager", "bf16"] and args.json == "out.json"
-    args = parser.parse_args(["export", "ckpt.pth", "--onnx", "o.onnx", "--torchscript", "o.pt",
-                              "--height", "512", "--width", "1024"])
-    assert args.func is cmd_export and (args.height, args.width) == (512, 1024)
+    import deeplabv2.deploy.bench as bench_mod
+    import deeplabv2.hub as hub
+    from deeplabv2.cli import main
+    built, calls = [], []
+    monkeypatch.setattr(hub, "deeplabv2_resnet50",
+                        lambda num_classes, weights=None: built.append((num_classes, weights))
+                        or _tiny())
+    real = bench_mod.bench
+
+    def spy(model, sizes, modes, iterations, warmup, threads, **kwargs):
+        calls.append((sizes, modes, iterations, warmup, threads, kwargs))
+        return real(model, sizes, modes, iterations, warmup, threads, bounds=False, **kwargs)
+
+    monkeypatch.setattr(bench_mod, "bench", spy)
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--model", "resnet50", "--num-classes", "5", "--sizes", "33x41",
+                 "24X24", "--modes", "eager", "fold", "--iterations", "1", "--warmup", "0",
+                 "--threads", "1", "--no-train", "--json", str(out)]) == 0
+    assert built == [(5, None)]
+    assert calls == [([(33, 41), (24, 24)], ["eager", "fold"], 1, 0, 1,
+                      {"train_step": False, "train_warmup": 2})]
+    written = json.loads(out.read_text())
+    assert written["model"] == "resnet50" and written["train"] == []
+    assert [(r["size"], r["mode"]) for r in written["inference"]] == \
+        [([33, 41], "eager"), ([33, 41], "fold"), ([24, 24], "eager"), ([24, 24], "fold")]
+    text = capsys.readouterr().out
+    assert "| 33x41 | fold |" in text and f"results written to {out}" in text
+    assert main(["bench", "--model", "resnet50", "--sizes", "33by41", "--no-train"]) == 2
+    assert "size must look like 321x321 (HEIGHTxWIDTH), got '33by41'" in capsys.readouterr().err
 
 
 def test_winograd_backend_by_cpu(monkeypatch):

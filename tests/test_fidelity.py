@@ -33,14 +33,15 @@ def test_caffe_interp_sizes_of_the_msc_prototxt():
 
 
 def test_network_cells_are_centred_on_every_8th_pixel():
-    # 321 = 8 * 40 + 1 -> 41 cells on pixels 0..320; 320 -> 41 cells as well (H // 8 + 1)
-    model = deeplabv2.deeplabv2_resnet101(5).eval()
+    # 321 = 8 * 40 + 1 -> 41 cells on pixels 0..320; 320 -> 41 cells as well (H // 8 + 1).
+    # The real ResNet-101's layers, on the meta device: shapes only, no weights or arithmetic
+    # (which pixel each cell stands for is the alignment's: the label-shrink and x8
+    # upsampling tests below)
     with torch.device("meta"):
         meta = deeplabv2.deeplabv2_resnet101(5).eval()
     for size, cells in [(321, 41), (320, 41), (513, 65), (512, 65), (67, 9)]:
         shape = meta.logits(torch.empty(1, 3, size, 17, device="meta")).shape
         assert shape[-2] == cells == size // 8 + 1
-    del model
 
 
 def test_label_shrink_samples_pixels_0_8_16():

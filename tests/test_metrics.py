@@ -135,6 +135,24 @@ def test_state_dict_saves_and_merges(tmp_path):
         ConfusionMatrix(5).merge(whole)
 
 
+def test_from_counts_gives_the_numbers_of_the_matrix_that_counted_them():
+    """The report (per image) hands its own counts over: the same numbers, bit for bit, as the
+    matrix that counted the pixels itself, from a tensor or an array."""
+    import numpy as np
+    cm = ConfusionMatrix(4)
+    cm.update(*hand_example())
+    cm.update(torch.tensor([0, 255, 2]), torch.tensor([0, 1, 2]), void_index=255)
+    for counts in (cm.counts.clone(), cm.counts.numpy().astype(np.int32)):
+        again = ConfusionMatrix.from_counts(counts)
+        assert again.num_classes == 4 and again.ignore_index == 255
+        assert again.counts.dtype == torch.int64 and torch.equal(again.counts, cm.counts)
+        assert json.dumps(again.compute()) == json.dumps(cm.compute())
+    with pytest.raises(ValueError, match=r"\(C, C \+ 1\)"):
+        ConfusionMatrix.from_counts(cm.matrix)
+    with pytest.raises(TypeError, match="integers"):
+        ConfusionMatrix.from_counts(cm.counts.double())
+
+
 def test_reset():
     cm = ConfusionMatrix(4)
     cm.update(*hand_example())

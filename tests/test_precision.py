@@ -85,8 +85,29 @@ def test_gpu_rule(monkeypatch):
     assert calls == []
 
 
-def test_the_probe_returns_a_positive_ratio():
-    assert precision.bf16_train_speedup(channels=8, size=8, repeats=1) > 0
+def test_the_probe_is_fp32_over_bf16_best_of_the_timed_rounds(monkeypatch):
+    """The probe's steps run for real, each on a clock of the test's own that its autocast
+    moves by a scripted time: the result is FP32's best time over bf16's (so > 1 means bf16
+    pays), the warm-up round left out. Counting the warm-up would give 4, inverting the ratio
+    0.5, means instead of minima 1."""
+    class Clock:
+        now = 0.0
+
+        def perf_counter(self):
+            return self.now
+
+    clock = Clock()
+    seconds = {False: [0.5, 3.0, 2.0], True: [0.125, 1.0, 4.0]}  # warm-up, then 2 rounds
+    real_autocast = torch.autocast
+
+    def autocast(device_type, *args, enabled=True, **kwargs):
+        clock.now += seconds[enabled].pop(0)
+        return real_autocast(device_type, *args, enabled=enabled, **kwargs)
+
+    monkeypatch.setattr(precision, "time", clock)
+    monkeypatch.setattr(torch, "autocast", autocast)
+    assert precision.bf16_train_speedup(channels=8, size=8, repeats=2) == 2.0
+    assert seconds == {False: [], True: []}  # one autocast per step: every step was run
 
 
 def test_the_probe_runs_inside_no_grad():

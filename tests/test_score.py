@@ -17,6 +17,7 @@ from deeplabv2.data.base import SegmentationDataset, read_label_png
 from deeplabv2.data.cityscapes_labels import CLASSES, LABEL_TO_TRAIN, LABELS, TRAIN_TO_LABEL
 from deeplabv2.evaluation.metrics import ConfusionMatrix
 from deeplabv2.evaluation.score import ScoreError, score_folder
+from extras import require
 
 FRAMES = [("aachen", "000000", "000019"), ("aachen", "000001", "000019"),
           ("bochum", "000000", "000313")]
@@ -85,7 +86,8 @@ def official_scores(cityscapes_root, pred_dir):
     JSON (it would write ``evaluationResults/`` next to the installed package); quiet. Its errors
     call ``sys.exit``, which pytest reports as a failure.
     """
-    official = pytest.importorskip("cityscapesscripts.evaluation.evalPixelLevelSemanticLabeling")
+    official = require("cityscapesscripts.evaluation.evalPixelLevelSemanticLabeling",
+                       "cityscapesscripts, the official evaluator, is not installed")
     args = copy.copy(official.args)
     args.predictionPath, args.predictionWalk = str(pred_dir), None
     args.evalInstLevelScore = False
@@ -207,7 +209,8 @@ def test_other_datasets_read_train_ids_by_name(tmp_path):
 
 
 def test_label_table_matches_the_official_one():
-    official = pytest.importorskip("cityscapesscripts.helpers.labels")
+    official = require("cityscapesscripts.helpers.labels",
+                       "cityscapesscripts, the official label table, is not installed")
     expected = [(label.id, label.trainId if label.trainId >= 0 else 255, label.name)
                 for label in official.labels if label.id >= 0]
     ours = [(label.label_id, label.train_id, label.name) for label in LABELS]

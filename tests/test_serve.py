@@ -266,11 +266,23 @@ def test_timeout_answers_504_and_drops_a_job_not_started(checkpoint, monkeypatch
     p.close()
 
 
-def test_serve_command_is_registered():
-    from deeplabv2.cli import build_parser
-    args = build_parser().parse_args(["serve", "m.pth"])
-    assert (args.host, args.port, args.queue) == ("127.0.0.1", 8000, 4)
-    assert json.dumps(args.max_megapixels)
+def test_serve_command_hands_the_server_its_options(monkeypatch):
+    """`deeplabv2 serve` passes the command line to the server, megapixels as pixels: by
+    default the server's own DEFAULTS, on 127.0.0.1 port 8000 (this machine only)."""
+    import deeplabv2.app.server as server
+    from deeplabv2.cli import main
+    got = []
+    monkeypatch.setattr(server, "serve", lambda checkpoint, **kw: got.append((checkpoint, kw)))
+    assert main(["serve", "m.pth"]) == 0
+    assert got.pop() == ("m.pth", {"host": "127.0.0.1", "port": 8000, "device": "auto",
+                                   **server.DEFAULTS})
+    assert server.DEFAULTS["queue_size"] == 4
+    assert main(["serve", "m.pth", "--host", "0.0.0.0", "--port", "9000", "--device", "cpu",
+                 "--max-upload-mb", "12", "--max-megapixels", "2.5", "--queue", "7",
+                 "--timeout", "3"]) == 0
+    assert got.pop() == ("m.pth", {"host": "0.0.0.0", "port": 9000, "device": "cpu",
+                                   "max_upload_mb": 12.0, "max_pixels": 2_500_000,
+                                   "queue_size": 7, "timeout_s": 3.0})
 
 
 def test_slow_upload_gets_408_from_a_real_server(predictor):

@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from deeplabv2.demo.colour_baseline import (colour_baseline_miou, confusion_matrix,
-                                       fit_colour_classifier, miou_from_confusion)
+from deeplabv2.demo.colour_baseline import colour_baseline_miou, fit_colour_classifier
 from deeplabv2.data import SyntheticDataset
 from deeplabv2.data.base import SegmentationDataset
 from deeplabv2.data.synthetic import CLASSES
@@ -75,11 +74,21 @@ def test_colour_baseline_is_perfect_when_colour_decides():
     assert (clf.predict(image)[label != 255] == label[label != 255]).all()
 
 
-def test_confusion_matrix_and_miou_by_hand():
-    label = np.array([0, 0, 1, 1, 255, 2])
-    pred = np.array([0, 1, 1, 1, 0, 0])
-    conf = confusion_matrix(label, pred, 3)
-    assert conf.tolist() == [[1, 1, 0], [0, 2, 0], [1, 0, 0]]
-    miou, iou = miou_from_confusion(conf)
-    assert iou.tolist() == pytest.approx([1 / 3, 2 / 3, 0.0])
-    assert miou == pytest.approx(1 / 3)
+class SharedColour(OneColourPerClass):
+    """One image row: classes a and b painted the same red (a on 3 pixels, b on 2), c blue,
+    and one ignored pixel, blue too."""
+
+    def load(self, index):
+        label = np.array([[0, 0, 0, 1, 1, 255, 2]], np.uint8)
+        red, blue = (200, 30, 30), (30, 30, 200)
+        image = np.array([[red] * 5 + [blue] * 2], np.uint8)
+        return image, label
+
+
+def test_colour_baseline_miou_by_hand():
+    # red predicts a (3 pixels against b's 2), blue c; the ignored pixel counts nowhere:
+    # IoU a = 3 / (3 + 2 predicted a wrongly) = 0.6, b = 0 / 2 = 0, c = 1 / 1 = 1
+    ds = SharedColour(1)
+    assert fit_colour_classifier(ds, bins=4).predict(ds.load(0)[0]).tolist() == \
+        [[0, 0, 0, 0, 0, 2, 2]]
+    assert colour_baseline_miou(ds, ds, 3, bins=4) == pytest.approx((0.6 + 0 + 1) / 3)

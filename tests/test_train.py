@@ -64,11 +64,30 @@ def test_config_errors_name_the_key():
         load_config("nope")
 
 
-@pytest.mark.parametrize("name", ["voc12_aug", "context", "person_part", "cityscapes",
-                                  "cityscapes_512x1024", "gta5", "demo"])
-def test_packaged_configs_are_valid(name):
+def _packaged_configs():
+    from deeplabv2.config import CONFIG_DIR
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", _packaged_configs())
+def test_packaged_configs_are_valid(name, tmp_path):
+    """Every packaged config loads (``load_config`` validates it), survives a save and load
+    unchanged, and names datasets that exist and take its ``options`` (which only building the
+    dataset, at training time, would check otherwise)."""
+    import inspect
+
+    from deeplabv2.data.registry import DATASETS
     cfg = load_config(name)
-    assert cfg.train.iterations > 0
+    save_config(cfg, tmp_path / "saved.yaml")
+    assert load_config(str(tmp_path / "saved.yaml")).to_dict() == cfg.to_dict()
+    a = cfg.adapt
+    uses = [(cfg.data.dataset, cfg.data.options)]
+    if a.method not in ("none", "source_only"):
+        uses += [(a.target_dataset, a.target_options), (a.target_dataset, a.target_val_options)]
+    for dataset, options in uses:
+        assert dataset in DATASETS, dataset
+        takes = inspect.signature(DATASETS[dataset].__init__).parameters
+        assert set(options) <= set(takes), (dataset, options)
 
 
 @pytest.mark.parametrize("name,classes", [("voc12_aug", 21), ("context", 60), ("person_part", 7)])

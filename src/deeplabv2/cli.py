@@ -340,13 +340,17 @@ def cmd_score(args) -> int:
 def cmd_quantize(args) -> int:
     from .deploy.quantize import quantize_checkpoint
     cfg = load_config(args.config, args.overrides)
-    xml = quantize_checkpoint(args.checkpoint, cfg, samples=args.samples, seed=args.seed,
+    d = cfg.data  # calibration crops of the training set, drawn as training draws them
+    xml = quantize_checkpoint(args.checkpoint, d.dataset, d.root, d.train_split,
+                              crop_size=d.crop_size, scale_range=d.scale_range, scales=d.scales,
+                              flip=d.flip, options=d.options,
+                              samples=args.samples, seed=args.seed,
                               max_label_change=args.max_label_change,
                               check_samples=args.check_samples,
                               refuse_above=args.refuse_above,
                               bias_correction=args.bias_correction, ranges=args.ranges)
     print(f"INT8 model written to {xml} ({args.samples} calibration crops of "
-          f"{cfg.data.dataset} {cfg.data.train_split}); run it with --precision int8")
+          f"{d.dataset} {d.train_split}); run it with --precision int8")
     info = json.loads(xml.with_suffix(".json").read_text())
     bound = "" if args.max_label_change is None else \
         f" (bound {100 * args.max_label_change:g}%)"

@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image
 
 from ..utils.fileio import atomic_write_text
-from ..evaluation.metrics import save_json
+from ..evaluation.metrics import ConfusionMatrix, save_json
 from . import asset
 
 THUMB_WIDTH = 320
@@ -45,7 +45,9 @@ class ReportError(ValueError):
 
 def per_image_confusion(label: np.ndarray, pred: np.ndarray, num_classes: int) -> np.ndarray:
     """``(C, C + 1)`` int64 counts of one image: rows ground truth (255 = ignore, not counted),
-    columns prediction, the last column "no class" (a prediction value ``>= C``)."""
+    columns prediction, the last column "no class" (a prediction value ``>= C``), the layout of
+    :attr:`deeplabv2.evaluation.metrics.ConfusionMatrix.counts` (whose ``from_counts`` and
+    ``compute`` turn them into the image's numbers)."""
     C = num_classes
     label = np.asarray(label)
     pred = np.minimum(np.asarray(pred), C)
@@ -55,21 +57,6 @@ def per_image_confusion(label: np.ndarray, pred: np.ndarray, num_classes: int) -
     index = label.astype(dtype) * dtype(C + 1) + pred.astype(dtype)
     counts = np.bincount(index.ravel(), minlength=256 * (C + 1))
     return counts.reshape(256, C + 1)[:C].astype(np.int64)
-
-
-def iou_of(counts: np.ndarray) -> np.ndarray:
-    """Per-class IoU of ``(C, C + 1)`` counts (NaN: class in neither ground truth nor
-    prediction), as :meth:`deeplabv2.evaluation.metrics.ConfusionMatrix.compute` defines it."""
-    c = counts.shape[0]
-    matrix = counts[:, :c].astype(np.float64)
-    tp = np.diag(matrix)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return tp / (counts.sum(1) + matrix.sum(0) - tp)
-
-
-def _nanmean(x: np.ndarray) -> float:
-    x = x[~np.isnan(x)]
-    return float(x.mean()) if x.size else float("nan")
 
 
 def _thumb_size(height: int, width: int, max_width: int) -> tuple[int, int]:
@@ -116,20 +103,18 @@ class ReportCollector:
                               f"prediction {pred.shape} must share (H, W)")
         C = self.num_classes
         counts = per_image_confusion(label, pred, C)
-        iou = iou_of(counts)
-        counted = int(counts.sum())
-        entry = {"name": str(name), "miou": _round(_nanmean(iou)),
-                 "pixel_accuracy": _round(np.trace(counts[:, :C]) / counted if counted else
-                                          float("nan")),
-                 "iou": [_round(v) for v in iou],
+        scores = ConfusionMatrix.from_counts(counts).compute()
+        entry = {"name": str(name), "miou": _round(scores["miou"]),
+                 "pixel_accuracy": _round(scores["pixel_accuracy"]),
+                 "iou": [_round(v) for v in scores["iou"]],
                  "gt_classes": np.flatnonzero(counts.sum(1)).tolist()}
         k = len(self.images)
         thumbs = self._write_thumbs(k, image, label, pred, pred_before_crf)
         entry["thumbs"] = thumbs
         if pred_before_crf is not None:
             self.crf = True
-            entry["miou_before_crf"] = _round(_nanmean(iou_of(
-                per_image_confusion(label, pred_before_crf, C))))
+            entry["miou_before_crf"] = _round(ConfusionMatrix.from_counts(
+                per_image_confusion(label, pred_before_crf, C)).compute()["miou"])
         self.images.append(entry)
 
     def _write_thumbs(self, k, image, label, pred, before) -> dict:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..data.base import IGNORE_INDEX
+from ..evaluation.metrics import ConfusionMatrix
 
 
 @dataclass
@@ -53,29 +54,14 @@ def fit_colour_classifier(dataset, bins: int = 16, max_samples: int | None = Non
     return ColourClassifier(bins, lookup)
 
 
-def confusion_matrix(label: np.ndarray, pred: np.ndarray, num_classes: int) -> np.ndarray:
-    """``(C, C)`` ``int64`` counts, rows = true class, columns = predicted; 255 is skipped."""
-    keep = label != IGNORE_INDEX
-    idx = label[keep].astype(np.int64) * num_classes + pred[keep].astype(np.int64)
-    return np.bincount(idx, minlength=num_classes ** 2).reshape(num_classes, num_classes)
-
-
-def miou_from_confusion(conf: np.ndarray) -> tuple[float, np.ndarray]:
-    """``(mIoU, per-class IoU (C,))``; classes absent from both truth and prediction are NaN
-    and left out of the mean."""
-    inter = np.diag(conf).astype(np.float64)
-    union = conf.sum(0) + conf.sum(1) - inter
-    with np.errstate(invalid="ignore", divide="ignore"):
-        iou = inter / union
-    return float(np.nanmean(iou)), iou
-
-
 def colour_baseline_miou(train_ds, val_ds, num_classes: int, bins: int = 16,
                          max_samples: int | None = None) -> float:
-    """Fit :func:`fit_colour_classifier` on ``train_ds`` and return its mIoU on ``val_ds``."""
+    """Fit :func:`fit_colour_classifier` on ``train_ds`` and return its mIoU on ``val_ds``,
+    counted and computed by :class:`~deeplabv2.evaluation.metrics.ConfusionMatrix` as the
+    network's own evaluation is."""
     clf = fit_colour_classifier(train_ds, bins, max_samples, num_classes)
-    conf = np.zeros((num_classes, num_classes), np.int64)
+    cm = ConfusionMatrix(num_classes, IGNORE_INDEX)
     for i in range(len(val_ds)):
         image, label = val_ds.load(i)
-        conf += confusion_matrix(label, clf.predict(image), num_classes)
-    return miou_from_confusion(conf)[0]
+        cm.update(clf.predict(image), label)
+    return cm.compute()["miou"]

@@ -66,12 +66,18 @@ RANGES = {"minmax": "MINMAX", "median": "MEDIAN_MINMAX"}
 RANGES_TEXT = {"minmax": "min/max ranges", "median": "median of per-crop min/max ranges"}
 
 
-def quantize_checkpoint(checkpoint, cfg, *, samples: int = 300, seed: int = 0,
+def quantize_checkpoint(checkpoint, dataset: str, root, split: str, *, crop_size,
+                        scale_range=(0.5, 1.5), scales=None, flip: bool = True,
+                        options: dict | None = None, samples: int = 300, seed: int = 0,
                         out=None, progress: bool = True, max_label_change: float | None = None,
                         check_samples: int = 50, refuse_above: float = 0.05,
                         bias_correction: str = "full", ranges: str = "minmax") -> Path:
-    """Quantize ``checkpoint`` to INT8 with ``samples`` calibration crops of ``cfg``'s training
-    set; writes and returns ``<checkpoint>.openvino/int8.xml`` (or ``out``).
+    """Quantize ``checkpoint`` to INT8 with ``samples`` calibration crops of the training set
+    (:class:`TrainingCrops` of ``dataset`` at ``root``, split ``split``, dataset ``options``,
+    drawn as training draws them: ``crop_size``, ``scale_range``, ``scales``, ``flip``, the
+    checkpoint's own preprocessing); writes and returns ``<checkpoint>.openvino/int8.xml`` (or
+    ``out``). The command line (``deeplabv2 quantize -c CONFIG``) passes the config's ``data``
+    section.
 
     ``max_label_change`` (a fraction, e.g. 0.005) bounds what INT8 may change: NNCF's
     accuracy-controlled quantization (``nncf.quantize_with_accuracy_control``) ranks the
@@ -116,8 +122,9 @@ def quantize_checkpoint(checkpoint, cfg, *, samples: int = 300, seed: int = 0,
     if bias_correction not in ("full", "fast"):
         raise ValueError(f"bias_correction is 'full' or 'fast', got {bias_correction!r}")
     model = load_model(checkpoint).eval()
-    d = cfg.data
-    crops = TrainingCrops(cfg, model.preprocessing, seed=seed)
+    crops = TrainingCrops(dataset, root, split, crop_size=crop_size, scale_range=scale_range,
+                          scales=scales, flip=flip, options=options,
+                          preprocessing=model.preprocessing, seed=seed)
 
     start = time.perf_counter()
     # activation ranges from the min/max over the crops: NNCF's default (mean of per-crop
@@ -169,7 +176,7 @@ def quantize_checkpoint(checkpoint, cfg, *, samples: int = 300, seed: int = 0,
     tmp.replace(xml)
     write_sidecar(xml, checkpoint, precision="int8", toolchain=f"nncf {nncf.__version__}, "
                   f"openvino {ov.__version__}", samples=int(samples), seed=int(seed),
-                  dataset=d.dataset, split=d.train_split, crop_size=list(d.crop_size),
+                  dataset=dataset, split=split, crop_size=list(crop_size),
                   weights="int8 symmetric per output channel",
                   activations=f"int8 per tensor, {RANGES_TEXT[ranges]} (PERFORMANCE preset)",
                   ranges=ranges,
@@ -305,21 +312,25 @@ def fp32_sums(ov_model, net: nn.Module) -> list[str]:
 
 
 class TrainingCrops:
-    """Crops of ``cfg``'s training set drawn as training draws them (the config's
-    ``TrainTransform``: scale, crop, flip), each an ``(1, 3, h, w)`` float32 array preprocessed
-    with ``preprocessing``; reproducible from ``seed``. Successive :meth:`draw` calls pick their
-    images from one seeded generator; ``stream`` keeps their augmentations apart."""
+    """Crops of a training set drawn as training draws them (a ``TrainTransform`` of
+    ``crop_size``, ``scale_range``, ``scales`` and ``flip``: scale, crop, flip), each an
+    ``(1, 3, h, w)`` float32 array preprocessed with ``preprocessing``; reproducible from
+    ``seed``. The set is ``build_dataset(dataset, root, split, seed=seed, **options)`` (a
+    config's ``data.dataset``, ``data.root``, ``data.train_split``, ``data.options``).
+    Successive :meth:`draw` calls pick their images from one seeded generator; ``stream``
+    keeps their augmentations apart."""
 
-    def __init__(self, cfg, preprocessing, seed: int = 0):
+    def __init__(self, dataset: str, root, split: str, *, crop_size, preprocessing,
+                 scale_range=(0.5, 1.5), scales=None, flip: bool = True,
+                 options: dict | None = None, seed: int = 0):
         from ..data import build_dataset
         from ..data.transforms import TrainTransform
-        d = cfg.data
-        self.dataset = build_dataset(d.dataset, d.root, d.train_split, seed=seed, **d.options)
+        self.dataset = build_dataset(dataset, root, split, seed=seed, **(options or {}))
         if len(self.dataset) == 0:
-            raise ValueError(f"dataset {d.dataset!r} split {d.train_split!r} is empty")
+            raise ValueError(f"dataset {dataset!r} split {split!r} is empty")
         self.transform = TrainTransform(
-            crop_size=tuple(d.crop_size), scale_range=tuple(d.scale_range), scales=d.scales,
-            flip=d.flip, preprocessing=preprocessing)
+            crop_size=tuple(crop_size), scale_range=tuple(scale_range), scales=scales,
+            flip=flip, preprocessing=preprocessing)
         self.seed = seed
         self._rng = np.random.default_rng(seed)
 

@@ -49,6 +49,21 @@ class ConfusionMatrix:
         self.counts = torch.zeros(self.num_classes, self.num_classes + 1, dtype=torch.int64,
                                   device=device)
 
+    @classmethod
+    def from_counts(cls, counts, ignore_index: int = 255) -> "ConfusionMatrix":
+        """A matrix holding ``counts`` already made elsewhere: ``(C, C + 1)`` integer counts in
+        the layout of :attr:`counts` (the last column: ground truth predicted as no class), a
+        tensor or array. For code that counts its own way (e.g. one image at a time, faster
+        than :meth:`update` on large label maps) and takes its numbers from :meth:`compute`."""
+        counts = torch.as_tensor(counts)
+        if counts.ndim != 2 or counts.shape[1] != counts.shape[0] + 1:
+            raise ValueError(f"counts must be (C, C + 1), got {tuple(counts.shape)}")
+        if counts.is_floating_point() or counts.is_complex() or counts.dtype == torch.bool:
+            raise TypeError(f"counts must be integers, got {counts.dtype}")
+        cm = cls(counts.shape[0], ignore_index, device=counts.device)
+        cm.counts += counts.to(torch.int64)
+        return cm
+
     @property
     def matrix(self) -> torch.Tensor:
         """``(C, C)`` int64 view: ``matrix[g, p]`` pixels of class ``g`` predicted as ``p``."""
