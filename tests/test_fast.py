@@ -281,7 +281,8 @@ def test_optimize_for_inference_rejects_an_unknown_precision():
 def test_bench_reports_positive_numbers_per_size_and_mode():
     import json
 
-    from deeplabv2.deploy.bench import bench, format_table, forward_flops, goal_ratios
+    from deeplabv2.deploy.bench import bench, format_table, goal_ratios
+    from deeplabv2.model.info import forward_flops
     model = _tiny()
     modes = ["eager", "fold", "fast", "bf16", "onnxruntime"]
     result = bench(model, [(33, 41), (24, 24)], modes, iterations=1, warmup=0, threads=1,

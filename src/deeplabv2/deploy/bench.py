@@ -48,7 +48,8 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.flop_counter import FlopCounterMode
+
+from ..model.info import forward_flops
 
 MODES = ("eager", "fold", "fast", "fast-direct", "winograd-all", "bf16", "compile", "onnxruntime",
          "openvino", "openvino-bf16", "int8", "int8-f32")
@@ -131,20 +132,6 @@ class RSSSampler:
         self._thread.join()
         self.peak_mib = max(self.peak_mib, rss_mib())
         return False
-
-
-def forward_flops(model: nn.Module, height: int, width: int, batch: int = 1) -> int:
-    """FLOPs of one forward pass (multiply-add = 2), counted on the meta device.
-
-    Convolutions and matrix products only, as ``torch.utils.flop_counter`` counts them; the
-    bilinear upsampling and elementwise ops are not included.
-    """
-    import copy
-    meta = copy.deepcopy(model).to("meta").eval()
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        meta(torch.empty(batch, 3, height, width, device="meta"))
-    return int(counter.get_total_flops())
 
 
 def _time(fn, iterations: int, warmup: int) -> tuple[list[float], list[float]]:
