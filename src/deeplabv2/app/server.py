@@ -162,17 +162,14 @@ class Predictor:
 
     def _run(self, data: bytes, crf: bool, multi_scale: bool):
         import torch
-        from ..inference.front import InferenceConfig
+        from ..inference.front import InferenceConfig, segment
         started = time.perf_counter()
         image = decode_image(data, self.max_pixels)
         del data
-        with torch.no_grad():
-            x = self.model.preprocess(image[None]).to(self.device)
-            inference = InferenceConfig(msc_scales=MULTI_SCALES if multi_scale else None)
-            probs = inference(self.net, x)
-            if crf:
-                probs = self._dense_crf()(probs, torch.from_numpy(image[None]).to(self.device))
-            labels = probs.argmax(1)[0].to(torch.uint8).cpu().numpy()
+        inference = InferenceConfig(msc_scales=MULTI_SCALES if multi_scale else None)
+        seg = segment(self.net, image[None], inference, device=self.device,
+                      crf=self._dense_crf() if crf else None)
+        labels = seg.labels[0].to(torch.uint8).cpu().numpy()
         return labels, time.perf_counter() - started
 
     def _dense_crf(self):
