@@ -468,7 +468,8 @@ def test_winograd_flags_choose_the_dilated_convolutions(monkeypatch):
     AVX-512 CPU auto is the GEMM form; gemm and nnpack are taken as asked whatever the CPU;
     off keeps oneDNN's direct convolutions; a Winograd form asked for with bf16 is an error."""
     import deeplabv2.deploy.fast as fast_mod
-    from deeplabv2.cli import _runtime, build_parser
+    from deeplabv2.cli import build_parser
+    from deeplabv2.deploy.runtime import prepare_network, runtime_options
     monkeypatch.setattr(fast_mod.torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     model = build_model({"backbone": "resnet", "blocks": [1, 1, 1, 1], "width": 64,
                          "num_classes": 3}).eval()
@@ -479,14 +480,14 @@ def test_winograd_flags_choose_the_dilated_convolutions(monkeypatch):
     for flags, backend in cases:
         args = build_parser().parse_args(["predict", "ckpt.pth", "in", "-o", "out",
                                           "--precision", "fp32", *flags])
-        net, _ = _runtime(model, args, torch.device("cpu"))
+        net = prepare_network(model, device="cpu", **runtime_options(args)).net
         winograd = [m for m in net.modules() if type(m).__name__ == "AtrousWinogradConv2d"]
         assert len(winograd) == (2 if backend else 0), flags
         assert all(m.backend == backend for m in winograd), flags
     args = build_parser().parse_args(["predict", "ckpt.pth", "in", "-o", "out",
                                       "--precision", "bf16", "--winograd", "gemm"])
     with pytest.raises(ValueError, match="fp32 model on the CPU"):
-        _runtime(model, args, torch.device("cpu"))
+        prepare_network(model, device="cpu", **runtime_options(args))
 
 
 def test_prepacked_weights_follow_the_input_and_survive_copies():
