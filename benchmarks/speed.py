@@ -27,9 +27,12 @@ from pathlib import Path
 import torch
 
 import deeplabv2
-from deeplabv2.deploy.bench import bench, cpu_model, format_table, goal_ratios
+from deeplabv2.deploy.bench import bench, cpu_model, format_table
 from deeplabv2.model import build_model
 from deeplabv2.precision import cpu_flags as _flags
+
+sys.path.insert(0, str(Path(__file__).parent))
+from goals import goal_ratios  # noqa: E402
 
 
 def cpu_flags() -> str:
