@@ -336,7 +336,7 @@ def test_bench_reports_positive_numbers_per_size_and_mode():
 
 def test_rss_sampler_sees_the_memory_of_its_own_block():
     import mmap
-    from deeplabv2.deploy.bench import RSSSampler, peak_rss_mib
+    from deeplabv2.deploy.memory import RSSSampler, peak_rss_mib
     with RSSSampler() as big:
         # 64 MiB of fresh pages, touched: a tensor could be served from memory an earlier test
         # in this process freed but left resident, and not raise the RSS at all
@@ -351,7 +351,7 @@ def test_rss_sampler_sees_the_memory_of_its_own_block():
 def test_settled_rss_counts_what_is_held_not_what_the_allocator_caches():
     """64 MiB in small heap blocks: held, the settled memory rises by about that much; freed,
     it falls back, though glibc would keep freed heap pages resident without the trim."""
-    from deeplabv2.deploy.bench import settled_rss_mib
+    from deeplabv2.deploy.memory import settled_rss_mib
     before = settled_rss_mib()
     blocks = [bytearray(b"\x01" * 65536) for _ in range(1024)]
     assert settled_rss_mib() - before > 48
@@ -400,7 +400,7 @@ def test_goal_ratios_per_round_follow_a_drifting_machine():
 
 
 def test_isa_caps_come_from_the_environment(monkeypatch):
-    from deeplabv2.deploy.bench import ISA_CAPS, isa_caps
+    from deeplabv2.deploy.machine import ISA_CAPS, isa_caps
     for name in ISA_CAPS:
         monkeypatch.delenv(name, raising=False)
     assert isa_caps() == {}
@@ -417,7 +417,7 @@ def test_speed_report_names_an_instruction_set_cap(tmp_path, monkeypatch):
     import json
     from pathlib import Path
 
-    import deeplabv2.deploy.bench as bench
+    import deeplabv2.deploy.machine as machine
     spec = importlib.util.spec_from_file_location(
         "speed", Path(__file__).parents[1] / "benchmarks" / "speed.py")
     speed = importlib.util.module_from_spec(spec)
@@ -425,7 +425,7 @@ def test_speed_report_names_an_instruction_set_cap(tmp_path, monkeypatch):
     argv = ["--tiny", "--sizes", "32x32", "--modes", "eager", "fast", "--iterations", "1",
             "--no-train"]
     for caps in ({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}, {}):
-        monkeypatch.setattr(bench, "isa_caps", lambda caps=caps: dict(caps))
+        monkeypatch.setattr(machine, "isa_caps", lambda caps=caps: dict(caps))
         out, raw = tmp_path / "r.md", tmp_path / "r.json"
         assert speed.main(argv + ["--out", str(out), "--json", str(raw)]) == 0
         report = out.read_text()

@@ -36,11 +36,7 @@ Inference modes:
 
 from __future__ import annotations
 
-import functools
-import os
-import resource
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -50,88 +46,14 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..model.info import forward_flops
+from .machine import machine
+from .memory import RSSSampler, settled_rss_mib
 
 MODES = ("eager", "fold", "fast", "fast-direct", "winograd-all", "bf16", "compile", "onnxruntime",
          "openvino", "openvino-bf16", "int8", "int8-f32")
 #: the dtype each mode computes in (for the per-dtype upper bound)
 MODE_DTYPES = {"bf16": "bf16", "openvino-bf16": "bf16", "int8": "int8", "int8-f32": "int8"}
 DEFAULT_MODES = ("eager", "fast", "bf16")
-
-
-def peak_rss_mib() -> float:
-    """Peak resident memory of this process so far, in MiB (it never goes down)."""
-    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kib / 1024 if sys.platform != "darwin" else kib / 2**20
-
-
-def rss_mib() -> float:
-    """Resident memory of this process now, in MiB (``/proc/self/statm``; else the peak)."""
-    try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-    except (OSError, IndexError, ValueError):
-        return peak_rss_mib()
-    return pages * resource.getpagesize() / 2**20
-
-
-@functools.lru_cache(maxsize=1)
-def _libc():
-    """The C library, or None (``find_library`` runs ``ldconfig``: once per process)."""
-    import ctypes
-    import ctypes.util
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return None
-
-
-def _malloc_trim() -> None:
-    """Hand the C allocator's free memory back to the OS (glibc's ``malloc_trim``; a no-op
-    where there is none)."""
-    trim = getattr(_libc(), "malloc_trim", None)
-    if trim is not None:
-        trim(0)
-
-
-def settled_rss_mib() -> float:
-    """Resident memory once what is free has been handed back (Python's garbage collected,
-    then :func:`_malloc_trim`): what the process holds, not what its allocators keep cached
-    from earlier work. Differences of it measure what a piece of work keeps."""
-    import gc
-    gc.collect()
-    _malloc_trim()
-    return rss_mib()
-
-
-class RSSSampler:
-    """The largest resident memory seen while the ``with`` block runs (sampled every
-    ``interval`` s in a thread; the sampled ops release the GIL): the peak of *that* work,
-    not the process's running maximum. ``.peak_mib``, ``.start_mib``."""
-
-    def __init__(self, interval: float = 0.002):
-        self.interval = interval
-
-    def __enter__(self):
-        import threading
-        self.start_mib = self.peak_mib = rss_mib()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def sample(self) -> float:
-        """Read the resident memory now (the thread does this every ``interval``)."""
-        self.peak_mib = max(self.peak_mib, rss_mib())
-        return self.peak_mib
-
-    def _run(self):
-        while not self._stop.wait(self.interval):
-            self.sample()
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak_mib = max(self.peak_mib, rss_mib())
-        return False
 
 
 def _time(fn, iterations: int, warmup: int) -> tuple[list[float], list[float]]:
@@ -192,50 +114,6 @@ def dtype_bounds(threads: int | None = None, repeats: int = 3, n: int = 2048) ->
                     lambda: _mkldnn_conv(conv, x), 2 * cin * cout * k * k * hw[0] * hw[1])
         out[name] = {"gflops_per_s": max(shapes.values()), "per_shape": shapes}
     return out
-
-
-def cpu_model() -> str:
-    """The CPU's model name (``lscpu``; else ``platform.processor()``)."""
-    import platform
-    import subprocess
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return platform.processor() or "unknown"
-    for line in out.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
-
-
-#: environment variables that cap the instruction set the libraries use below what the CPU
-#: has (oneDNN, in PyTorch and OpenVINO; PyTorch's own kernels; MKL): set, they make this CPU
-#: run as an older kind would, e.g. ``ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16`` turns AMX off
-ISA_CAPS = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS")
-
-
-def isa_caps() -> dict[str, str]:
-    """The :data:`ISA_CAPS` set in this process's environment (empty: the CPU runs as is)."""
-    return {k: os.environ[k] for k in ISA_CAPS if os.environ.get(k, "").strip()}
-
-
-def machine() -> dict:
-    """What decides the speed: CPU model, the vector/matrix flags, PyTorch's CPU capability,
-    any cap put on the instruction set (:func:`isa_caps`), core count, the runtimes'
-    versions."""
-    from ..precision import cpu_flags
-    keep = sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma")))
-    info = {"cpu": cpu_model(), "cpu_flags": " ".join(keep) or "unknown",
-            "isa_caps": isa_caps(),
-            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-            else os.cpu_count(), "torch": torch.__version__}
-    for name in ("onnxruntime", "openvino", "nncf"):
-        try:
-            info[name] = __import__(name).__version__
-        except ImportError:
-            info[name] = None
-    return info
 
 
 def _onnx_runner(model: nn.Module, height: int, width: int, threads: int | None,
