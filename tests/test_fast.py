@@ -293,8 +293,8 @@ def test_bench_reports_positive_numbers_per_size_and_mode():
     import json
 
     from deeplabv2.deploy.bench import bench, format_table
-    goal_ratios = _benchmark("goals").goal_ratios
     from deeplabv2.model.info import forward_flops
+    goal_ratios = _benchmark("goals").goal_ratios
     model = _tiny()
     modes = ["eager", "fold", "fast", "bf16", "onnxruntime"]
     result = bench(model, [(33, 41), (24, 24)], modes, iterations=1, warmup=0, threads=1,
@@ -360,7 +360,7 @@ def test_settled_rss_counts_what_is_held_not_what_the_allocator_caches():
 
 
 def test_mode_accuracy_counts_changed_labels_and_miou_against_eager():
-    from deeplabv2.deploy.bench import format_accuracy_table, mode_accuracy
+    from deeplabv2.deploy.accuracy import format_accuracy_table, mode_accuracy
     from deeplabv2.data import build_dataset
     model = _tiny()
     ds = build_dataset("synthetic", None, "val", num_samples=2, size=[40, 56])
