@@ -102,7 +102,9 @@ def _prepare_timed(modes: Modes, names, size) -> dict:
     return runners
 
 
+#: the training steps timed: ``(amp, channels_last)``, each on batches of :data:`TRAIN_BATCH`
 TRAIN_CHOICES = (("none", False), ("none", True), ("bf16", True))
+TRAIN_BATCH = 2
 
 
 def _train_step(model: nn.Module, *, batch: int, size, amp: str, channels_last: bool):
@@ -133,14 +135,14 @@ def _train_step(model: nn.Module, *, batch: int, size, amp: str, channels_last: 
     return step
 
 
-def train_step_times(model: nn.Module, *, batch: int = 2, size=(321, 321),
-                     iterations: int = 3, warmup: int = 2) -> list[dict]:
+def train_step_times(model: nn.Module, *, size=(321, 321), iterations: int = 3,
+                     warmup: int = 2) -> list[dict]:
     """Seconds per training step of each ``(amp, channels_last)`` choice of
-    :data:`TRAIN_CHOICES`: ``warmup`` untimed
-    steps each (the first bf16 steps are many times slower than the later ones), then
-    ``iterations`` timed steps round-robin over the choices. Per choice: median/mean/min
+    :data:`TRAIN_CHOICES`: ``warmup`` untimed steps each (the first bf16 steps are many times
+    slower than the later ones), then ``iterations`` timed steps round-robin over the choices. Per choice: median/mean/min
     seconds, the first step's time, GFLOP/s (backward counted as twice the forward) and the
     peak resident memory during its own steps."""
+    batch = TRAIN_BATCH
     flops = 3 * forward_flops(model, *size, batch=batch)
     steps = [_train_step(model, batch=batch, size=size, amp=amp, channels_last=cl)
              for amp, cl in TRAIN_CHOICES]
@@ -182,7 +184,7 @@ def bench(model: nn.Module, sizes, modes=DEFAULT_MODES, iterations: int = 3, war
     largest resident memory of the process (every mode of that size loaded) seen during that
     mode's warm-up calls and one more untimed call, and ``call_peak_mib`` its rise above the
     memory before the call (the call's working memory); ``times_s`` the timed calls, in round order;
-    ``train`` holds fp32 NCHW, fp32 channels-last and bf16 channels-last steps of batch 2
+    ``train`` holds fp32 NCHW, fp32 channels-last and bf16 channels-last steps
     (:func:`train_step_times`, ``train_warmup`` warm-up steps each) and ``train_auto`` what
     ``train.amp: auto`` picks here and why. ``"bounds"`` holds :func:`dtype_bounds` (matrices
     of ``bound_size``) and every row its ``"percent_of_bound"`` (of its dtype's bound).

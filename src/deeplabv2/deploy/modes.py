@@ -57,22 +57,23 @@ MODES = tuple(MODE_OPTIONS)
 #: the dtype each mode computes in (for the per-dtype upper bound)
 MODE_DTYPES = {"bf16": "bf16", "openvino-bf16": "bf16", "int8": "int8", "int8-f32": "int8"}
 DEFAULT_MODES = ("eager", "fast", "bf16")
+#: random inputs the INT8 modes are calibrated on when timed (speed does not depend on values)
+CALIBRATION_INPUTS = 4
 
 
 class Modes:
     """``model`` (eval mode; it is not changed) prepared in any of :data:`MODES`.
 
     ``threads``: the peers' threads; ``int8_xml``: the INT8 model of modes ``int8``/``int8-f32``
-    (else quantized by NNCF on ``calibration`` random inputs of the first size asked for). The
-    network is converted to OpenVINO once, by the first OpenVINO mode prepared (its time and
-    memory count there), and quantized once: both are reused for every size and precision (the
-    converted model has dynamic shapes; each OpenVINO network compiles its own size).
+    (else quantized by NNCF on :data:`CALIBRATION_INPUTS` random inputs of the first size
+    asked for). The network is converted to OpenVINO once, by the first OpenVINO mode prepared
+    (its time and memory count there), and quantized once: both are reused for every size and
+    precision (the converted model has dynamic shapes; each OpenVINO network compiles its own
+    size).
     """
 
-    def __init__(self, model: nn.Module, *, threads: int | None = None, int8_xml=None,
-                 calibration: int = 4):
+    def __init__(self, model: nn.Module, *, threads: int | None = None, int8_xml=None):
         self.model, self.threads, self.int8_xml = model, threads, int8_xml
-        self.calibration = calibration
         self._openvino: dict[str, object] = {}
 
     def prepare(self, mode: str, size=None) -> nn.Module:
@@ -104,14 +105,14 @@ class Modes:
             import nncf  # an optional package: only the INT8 modes need it
             g = torch.Generator().manual_seed(0)
             data = [torch.randn(1, 3, *size, generator=g).numpy()
-                    for _ in range(self.calibration)]
+                    for _ in range(CALIBRATION_INPUTS)]
             # the graph quantize writes (its ASPP as taps) and the operations it leaves in
             # floating point, so that the graph timed is its graph (its other steps change
             # values, not operations)
             net = with_taps_head(fold_batchnorm(self.model).eval())
             source = convert(net)
             self._openvino["int8"] = nncf.quantize(
-                source, nncf.Dataset(data), subset_size=self.calibration,
+                source, nncf.Dataset(data), subset_size=CALIBRATION_INPUTS,
                 preset=nncf.QuantizationPreset.PERFORMANCE,
                 ignored_scope=nncf.IgnoredScope(names=fp32_sums(source, net)))
         return self._openvino["int8"]

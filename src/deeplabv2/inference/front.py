@@ -166,8 +166,8 @@ def infer(model, x: torch.Tensor, *, mode: str = "whole", msc_scales=None, avg_s
 
 @dataclass(frozen=True)
 class InferenceConfig:
-    """A test-time mode of :func:`infer` as a value; ``config(model, x)`` runs it, so it can be
-    passed wherever a ``predict(model, x) -> (N, C, H, W) probabilities`` callable is taken.
+    """A test-time mode of :func:`infer` as a value; ``config(model, x)`` runs it (``(N, C, H,
+    W)`` probabilities), and :func:`segment` takes it as its ``settings``.
 
     ``InferenceConfig()`` is whole-image, single-scale inference; ``InferenceConfig(
     msc_scales=(1, 0.75, 0.5))`` the paper's test-time MSC.
