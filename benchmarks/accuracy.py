@@ -20,15 +20,15 @@ from pathlib import Path
 
 import torch
 
-from deeplabv2.deploy.bench import MODES, format_accuracy_table, mode_accuracy
+from deeplabv2.deploy.accuracy import format_accuracy_table, mode_accuracy
+from deeplabv2.deploy.machine import cpu_model
+from deeplabv2.deploy.modes import MODES
 from deeplabv2.config import load_config
 from deeplabv2.data import build_dataset
 from deeplabv2.weights import load_model
 
 sys.path.insert(0, str(Path(__file__).parent))
 from speed import cpu_flags, write_outputs  # noqa: E402
-
-from deeplabv2.deploy.bench import cpu_model  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -27,9 +27,13 @@ from pathlib import Path
 import torch
 
 import deeplabv2
-from deeplabv2.deploy.bench import bench, cpu_model, format_table, goal_ratios
+from deeplabv2.deploy.bench import bench, format_table
+from deeplabv2.deploy.machine import cpu_model
 from deeplabv2.model import build_model
 from deeplabv2.precision import cpu_flags as _flags
+
+sys.path.insert(0, str(Path(__file__).parent))
+from goals import goal_ratios  # noqa: E402
 
 
 def cpu_flags() -> str:
@@ -40,7 +44,7 @@ def cpu_flags() -> str:
 
 def capped(command: str, caps: dict[str, str]) -> tuple[str, str]:
     """``command`` as it can be rerun, with the instruction-set caps it ran under
-    (``deeplabv2.deploy.bench.isa_caps``) in front, and a report line that names them ("" if none)."""
+    (``deeplabv2.deploy.machine.isa_caps``) in front, and a report line that names them ("" if none)."""
     if not caps:
         return command, ""
     prefix = " ".join(f"{k}={v}" for k, v in caps.items())

@@ -30,7 +30,7 @@ import torch
 
 import deeplabv2
 from deeplabv2.deploy.atrous import AtrousWinogradConv2d, nnpack_available, use_atrous_winograd
-from deeplabv2.deploy.bench import cpu_model, isa_caps
+from deeplabv2.deploy.machine import cpu_model, isa_caps
 from deeplabv2.deploy.fast import optimize_for_inference, winograd_backend
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -278,6 +278,17 @@ def test_optimize_for_inference_rejects_an_unknown_precision():
 
 
 # -- bench: its bookkeeping on a clock of our own; the speed itself is benchmarks/speed.py's --------
+def _benchmark(name: str):
+    """The script ``benchmarks/{name}.py`` as a module (the scripts are no package)."""
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location(
+        name, Path(__file__).parents[1] / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 class _Clock:
     """A stand-in for the ``time`` module of :mod:`deeplabv2.deploy.bench`: ``perf_counter``
     reads a clock that moves only by :meth:`spend` (or by ``tick`` at every reading), in steps
@@ -303,18 +314,20 @@ def test_bench_books_each_modes_time_flops_ratios_and_differences(monkeypatch):
     import json
 
     import deeplabv2.deploy.bench as bench_mod
-    from deeplabv2.deploy.bench import bench, format_table, forward_flops, goal_ratios
+    from deeplabv2.deploy.bench import bench, format_table
+    from deeplabv2.model.info import forward_flops
+    goal_ratios = _benchmark("goals").goal_ratios
     clock = _Clock()
     monkeypatch.setattr(bench_mod, "time", clock)
     call_s = {"eager": 0.5, "fold": 0.25, "fast": 0.125, "bf16": 0.0625, "onnxruntime": 0.375}
     step_s = {("none", False): 2.0, ("none", True): 1.0, ("bf16", True): 0.75}
-    real_runners, real_step = bench_mod._inference_runners, bench_mod._train_step
+    real_prepare, real_step = bench_mod._prepare_timed, bench_mod._train_step
 
-    def runners(*args, **kwargs):
+    def prepare_timed(*args, **kwargs):
         def timed(mode, run):
             return lambda x: clock.spend(call_s[mode]) or run(x)
         return {mode: (timed(mode, run), prepare_s, held)
-                for mode, (run, prepare_s, held) in real_runners(*args, **kwargs).items()}
+                for mode, (run, prepare_s, held) in real_prepare(*args, **kwargs).items()}
 
     def train_step(model, *, amp, channels_last, **kwargs):
         step = real_step(model, amp=amp, channels_last=channels_last, **kwargs)
@@ -322,7 +335,7 @@ def test_bench_books_each_modes_time_flops_ratios_and_differences(monkeypatch):
 
     bounds = {"fp32": {"gflops_per_s": 8.0, "per_shape": {"mm 256^3": 8.0}},
               "bf16": {"gflops_per_s": 32.0, "per_shape": {"mm 256^3": 32.0}}}
-    monkeypatch.setattr(bench_mod, "_inference_runners", runners)
+    monkeypatch.setattr(bench_mod, "_prepare_timed", prepare_timed)
     monkeypatch.setattr(bench_mod, "_train_step", train_step)
     monkeypatch.setattr(bench_mod, "dtype_bounds", lambda threads=None, n=2048: bounds)
 
@@ -393,7 +406,7 @@ def test_dtype_bounds_are_the_best_rate_of_their_shapes(monkeypatch):
 
 def test_rss_sampler_sees_the_memory_of_its_own_block():
     import mmap
-    from deeplabv2.deploy.bench import RSSSampler, peak_rss_mib
+    from deeplabv2.deploy.memory import RSSSampler, peak_rss_mib
     with RSSSampler() as big:
         # 64 MiB of fresh pages, touched: a tensor could be served from memory an earlier test
         # in this process freed but left resident, and not raise the RSS at all
@@ -408,7 +421,7 @@ def test_rss_sampler_sees_the_memory_of_its_own_block():
 def test_settled_rss_counts_what_is_held_not_what_the_allocator_caches():
     """64 MiB in small heap blocks: held, the settled memory rises by about that much; freed,
     it falls back, though glibc would keep freed heap pages resident without the trim."""
-    from deeplabv2.deploy.bench import settled_rss_mib
+    from deeplabv2.deploy.memory import settled_rss_mib
     before = settled_rss_mib()
     blocks = [bytearray(b"\x01" * 65536) for _ in range(1024)]
     assert settled_rss_mib() - before > 48
@@ -417,7 +430,7 @@ def test_settled_rss_counts_what_is_held_not_what_the_allocator_caches():
 
 
 def test_mode_accuracy_counts_changed_labels_and_miou_against_eager():
-    from deeplabv2.deploy.bench import format_accuracy_table, mode_accuracy
+    from deeplabv2.deploy.accuracy import format_accuracy_table, mode_accuracy
     from deeplabv2.data import build_dataset
     model = _tiny()
     ds = build_dataset("synthetic", None, "val", num_samples=2, size=[40, 56])
@@ -441,7 +454,7 @@ def test_goal_ratios_per_round_follow_a_drifting_machine():
     """Round i of every mode saw about the same machine: the median of the per-round ratios
     sees through a slowdown that caught one mode's call in a round and both modes' calls in
     later rounds, where the ratio of the medians is thrown off."""
-    from deeplabv2.deploy.bench import goal_ratios
+    goal_ratios = _benchmark("goals").goal_ratios
     times = {"fast": [1.0, 1.0, 1.0, 3.0, 3.0],
              "onnxruntime": [1.25, 1.25, 3.75, 3.75, 3.75],  # round 3: slow already
              "openvino": [2.0, 2.0, 6.0, 6.0, 6.0]}
@@ -457,7 +470,7 @@ def test_goal_ratios_per_round_follow_a_drifting_machine():
 
 
 def test_isa_caps_come_from_the_environment(monkeypatch):
-    from deeplabv2.deploy.bench import ISA_CAPS, isa_caps
+    from deeplabv2.deploy.machine import ISA_CAPS, isa_caps
     for name in ISA_CAPS:
         monkeypatch.delenv(name, raising=False)
     assert isa_caps() == {}
@@ -474,7 +487,7 @@ def test_speed_report_names_an_instruction_set_cap(tmp_path, monkeypatch):
     import json
     from pathlib import Path
 
-    import deeplabv2.deploy.bench as bench
+    import deeplabv2.deploy.machine as machine
     spec = importlib.util.spec_from_file_location(
         "speed", Path(__file__).parents[1] / "benchmarks" / "speed.py")
     speed = importlib.util.module_from_spec(spec)
@@ -482,7 +495,7 @@ def test_speed_report_names_an_instruction_set_cap(tmp_path, monkeypatch):
     argv = ["--tiny", "--sizes", "32x32", "--modes", "eager", "fast", "--iterations", "1",
             "--no-train"]
     for caps in ({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}, {}):
-        monkeypatch.setattr(bench, "isa_caps", lambda caps=caps: dict(caps))
+        monkeypatch.setattr(machine, "isa_caps", lambda caps=caps: dict(caps))
         out, raw = tmp_path / "r.md", tmp_path / "r.json"
         assert speed.main(argv + ["--out", str(out), "--json", str(raw)]) == 0
         report = out.read_text()
@@ -516,7 +529,7 @@ def test_bench_command_passes_its_sizes_and_modes_and_writes_json(tmp_path, monk
 
     def spy(model, sizes, modes, iterations, warmup, threads, **kwargs):
         calls.append((sizes, modes, iterations, warmup, threads, kwargs))
-        return real(model, sizes, modes, iterations, warmup, threads, bounds=False, **kwargs)
+        return real(model, sizes, modes, iterations, warmup, threads, bound_size=64, **kwargs)
 
     monkeypatch.setattr(bench_mod, "bench", spy)
     out = tmp_path / "bench.json"
@@ -561,7 +574,8 @@ def test_winograd_flags_choose_the_dilated_convolutions(monkeypatch):
     AVX-512 CPU auto is the GEMM form; gemm and nnpack are taken as asked whatever the CPU;
     off keeps oneDNN's direct convolutions; a Winograd form asked for with bf16 is an error."""
     import deeplabv2.deploy.fast as fast_mod
-    from deeplabv2.cli import _runtime, build_parser
+    from deeplabv2.cli import build_parser
+    from deeplabv2.deploy.runtime import prepare_network, runtime_options
     monkeypatch.setattr(fast_mod.torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     model = build_model({"backbone": "resnet", "blocks": [1, 1, 1, 1], "width": 64,
                          "num_classes": 3}).eval()
@@ -572,14 +586,14 @@ def test_winograd_flags_choose_the_dilated_convolutions(monkeypatch):
     for flags, backend in cases:
         args = build_parser().parse_args(["predict", "ckpt.pth", "in", "-o", "out",
                                           "--precision", "fp32", *flags])
-        net, _ = _runtime(model, args, torch.device("cpu"))
+        net = prepare_network(model, device="cpu", **runtime_options(args)).net
         winograd = [m for m in net.modules() if type(m).__name__ == "AtrousWinogradConv2d"]
         assert len(winograd) == (2 if backend else 0), flags
         assert all(m.backend == backend for m in winograd), flags
     args = build_parser().parse_args(["predict", "ckpt.pth", "in", "-o", "out",
                                       "--precision", "bf16", "--winograd", "gemm"])
     with pytest.raises(ValueError, match="fp32 model on the CPU"):
-        _runtime(model, args, torch.device("cpu"))
+        prepare_network(model, device="cpu", **runtime_options(args))
 
 
 def test_prepacked_weights_follow_the_input_and_survive_copies():

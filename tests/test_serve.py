@@ -274,15 +274,18 @@ def test_serve_command_hands_the_server_its_options(monkeypatch):
     got = []
     monkeypatch.setattr(server, "serve", lambda checkpoint, **kw: got.append((checkpoint, kw)))
     assert main(["serve", "m.pth"]) == 0
+    runtime = {"precision": "fp32", "runtime": "torch", "eager": False, "compile": False,
+               "winograd": "auto"}  # FP32 by default, as serve always ran
     assert got.pop() == ("m.pth", {"host": "127.0.0.1", "port": 8000, "device": "auto",
-                                   **server.DEFAULTS})
+                                   **server.DEFAULTS, **runtime})
     assert server.DEFAULTS["queue_size"] == 4
     assert main(["serve", "m.pth", "--host", "0.0.0.0", "--port", "9000", "--device", "cpu",
                  "--max-upload-mb", "12", "--max-megapixels", "2.5", "--queue", "7",
-                 "--timeout", "3"]) == 0
+                 "--timeout", "3", "--precision", "bf16", "--eager", "--no-winograd"]) == 0
     assert got.pop() == ("m.pth", {"host": "0.0.0.0", "port": 9000, "device": "cpu",
                                    "max_upload_mb": 12.0, "max_pixels": 2_500_000,
-                                   "queue_size": 7, "timeout_s": 3.0})
+                                   "queue_size": 7, "timeout_s": 3.0, **runtime,
+                                   "precision": "bf16", "eager": True, "winograd": "off"})
 
 
 def test_slow_upload_gets_408_from_a_real_server(predictor):
@@ -341,3 +344,30 @@ def test_serve_command_starts_on_localhost_and_stops(checkpoint, tmp_path):
         proc.terminate()
         out, _ = proc.communicate(timeout=30)
     assert f"on http://127.0.0.1:{port}/" in out
+
+
+def test_serve_runs_the_network_as_predict_would(checkpoint):
+    """`serve` takes predict's runtime flags (default fp32, as before) and its Predictor
+    prepares the network by them: bf16, eager (with autocast), auto with its reason."""
+    import torch
+    from deeplabv2.cli import build_parser
+    args = build_parser().parse_args(["serve", "m.pth"])
+    assert (args.precision, args.runtime, args.eager, args.compile, args.winograd) == \
+        ("fp32", "torch", False, False, "auto")
+    args = build_parser().parse_args(["serve", "m.pth", "--precision", "bf16", "--no-winograd",
+                                      "--runtime", "openvino", "--eager", "--compile"])
+    assert (args.precision, args.runtime, args.eager, args.compile, args.winograd) == \
+        ("bf16", "openvino", True, True, "off")
+    bf16 = Predictor(checkpoint, device="cpu", precision="bf16")
+    assert bf16.precision == "bf16" and bf16.net.dtype == torch.bfloat16 and bf16.amp == "none"
+    eager = Predictor(checkpoint, device="cpu", precision="auto", eager=True)
+    assert eager.net is eager.model and eager.precision == "fp32"  # pinned by conftest
+    assert eager.note.startswith("--precision auto: fp32")
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+        Predictor(checkpoint, device="cpu", precision="fp16")
+    data = encode(photo())
+    for p in (bf16, eager):
+        with TestClient(create_app(p)) as c:
+            r = c.post("/api/predict?format=json", content=data)
+            assert r.status_code == 200 and r.json()["width"] == 64
+        p.close()

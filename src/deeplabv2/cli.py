@@ -100,64 +100,16 @@ def _add_inference_args(sp) -> None:
     sp.add_argument("--stride", type=int, default=None, help="window stride (default 2/3 CROP)")
 
 
-def _add_runtime_args(sp, precision: str = "fp32") -> None:
-    from .deploy.fast import PRECISIONS
-    sp.add_argument("--precision", choices=(*PRECISIONS, "int8", "auto"), default=precision,
-                    help=f"fp32, bf16 (CPU with AMX, or GPU), fp16 (GPU), int8 (the "
-                         f"OpenVINO model of `deeplabv2 quantize`) or auto (bf16 where "
-                         f"measured faster: AMX CPUs, bf16 GPUs; else fp32); default "
-                         f"{precision}")
-    sp.add_argument("--runtime", choices=("torch", "openvino"), default="torch",
-                    help="torch (default) or openvino (CPU; the converted network is cached "
-                         "beside the checkpoint; int8 always runs there)")
-    sp.add_argument("--eager", action="store_true",
-                    help="run the network as loaded (BN unfolded, NCHW; bf16/fp16 by autocast) "
-                         "instead of the BN-folded channels-last copy")
-    sp.add_argument("--compile", action="store_true",
-                    help="torch.compile the folded network (the first image compiles for "
-                         "tens of seconds)")
-    sp.add_argument("--winograd", choices=WINOGRAD_CHOICES, default="auto",
-                    help="the dilated 3x3 convolutions in fp32 on the CPU: auto (default: "
-                         "NNPACK's Winograd on AVX2 CPUs, F(6x6, 3x3) through GEMM on AVX-512 "
-                         "ones), gemm, nnpack, or off (oneDNN's direct convolutions: slower, "
-                         "but ResNet-101 then needs ~0.6 GB less memory than with gemm); "
-                         "benchmarks/winograd.py measures which is fastest on this CPU")
-    sp.add_argument("--no-winograd", dest="winograd", action="store_const", const="off",
-                    help="the same as --winograd off")
-
-
-def _runtime(model, args, device):
-    """``(network, amp)`` for evaluate/predict: by default a BN-folded, channels-last copy in
-    ``--precision`` (:func:`deeplabv2.deploy.fast.optimize_for_inference`); ``--eager`` keeps the
-    loaded model and runs reduced precision by autocast. ``--precision auto`` is resolved
-    here (:func:`deeplabv2.precision.resolve_inference_precision`); ``--runtime openvino`` and
-    ``--precision int8`` run the OpenVINO model (:mod:`deeplabv2.deploy`)."""
-    from .precision import resolve_inference_precision
-    args.precision, _ = resolve_inference_precision(args.precision, device)
-    if args.precision == "int8" or getattr(args, "runtime", "torch") == "openvino":
-        if device.type != "cpu" or args.eager or args.compile or args.precision == "fp16":
-            raise ValueError("--runtime openvino / --precision int8 run fp32, bf16 or int8 on "
-                             "the CPU, without --eager/--compile")
-        from .deploy.openvino_runtime import load_openvino
-        return load_openvino(model, args.checkpoint, args.precision), "none"
-    if args.precision == "fp16" and device.type != "cuda":
-        raise ValueError("--precision fp16 needs a CUDA device; use bf16 on the CPU")
-    if args.eager:
-        if args.compile:
-            raise ValueError("--compile works on the optimized network; drop --eager")
-        return model, ("none" if args.precision == "fp32" else args.precision)
-    from .deploy.fast import optimize_for_inference
-    return optimize_for_inference(model, precision=args.precision, compile=args.compile,
-                                  winograd=_winograd(args.winograd)), "none"
-
-
-#: ``--winograd`` values: ``auto`` lets :func:`deeplabv2.deploy.fast.winograd_backend` choose by CPU
-WINOGRAD_CHOICES = ("auto", "gemm", "nnpack", "off")
-
-
-def _winograd(choice: str):
-    """``--winograd`` as :func:`deeplabv2.deploy.fast.optimize_for_inference` takes it."""
-    return {"auto": None, "off": False}.get(choice, choice)
+def _prepare(model, args, device):
+    """``model`` (loaded from ``args.checkpoint``) prepared as the runtime flags say
+    (:func:`deeplabv2.deploy.runtime.prepare_network`); what ``--precision auto`` chose is
+    printed with its reason."""
+    from .deploy.runtime import prepare_network, runtime_options
+    prepared = prepare_network(model, device=device, checkpoint=args.checkpoint,
+                               **runtime_options(args))
+    if args.precision == "auto":
+        print(prepared.note)
+    return prepared
 
 
 def _add_ensemble_arg(sp) -> None:
@@ -166,22 +118,23 @@ def _add_ensemble_arg(sp) -> None:
                          "(FDA's multi-band ensemble: the runs with beta 0.01, 0.05, 0.09)")
 
 
-def _ensemble(net, args, device):
-    """``net`` alone, or with ``--ensemble``: an :class:`deeplabv2.inference.ensemble.Ensemble` of it and
-    the other checkpoints, each loaded and prepared as ``net`` was (``--alignment``,
-    ``--precision``, ``--eager``, ``--compile``)."""
+def _ensemble(prepared, args, device):
+    """The prepared network alone, or with ``--ensemble``: an
+    :class:`deeplabv2.inference.ensemble.Ensemble` of it and the other checkpoints, each loaded
+    and prepared as it was (``--alignment``, ``--precision``, ``--eager``, ``--compile``)."""
     extra = getattr(args, "ensemble", None)
     if not extra:
-        return net
-    if args.precision == "int8" or getattr(args, "runtime", "torch") == "openvino":
+        return prepared.net
+    if prepared.precision == "int8" or args.runtime == "openvino":
         raise ValueError("--ensemble runs on the PyTorch runtime: drop --runtime openvino / "
                          "--precision int8")
+    from .deploy.runtime import prepare_network, runtime_options
     from .inference.ensemble import Ensemble
-    members = [net]
+    options = {**runtime_options(args), "precision": prepared.precision}
+    members = [prepared.net]
     for path in extra:
-        member_args = argparse.Namespace(**{**vars(args), "checkpoint": path})
-        member, _ = _runtime(_load(member_args, device), member_args, device)
-        members.append(member)
+        member = _load(args, device, path)
+        members.append(prepare_network(member, device=device, checkpoint=path, **options).net)
     return Ensemble(members, names=[args.checkpoint, *extra])
 
 
@@ -209,10 +162,11 @@ def _crf(args, cfg, model):
     return crf_preset(model.config) if args.crf else None
 
 
-def _load(args, device):
-    """The checkpoint of ``args.checkpoint`` on ``device``, with ``--alignment`` applied."""
+def _load(args, device, checkpoint=None):
+    """The checkpoint ``checkpoint`` (by default ``args.checkpoint``) on ``device``, with
+    ``--alignment`` applied."""
     from .weights import load_model
-    model = load_model(args.checkpoint, device=device)
+    model = load_model(checkpoint or args.checkpoint, device=device)
     if getattr(args, "alignment", None):
         from .model import get_alignment
         model.alignment = get_alignment(args.alignment)
@@ -232,10 +186,10 @@ def cmd_crf_search(args) -> int:
     base = cfg.eval.dense_crf(model.config, force=True).to_dict()
     grid = [DenseCRF.from_dict({**base, "bi_w": w, "bi_xy_std": xy, "bi_rgb_std": rgb})
             for w, xy, rgb in itertools.product(args.bi_w, args.bi_xy_std, args.bi_rgb_std)]
-    net, amp = _runtime(model, args, device)
-    results = crf_search(net, ds, grid, device=device, limit=args.limit,
-                         inference=_inference(args, cfg.eval.inference().to_dict()), amp=amp,
-                         progress=True)
+    prepared = _prepare(model, args, device)
+    results = crf_search(prepared.net, ds, grid, device=device, limit=args.limit,
+                         inference=_inference(args, cfg.eval.inference().to_dict()),
+                         amp=prepared.amp, progress=True)
     print(f"{'bi_w':>6} {'bi_xy_std':>10} {'bi_rgb_std':>11} {'mIoU %':>8}")
     for r in results:
         c = r["crf"]
@@ -263,17 +217,17 @@ def cmd_evaluate(args) -> int:
                          f"{cfg.data.dataset!r} has {ds.num_classes}")
     _require_same_classes(args.checkpoint, model.classes, ds)
     inference = _inference(args, cfg.eval.inference().to_dict())
-    net, amp = _runtime(model, args, device)
-    net = _ensemble(net, args, device)
+    prepared = _prepare(model, args, device)
+    net = _ensemble(prepared, args, device)
     from .app.commands import finish_report, report_collector
     report = report_collector(args, ds)  # None without --report
     members = f" (ensemble with {', '.join(args.ensemble)})" if args.ensemble else ""
     print(f"evaluating {args.checkpoint}{members} on {cfg.data.dataset} {ds.split} "
           f"({len(ds)} images), "
           f"{inference.describe()}{', dense CRF' if args.crf or cfg.eval.crf else ''}, "
-          f"{args.precision}{' eager' if args.eager else ''}")
+          f"{prepared.precision}{' eager' if args.eager else ''}")
     crf = _crf(args, cfg, model)
-    results = evaluate(net, ds, device=device, limit=args.limit, amp=amp,
+    results = evaluate(net, ds, device=device, limit=args.limit, amp=prepared.amp,
                        num_workers=cfg.data.num_workers, inference=inference, crf=crf,
                        progress=True, on_image=report)
     _print_metrics(results, list(ds.classes), args.out)
@@ -282,7 +236,7 @@ def cmd_evaluate(args) -> int:
                                            "ensemble": args.ensemble or [],
                                            "inference": inference.describe(),
                                            "dense CRF": crf is not None,
-                                           "precision": args.precision})
+                                           "precision": prepared.precision})
     return 0
 
 
@@ -305,10 +259,10 @@ def cmd_predict(args) -> int:
     if palette is None:
         from .data import voc_palette
         palette = voc_palette(model.num_classes)
-    net, amp = _runtime(model, args, device)
-    net = _ensemble(net, args, device)
+    prepared = _prepare(model, args, device)
+    net = _ensemble(prepared, args, device)
     result = predict_files(net, args.inputs, args.out, palette, device=device,
-                           save_probs=args.probs, amp=amp, inference=_inference(args),
+                           save_probs=args.probs, amp=prepared.amp, inference=_inference(args),
                            crf=_crf(args, None, model), batch_size=args.batch_size,
                            cityscapes_ids=args.cityscapes_ids,
                            class_names=model.classes or
@@ -372,6 +326,7 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .deploy.runtime import add_runtime_args
     p = argparse.ArgumentParser(prog="deeplabv2", description=__doc__)
     p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
@@ -408,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("-c", "--config", required=True, help="config naming the dataset")
     ev.add_argument("--split", default=None, help="split (default: the config's eval.split)")
     ev.add_argument("--limit", type=int, default=None, help="only the first N images")
-    _add_runtime_args(ev)
+    add_runtime_args(ev)
     _add_ensemble_arg(ev)
     ev.add_argument("--out", default=None, help="write the metrics as JSON here")
     ev.add_argument("--device", default=None,
@@ -424,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
     pr.add_argument("-o", "--out", required=True, help="output folder")
     pr.add_argument("--probs", action="store_true", help="also save probabilities (.npy)")
-    _add_runtime_args(pr, precision="auto")
+    add_runtime_args(pr, precision="auto")
     _add_ensemble_arg(pr)
     pr.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     pr.add_argument("--batch-size", type=int, default=4, help="images of equal size per batch")
@@ -446,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     cs.add_argument("--bi-rgb-std", type=float, nargs="+", default=PAPER_GRID["bi_rgb_std"],
                     help="appearance colour std (default: the paper's 3 4 5 6)")
     cs.add_argument("--out", default=None, help="write every setting's mIoU as JSON here")
-    _add_runtime_args(cs)
+    add_runtime_args(cs)
     _add_inference_args(cs)
     cs.add_argument("overrides", nargs="*", help="section.key=value")
     cs.set_defaults(func=cmd_crf_search)

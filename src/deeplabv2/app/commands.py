@@ -87,9 +87,10 @@ def cmd_serve(args) -> int:
         print(f"deeplabv2 serve needs the 'serve' extra: pip install 'deeplabv2[serve]' ({e})",
               file=sys.stderr)
         return 2
+    from ..deploy.runtime import runtime_options
     serve(args.checkpoint, host=args.host, port=args.port, device=args.device,
           max_upload_mb=args.max_upload_mb, max_pixels=args.max_megapixels * 1e6,
-          queue_size=args.queue, timeout_s=args.timeout)
+          queue_size=args.queue, timeout_s=args.timeout, **runtime_options(args))
     return 0
 
 
@@ -101,6 +102,7 @@ def register(sub) -> None:
     co.add_argument("--report", default=None, metavar="DIR", help="also write an HTML report")
     co.set_defaults(func=cmd_compare)
 
+    from ..deploy.runtime import add_runtime_args
     from .server import DEFAULTS
     se = sub.add_parser("serve", help="local web app and HTTP API to try a model on images")
     se.add_argument("checkpoint", help="a deeplabv2 checkpoint (.pth or .safetensors)")
@@ -108,6 +110,7 @@ def register(sub) -> None:
                     help="address to bind (default 127.0.0.1: this machine only)")
     se.add_argument("--port", type=int, default=8000)
     se.add_argument("--device", default="auto")
+    add_runtime_args(se)  # --precision, --runtime, --eager, --compile, --winograd: as predict's
     se.add_argument("--max-upload-mb", type=float, default=DEFAULTS["max_upload_mb"],
                     help="largest request body accepted (413 beyond)")
     se.add_argument("--max-megapixels", type=float, default=DEFAULTS["max_pixels"] / 1e6,

@@ -106,19 +106,29 @@ def _flag(value: str | None) -> bool:
 
 
 class Predictor:
-    """One model, one worker thread, at most ``queue_size`` jobs admitted at a time."""
+    """One model, one worker thread, at most ``queue_size`` jobs admitted at a time.
+
+    The checkpoint runs as ``precision``, ``runtime``, ``eager``, ``compile`` and ``winograd``
+    say (:func:`deeplabv2.deploy.runtime.prepare_network`, the choices of ``evaluate`` and
+    ``predict``); ``self.note`` says what ``precision="auto"`` chose and why."""
 
     def __init__(self, checkpoint, *, device="cpu", queue_size: int = 4,
-                 max_pixels: float = DEFAULTS["max_pixels"]):
+                 max_pixels: float = DEFAULTS["max_pixels"], precision: str = "fp32",
+                 runtime: str = "torch", eager: bool = False, compile: bool = False,
+                 winograd: str = "auto"):
+        # imported here, not above: `deeplabv2 serve --help` and the parser (which reads
+        # DEFAULTS) start without loading torch and the model code
         import torch
         from ..utils.distributed import pick_device
-        from ..deploy.fast import optimize_for_inference
+        from ..deploy.runtime import prepare_network
         from ..weights import load_model
         if queue_size < 1:
             raise ValueError(f"queue_size must be >= 1, got {queue_size}")
         self.device = pick_device(device) if device == "auto" else torch.device(device)
         self.model = load_model(checkpoint, device=self.device)
-        self.net = optimize_for_inference(self.model)
+        self.net, self.amp, self.precision, self.note = prepare_network(
+            self.model, device=self.device, precision=precision, runtime=runtime, eager=eager,
+            compile=compile, winograd=winograd, checkpoint=checkpoint)
         self.checkpoint = Path(checkpoint).name
         C = self.model.num_classes
         self.classes = list(self.model.classes or [f"class {i}" for i in range(C)])
@@ -162,17 +172,14 @@ class Predictor:
 
     def _run(self, data: bytes, crf: bool, multi_scale: bool):
         import torch
-        from ..inference.front import InferenceConfig
+        from ..inference.front import InferenceConfig, segment
         started = time.perf_counter()
         image = decode_image(data, self.max_pixels)
         del data
-        with torch.no_grad():
-            x = self.model.preprocess(image[None]).to(self.device)
-            inference = InferenceConfig(msc_scales=MULTI_SCALES if multi_scale else None)
-            probs = inference(self.net, x)
-            if crf:
-                probs = self._dense_crf()(probs, torch.from_numpy(image[None]).to(self.device))
-            labels = probs.argmax(1)[0].to(torch.uint8).cpu().numpy()
+        inference = InferenceConfig(msc_scales=MULTI_SCALES if multi_scale else None)
+        seg = segment(self.net, image[None], inference, device=self.device, amp=self.amp,
+                      crf=self._dense_crf() if crf else None)
+        labels = seg.labels[0].to(torch.uint8).cpu().numpy()
         return labels, time.perf_counter() - started
 
     def _dense_crf(self):
@@ -327,12 +334,15 @@ def create_app(predictor: Predictor, *, max_upload_mb: float = DEFAULTS["max_upl
 def serve(checkpoint, *, host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
           max_upload_mb: float = DEFAULTS["max_upload_mb"],
           max_pixels: float = DEFAULTS["max_pixels"], queue_size: int = DEFAULTS["queue_size"],
-          timeout_s: float = DEFAULTS["timeout_s"]) -> None:
-    """Load ``checkpoint`` and serve it until interrupted."""
+          timeout_s: float = DEFAULTS["timeout_s"], **runtime) -> None:
+    """Load ``checkpoint`` and serve it until interrupted; ``runtime``: :class:`Predictor`'s
+    ``precision``, ``runtime``, ``eager``, ``compile`` and ``winograd``."""
     import uvicorn
     predictor = Predictor(checkpoint, device=device, queue_size=queue_size,
-                          max_pixels=max_pixels)
+                          max_pixels=max_pixels, **runtime)
     app = create_app(predictor, max_upload_mb=max_upload_mb, timeout_s=timeout_s)
+    if runtime.get("precision") == "auto":
+        print(predictor.note)
     print(f"deeplabv2 serve: {predictor.checkpoint} ({len(predictor.classes)} classes) on "
           f"http://{host}:{port}/  (API: POST /api/predict; Ctrl-C stops)")
     # limit_concurrency bounds the open connections (503 beyond) so that uploads waiting for

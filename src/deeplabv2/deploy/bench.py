@@ -6,145 +6,29 @@ image batch of one (``time.perf_counter`` around ``model(x)``) after ``warmup`` 
 the timed calls of one size go round-robin over the modes. Training steps are timed after
 their own warm-up steps (a cold bf16 step is many times slower than a warm one).
 
-Inference modes:
-
-* ``eager``: the model as given (frozen BN as separate ops, NCHW, fp32);
-* ``fold``: frozen BN folded into the convolutions, channels-last, fp32 (nothing else);
-* ``fast``: :func:`deeplabv2.deploy.fast.optimize_for_inference`, fp32: ``fold`` plus, on the CPU,
-  ReLU and residual sums fused into prepacked oneDNN convolutions and Winograd atrous
-  convolutions (NNPACK on AVX2 CPUs, F(6x6, 3x3) through torch's GEMM on AVX-512 ones: what
-  ``evaluate`` and ``predict --precision fp32`` run);
-* ``fast-direct``: ``fast`` with oneDNN's direct convolutions in place of Winograd;
-* ``winograd-all``: ``fast`` with every dilated 3x3 convolution of the backbone through Winograd
-  (the ASPP head runs as ``TapsASPP``), whatever its size: the worst case of that path's
-  rounding, for accuracy checks;
-* ``bf16``: ``fast`` in bfloat16 (``--precision bf16``);
-* ``compile``: ``fold`` under ``torch.compile`` with freezing, whose own fusion replaces
-  ``fast``'s (the compile time is the row's ``first_call_s``);
-* ``onnxruntime``: the ONNX export, fixed at the size it runs, in ONNX Runtime's default
-  CPU session with ``threads`` intra-op threads (a peer);
-* ``openvino``, ``openvino-bf16``: the network in OpenVINO, compiled at the size it runs with
-  the latency hint, ``threads`` inference threads, f32/bf16 inference precision (a peer, and
-  ``--runtime openvino``);
-* ``int8``: the network quantized to INT8 by NNCF (:mod:`deeplabv2.deploy.quantize`) in
-  OpenVINO (``--precision int8``); in :func:`bench` calibrated on random inputs (speed does not
-  depend on the values), in :func:`mode_accuracy` on the given quantized file; its
-  non-quantized operations in bf16 where bf16 pays, as ``--precision int8`` runs them
-  (:func:`deeplabv2.deploy.openvino_runtime.int8_precision`);
-* ``int8-f32``: ``int8`` with its non-quantized operations in f32 whatever the CPU.
+The modes are :mod:`deeplabv2.deploy.modes`' (each a choice of
+:func:`deeplabv2.deploy.runtime.prepare_network`); the memory per mode is measured by
+:mod:`deeplabv2.deploy.memory`, the machine described by :mod:`deeplabv2.deploy.machine`, the
+FLOPs counted by :func:`deeplabv2.model.info.forward_flops`. What each mode costs in accuracy
+is :func:`deeplabv2.deploy.accuracy.mode_accuracy`'s.
 """
 
 from __future__ import annotations
 
-import functools
-import os
-import resource
+import copy
 import statistics
-import sys
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
-MODES = ("eager", "fold", "fast", "fast-direct", "winograd-all", "bf16", "compile", "onnxruntime",
-         "openvino", "openvino-bf16", "int8", "int8-f32")
-#: the dtype each mode computes in (for the per-dtype upper bound)
-MODE_DTYPES = {"bf16": "bf16", "openvino-bf16": "bf16", "int8": "int8", "int8-f32": "int8"}
-DEFAULT_MODES = ("eager", "fast", "bf16")
-
-
-def peak_rss_mib() -> float:
-    """Peak resident memory of this process so far, in MiB (it never goes down)."""
-    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kib / 1024 if sys.platform != "darwin" else kib / 2**20
-
-
-def rss_mib() -> float:
-    """Resident memory of this process now, in MiB (``/proc/self/statm``; else the peak)."""
-    try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-    except (OSError, IndexError, ValueError):
-        return peak_rss_mib()
-    return pages * resource.getpagesize() / 2**20
-
-
-@functools.lru_cache(maxsize=1)
-def _libc():
-    """The C library, or None (``find_library`` runs ``ldconfig``: once per process)."""
-    import ctypes
-    import ctypes.util
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return None
-
-
-def _malloc_trim() -> None:
-    """Hand the C allocator's free memory back to the OS (glibc's ``malloc_trim``; a no-op
-    where there is none)."""
-    trim = getattr(_libc(), "malloc_trim", None)
-    if trim is not None:
-        trim(0)
-
-
-def settled_rss_mib() -> float:
-    """Resident memory once what is free has been handed back (Python's garbage collected,
-    then :func:`_malloc_trim`): what the process holds, not what its allocators keep cached
-    from earlier work. Differences of it measure what a piece of work keeps."""
-    import gc
-    gc.collect()
-    _malloc_trim()
-    return rss_mib()
-
-
-class RSSSampler:
-    """The largest resident memory seen while the ``with`` block runs (sampled every
-    ``interval`` s in a thread; the sampled ops release the GIL): the peak of *that* work,
-    not the process's running maximum. ``.peak_mib``, ``.start_mib``."""
-
-    def __init__(self, interval: float = 0.002):
-        self.interval = interval
-
-    def __enter__(self):
-        import threading
-        self.start_mib = self.peak_mib = rss_mib()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def sample(self) -> float:
-        """Read the resident memory now (the thread does this every ``interval``)."""
-        self.peak_mib = max(self.peak_mib, rss_mib())
-        return self.peak_mib
-
-    def _run(self):
-        while not self._stop.wait(self.interval):
-            self.sample()
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak_mib = max(self.peak_mib, rss_mib())
-        return False
-
-
-def forward_flops(model: nn.Module, height: int, width: int, batch: int = 1) -> int:
-    """FLOPs of one forward pass (multiply-add = 2), counted on the meta device.
-
-    Convolutions and matrix products only, as ``torch.utils.flop_counter`` counts them; the
-    bilinear upsampling and elementwise ops are not included.
-    """
-    import copy
-    meta = copy.deepcopy(model).to("meta").eval()
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        meta(torch.empty(batch, 3, height, width, device="meta"))
-    return int(counter.get_total_flops())
+from ..model.info import forward_flops
+from ..precision import autocast_context, resolve_train_amp
+from .fast import _mkldnn_conv
+from .machine import machine
+from .memory import RSSSampler, settled_rss_mib
+from .modes import DEFAULT_MODES, MODE_DTYPES, MODES, Modes
 
 
 def _time(fn, iterations: int, warmup: int) -> tuple[list[float], list[float]]:
@@ -181,7 +65,6 @@ def dtype_bounds(threads: int | None = None, repeats: int = 3, n: int = 2048) ->
     2.3 TOP/s on a 2-core AMX Xeon) and OpenVINO's single INT8 convolutions (up to 2.3 TOP/s)
     were both passed by OpenVINO's whole INT8 network (2.8 TOP/s in direct-convolution
     FLOPs), so neither bounds it."""
-    from .fast import _mkldnn_conv
     if threads:
         torch.set_num_threads(int(threads))
     g = torch.Generator().manual_seed(0)
@@ -207,159 +90,27 @@ def dtype_bounds(threads: int | None = None, repeats: int = 3, n: int = 2048) ->
     return out
 
 
-def cpu_model() -> str:
-    """The CPU's model name (``lscpu``; else ``platform.processor()``)."""
-    import platform
-    import subprocess
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return platform.processor() or "unknown"
-    for line in out.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
-
-
-#: environment variables that cap the instruction set the libraries use below what the CPU
-#: has (oneDNN, in PyTorch and OpenVINO; PyTorch's own kernels; MKL): set, they make this CPU
-#: run as an older kind would, e.g. ``ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16`` turns AMX off
-ISA_CAPS = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS")
-
-
-def isa_caps() -> dict[str, str]:
-    """The :data:`ISA_CAPS` set in this process's environment (empty: the CPU runs as is)."""
-    return {k: os.environ[k] for k in ISA_CAPS if os.environ.get(k, "").strip()}
-
-
-def machine() -> dict:
-    """What decides the speed: CPU model, the vector/matrix flags, PyTorch's CPU capability,
-    any cap put on the instruction set (:func:`isa_caps`), core count, the runtimes'
-    versions."""
-    from ..precision import cpu_flags
-    keep = sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma")))
-    info = {"cpu": cpu_model(), "cpu_flags": " ".join(keep) or "unknown",
-            "isa_caps": isa_caps(),
-            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-            else os.cpu_count(), "torch": torch.__version__}
-    for name in ("onnxruntime", "openvino", "nncf"):
-        try:
-            info[name] = __import__(name).__version__
-        except ImportError:
-            info[name] = None
-    return info
-
-
-def _onnx_runner(model: nn.Module, height: int, width: int, threads: int | None,
-                 dynamic: bool = False):
-    """ONNX Runtime as its users run it: the export fixed at the size it runs, the default
-    session (all graph optimisations), ``threads`` intra-op threads."""
-    import onnxruntime as ort
-    from .export import export_onnx
-    with tempfile.TemporaryDirectory() as tmp:
-        path = export_onnx(model, Path(tmp) / "model.onnx", height, width, dynamic=dynamic)
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return lambda x: session.run(["logits"], {"image": x.numpy()})[0]
-
-
-_OV_MODELS: dict[int, dict] = {}  # id(model) -> converted/quantized OpenVINO models, per bench
-
-
-def _openvino_runner(model: nn.Module, height: int, width: int, threads: int | None,
-                     precision: str, int8_xml=None, calibration: int = 4):
-    """OpenVINO compiled at ``height x width`` with the latency hint (fp32/bf16), or the INT8
-    model (``int8_xml``, else quantized now on ``calibration`` random inputs)."""
-    from .openvino_runtime import OpenVINOModel, convert, require_openvino
-    ov = require_openvino()
-    # one conversion (and one quantization) per model, reused for every size and precision:
-    # the converted model has dynamic shapes and each OpenVINOModel compiles its own size
-    cache = _OV_MODELS.setdefault(id(model), {})
-    if "fp32" not in cache:
-        cache["fp32"] = convert(model)
-    if precision in ("int8", "int8-f32"):
-        if int8_xml:
-            ov_model = ov.Core().read_model(str(int8_xml))
-        else:
-            if "int8" not in cache:
-                import nncf
-                g = torch.Generator().manual_seed(0)
-                data = [torch.randn(1, 3, height, width, generator=g).numpy()
-                        for _ in range(calibration)]
-                from .quantize import fp32_sums, with_taps_head
-                from .fast import fold_batchnorm
-                # the graph quantize writes (its ASPP as taps) and the operations it leaves in
-                # floating point, so that the graph timed is its graph (its other steps change
-                # values, not operations)
-                net = with_taps_head(fold_batchnorm(model).eval())
-                source = convert(net)
-                cache["int8"] = nncf.quantize(
-                    source, nncf.Dataset(data), subset_size=calibration,
-                    preset=nncf.QuantizationPreset.PERFORMANCE,
-                    ignored_scope=nncf.IgnoredScope(names=fp32_sums(source, net)))
-            ov_model = cache["int8"]
-    else:
-        ov_model = cache["fp32"]
-    net = OpenVINOModel(ov_model, model, precision=precision, threads=threads)
-    net.compiled((1, 3, height, width))
-    return net
-
-
-def _inference_runners(model: nn.Module, modes, size, threads, int8_xml=None,
-                       dynamic: bool = False):
-    """mode -> (callable(x), seconds it took to prepare, MiB of resident memory the
-    preparation kept) for inputs of ``size`` (the peers are compiled for that size;
-    ``dynamic``: ONNX Runtime takes any size)."""
-    from .fast import optimize_for_inference
+def _prepare_timed(modes: Modes, names, size) -> dict:
+    """mode -> (network, seconds it took to prepare, MiB of resident memory the preparation
+    kept) for inputs of ``size`` (the peers are made for that size)."""
     runners = {}
-    for mode in modes:
+    for mode in names:
         held = settled_rss_mib()
         start = time.perf_counter()
-        if mode == "eager":
-            run = model
-        elif mode == "fold":
-            run = optimize_for_inference(model, precision="fp32", fuse=False, winograd=False)
-        elif mode == "fast":
-            run = optimize_for_inference(model, precision="fp32")
-        elif mode == "fast-direct":
-            run = optimize_for_inference(model, precision="fp32", winograd=False)
-        elif mode == "winograd-all":
-            from .atrous import use_atrous_winograd
-            from .fast import winograd_backend
-            run = optimize_for_inference(model, precision="fp32", winograd=False)
-            if not use_atrous_winograd(run.model, min_channels=1, min_pixels=1,
-                                       max_overhead=float("inf"),
-                                       backend=winograd_backend() or "gemm"):
-                raise ValueError("winograd-all: no dilated 3x3 convolution in the model")
-        elif mode == "bf16":
-            run = optimize_for_inference(model, precision="bf16")
-        elif mode == "compile":
-            run = optimize_for_inference(model, precision="fp32", compile=True)
-        elif mode == "onnxruntime":
-            run = _onnx_runner(model, *size, threads, dynamic)
-        elif mode in ("openvino", "openvino-bf16", "int8", "int8-f32"):
-            precision = {"openvino": "fp32", "openvino-bf16": "bf16"}.get(mode, mode)
-            run = _openvino_runner(model, *size, threads, precision, int8_xml)
-        else:
-            raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
-        runners[mode] = (run, time.perf_counter() - start, settled_rss_mib() - held)
+        net = modes.prepare(mode, size)
+        runners[mode] = (net, time.perf_counter() - start, settled_rss_mib() - held)
     return runners
 
 
+#: the training steps timed: ``(amp, channels_last)``, each on batches of :data:`TRAIN_BATCH`
 TRAIN_CHOICES = (("none", False), ("none", True), ("bf16", True))
+TRAIN_BATCH = 2
 
 
 def _train_step(model: nn.Module, *, batch: int, size, amp: str, channels_last: bool):
     """A closure running one SGD step (forward, stride-8 cross-entropy, backward, update) on
     random data, on a copy of ``model`` in train mode; ``amp="bf16"`` is ``torch.autocast``
     (the weights stay fp32, as training needs)."""
-    import copy
-
-    from ..precision import autocast_context
     net = copy.deepcopy(model).train()
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
@@ -384,16 +135,17 @@ def _train_step(model: nn.Module, *, batch: int, size, amp: str, channels_last: 
     return step
 
 
-def train_step_times(model: nn.Module, *, batch: int = 2, size=(321, 321),
-                     choices=TRAIN_CHOICES, iterations: int = 3, warmup: int = 2) -> list[dict]:
-    """Seconds per training step of each ``(amp, channels_last)`` choice: ``warmup`` untimed
-    steps each (the first bf16 steps are many times slower than the later ones), then
-    ``iterations`` timed steps round-robin over the choices. Per choice: median/mean/min
+def train_step_times(model: nn.Module, *, size=(321, 321), iterations: int = 3,
+                     warmup: int = 2) -> list[dict]:
+    """Seconds per training step of each ``(amp, channels_last)`` choice of
+    :data:`TRAIN_CHOICES`: ``warmup`` untimed steps each (the first bf16 steps are many times
+    slower than the later ones), then ``iterations`` timed steps round-robin over the choices. Per choice: median/mean/min
     seconds, the first step's time, GFLOP/s (backward counted as twice the forward) and the
     peak resident memory during its own steps."""
+    batch = TRAIN_BATCH
     flops = 3 * forward_flops(model, *size, batch=batch)
     steps = [_train_step(model, batch=batch, size=size, amp=amp, channels_last=cl)
-             for amp, cl in choices]
+             for amp, cl in TRAIN_CHOICES]
     warm, times, peaks = [], [[] for _ in steps], [0.0] * len(steps)
     for k, step in enumerate(steps):
         with RSSSampler() as mem:
@@ -408,20 +160,13 @@ def train_step_times(model: nn.Module, *, batch: int = 2, size=(321, 321),
             peaks[k] = max(peaks[k], mem.peak_mib)
     return [{"batch": batch, "size": list(size), "amp": amp, "channels_last": cl,
              "flops": flops, **_summary(warm[k], times[k], flops), "peak_rss_mib": peaks[k]}
-            for k, (amp, cl) in enumerate(choices)]
-
-
-def train_step_time(model: nn.Module, *, batch: int = 2, size=(321, 321), amp: str = "none",
-                    channels_last: bool = False, iterations: int = 3, warmup: int = 2) -> dict:
-    """:func:`train_step_times` of one choice."""
-    return train_step_times(model, batch=batch, size=size, choices=((amp, channels_last),),
-                            iterations=iterations, warmup=warmup)[0]
+            for k, (amp, cl) in enumerate(TRAIN_CHOICES)]
 
 
 def bench(model: nn.Module, sizes, modes=DEFAULT_MODES, iterations: int = 3, warmup: int = 1,
-          threads: int | None = None, *, train_step: bool = True, train_batch: int = 2,
-          train_size=(321, 321), train_iterations: int | None = None,
-          train_warmup: int = 2, bounds: bool = True, bound_size: int = 2048) -> dict:
+          threads: int | None = None, *, train_step: bool = True, train_size=(321, 321),
+          train_iterations: int | None = None, train_warmup: int = 2,
+          bound_size: int = 2048) -> dict:
     """Time ``model`` (a DeepLabV2 in any state; it is not changed) and return a plain dict.
 
     ``sizes``: ``(height, width)`` pairs; ``modes``: names from :data:`MODES`; ``threads``:
@@ -441,20 +186,19 @@ def bench(model: nn.Module, sizes, modes=DEFAULT_MODES, iterations: int = 3, war
     memory before the call (the call's working memory); ``times_s`` the timed calls, in round order;
     ``train`` holds fp32 NCHW, fp32 channels-last and bf16 channels-last steps
     (:func:`train_step_times`, ``train_warmup`` warm-up steps each) and ``train_auto`` what
-    ``train.amp: auto`` picks here and why. With ``bounds``, ``"bounds"`` holds
-    :func:`dtype_bounds` and every row its ``"percent_of_bound"`` (of its dtype's bound).
+    ``train.amp: auto`` picks here and why. ``"bounds"`` holds :func:`dtype_bounds` (matrices
+    of ``bound_size``) and every row its ``"percent_of_bound"`` (of its dtype's bound).
     """
-    from ..precision import resolve_train_amp
     if threads:
         torch.set_num_threads(int(threads))
     sizes = [tuple(int(v) for v in s) for s in sizes]
     modes = tuple(modes)
     was_training = model.training
     model.eval()
-    _OV_MODELS.pop(id(model), None)
+    made = Modes(model, threads=threads)  # one OpenVINO conversion for every size
     rows = []
     for height, width in sizes:
-        runners = _inference_runners(model, modes, (height, width), threads)
+        runners = _prepare_timed(made, modes, (height, width))
         flops = forward_flops(model, height, width)
         x = torch.randn(1, 3, height, width, generator=torch.Generator().manual_seed(0))
         # Warm-up per mode, then one call whose memory is sampled, then the timed calls
@@ -505,7 +249,7 @@ def bench(model: nn.Module, sizes, modes=DEFAULT_MODES, iterations: int = 3, war
             rows.append(row)
     train, train_auto = [], {}
     if train_step:
-        train = train_step_times(model, batch=train_batch, size=train_size,
+        train = train_step_times(model, size=train_size,
                                  iterations=train_iterations or iterations, warmup=train_warmup)
         for row in train:
             row["dtype"] = "bf16" if row["amp"] == "bf16" else "fp32"
@@ -513,84 +257,15 @@ def bench(model: nn.Module, sizes, modes=DEFAULT_MODES, iterations: int = 3, war
         amp, channels_last, why = resolve_train_amp("auto", False, torch.device("cpu"))
         train_auto = {"amp": amp, "channels_last": channels_last, "why": why}
     model.train(was_training)
-    _OV_MODELS.pop(id(model), None)
     result = {"threads": torch.get_num_threads(), "torch": torch.__version__,
               "machine": machine(), "inference": rows, "train": train,
               "train_auto": train_auto}
-    if bounds:
-        result["bounds"] = dtype_bounds(threads, n=bound_size)
-        for row in rows + train:
-            bound = result["bounds"].get(row["dtype"])
-            if bound:
-                row["percent_of_bound"] = 100 * row["gflops_per_s"] / bound["gflops_per_s"]
+    result["bounds"] = dtype_bounds(threads, n=bound_size)
+    for row in rows + train:
+        bound = result["bounds"].get(row["dtype"])
+        if bound:
+            row["percent_of_bound"] = 100 * row["gflops_per_s"] / bound["gflops_per_s"]
     return result
-
-
-@torch.no_grad()
-def mode_accuracy(model: nn.Module, dataset, modes=("fast", "bf16", "onnxruntime"), *,
-                  limit: int | None = None, threads: int | None = None,
-                  int8_xml=None) -> dict:
-    """What each inference mode costs in accuracy, against eager FP32 on a labelled dataset.
-
-    Every image (or the first ``limit``) goes through the eager FP32 model and through each of
-    ``modes`` (names from :data:`MODES`), whole image at batch 1. Per mode: the fraction of
-    pixels whose label differs from eager FP32's, the mIoU and its difference from eager FP32's
-    in points (percent), and the largest ``max|logits - eager| / max|eager|`` over the images.
-    Use a trained model: an untrained deep network's logits are too chaotic to say anything.
-    Mode ``int8`` runs ``int8_xml`` (``deeplabv2 quantize``'s file for this model).
-    """
-    from ..evaluation.metrics import ConfusionMatrix
-    if threads:
-        torch.set_num_threads(int(threads))
-    was_training = model.training
-    model.eval()
-    n = len(dataset) if not limit else min(limit, len(dataset))
-    if n == 0:
-        raise ValueError("mode_accuracy needs at least one image")
-    first = model.preprocess(dataset.load(0)[0])
-    if {"int8", "int8-f32"} & set(modes) and not int8_xml:
-        raise ValueError("mode_accuracy's int8 mode needs int8_xml, the quantized model")
-    runners = _inference_runners(model, ("eager", *modes), tuple(first.shape[-2:]), threads,
-                                 int8_xml=int8_xml, dynamic=True)
-    cms = {mode: ConfusionMatrix(dataset.num_classes) for mode in runners}
-    changed = {mode: 0 for mode in runners}
-    worst = {mode: 0.0 for mode in runners}
-    pixels = 0
-    for i in range(n):
-        image, label = dataset.load(i)
-        x = model.preprocess(image)
-        target = torch.from_numpy(label.astype("int64"))[None]
-        ref = None
-        for mode, (run, *_) in runners.items():
-            logits = torch.as_tensor(run(x)).float()
-            if ref is None:
-                ref = logits
-                ref_labels = ref.argmax(1)
-            pred = logits.argmax(1)
-            cms[mode].update(pred, target)
-            changed[mode] += int((pred != ref_labels).sum())
-            worst[mode] = max(worst[mode], float((logits - ref).abs().max() / ref.abs().max()))
-        pixels += ref_labels.numel()
-    model.train(was_training)
-    ref_miou = cms["eager"].compute()["miou"]
-    out = {"images": n, "pixels": pixels, "eager_miou": ref_miou, "modes": {}}
-    for mode in modes:
-        miou = cms[mode].compute()["miou"]
-        out["modes"][mode] = {"miou": miou, "miou_diff_points": 100 * (miou - ref_miou),
-                              "labels_changed": changed[mode] / pixels,
-                              "max_rel_logit_diff": worst[mode]}
-    return out
-
-
-def format_accuracy_table(result: dict) -> str:
-    """:func:`mode_accuracy`'s result as a Markdown table."""
-    lines = ["| mode | mIoU % | mIoU diff (points) | labels changed | max rel. logit diff |",
-             "| --- | ---: | ---: | ---: | ---: |",
-             f"| eager fp32 (reference) | {100 * result['eager_miou']:.2f} | 0 | 0 | 0 |"]
-    for mode, r in result["modes"].items():
-        lines.append(f"| {mode} | {100 * r['miou']:.2f} | {r['miou_diff_points']:+.3f} | "
-                     f"{100 * r['labels_changed']:.3f}% | {r['max_rel_logit_diff']:.1e} |")
-    return "\n".join(lines)
 
 
 # -- command line ---------------------------------------------------------------------------------
@@ -639,47 +314,6 @@ def format_table(result: dict) -> str:
             per = ", ".join(f"{k} {v:.0f}" for k, v in b["per_shape"].items())
             lines.append(f"\n{dtype} bound {b['gflops_per_s']:.0f} GFLOP/s (best of: {per}).")
     return "\n".join(lines)
-
-
-def _per_round(numerators: list[list[float]], denominator: list[float]) -> float | None:
-    """Median over the rounds of ``min(numerators at round i) / denominator[i]``: the modes
-    of a size are timed round-robin, so the times of one round saw the same machine."""
-    rounds = [min(column) / d for *column, d in zip(*numerators, denominator)]
-    return statistics.median(rounds) if rounds else None
-
-
-def goal_ratios(result: dict) -> list[str]:
-    """The issue's goals as ratios of this run, per size: our FP32 path (``fast``) against the
-    faster of ONNX Runtime and OpenVINO FP32, our bf16 against OpenVINO bf16, INT8 against our
-    fastest other precision, and the bf16 training step against FP32 NCHW. Each as the ratio
-    of the medians and, where the rounds' times are known, the median of the per-round
-    ratios (less moved by a machine whose speed drifts during the run)."""
-    out = []
-    for size in {tuple(r["size"]) for r in result["inference"]}:
-        rows = {r["mode"]: r for r in result["inference"] if tuple(r["size"]) == size}
-        t = {m: r["median_s"] for m, r in rows.items()}
-        name = f"{size[0]}x{size[1]}"
-
-        def ratio(label: str, ours: list[str], theirs: list[str]) -> None:
-            ours, theirs = [m for m in ours if m in t], [m for m in theirs if m in t]
-            if not ours or not theirs:
-                return
-            line = f"{name}: {label}: {min(t[m] for m in theirs) / min(t[m] for m in ours):.2f}x"
-            mine = min(ours, key=t.get)
-            if all("times_s" in rows[m] for m in (mine, *theirs)):
-                per_round = _per_round([rows[m]["times_s"] for m in theirs],
-                                       rows[mine]["times_s"])
-                line += f" (median of per-round ratios {per_round:.2f}x)"
-            out.append(line)
-
-        ratio("FP32 ours (fast) / best peer FP32", ["fast"], ["onnxruntime", "openvino"])
-        ratio("bf16 ours / OpenVINO bf16", ["bf16"], ["openvino-bf16"])
-        ratio("INT8 / our fastest other precision", ["int8"], ["fast", "bf16", "compile"])
-    for r in result["train"]:
-        if r["amp"] == "bf16":
-            out.append(f"training step bf16 autocast + channels-last / FP32 NCHW: "
-                       f"{r['speedup_vs_fp32']:.2f}x")
-    return sorted(out)
 
 
 def cmd_bench(args) -> int:

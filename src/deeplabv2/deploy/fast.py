@@ -35,7 +35,7 @@ from torch import nn
 
 from .atrous import AtrousWinogradConv2d, nnpack_available, use_atrous_winograd
 from ..model.aspp import tap_shifts, tap_weight
-from ..model.deeplab import copy_network_facts
+from ..model.deeplab import NetworkWrapper
 from ..model.resnet import Bottleneck, FrozenBatchNorm2d
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -336,32 +336,22 @@ def prepack_convolutions(model: nn.Module) -> int:
     return len(convs)
 
 
-class InferenceModel(nn.Module):
+class InferenceModel(NetworkWrapper):
     """A model prepared by :func:`optimize_for_inference`.
 
     ``forward(x, upsample=True)`` takes the usual preprocessed ``float32`` ``(N, 3, H, W)``
     input, converts it to the model's layout and dtype, and returns ``float32`` logits
     ``(N, C, H, W)`` (or the stride-8 scores with ``upsample=False``), possibly stored
-    channels-last. ``.model`` is the folded network (or its compiled wrapper).
+    channels-last. ``.model`` is the folded network (or its compiled wrapper); the facts
+    (config, preprocessing, ...) are ``source``'s, which is not kept.
     """
 
     def __init__(self, model: nn.Module, dtype: torch.dtype, channels_last: bool,
-                 source: nn.Module | None = None):
-        super().__init__()
+                 source: nn.Module):
+        super().__init__(source)
         self.model = model
         self.dtype = dtype
         self.channels_last = channels_last
-        if source is not None:  # kept without registering the source as a submodule
-            copy_network_facts(source, self)
-
-    @property
-    def num_classes(self) -> int:
-        return int(self.config["num_classes"])
-
-    def preprocess(self, images) -> torch.Tensor:
-        """RGB ``uint8`` images -> the ``float32`` ``(N, 3, H, W)`` input (the source's
-        preprocessing; the dtype and layout change happens in :meth:`forward`)."""
-        return self.preprocessing(images)
 
     def forward(self, x: torch.Tensor, upsample: bool = True) -> torch.Tensor:
         x = x.to(self.dtype)
@@ -431,4 +421,4 @@ def optimize_for_inference(model: nn.Module, *, precision: str = "fp32",
         # freezing: weights become constants, so Inductor prepacks them for oneDNN and fuses
         # the convolutions' bias, ReLU and sums (CPU inference; it is ignored on the GPU)
         net = torch.compile(net, options={"freezing": on_cpu})
-    return InferenceModel(net, DTYPES[precision], channels_last, source=model).eval()
+    return InferenceModel(net, DTYPES[precision], channels_last, model).eval()

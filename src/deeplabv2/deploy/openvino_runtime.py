@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..model.deeplab import copy_network_facts
+from ..model.deeplab import NetworkWrapper
 from .fast import fold_batchnorm
 
 #: OpenVINO's ``INFERENCE_PRECISION_HINT`` per precision; for an INT8 model it sets what its
@@ -121,7 +121,7 @@ def fp32_ir(model: nn.Module, checkpoint) -> Path:
     return xml
 
 
-class OpenVINOModel(nn.Module):
+class OpenVINOModel(NetworkWrapper):
     """An OpenVINO model behind the :class:`deeplabv2.deploy.fast.InferenceModel` interface.
 
     ``forward(x, upsample=True)``: preprocessed float32 ``(N, 3, H, W)`` -> float32 logits
@@ -132,7 +132,7 @@ class OpenVINOModel(nn.Module):
 
     def __init__(self, ov_model, source: nn.Module, *, precision: str = "fp32",
                  threads: int | None = None, cache_dir=None):
-        super().__init__()
+        super().__init__(source)
         ov = require_openvino()
         if precision == "int8":
             precision = int8_precision()
@@ -146,14 +146,6 @@ class OpenVINOModel(nn.Module):
         self.precision = precision
         self.threads = int(threads or torch.get_num_threads())
         self._compiled: dict[tuple, object] = {}
-        copy_network_facts(source, self)
-
-    @property
-    def num_classes(self) -> int:
-        return int(self.config["num_classes"])
-
-    def preprocess(self, images) -> torch.Tensor:
-        return self.preprocessing(images)
 
     def compiled(self, shape: tuple):
         """The model compiled for inputs of ``shape`` (compiled on first use)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..utils import distributed as dist_utils
-from ..inference.front import InferenceConfig
+from ..inference.front import InferenceConfig, segment
 from .metrics import ConfusionMatrix, add_subset_mious
 
 
@@ -25,15 +25,15 @@ class _Raw(torch.utils.data.Dataset):
 
 @torch.no_grad()
 def evaluate(model, dataset, *, device=None, limit: int | None = None, amp: str = "none",
-             channels_last: bool = False, num_workers: int = 0, predict=None,
+             channels_last: bool = False, num_workers: int = 0,
              inference: InferenceConfig | None = None, crf=None,
              progress: bool = False, on_image=None) -> dict:
     """Metrics of ``model`` on ``dataset`` (every image, or the first ``limit``).
 
     Under DDP each rank evaluates every ``world_size``-th image and the confusion matrices are
-    summed, so every rank returns the metrics of the whole split. ``inference`` chooses whole
-    image, sliding window, multi-scale and flip (default: whole image); ``predict(model, x)``
-    may replace it altogether (it must return ``(N, C, H, W)`` probabilities). ``crf`` (a
+    summed, so every rank returns the metrics of the whole split. Each image is segmented by
+    :func:`deeplabv2.inference.front.segment`: ``inference`` chooses whole image, sliding
+    window, multi-scale and flip (default: whole image), ``crf`` (a
     :class:`deeplabv2.inference.crf.DenseCRF`) refines the probabilities with the image. Returns
     :meth:`ConfusionMatrix.compute`'s dict plus ``"confusion"`` (the ``(C, C)`` counts).
 
@@ -55,20 +55,13 @@ def evaluate(model, dataset, *, device=None, limit: int | None = None, amp: str 
     model.eval()
     indices = iter(range(info_rank, n, world))  # the dataset index of each image, for on_image
     for image, label in loader:
-        x = model.preprocess(image).to(device)
-        if predict is not None:
-            probs = predict(model, x)
-        else:
-            probs = (inference or InferenceConfig())(model, x, amp=amp,
-                                                     channels_last=channels_last)
-        before_crf = probs
-        if crf is not None:
-            probs = crf(probs, image.to(device))
-        cm.update(probs.argmax(1), label.to(device))
+        seg = segment(model, image, inference, device=device, amp=amp,
+                      channels_last=channels_last, crf=crf)
+        cm.update(seg.labels, label.to(device))
         if on_image is not None:
             on_image(next(indices), image[0].numpy(), label[0].numpy(),
-                     probs.argmax(1)[0].cpu().numpy(),
-                     None if crf is None else before_crf.argmax(1)[0].cpu().numpy())
+                     seg.labels[0].cpu().numpy(),
+                     None if crf is None else seg.network_probs.argmax(1)[0].cpu().numpy())
     model.train(was_training)
     cm.reduce_()
     results = add_subset_mious(cm.compute(), dataset)
@@ -94,13 +87,11 @@ def crf_search(model, dataset, grid: list, *, device=None, limit: int | None = N
     model.eval()
     for i in indices:
         image, label = dataset.load(i)
-        x = model.preprocess(image).to(device)
-        probs = (inference or InferenceConfig())(model, x, amp=amp)
+        seg = segment(model, image[None], inference, device=device, amp=amp)
         target = torch.from_numpy(label.astype("int64")).to(device)[None]
         rgb = torch.from_numpy(image).to(device)[None]
         for crf, cm in zip(settings, matrices):
-            refined = probs if crf is None else crf(probs, rgb)
-            cm.update(refined.argmax(1), target)
+            cm.update(seg.refined(crf, rgb).labels, target)
     results = []
     for crf, cm in zip(settings, matrices):
         r = cm.compute()

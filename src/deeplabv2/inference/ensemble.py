@@ -23,21 +23,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model.deeplab import copy_network_facts
+from ..model.deeplab import NetworkWrapper
 
 #: probabilities are floored here before the logarithm (a class no member gives any
 #: probability stays the least likely, without -inf in the output)
 FLOOR = 1e-30
 
 
-class Ensemble(nn.Module):
+class Ensemble(NetworkWrapper):
     """Equal-weight average of the softmax outputs of ``members`` (networks taking the same
     preprocessed input, e.g. :class:`deeplabv2.model.DeepLabV2` or the result of
     :func:`deeplabv2.deploy.fast.optimize_for_inference`); ``names`` (e.g. their files) label the
     members in errors and in :meth:`extra_repr`."""
 
     def __init__(self, members: Sequence[nn.Module], names: Sequence[str] | None = None):
-        super().__init__()
         members = list(members)
         if not members:
             raise ValueError("an ensemble needs at least one member")
@@ -48,16 +47,9 @@ class Ensemble(nn.Module):
         first = members[0]
         for name, member in zip(names[1:], members[1:]):
             _require_compatible(names[0], first, name, member)
+        super().__init__(first)  # config, preprocessing, classes... of the first
         self.members = nn.ModuleList(members)
         self.names = names
-        copy_network_facts(first, self)  # config, preprocessing, classes... of the first
-
-    @property
-    def num_classes(self) -> int:
-        return int(self.members[0].num_classes)
-
-    def preprocess(self, images) -> torch.Tensor:
-        return self.members[0].preprocess(images)
 
     def forward(self, x: torch.Tensor, upsample: bool = True) -> torch.Tensor:
         total = None

@@ -14,12 +14,18 @@ One entry point, :func:`infer`, runs every test-time mode the paper reports (Sec
 
 Resizing follows the model's alignment convention (:mod:`deeplabv2.model.alignment`). The
 probabilities of all passes are brought to the input size and averaged. :class:`InferenceConfig`
-holds a mode as a value that evaluation and prediction can take as their ``predict(model, x)``
-callable.
+holds a mode as a value.
+
+:func:`segment` is the front every command runs (``evaluate``, ``crf-search``, ``predict``,
+``serve``, the accuracy of ``bench``'s modes): RGB images -> the network's preprocessing ->
+probabilities in a test-time mode -> the optional dense CRF -> labels. How the network itself
+runs (device, precision, runtime) is chosen before, by
+:func:`deeplabv2.deploy.runtime.prepare_network`.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass, fields
 
@@ -160,8 +166,8 @@ def infer(model, x: torch.Tensor, *, mode: str = "whole", msc_scales=None, avg_s
 
 @dataclass(frozen=True)
 class InferenceConfig:
-    """A test-time mode of :func:`infer` as a value; ``config(model, x)`` runs it, so it can be
-    passed wherever a ``predict(model, x) -> (N, C, H, W) probabilities`` callable is taken.
+    """A test-time mode of :func:`infer` as a value; ``config(model, x)`` runs it (``(N, C, H,
+    W)`` probabilities), and :func:`segment` takes it as its ``settings``.
 
     ``InferenceConfig()`` is whole-image, single-scale inference; ``InferenceConfig(
     msc_scales=(1, 0.75, 0.5))`` the paper's test-time MSC.
@@ -220,3 +226,49 @@ class InferenceConfig:
                      avg_scales=self.avg_scales, flip=self.flip,
                      crop_size=self.crop_size, stride=self.stride, amp=amp,
                      channels_last=channels_last)
+
+
+@dataclass(frozen=True)
+class Segmentation:
+    """What :func:`segment` found for a batch: ``probs`` ``(N, C, H, W)`` float32, the dense
+    CRF's where one ran, else the network's; ``network_probs`` the network's (before the CRF;
+    the same tensor without one); ``labels`` ``(N, H, W)`` their argmax."""
+
+    probs: torch.Tensor
+    network_probs: torch.Tensor
+
+    @functools.cached_property
+    def labels(self) -> torch.Tensor:
+        return self.probs.argmax(1)
+
+    def refined(self, crf, rgb) -> "Segmentation":
+        """These probabilities refined by ``crf`` (a :class:`deeplabv2.inference.crf.DenseCRF`;
+        None: unchanged) with the images' ``(N, H, W, 3)`` uint8 pixels ``rgb``."""
+        if crf is None:
+            return self
+        rgb = torch.as_tensor(rgb).to(self.network_probs.device)
+        return Segmentation(crf(self.network_probs, rgb), self.network_probs)
+
+
+@torch.no_grad()
+def segment(net, images, settings: InferenceConfig | None = None, *, device=None,
+            amp: str = "none", channels_last: bool = False, crf=None) -> Segmentation:
+    """Segment a batch of RGB ``uint8`` ``(N, H, W, 3)`` images (NumPy or tensor): ``net``'s
+    preprocessing, class probabilities in the test-time mode ``settings`` (an
+    :class:`InferenceConfig`; default whole image) on ``device`` (default: the images'),
+    then, with ``crf``, the dense CRF on those probabilities and the images' pixels.
+
+    ``net`` is any network here (a model, an optimized copy, another runtime, an
+    :class:`deeplabv2.inference.ensemble.Ensemble`), called as given: eval mode first.
+    ``amp``/``channels_last`` run it under autocast / channels-last (an eager network in
+    reduced precision). Returns a :class:`Segmentation`.
+    """
+    x = net.preprocess(images)
+    if device is not None:
+        x = x.to(device)
+    probs = (settings or InferenceConfig())(net, x, amp=amp, channels_last=channels_last)
+    result = Segmentation(probs, probs)
+    if crf is None:
+        return result
+    rgb = torch.as_tensor(images)
+    return result.refined(crf, rgb[None] if rgb.dim() == 3 else rgb)

@@ -27,7 +27,7 @@ from PIL import Image
 
 from ..data.base import DatasetError, read_image
 from ..utils.fileio import atomic_write
-from .front import InferenceConfig
+from .front import InferenceConfig, segment
 from ..utils.visualize import overlay
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".tif", ".tiff", ".webp"}
@@ -172,15 +172,16 @@ def _batches(paths, names, batch_size: int, failed: dict):
 
 @torch.no_grad()
 def predict_files(model, inputs, out_dir, palette, *, device=None, save_probs: bool = False,
-                  amp: str = "none", progress: bool = True, predict=None,
+                  amp: str = "none", progress: bool = True,
                   inference: InferenceConfig | None = None, crf=None, batch_size: int = 4,
                   cityscapes_ids: bool = False, class_names=None) -> PredictResult:
     """Predict every image in ``inputs`` (file, folder, glob or a list of them) into ``out_dir``.
 
-    Images of equal size are run ``batch_size`` at a time. ``inference`` chooses whole image /
-    sliding window / scales / flip (default: whole image); ``predict(model, x)`` may replace it
-    altogether; ``crf`` (a :class:`deeplabv2.inference.crf.DenseCRF`) refines the probabilities with the
-    image. ``cityscapes_ids`` also writes ``{stem}_labelIds.png`` with Cityscapes label ids (the
+    Images of equal size are segmented ``batch_size`` at a time by
+    :func:`deeplabv2.inference.front.segment`: ``inference`` chooses whole image / sliding
+    window / scales / flip (default: whole image); ``crf`` (a
+    :class:`deeplabv2.inference.crf.DenseCRF`) refines the probabilities with the image.
+    ``cityscapes_ids`` also writes ``{stem}_labelIds.png`` with Cityscapes label ids (the
     official submission format). ``class_names`` adds ``legend.png``. Returns what was
     written and what failed; the caller decides the exit code.
     """
@@ -201,14 +202,10 @@ def predict_files(model, inputs, out_dir, palette, *, device=None, save_probs: b
         bar = tqdm(total=len(paths), desc="predict", unit="img", dynamic_ncols=True)
     model.eval()
     for batch in _batches(paths, names, batch_size, result.failed):
-        images = np.stack([image for _, _, image in batch])
-        x = model.preprocess(images).to(device)
-        probs = (predict(model, x) if predict is not None else
-                 (inference or InferenceConfig())(model, x, amp=amp))
-        if crf is not None:
-            probs = crf(probs, torch.from_numpy(images).to(device))
-        labels = probs.argmax(1).to(torch.uint8).cpu().numpy()
-        for (path, name, image), label, p in zip(batch, labels, probs):
+        seg = segment(model, np.stack([image for _, _, image in batch]), inference,
+                      device=device, amp=amp, crf=crf)
+        labels = seg.labels.to(torch.uint8).cpu().numpy()
+        for (path, name, image), label, p in zip(batch, labels, seg.probs):
             stem = out_dir / name
             save_label_png(label, palette, f"{stem}.png")
             _save_image(Image.fromarray(overlay(image, label, palette)), f"{stem}_overlay.jpg",

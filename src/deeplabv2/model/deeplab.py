@@ -190,3 +190,30 @@ def copy_network_facts(source: nn.Module, target: nn.Module) -> None:
     for name in NETWORK_FACTS:
         if hasattr(source, name):
             setattr(target, name, getattr(source, name))
+
+
+class NetworkWrapper(nn.Module):
+    """Base of the modules that run a network's function in another form: test-time and
+    training MSC (:class:`deeplabv2.model.MSC`), an optimized copy
+    (:class:`deeplabv2.deploy.fast.InferenceModel`), another runtime (OpenVINO, ONNX Runtime),
+    an ensemble of networks.
+
+    Each answers for the network it was made from, ``source``, in one way: the
+    :data:`NETWORK_FACTS` ``source`` has, copied at construction (the alignment convention is
+    the default one where ``source`` names none), ``num_classes`` from the config and
+    ``preprocess`` by the preprocessing. ``source`` itself is not kept.
+    """
+
+    def __init__(self, source: nn.Module):
+        super().__init__()
+        copy_network_facts(source, self)
+        self.alignment = get_alignment(getattr(source, "alignment", None))
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.config["num_classes"])
+
+    def preprocess(self, images) -> torch.Tensor:
+        """RGB ``uint8`` ``(H, W, 3)``/``(N, H, W, 3)`` -> the ``float32`` ``(N, 3, H, W)``
+        input of the source network."""
+        return self.preprocessing(images)

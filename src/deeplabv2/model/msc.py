@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .alignment import Alignment, get_alignment
+from .deeplab import NetworkWrapper
 
 PAPER_SCALES = (1.0, 0.75, 0.5)
 
@@ -36,7 +37,7 @@ def check_scales(scales) -> tuple[float, ...]:
     return scales
 
 
-class MSC(nn.Module):
+class MSC(NetworkWrapper):
     """Wraps a DeepLab model to run it at several input scales and fuse the scores by max.
 
     * train mode: ``msc(x)`` returns ``[s_1, ..., s_k, fused]``: the stride-8 scores
@@ -48,39 +49,22 @@ class MSC(nn.Module):
       ``Eltwise MAX`` in the released test prototxt); ``upsample=False`` returns the fused
       stride-8 scores.
 
-    ``param_groups``, ``preprocess``, ``preprocessing``, ``alignment``, ``config``,
-    ``num_classes`` and ``layout`` are the wrapped model's. The weights are those of ``msc.model``: save and load
-    ``msc.model`` (its state dict has no ``model.`` prefix).
+    ``preprocess``, ``preprocessing``, ``alignment``, ``config`` and ``num_classes`` are the
+    wrapped model's as it is when wrapped (a :class:`~.deeplab.NetworkWrapper`: set the
+    model's alignment or load its weights before wrapping it); ``param_groups`` and ``layout``
+    ask the wrapped model. The weights are those of ``msc.model``: save and load ``msc.model``
+    (its state dict has no ``model.`` prefix).
     """
 
     def __init__(self, model: nn.Module, scales=PAPER_SCALES):
-        super().__init__()
+        super().__init__(model)
         self.model = model
         self.scales = check_scales(scales)
 
-    # -- the wrapped model's interface ---------------------------------------------------------
-    @property
-    def preprocessing(self):
-        return self.model.preprocessing
-
-    @property
-    def config(self) -> dict:
-        return self.model.config
-
-    @property
-    def alignment(self) -> Alignment:
-        return get_alignment(getattr(self.model, "alignment", None))
-
-    @property
-    def num_classes(self) -> int:
-        return self.model.num_classes
-
+    # -- the wrapped model's training interface ------------------------------------------------
     @property
     def layout(self) -> str:
         return self.model.layout
-
-    def preprocess(self, images) -> torch.Tensor:
-        return self.model.preprocess(images)
 
     def param_groups(self, lr: float, weight_decay: float = 5e-4) -> list[dict]:
         return self.model.param_groups(lr, weight_decay)
