@@ -3,7 +3,8 @@
 A training checkpoint is one of this project's weight files (so ``load_model`` and
 ``load_weights`` read it) with three extra fields: ``optimizer_state``, ``rng_state`` and
 ``train_state`` (iteration, best mIoU, config). The data position needs no field: the sampler
-is a pure function of (seed, iteration), see :class:`deeplabv2.train.IterationBatchSampler`.
+is a pure function of (seed, iteration), see
+:class:`deeplabv2.data.sampler.IterationBatchSampler`.
 """
 
 from __future__ import annotations
