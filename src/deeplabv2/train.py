@@ -16,7 +16,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import shutil
 import signal
 import threading
 import time
@@ -29,7 +28,8 @@ import torch
 from torch.nn import functional as F
 
 from .utils import distributed as dist_utils
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import (TrainingError, changed_settings, load_checkpoint,
+                         newest_finite_checkpoint, prepare_run_folder, save_checkpoint)
 from .config import Config, save_config
 from .data import IGNORE_INDEX, build_dataset
 from .data.sampler import EpochIndexed, IterationBatchSampler
@@ -44,10 +44,6 @@ from .precision import autocast_context, resolve_train_amp
 from .weights import load_weights, save_weights
 
 
-class TrainingError(RuntimeError):
-    """The run cannot go on (e.g. the loss became NaN/inf); the last good checkpoint is kept."""
-
-
 class Interrupted(TrainingError):
     """Ctrl-C (SIGINT) or SIGTERM: the current iteration was finished and a resumable checkpoint
     written; ``exit_code`` is the shell's ``128 + signal``."""
@@ -55,23 +51,6 @@ class Interrupted(TrainingError):
     def __init__(self, message: str, signum: int):
         super().__init__(message)
         self.exit_code = 128 + signum
-
-
-# Files that make a folder "hold a run": training into it needs --resume or --overwrite.
-RUN_FILES = ("last.pth", "best.pth", "model.pth", "history.json", "metrics.json")
-# Settings that change what a run computes: a resume that changes one is refused unless asked.
-RUN_SETTINGS = {
-    "model": ("backbone", "blocks", "width", "num_classes", "atrous_rates", "frozen_bn",
-              "head_mode", "alignment"),
-    "data": ("dataset", "train_split", "crop_size", "scale_range", "scales", "flip",
-             "batch_size", "options"),
-    "train": ("iterations", "lr", "momentum", "weight_decay", "poly_power", "accumulate",
-              "loss_at", "msc_scales", "amp", "channels_last", "seed"),
-    "adapt": ("method", "target_dataset", "target_split", "target_options", "target_crop_size",
-              "target_scale_range", "multi_level", "lambda_seg_aux", "lambda_adv",
-              "lambda_adv_aux", "d_lr", "lambda_ent", "lambda_ent_aux", "fda_beta",
-              "fda_lambda_ent", "fda_eta", "fda_ent_start", "ema_alpha", "pseudo_threshold"),
-}
 
 
 # -- the recipe's pieces ------------------------------------------------------------------------
@@ -156,48 +135,6 @@ def _build_model(cfg: Config, num_classes: int) -> DeepLabV2:
     return model
 
 
-# -- the run folder -------------------------------------------------------------------------------
-def _prepare_run_folder(out_dir: Path, resume: str | None, overwrite: bool,
-                        is_main: bool) -> str | None:
-    """Refuse to train over a run unless asked; return the checkpoint to resume (or None)."""
-    held = [n for n in RUN_FILES if (out_dir / n).exists()]
-    if resume is None and held and not overwrite:
-        raise TrainingError(f"{out_dir}: holds a run ({', '.join(held)}); pass --resume to "
-                            "continue it, --overwrite to replace it, or choose another "
-                            "train.out_dir")
-    if resume == "auto":
-        resume = str(out_dir / "last.pth")
-        if Path(resume).is_dir():
-            raise TrainingError(f"{resume}: is a folder, not a checkpoint; move it away, or "
-                                "give --from PATH")
-        if not Path(resume).is_file():
-            raise TrainingError(f"{resume}: no checkpoint to resume from (nothing was saved "
-                                "there yet); start without --resume, or give --from PATH")
-    if resume is None and overwrite and is_main:
-        for name in held:
-            (out_dir / name).unlink()
-        for name in ("replicas.json", "config.yaml"):
-            (out_dir / name).unlink(missing_ok=True)
-        if (out_dir / "tb").is_dir():
-            shutil.rmtree(out_dir / "tb")
-    return resume
-
-
-def _changed_settings(old: dict, new: dict) -> list[str]:
-    """``section.key old -> new`` for every :data:`RUN_SETTINGS` key that differs."""
-    changes = []
-    for section, keys in RUN_SETTINGS.items():
-        for key in keys:
-            if key not in old.get(section, {}):  # a checkpoint older than the setting
-                continue
-            a, b = old[section][key], new.get(section, {}).get(key)
-            if a != b:
-                changes.append(f"{section}.{key} {a!r} -> {b!r}")
-    if old.get("world_size", 1) != new.get("world_size", 1):  # the global batch changes
-        changes.append(f"world size {old.get('world_size', 1)} -> {new.get('world_size', 1)}")
-    return changes
-
-
 class _StopSignals:
     """SIGINT/SIGTERM ask the loop to finish its iteration, save and stop (a second Ctrl-C stops
     at once). Only the main thread can install signal handlers; elsewhere this does nothing."""
@@ -264,14 +201,15 @@ def train(cfg: Config, resume: str | None = None,
     Safety: a folder that holds a run is refused unless ``resume`` or ``overwrite`` (which
     deletes the old run's files first); ``out_dir/.lock`` keeps a second writer out (a lock left
     by a dead process is taken over); a resume whose checkpoint was trained with other
-    :data:`RUN_SETTINGS` is refused unless ``allow_changes``. SIGINT/SIGTERM finish the current
-    iteration, write ``last.pth`` and raise :class:`Interrupted`.
+    :data:`~deeplabv2.checkpoint.RUN_SETTINGS` is refused unless ``allow_changes``.
+    SIGINT/SIGTERM finish the current iteration, write ``last.pth`` and raise
+    :class:`Interrupted`.
     """
     out_dir = Path(cfg.train.out_dir)
     is_main = int(os.environ.get("RANK", "0")) == 0
     lock = RunLock(out_dir).acquire() if is_main else None
     try:
-        resume = _prepare_run_folder(out_dir, resume, overwrite, is_main)
+        resume = prepare_run_folder(out_dir, resume, overwrite, is_main)
         if is_main:
             for p in remove_stale_tmp(out_dir):
                 print(f"removed {p} (an unfinished write of an earlier, killed run)")
@@ -329,7 +267,7 @@ def _train(cfg: Config, resume: str | None, on_iteration, allow_changes: bool,
     if resume:
         state = load_checkpoint(resume, model, optimizer, scaler)
         start, best = int(state["iteration"]), state.get("best_miou")
-        changes = _changed_settings(state.get("config") or {},
+        changes = changed_settings(state.get("config") or {},
                                     {**cfg.to_dict(), "world_size": info.world_size})
         if changes and not allow_changes:
             raise TrainingError(f"{resume}: was trained with other settings ("
@@ -476,7 +414,7 @@ def _train(cfg: Config, resume: str | None, on_iteration, allow_changes: bool,
         flags = torch.tensor([float(torch.isfinite(loss_sum)),
                               float(signals.signum is not None)], device=device)
         finite, stopping = dist_utils.all_reduce_sum(flags).tolist()
-        good = _newest_finite_checkpoint(ckpt_path, resume)
+        good = newest_finite_checkpoint(ckpt_path, resume)
         if finite < info.world_size:
             progress.close()
             raise TrainingError(
@@ -578,13 +516,6 @@ def weights_digest(model) -> str:
     """SHA-256 of every tensor of the state dict (names, dtypes, shapes and bytes, whatever the
     memory layout: channels-last, 0-d ``num_batches_tracked``): equal iff identical."""
     return content_digest(dict(model.state_dict()))
-
-
-def _newest_finite_checkpoint(ckpt_path: Path, resume: str | None) -> str:
-    """The checkpoint to go back to: nothing non-finite is ever saved, so the newest one."""
-    if ckpt_path.is_file():
-        return str(ckpt_path)
-    return str(resume) if resume else "none written yet"
 
 
 def _broadcast_buffers(model) -> None:
