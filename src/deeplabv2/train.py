@@ -34,7 +34,7 @@ from .config import Config, save_config
 from .data import IGNORE_INDEX, build_dataset
 from .data.sampler import EpochIndexed, IterationBatchSampler
 from .data.transforms import TrainTransform
-from .utils.digest import all_finite, content_digest
+from .utils.digest import all_finite
 from .evaluation.evaluate import evaluate
 from .utils.fileio import RunLock, atomic_write_text, remove_stale_tmp
 from .evaluation.metrics import save_json
@@ -469,7 +469,7 @@ def _train(cfg: Config, resume: str | None, on_iteration, allow_changes: bool,
         last = it + 1 == stop
         if info.enabled and ((t.val_every and (it + 1) % t.val_every == 0) or last or
                              (it + 1) % t.checkpoint_every == 0 or stopping):
-            _broadcast_buffers(model)
+            dist_utils.broadcast_buffers(model)
         if t.val_every and (it + 1) % t.val_every == 0 or last:
             metrics = evaluate(model, val_ds, device=device, limit=t.val_limit or None,
                                amp=t.amp, channels_last=t.channels_last,
@@ -512,30 +512,9 @@ def _train(cfg: Config, resume: str | None, on_iteration, allow_changes: bool,
     return TrainResult(out_dir, stop, history, metrics, best, model)
 
 
-def weights_digest(model) -> str:
-    """SHA-256 of every tensor of the state dict (names, dtypes, shapes and bytes, whatever the
-    memory layout: channels-last, 0-d ``num_batches_tracked``): equal iff identical."""
-    return content_digest(dict(model.state_dict()))
-
-
-def _broadcast_buffers(model) -> None:
-    """Give every rank rank 0's buffers (trainable BN's running statistics).
-
-    DDP broadcasts them from rank 0 at the start of each forward, so after the last forward of
-    a step each rank holds statistics of its own slice of the batch. Rank 0's are the ones the
-    next step would use and the ones its checkpoint saves, so validation, the checkpoints and
-    the final weights use them on every rank (and a resumed run continues from them)."""
-    import torch.distributed as dist
-    with torch.no_grad():
-        for b in model.buffers():
-            dist.broadcast(b, src=0)
-
-
 def _check_replicas(model, info, out_dir: Path, name: str = "replicas.json") -> None:
     """DDP keeps replicas identical; verify it once at the end and record it in ``name``."""
-    import torch.distributed as dist
-    digests: list = [None] * info.world_size
-    dist.all_gather_object(digests, weights_digest(model))
+    digests = dist_utils.replica_digests(model, info.world_size)
     if info.is_main:
         _write_json(out_dir / name, {"world_size": info.world_size, "sha256": digests})
     if len(set(digests)) != 1:
