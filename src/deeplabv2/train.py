@@ -18,7 +18,6 @@ import json
 import os
 import signal
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -37,6 +36,8 @@ from .data.transforms import TrainTransform
 from .utils.digest import all_finite
 from .evaluation.evaluate import evaluate
 from .utils.fileio import RunLock, atomic_write_text, remove_stale_tmp
+from .utils.logger import TrainLog, read_history
+from .utils.visualize import colorize
 from .evaluation.metrics import save_json
 from .adapt.methods import Step, build_method
 from .model import MSC, DeepLabV2, build_model, get_alignment, msc_loss
@@ -87,7 +88,8 @@ def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor, loss_at: str,
 class TrainResult:
     out_dir: Path
     iterations: int
-    history: list[dict] = field(default_factory=list)  # {"iteration", "loss", "lr", "time"}
+    # {"iteration", "loss", "lr", "seconds_per_iteration"} per log window (+ "val_miou")
+    history: list[dict] = field(default_factory=list)
     metrics: dict | None = None  # final validation metrics
     best_miou: float | None = None
     model: DeepLabV2 | None = None
@@ -326,13 +328,12 @@ def _train(cfg: Config, resume: str | None, on_iteration, allow_changes: bool,
     def source_msc_loss(outputs, y):
         return msc_loss(outputs, y, seg, net.input_sizes(*y.shape[-2:]), align)
 
-    writer = _tensorboard(out_dir / "tb") if (t.tensorboard and info.is_main) else None
     stop = t.stop_at or t.iterations  # the poly schedule runs over t.iterations regardless
-    progress = _progress(start, stop, enabled=t.progress and info.is_main)
-    history: list[dict] = _read_history(out_dir) if (resume and info.is_main) else []
+    history = read_history(out_dir / "history.json") if (resume and info.is_main) else []
+    log = TrainLog(start, stop, t.log_every, history, progress=t.progress and info.is_main,
+                   tensorboard=out_dir / "tb" if (t.tensorboard and info.is_main) else None)
     ckpt_path, metrics = out_dir / "last.pth", None
     run_config = {**cfg.to_dict(), "world_size": info.world_size}  # recorded in checkpoints
-    window_loss, window_start = 0.0, time.perf_counter()
     net.train()
     done = start  # iterations whose update is applied
 
@@ -343,7 +344,7 @@ def _train(cfg: Config, resume: str | None, on_iteration, allow_changes: bool,
                 save_checkpoint(ckpt_path, model, optimizer, done, classes, palette,
                                 run_config, best, scaler, adapt_state=method.extra_state()
                                 if method is not None else None)
-                _write_json(out_dir / "history.json", history)
+                log.save_history(out_dir / "history.json")
             dist_utils.barrier()
         raise Interrupted(f"interrupted after iteration {done}: resumable checkpoint "
                           f"{ckpt_path} written; continue with --resume", signals.signum or 2)
@@ -368,7 +369,7 @@ def _train(cfg: Config, resume: str | None, on_iteration, allow_changes: bool,
                     raise
                 # The signal reached a loader worker too (a process group's SIGTERM): the
                 # weights are those of `it` finished iterations, save them and stop.
-                progress.close()
+                log.close_progress()
                 _interrupted(save=it % t.checkpoint_every != 0 or it == start)
             images = batch["image"].to(device, non_blocking=True)
             labels = batch["label"].to(device, non_blocking=True)
@@ -416,7 +417,7 @@ def _train(cfg: Config, resume: str | None, on_iteration, allow_changes: bool,
         finite, stopping = dist_utils.all_reduce_sum(flags).tolist()
         good = newest_finite_checkpoint(ckpt_path, resume)
         if finite < info.world_size:
-            progress.close()
+            log.close_progress()
             raise TrainingError(
                 f"loss is {loss_sum.item()} at iteration {it + 1}: training stopped, weights "
                 f"not updated; newest finite checkpoint: {good} (try a lower "
@@ -437,7 +438,7 @@ def _train(cfg: Config, resume: str | None, on_iteration, allow_changes: bool,
         # A finite loss can still give non-finite weights (a huge step); stop before anything
         # is saved from them. Replicas are identical under DDP, so every rank agrees.
         if not all_finite([*model.parameters(), *model.buffers()]):
-            progress.close()
+            log.close_progress()
             raise TrainingError(
                 f"weights became NaN/inf at iteration {it + 1} (loss {loss_sum.item():.4g}): "
                 f"training stopped, nothing saved from them; newest finite checkpoint: {good} "
@@ -445,26 +446,9 @@ def _train(cfg: Config, resume: str | None, on_iteration, allow_changes: bool,
         done = it + 1
 
         step_loss = dist_utils.all_reduce_sum(loss_sum.clone()).item() / info.world_size
-        window_loss += step_loss
-        logs = {"iteration": it + 1, "loss": step_loss, "lr": lr}
-        if method is not None:
-            logs.update({f"adapt/{k}": v for k, v in method.logs.items()})
-        progress.update(1)
-        progress.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}")
-        if (it + 1) % t.log_every == 0 or it + 1 == stop:
-            n = (it + 1 - start) % t.log_every or t.log_every
-            elapsed = time.perf_counter() - window_start
-            entry = {"iteration": it + 1, "loss": window_loss / n, "lr": lr,
-                     "seconds_per_iteration": elapsed / n}
-            history.append(entry)
-            if writer:
-                for key in (k for k in logs if k.startswith("adapt/")):
-                    writer.add_scalar(key, logs[key], it + 1)
-                writer.add_scalar("train/loss", entry["loss"], it + 1)
-                writer.add_scalar("train/lr", lr, it + 1)
-                writer.add_scalar("train/seconds_per_iteration", entry["seconds_per_iteration"],
-                                  it + 1)
-            window_loss, window_start = 0.0, time.perf_counter()
+        scalars = {f"adapt/{k}": v for k, v in method.logs.items()} if method is not None else {}
+        logs = {"iteration": it + 1, "loss": step_loss, "lr": lr, **scalars}
+        log.iteration(it + 1, step_loss, lr, scalars)
 
         last = it + 1 == stop
         if info.enabled and ((t.val_every and (it + 1) % t.val_every == 0) or last or
@@ -476,11 +460,8 @@ def _train(cfg: Config, resume: str | None, on_iteration, allow_changes: bool,
                                inference=cfg.eval.inference())
             model.train()
             logs["val_miou"] = metrics["miou"]
-            if history and history[-1]["iteration"] == it + 1:  # for curves of validation
-                history[-1]["val_miou"] = metrics["miou"]
-            if writer:
-                writer.add_scalar("val/mIoU", metrics["miou"], it + 1)
-                _log_samples(writer, model, val_ds, device, it + 1)
+            log.validation(it + 1, metrics["miou"],
+                           samples=lambda: _sample_rows(model, val_ds, device))
             if best is None or metrics["miou"] > best:
                 best = metrics["miou"]
                 if info.is_main:
@@ -490,16 +471,14 @@ def _train(cfg: Config, resume: str | None, on_iteration, allow_changes: bool,
                 save_checkpoint(ckpt_path, model, optimizer, it + 1, classes, palette,
                                 run_config, best, scaler,
                                 adapt_state=method.extra_state() if method is not None else None)
-                _write_json(out_dir / "history.json", history)
+                log.save_history(out_dir / "history.json")
             dist_utils.barrier()
         if stopping and not last:
-            progress.close()
+            log.close_progress()
             _interrupted(save=(it + 1) % t.checkpoint_every != 0)  # else just written
         if on_iteration:
             on_iteration(it + 1, logs)
-    progress.close()
-    if writer:
-        writer.close()
+    log.close()
     if info.enabled:
         _check_replicas(model, info, out_dir)
         if method is not None:  # the discriminators / teacher beside the network too
@@ -509,7 +488,7 @@ def _train(cfg: Config, resume: str | None, on_iteration, allow_changes: bool,
         if metrics is not None:
             save_json(metrics, classes, out_dir / "metrics.json")
     dist_utils.barrier()
-    return TrainResult(out_dir, stop, history, metrics, best, model)
+    return TrainResult(out_dir, stop, log.history, metrics, best, model)
 
 
 def _check_replicas(model, info, out_dir: Path, name: str = "replicas.json") -> None:
@@ -521,47 +500,20 @@ def _check_replicas(model, info, out_dir: Path, name: str = "replicas.json") -> 
         raise TrainingError(f"DDP replicas diverged: weight digests {digests}")
 
 
-def _tensorboard(path: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is a dependency, but a trimmed install may lack it
-        print("tensorboard is not installed: no TensorBoard logs (pip install tensorboard)")
-        return None
-    return SummaryWriter(str(path))
-
-
-class _NoProgress:
-    def update(self, n): pass
-    def set_postfix(self, **kw): pass
-    def close(self): pass
-
-
-def _progress(start: int, total: int, enabled: bool):
-    if not enabled:
-        return _NoProgress()
-    from tqdm.auto import tqdm
-    return tqdm(total=total, initial=start, desc="train", unit="it", dynamic_ncols=True)
-
-
 def _write_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2))
 
 
-def _read_history(out_dir: Path) -> list[dict]:
-    path = out_dir / "history.json"
-    return json.loads(path.read_text()) if path.is_file() else []
-
-
 @torch.no_grad()
-def _log_samples(writer, model, dataset, device, step: int, count: int = 2) -> None:
-    """Image | ground truth | prediction rows for the first ``count`` validation images."""
-    from .utils.visualize import colorize
+def _sample_rows(model, dataset, device, count: int = 2) -> dict[str, np.ndarray]:
+    """Image | ground truth | prediction rows of the first ``count`` validation images."""
     model.eval()
-    palette = dataset.palette
+    palette, rows = dataset.palette, {}
     for i in range(min(count, len(dataset))):
         image, label = dataset.load(i)
         x = model.preprocess(image).to(device)
         pred = model(x).argmax(1)[0].cpu().numpy()
-        row = np.concatenate([image, colorize(label, palette), colorize(pred, palette)], axis=1)
-        writer.add_image(f"val/sample_{i}", row, step, dataformats="HWC")
+        rows[f"val/sample_{i}"] = np.concatenate(
+            [image, colorize(label, palette), colorize(pred, palette)], axis=1)
     model.train()
+    return rows
