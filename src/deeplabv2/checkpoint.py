@@ -2,8 +2,10 @@
 
 A training checkpoint is one of this project's weight files (so ``load_model`` and
 ``load_weights`` read it) with three extra fields: ``optimizer_state``, ``rng_state`` and
-``train_state`` (iteration, best mIoU, config). The data position needs no field: the sampler
-is a pure function of (seed, iteration), see
+``train_state`` (iteration, best mIoU, config), and two optional ones: ``scaler_state`` (fp16
+runs: the enabled GradScaler's) and ``adapt_state`` (the adaptation method's modules and
+optimizers, :meth:`~deeplabv2.adapt.methods.Method.extra_state`). The data position needs no
+field: the sampler is a pure function of (seed, iteration), see
 :class:`deeplabv2.data.sampler.IterationBatchSampler`.
 
 The run folder's rules live here too: which files make a folder hold a run
@@ -52,7 +54,7 @@ def save_checkpoint(path, model, optimizer, iteration: int, classes, palette, co
     train_state = {"iteration": int(iteration), "best_miou": best_miou, "config": config}
     extra = {"optimizer_state": optimizer.state_dict(), "rng_state": rng,
              "train_state": train_state}
-    if scaler is not None:
+    if scaler is not None and scaler.is_enabled():  # fp16 only: a disabled one has no state
         extra["scaler_state"] = scaler.state_dict()
     if adapt_state is not None:  # a domain adaptation method's modules and optimizers
         extra["adapt_state"] = adapt_state
@@ -81,7 +83,7 @@ def load_checkpoint(path, model, optimizer, scaler=None) -> dict:
     torch.set_rng_state(obj["rng_state"]["torch"])
     if "cuda" in obj["rng_state"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(obj["rng_state"]["cuda"])
-    if scaler is not None and "scaler_state" in obj:
+    if scaler is not None and scaler.is_enabled() and "scaler_state" in obj:
         scaler.load_state_dict(obj["scaler_state"])
     state = dict(obj["train_state"])
     state["load_report"] = report

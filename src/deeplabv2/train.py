@@ -264,7 +264,9 @@ def _train(cfg: Config, resume: str | None, on_iteration, allow_changes: bool,
     if method is not None:
         method.to(device)
         dist_utils.broadcast_module(method)  # one initialisation on every rank, as DDP's
-    scaler = torch.amp.GradScaler("cuda") if t.amp == "fp16" else None
+    # One micro-step for every precision: unless fp16, the scaler is disabled (scale() and
+    # update() pass through, step() is optimizer.step()) and has no state to checkpoint.
+    scaler = torch.amp.GradScaler(device.type, enabled=t.amp == "fp16")
     start, best = 0, None
     if resume:
         state = load_checkpoint(resume, model, optimizer, scaler)
@@ -389,7 +391,7 @@ def _train(cfg: Config, resume: str | None, on_iteration, allow_changes: bool,
                     with (contextlib.nullcontext() if sync else ddp.no_sync()):
                         with autocast_context(device, t.amp):
                             loss = method.loss(step, k) / t.accumulate
-                        (scaler.scale(loss) if scaler is not None else loss).backward()
+                        scaler.scale(loss).backward()
                     loss_sum += loss.detach()
                 d_loss = method.discriminator_loss()
                 if d_loss is not None:  # the method's own modules; the network gets no grad
@@ -403,10 +405,7 @@ def _train(cfg: Config, resume: str | None, on_iteration, allow_changes: bool,
                 else:
                     loss = seg(ddp(images, upsample=False), labels)
                 loss = loss / t.accumulate
-            if scaler is not None:
-                scaler.scale(loss).backward()
-            else:
-                loss.backward()
+            scaler.scale(loss).backward()
             loss_sum += loss.detach()
 
         # A NaN/inf loss on any rank stops every rank before the broken step is applied. The
@@ -422,11 +421,8 @@ def _train(cfg: Config, resume: str | None, on_iteration, allow_changes: bool,
                 f"loss is {loss_sum.item()} at iteration {it + 1}: training stopped, weights "
                 f"not updated; newest finite checkpoint: {good} (try a lower "
                 f"train.lr or amp=none)")
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
         if method is not None:
             for opt in method.optimizers():  # discriminators: gradients averaged over ranks
