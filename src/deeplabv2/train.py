@@ -260,10 +260,8 @@ def _train(cfg: Config, resume: str | None, on_iteration, allow_changes: bool,
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.param_groups(t.lr, t.weight_decay), lr=t.lr,
                                 momentum=t.momentum)
-    method = build_method(a, model)  # None: supervised training only
-    if method is not None:
-        method.to(device)
-        dist_utils.broadcast_module(method)  # one initialisation on every rank, as DDP's
+    method = build_method(a, model).to(device)  # plain supervised training is one too
+    dist_utils.broadcast_module(method)  # one initialisation on every rank, as DDP's
     # One micro-step for every precision: unless fp16, the scaler is disabled (scale() and
     # update() pass through, step() is optimizer.step()) and has no state to checkpoint.
     scaler = torch.amp.GradScaler(device.type, enabled=t.amp == "fp16")
@@ -280,11 +278,10 @@ def _train(cfg: Config, resume: str | None, on_iteration, allow_changes: bool,
                                 "in another train.out_dir")
         if changes and info.is_main:
             print(f"resuming {resume} with changed settings: " + "; ".join(changes))
-        if method is not None:
-            if state.get("adapt_state") is None:
-                raise TrainingError(f"{resume}: no state of adapt.method={a.method} to resume "
-                                    "(the checkpoint comes from another kind of run)")
-            method.load_extra_state(state["adapt_state"])
+        if method.adapting and state.get("adapt_state") is None:
+            raise TrainingError(f"{resume}: no state of adapt.method={a.method} to resume "
+                                "(the checkpoint comes from another kind of run)")
+        method.load_extra_state(state.get("adapt_state"))
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.yaml")
@@ -312,7 +309,7 @@ def _train(cfg: Config, resume: str | None, on_iteration, allow_changes: bool,
         worker_init_fn=_ignore_sigint if d.num_workers else None)
     batches = iter(loader)
     target_batches = None
-    if method is not None and method.needs_target:  # its own order, a function of the step
+    if method.needs_target:  # its own order, a function of the step
         target_transform = TrainTransform(
             crop_size=tuple(a.target_crop_size or d.crop_size),
             scale_range=tuple(a.target_scale_range), flip=d.flip,
@@ -327,7 +324,7 @@ def _train(cfg: Config, resume: str | None, on_iteration, allow_changes: bool,
     def seg(scores, y):
         return segmentation_loss(scores, y, t.loss_at, align)
 
-    def source_msc_loss(outputs, y):
+    def source_msc_loss(outputs, y):  # [s_1, s_0.75, s_0.5, max-fused], each vs its own labels
         return msc_loss(outputs, y, seg, net.input_sizes(*y.shape[-2:]), align)
 
     stop = t.stop_at or t.iterations  # the poly schedule runs over t.iterations regardless
@@ -344,8 +341,7 @@ def _train(cfg: Config, resume: str | None, on_iteration, allow_changes: bool,
         if save:
             if info.is_main:
                 save_checkpoint(ckpt_path, model, optimizer, done, classes, palette,
-                                run_config, best, scaler, adapt_state=method.extra_state()
-                                if method is not None else None)
+                                run_config, best, scaler, adapt_state=method.extra_state())
                 log.save_history(out_dir / "history.json")
             dist_utils.barrier()
         raise Interrupted(f"interrupted after iteration {done}: resumable checkpoint "
@@ -358,10 +354,7 @@ def _train(cfg: Config, resume: str | None, on_iteration, allow_changes: bool,
         torch.manual_seed((t.seed * 1_000_003 + it) * 1_009 + info.rank)
         lr = poly_lr(t.lr, it, t.iterations, t.poly_power)
         set_lr(optimizer, lr)
-        if method is not None:
-            for opt in method.optimizers():
-                for group in opt.param_groups:
-                    group["lr"] = poly_lr(a.d_lr, it, t.iterations, t.poly_power)
+        method.set_lr(lambda base_lr: poly_lr(base_lr, it, t.iterations, t.poly_power))
         loss_sum = torch.zeros((), device=device)
         for micro in range(t.accumulate):
             try:
@@ -377,36 +370,24 @@ def _train(cfg: Config, resume: str | None, on_iteration, allow_changes: bool,
             labels = batch["label"].to(device, non_blocking=True)
             if t.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
-            if method is not None:  # domain adaptation: the method's passes, one forward each
-                target = None
-                if target_batches is not None:
-                    target = next(target_batches)["image"].to(device, non_blocking=True)
-                    if t.channels_last:
-                        target = target.contiguous(memory_format=torch.channels_last)
-                step = Step(ddp, model, images, labels, target, it, seg, bool(t.msc_scales),
-                            source_msc_loss)
-                passes = method.passes(it)
-                for k in range(passes):
-                    sync = (micro == t.accumulate - 1 and k == passes - 1) or not info.enabled
-                    with (contextlib.nullcontext() if sync else ddp.no_sync()):
-                        with autocast_context(device, t.amp):
-                            loss = method.loss(step, k) / t.accumulate
-                        scaler.scale(loss).backward()
-                    loss_sum += loss.detach()
-                d_loss = method.discriminator_loss()
-                if d_loss is not None:  # the method's own modules; the network gets no grad
-                    (d_loss / t.accumulate).backward()
-                continue
-            sync = micro == t.accumulate - 1 or not info.enabled
-            with (contextlib.nullcontext() if sync else ddp.no_sync()), \
-                    autocast_context(device, t.amp):
-                if t.msc_scales:  # [s_1, s_0.75, s_0.5, max-fused], each vs its own labels
-                    loss = source_msc_loss(ddp(images), labels)
-                else:
-                    loss = seg(ddp(images, upsample=False), labels)
-                loss = loss / t.accumulate
-            scaler.scale(loss).backward()
-            loss_sum += loss.detach()
+            target = None
+            if target_batches is not None:
+                target = next(target_batches)["image"].to(device, non_blocking=True)
+                if t.channels_last:
+                    target = target.contiguous(memory_format=torch.channels_last)
+            step = Step(ddp, model, images, labels, target, it, seg,
+                        source_msc_loss if t.msc_scales else None)
+            passes = method.passes(it)
+            for k in range(passes):
+                # DDP averages the gradients in the iteration's last backward; the others only
+                # accumulate them on each rank.
+                sync = (micro == t.accumulate - 1 and k == passes - 1) or not info.enabled
+                with (contextlib.nullcontext() if sync else ddp.no_sync()):
+                    with autocast_context(device, t.amp):
+                        loss = method.loss(step, k) / t.accumulate
+                    scaler.scale(loss).backward()
+                loss_sum += loss.detach()
+            method.discriminator_backward(t.accumulate)
 
         # A NaN/inf loss on any rank stops every rank before the broken step is applied. The
         # same reduction tells every rank whether any of them was asked to stop (Ctrl-C), so
@@ -424,13 +405,8 @@ def _train(cfg: Config, resume: str | None, on_iteration, allow_changes: bool,
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        if method is not None:
-            for opt in method.optimizers():  # discriminators: gradients averaged over ranks
-                if info.enabled:
-                    dist_utils.average_gradients(opt)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            method.after_step(model, it)
+        method.step_optimizers()  # the method's own modules (discriminators)
+        method.after_step(model, it)
         # A finite loss can still give non-finite weights (a huge step); stop before anything
         # is saved from them. Replicas are identical under DDP, so every rank agrees.
         if not all_finite([*model.parameters(), *model.buffers()]):
@@ -442,7 +418,7 @@ def _train(cfg: Config, resume: str | None, on_iteration, allow_changes: bool,
         done = it + 1
 
         step_loss = dist_utils.all_reduce_sum(loss_sum.clone()).item() / info.world_size
-        scalars = {f"adapt/{k}": v for k, v in method.logs.items()} if method is not None else {}
+        scalars = method.scalars()
         logs = {"iteration": it + 1, "loss": step_loss, "lr": lr, **scalars}
         log.iteration(it + 1, step_loss, lr, scalars)
 
@@ -465,8 +441,7 @@ def _train(cfg: Config, resume: str | None, on_iteration, allow_changes: bool,
         if (it + 1) % t.checkpoint_every == 0 or last:
             if info.is_main:
                 save_checkpoint(ckpt_path, model, optimizer, it + 1, classes, palette,
-                                run_config, best, scaler,
-                                adapt_state=method.extra_state() if method is not None else None)
+                                run_config, best, scaler, adapt_state=method.extra_state())
                 log.save_history(out_dir / "history.json")
             dist_utils.barrier()
         if stopping and not last:
@@ -477,7 +452,7 @@ def _train(cfg: Config, resume: str | None, on_iteration, allow_changes: bool,
     log.close()
     if info.enabled:
         _check_replicas(model, info, out_dir)
-        if method is not None:  # the discriminators / teacher beside the network too
+        if method.adapting:  # the discriminators / teacher beside the network too
             _check_replicas(method, info, out_dir, "replicas_adapt.json")
     if info.is_main:
         save_weights(model, out_dir / "model.pth", classes, palette)
