@@ -1,4 +1,13 @@
-"""The training loop, readable top to bottom: :func:`train` does everything ``deeplabv2 train`` does.
+"""The training loop: :func:`train` does everything ``deeplabv2 train`` does.
+
+It reads in three parts: set-up (:func:`_set_up`: device, data, network, optimizer, method,
+a resume), the loop (:func:`_loop`: one optimizer step per iteration, then validation,
+checkpoints and logs on their schedule) and the end (:func:`_finish`). Every run is a
+:class:`~deeplabv2.adapt.methods.Method`, plain supervised training the base one, so the loop
+has one path whatever the method and the precision. Beside it: the data order in
+:mod:`deeplabv2.data.sampler`, checkpoints and the run folder's rules in
+:mod:`deeplabv2.checkpoint`, the progress bar, ``history.json`` and TensorBoard in
+:mod:`deeplabv2.utils.logger`.
 
 Recipe (paper Sec. 4; DeepLab-v2 ``solver.prototxt``): SGD with momentum 0.9 and weight decay
 5e-4, the model's 1x/10x/20x parameter groups, "poly" learning rate
@@ -14,13 +23,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import signal
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -39,7 +49,7 @@ from .utils.fileio import RunLock, atomic_write_text, remove_stale_tmp
 from .utils.logger import TrainLog, read_history
 from .utils.visualize import colorize
 from .evaluation.metrics import save_json
-from .adapt.methods import Step, build_method
+from .adapt.methods import Method, Step, build_method
 from .model import MSC, DeepLabV2, build_model, get_alignment, msc_loss
 from .precision import autocast_context, resolve_train_amp
 from .weights import load_weights, save_weights
@@ -190,7 +200,7 @@ def _resolve_amp(cfg: Config, device: torch.device) -> tuple[Config, str]:
     return dataclasses.replace(cfg, train=train_cfg), why
 
 
-# -- the loop -----------------------------------------------------------------------------------
+# -- train(): the run folder, then set-up, the loop and the end ----------------------------------
 def train(cfg: Config, resume: str | None = None,
           on_iteration: Callable[[int, dict], None] | None = None, *,
           overwrite: bool = False, allow_changes: bool = False) -> TrainResult:
@@ -226,253 +236,358 @@ def train(cfg: Config, resume: str | None = None,
 
 
 def _train(cfg: Config, resume: str | None, on_iteration, allow_changes: bool,
-           signals: "_StopSignals") -> TrainResult:
-    t, d = cfg.train, cfg.data
+           signals: _StopSignals) -> TrainResult:
+    run = _set_up(cfg, resume, allow_changes)
+    _loop(run, on_iteration, signals)
+    return _finish(run)
+
+
+# -- set-up ---------------------------------------------------------------------------------------
+@dataclass
+class _Run:
+    """What set-up hands the loop; the loop updates ``best`` and ``metrics``."""
+
+    cfg: Config
+    info: dist_utils.DistInfo
+    device: torch.device
+    model: DeepLabV2  # the plain network: the optimizer, checkpoints and evaluation use it
+    net: torch.nn.Module  # the network as the loop calls it: MSC- and DDP-wrapped as configured
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    method: Method
+    make_step: Callable[..., Step]  # Step(images=, labels=, target=, iteration=) for the method
+    batches: Iterator[dict]  # this rank's source batch of each micro-step from `start` on
+    target_batches: Iterator[dict] | None  # and its target batch, when the method needs one
+    val_ds: object
+    classes: list[str]
+    palette: np.ndarray | None
+    run_config: dict  # recorded in the checkpoints
+    resume: str | None
+    start: int  # iterations done before (a resumed run)
+    stop: int
+    log: TrainLog
+    best: float | None = None
+    metrics: dict | None = None  # of the newest validation
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.cfg.train.out_dir)
+
+
+def _set_up(cfg: Config, resume: str | None, allow_changes: bool) -> _Run:
+    """Everything before the first iteration. The order is part of the run: the model's and the
+    method's initialisation draw from the seed set here, before a resume restores its RNG."""
     _require_init_weights(cfg.model.weights, resume)
-    if t.threads:
-        torch.set_num_threads(t.threads)
-    device = dist_utils.pick_device(t.device)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    device = dist_utils.pick_device(cfg.train.device)
     info = dist_utils.init_distributed(device)
     cfg, amp_choice = _resolve_amp(cfg, device)
     t = cfg.train
     autocast_context(device, t.amp)  # fails now, not at the first step, for fp16 on a CPU
-    out_dir = Path(t.out_dir)
     torch.manual_seed(t.seed + info.rank)
 
-    # Data: checked up front so that a bad file fails now, not hours into the run.
-    train_ds = build_dataset(d.dataset, d.root, d.train_split, seed=t.seed, **d.options)
-    val_ds = build_dataset(d.dataset, d.root, d.val_split, seed=t.seed, **d.options)
-    a = cfg.adapt
-    adapting = a.method not in ("none", "source_only")
-    if adapting:  # unlabelled target images; validation on the target's labelled split
-        target_ds = build_dataset(a.target_dataset, a.target_root, a.target_split,
-                                  seed=t.seed + 1, **a.target_options)
-        _check_dataset(target_ds, d.check)
-    if a.method != "none" and a.target_val_split:
-        val_ds = build_dataset(a.target_dataset, a.target_root, a.target_val_split,
-                               seed=t.seed, **a.target_val_options)
-    _check_dataset(train_ds, d.check)
-    _check_dataset(val_ds, d.check)
-    classes, palette = list(train_ds.classes), train_ds.palette
-
+    train_ds, val_ds, target_ds = _datasets(cfg)
     model = _build_model(cfg, train_ds.num_classes).to(device)
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.param_groups(t.lr, t.weight_decay), lr=t.lr,
                                 momentum=t.momentum)
-    method = build_method(a, model).to(device)  # plain supervised training is one too
+    method = build_method(cfg.adapt, model).to(device)
     dist_utils.broadcast_module(method)  # one initialisation on every rank, as DDP's
     # One micro-step for every precision: unless fp16, the scaler is disabled (scale() and
     # update() pass through, step() is optimizer.step()) and has no state to checkpoint.
     scaler = torch.amp.GradScaler(device.type, enabled=t.amp == "fp16")
     start, best = 0, None
     if resume:
-        state = load_checkpoint(resume, model, optimizer, scaler)
-        start, best = int(state["iteration"]), state.get("best_miou")
-        changes = changed_settings(state.get("config") or {},
-                                    {**cfg.to_dict(), "world_size": info.world_size})
-        if changes and not allow_changes:
-            raise TrainingError(f"{resume}: was trained with other settings ("
-                                + "; ".join(changes) + "): resuming would not continue that "
-                                "run; pass --allow-changes to resume anyway, or start a new run "
-                                "in another train.out_dir")
-        if changes and info.is_main:
-            print(f"resuming {resume} with changed settings: " + "; ".join(changes))
-        if method.adapting and state.get("adapt_state") is None:
-            raise TrainingError(f"{resume}: no state of adapt.method={a.method} to resume "
-                                "(the checkpoint comes from another kind of run)")
-        method.load_extra_state(state.get("adapt_state"))
+        start, best = _resume(resume, cfg, info, model, optimizer, scaler, method,
+                              allow_changes)
+    out_dir = Path(t.out_dir)
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.yaml")
         if t.progress:
             print(amp_choice)
 
-    # The optimizer, checkpoints and evaluation use the plain model; MSC only wraps the forward.
-    net = MSC(model, t.msc_scales) if t.msc_scales else model
-    align = model.alignment
-    ddp = net
-    if info.enabled:
-        ddp = torch.nn.parallel.DistributedDataParallel(
-            net, device_ids=[device.index] if device.type == "cuda" else None)
+    net, make_step = _network(cfg, model, info, device)
+    batches, target_batches = _batches(cfg, train_ds, target_ds if method.needs_target else None,
+                                       model.preprocessing, start, info, device)
+    stop = t.stop_at or t.iterations  # the poly schedule runs over t.iterations regardless
+    history = read_history(out_dir / "history.json") if (resume and info.is_main) else []
+    log = TrainLog(start, stop, t.log_every, history, progress=t.progress and info.is_main,
+                   tensorboard=out_dir / "tb" if (t.tensorboard and info.is_main) else None)
+    return _Run(cfg=cfg, info=info, device=device, model=model, net=net, optimizer=optimizer,
+                scaler=scaler, method=method, make_step=make_step, batches=batches,
+                target_batches=target_batches, val_ds=val_ds, classes=list(train_ds.classes),
+                palette=train_ds.palette,
+                run_config={**cfg.to_dict(), "world_size": info.world_size}, resume=resume,
+                start=start, stop=stop, log=log, best=best)
 
-    transform = TrainTransform(crop_size=tuple(d.crop_size), scale_range=tuple(d.scale_range),
-                               scales=d.scales,
-                               flip=d.flip, preprocessing=model.preprocessing)
-    sampler = IterationBatchSampler(len(train_ds), d.batch_size, t.seed,
-                                    total_steps=t.iterations * t.accumulate,
-                                    start_step=start * t.accumulate, rank=info.rank,
-                                    world_size=info.world_size)
-    loader = torch.utils.data.DataLoader(
-        EpochIndexed(train_ds, transform), batch_sampler=sampler, num_workers=d.num_workers,
-        pin_memory=device.type == "cuda", persistent_workers=False,
-        worker_init_fn=_ignore_sigint if d.num_workers else None)
-    batches = iter(loader)
-    target_batches = None
-    if method.needs_target:  # its own order, a function of the step
-        target_transform = TrainTransform(
-            crop_size=tuple(a.target_crop_size or d.crop_size),
-            scale_range=tuple(a.target_scale_range), flip=d.flip,
-            preprocessing=model.preprocessing)
-        target_batches = iter(torch.utils.data.DataLoader(
-            EpochIndexed(target_ds, target_transform),
-            batch_sampler=IterationBatchSampler(
-                len(target_ds), d.batch_size, t.seed + 1, total_steps=t.iterations * t.accumulate,
-                start_step=start * t.accumulate, rank=info.rank, world_size=info.world_size),
-            num_workers=d.num_workers, pin_memory=device.type == "cuda"))
+
+def _datasets(cfg: Config):
+    """The training, validation and (adaptation) target sets, checked up front so that a bad
+    file fails now, not hours into the run."""
+    d, a, seed = cfg.data, cfg.adapt, cfg.train.seed
+    train_ds = build_dataset(d.dataset, d.root, d.train_split, seed=seed, **d.options)
+    val_ds = build_dataset(d.dataset, d.root, d.val_split, seed=seed, **d.options)
+    target_ds = None
+    if a.method not in ("none", "source_only"):  # the unlabelled target images
+        target_ds = build_dataset(a.target_dataset, a.target_root, a.target_split,
+                                  seed=seed + 1, **a.target_options)
+        _check_dataset(target_ds, d.check)
+    if a.method != "none" and a.target_val_split:  # adaptation validates on the target
+        val_ds = build_dataset(a.target_dataset, a.target_root, a.target_val_split,
+                               seed=seed, **a.target_val_options)
+    _check_dataset(train_ds, d.check)
+    _check_dataset(val_ds, d.check)
+    return train_ds, val_ds, target_ds
+
+
+def _resume(resume: str, cfg: Config, info, model, optimizer, scaler, method: Method,
+            allow_changes: bool) -> tuple[int, float | None]:
+    """Restore ``resume`` into the network, its optimizer, the scaler and the method; return
+    ``(iterations done, best mIoU)``. A checkpoint trained with other settings is refused
+    unless ``allow_changes``."""
+    state = load_checkpoint(resume, model, optimizer, scaler)
+    start, best = int(state["iteration"]), state.get("best_miou")
+    changes = changed_settings(state.get("config") or {},
+                               {**cfg.to_dict(), "world_size": info.world_size})
+    if changes and not allow_changes:
+        raise TrainingError(f"{resume}: was trained with other settings ("
+                            + "; ".join(changes) + "): resuming would not continue that "
+                            "run; pass --allow-changes to resume anyway, or start a new run "
+                            "in another train.out_dir")
+    if changes and info.is_main:
+        print(f"resuming {resume} with changed settings: " + "; ".join(changes))
+    if method.adapting and state.get("adapt_state") is None:
+        raise TrainingError(f"{resume}: no state of adapt.method={cfg.adapt.method} to resume "
+                            "(the checkpoint comes from another kind of run)")
+    method.load_extra_state(state.get("adapt_state"))
+    return start, best
+
+
+def _network(cfg: Config, model: DeepLabV2, info, device: torch.device):
+    """The network as the loop calls it, and the maker of the method's :class:`Step` with the
+    run's losses in it."""
+    t = cfg.train
+    # The optimizer, checkpoints and evaluation use the plain model; MSC only wraps the forward.
+    msc = MSC(model, t.msc_scales) if t.msc_scales else None
+    net = msc if msc is not None else model
+    if info.enabled:
+        net = torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None)
+    align = model.alignment
 
     def seg(scores, y):
         return segmentation_loss(scores, y, t.loss_at, align)
 
     def source_msc_loss(outputs, y):  # [s_1, s_0.75, s_0.5, max-fused], each vs its own labels
-        return msc_loss(outputs, y, seg, net.input_sizes(*y.shape[-2:]), align)
+        return msc_loss(outputs, y, seg, msc.input_sizes(*y.shape[-2:]), align)
 
-    stop = t.stop_at or t.iterations  # the poly schedule runs over t.iterations regardless
-    history = read_history(out_dir / "history.json") if (resume and info.is_main) else []
-    log = TrainLog(start, stop, t.log_every, history, progress=t.progress and info.is_main,
-                   tensorboard=out_dir / "tb" if (t.tensorboard and info.is_main) else None)
-    ckpt_path, metrics = out_dir / "last.pth", None
-    run_config = {**cfg.to_dict(), "world_size": info.world_size}  # recorded in checkpoints
-    net.train()
-    done = start  # iterations whose update is applied
+    return net, functools.partial(Step, net=net, model=model, seg_loss=seg,
+                                  msc_loss=source_msc_loss if msc is not None else None)
 
-    def _interrupted(save: bool):
-        """Write last.pth at ``done`` iterations (unless just written) and stop every rank."""
-        if save:
-            if info.is_main:
-                save_checkpoint(ckpt_path, model, optimizer, done, classes, palette,
-                                run_config, best, scaler, adapt_state=method.extra_state())
-                log.save_history(out_dir / "history.json")
-            dist_utils.barrier()
-        raise Interrupted(f"interrupted after iteration {done}: resumable checkpoint "
-                          f"{ckpt_path} written; continue with --resume", signals.signum or 2)
 
+def _batches(cfg: Config, train_ds, target_ds, preprocessing, start: int, info,
+             device: torch.device):
+    """Iterators over this rank's source batch, and target batch (when ``target_ds``), of every
+    micro-step from iteration ``start`` on; the order is a pure function of the step."""
+    d, a, t = cfg.data, cfg.adapt, cfg.train
+    steps = dict(total_steps=t.iterations * t.accumulate, start_step=start * t.accumulate,
+                 rank=info.rank, world_size=info.world_size)
+    transform = TrainTransform(crop_size=tuple(d.crop_size), scale_range=tuple(d.scale_range),
+                               scales=d.scales, flip=d.flip, preprocessing=preprocessing)
+    batches = iter(torch.utils.data.DataLoader(
+        EpochIndexed(train_ds, transform),
+        batch_sampler=IterationBatchSampler(len(train_ds), d.batch_size, t.seed, **steps),
+        num_workers=d.num_workers, pin_memory=device.type == "cuda", persistent_workers=False,
+        worker_init_fn=_ignore_sigint if d.num_workers else None))
+    if target_ds is None:
+        return batches, None
+    target_transform = TrainTransform(
+        crop_size=tuple(a.target_crop_size or d.crop_size),
+        scale_range=tuple(a.target_scale_range), flip=d.flip, preprocessing=preprocessing)
+    target_batches = iter(torch.utils.data.DataLoader(  # its own order, a function of the step
+        EpochIndexed(target_ds, target_transform),
+        batch_sampler=IterationBatchSampler(len(target_ds), d.batch_size, t.seed + 1, **steps),
+        num_workers=d.num_workers, pin_memory=device.type == "cuda"))
+    return batches, target_batches
+
+
+# -- the loop -------------------------------------------------------------------------------------
+def _loop(run: _Run, on_iteration, signals: _StopSignals) -> None:
+    """Iterations ``start`` to ``stop``: each one optimizer step over ``train.accumulate``
+    micro-steps of the method's passes; validation, checkpoints and logs on their schedule."""
+    t, info, method = run.cfg.train, run.info, run.method
+    run.net.train()
     signals.install()  # from here on, Ctrl-C finishes the iteration and saves (see _StopSignals)
-    for it in range(start, stop):
-        # Random draws inside the network (VGG's dropout) are a function of (seed, iteration,
-        # rank) too, so that a resumed run continues them exactly on every rank.
+    for it in range(run.start, run.stop):
+        # Random draws inside the network and the method (VGG's dropout, DACS's mixing) are a
+        # function of (seed, iteration, rank), so a resumed run continues them on every rank.
         torch.manual_seed((t.seed * 1_000_003 + it) * 1_009 + info.rank)
         lr = poly_lr(t.lr, it, t.iterations, t.poly_power)
-        set_lr(optimizer, lr)
+        set_lr(run.optimizer, lr)
         method.set_lr(lambda base_lr: poly_lr(base_lr, it, t.iterations, t.poly_power))
-        loss_sum = torch.zeros((), device=device)
+        loss_sum = torch.zeros((), device=run.device)
         for micro in range(t.accumulate):
-            try:
-                batch = next(batches)
-            except Exception:
-                if signals.signum is None or info.enabled:
-                    raise
-                # The signal reached a loader worker too (a process group's SIGTERM): the
-                # weights are those of `it` finished iterations, save them and stop.
-                log.close_progress()
-                _interrupted(save=it % t.checkpoint_every != 0 or it == start)
-            images = batch["image"].to(device, non_blocking=True)
-            labels = batch["label"].to(device, non_blocking=True)
-            if t.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            target = None
-            if target_batches is not None:
-                target = next(target_batches)["image"].to(device, non_blocking=True)
-                if t.channels_last:
-                    target = target.contiguous(memory_format=torch.channels_last)
-            step = Step(ddp, model, images, labels, target, it, seg,
-                        source_msc_loss if t.msc_scales else None)
+            step = _next_step(run, it, signals)
             passes = method.passes(it)
             for k in range(passes):
                 # DDP averages the gradients in the iteration's last backward; the others only
                 # accumulate them on each rank.
                 sync = (micro == t.accumulate - 1 and k == passes - 1) or not info.enabled
-                with (contextlib.nullcontext() if sync else ddp.no_sync()):
-                    with autocast_context(device, t.amp):
+                with contextlib.nullcontext() if sync else run.net.no_sync():
+                    with autocast_context(run.device, t.amp):
                         loss = method.loss(step, k) / t.accumulate
-                    scaler.scale(loss).backward()
+                    run.scaler.scale(loss).backward()
                 loss_sum += loss.detach()
             method.discriminator_backward(t.accumulate)
-
-        # A NaN/inf loss on any rank stops every rank before the broken step is applied. The
-        # same reduction tells every rank whether any of them was asked to stop (Ctrl-C), so
-        # that all stop after the same iteration.
-        flags = torch.tensor([float(torch.isfinite(loss_sum)),
-                              float(signals.signum is not None)], device=device)
-        finite, stopping = dist_utils.all_reduce_sum(flags).tolist()
-        good = newest_finite_checkpoint(ckpt_path, resume)
-        if finite < info.world_size:
-            log.close_progress()
-            raise TrainingError(
-                f"loss is {loss_sum.item()} at iteration {it + 1}: training stopped, weights "
-                f"not updated; newest finite checkpoint: {good} (try a lower "
-                f"train.lr or amp=none)")
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        method.step_optimizers()  # the method's own modules (discriminators)
-        method.after_step(model, it)
-        # A finite loss can still give non-finite weights (a huge step); stop before anything
-        # is saved from them. Replicas are identical under DDP, so every rank agrees.
-        if not all_finite([*model.parameters(), *model.buffers()]):
-            log.close_progress()
-            raise TrainingError(
-                f"weights became NaN/inf at iteration {it + 1} (loss {loss_sum.item():.4g}): "
-                f"training stopped, nothing saved from them; newest finite checkpoint: {good} "
-                f"(try a lower train.lr or amp=none)")
-        done = it + 1
+        stopping = _agree_to_go_on(run, loss_sum, it, signals)
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        run.optimizer.zero_grad(set_to_none=True)
+        method.step_optimizers()
+        method.after_step(run.model, it)
+        _check_weights(run, loss_sum, it)
 
         step_loss = dist_utils.all_reduce_sum(loss_sum.clone()).item() / info.world_size
         scalars = method.scalars()
         logs = {"iteration": it + 1, "loss": step_loss, "lr": lr, **scalars}
-        log.iteration(it + 1, step_loss, lr, scalars)
-
-        last = it + 1 == stop
-        if info.enabled and ((t.val_every and (it + 1) % t.val_every == 0) or last or
-                             (it + 1) % t.checkpoint_every == 0 or stopping):
-            dist_utils.broadcast_buffers(model)
-        if t.val_every and (it + 1) % t.val_every == 0 or last:
-            metrics = evaluate(model, val_ds, device=device, limit=t.val_limit or None,
-                               amp=t.amp, channels_last=t.channels_last,
-                               inference=cfg.eval.inference())
-            model.train()
-            logs["val_miou"] = metrics["miou"]
-            log.validation(it + 1, metrics["miou"],
-                           samples=lambda: _sample_rows(model, val_ds, device))
-            if best is None or metrics["miou"] > best:
-                best = metrics["miou"]
-                if info.is_main:
-                    save_weights(model, out_dir / "best.pth", classes, palette)
-        if (it + 1) % t.checkpoint_every == 0 or last:
-            if info.is_main:
-                save_checkpoint(ckpt_path, model, optimizer, it + 1, classes, palette,
-                                run_config, best, scaler, adapt_state=method.extra_state())
-                log.save_history(out_dir / "history.json")
-            dist_utils.barrier()
+        run.log.iteration(it + 1, step_loss, lr, scalars)
+        last = it + 1 == run.stop
+        validate = (t.val_every and (it + 1) % t.val_every == 0) or last
+        save = (it + 1) % t.checkpoint_every == 0 or last
+        if info.enabled and (validate or save or stopping):
+            dist_utils.broadcast_buffers(run.model)  # rank 0's BN statistics on every rank
+        if validate:
+            logs["val_miou"] = _validate(run, it + 1)
+        if save:
+            _save_checkpoint(run, it + 1)
         if stopping and not last:
-            log.close_progress()
-            _interrupted(save=(it + 1) % t.checkpoint_every != 0)  # else just written
+            run.log.close_progress()
+            _interrupted(run, it + 1, signals, save=not save)
         if on_iteration:
             on_iteration(it + 1, logs)
-    log.close()
-    if info.enabled:
-        _check_replicas(model, info, out_dir)
-        if method.adapting:  # the discriminators / teacher beside the network too
-            _check_replicas(method, info, out_dir, "replicas_adapt.json")
-    if info.is_main:
-        save_weights(model, out_dir / "model.pth", classes, palette)
-        if metrics is not None:
-            save_json(metrics, classes, out_dir / "metrics.json")
+
+
+def _next_step(run: _Run, iteration: int, signals: _StopSignals) -> Step:
+    """The next micro-step's batches, on the device, as the method's :class:`Step`."""
+    t = run.cfg.train
+    try:
+        batch = next(run.batches)
+    except Exception:
+        if signals.signum is None or run.info.enabled:
+            raise
+        # The signal reached a loader worker too (a process group's SIGTERM): the weights are
+        # those of `iteration` finished iterations, save them (unless just saved) and stop.
+        run.log.close_progress()
+        _interrupted(run, iteration, signals,
+                     save=iteration % t.checkpoint_every != 0 or iteration == run.start)
+    images = batch["image"].to(run.device, non_blocking=True)
+    labels = batch["label"].to(run.device, non_blocking=True)
+    if t.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    target = None
+    if run.target_batches is not None:
+        target = next(run.target_batches)["image"].to(run.device, non_blocking=True)
+        if t.channels_last:
+            target = target.contiguous(memory_format=torch.channels_last)
+    return run.make_step(images=images, labels=labels, target=target, iteration=iteration)
+
+
+def _agree_to_go_on(run: _Run, loss_sum: torch.Tensor, iteration: int,
+                    signals: _StopSignals) -> bool:
+    """Stop every rank when the loss of any rank is NaN/inf, before the broken step is applied;
+    return whether any rank was asked to stop (Ctrl-C), so that all stop after the same
+    iteration. One reduction tells every rank both."""
+    flags = torch.tensor([float(torch.isfinite(loss_sum)), float(signals.signum is not None)],
+                         device=run.device)
+    finite, stopping = dist_utils.all_reduce_sum(flags).tolist()
+    if finite < run.info.world_size:
+        run.log.close_progress()
+        raise TrainingError(
+            f"loss is {loss_sum.item()} at iteration {iteration + 1}: training stopped, weights "
+            f"not updated; newest finite checkpoint: {_newest_checkpoint(run)} (try a lower "
+            f"train.lr or amp=none)")
+    return bool(stopping)
+
+
+def _check_weights(run: _Run, loss_sum: torch.Tensor, iteration: int) -> None:
+    """A finite loss can still give non-finite weights (a huge step); stop before anything is
+    saved from them. Replicas are identical under DDP, so every rank agrees."""
+    if not all_finite([*run.model.parameters(), *run.model.buffers()]):
+        run.log.close_progress()
+        raise TrainingError(
+            f"weights became NaN/inf at iteration {iteration + 1} (loss {loss_sum.item():.4g}): "
+            f"training stopped, nothing saved from them; newest finite checkpoint: "
+            f"{_newest_checkpoint(run)} (try a lower train.lr or amp=none)")
+
+
+def _newest_checkpoint(run: _Run) -> str:
+    return newest_finite_checkpoint(run.out_dir / "last.pth", run.resume)
+
+
+def _validate(run: _Run, iteration: int) -> float:
+    """Evaluate after step ``iteration``, log it, keep ``best.pth``; return the mIoU."""
+    t = run.cfg.train
+    metrics = evaluate(run.model, run.val_ds, device=run.device, limit=t.val_limit or None,
+                       amp=t.amp, channels_last=t.channels_last,
+                       inference=run.cfg.eval.inference())
+    run.model.train()
+    run.log.validation(iteration, metrics["miou"],
+                       samples=lambda: _sample_rows(run.model, run.val_ds, run.device))
+    if run.best is None or metrics["miou"] > run.best:
+        run.best = metrics["miou"]
+        if run.info.is_main:
+            save_weights(run.model, run.out_dir / "best.pth", run.classes, run.palette)
+    run.metrics = metrics
+    return metrics["miou"]
+
+
+def _save_checkpoint(run: _Run, iteration: int) -> None:
+    """``last.pth`` and ``history.json`` at ``iteration`` done (rank 0 writes, all wait)."""
+    if run.info.is_main:
+        save_checkpoint(run.out_dir / "last.pth", run.model, run.optimizer, iteration,
+                        run.classes, run.palette, run.run_config, run.best, run.scaler,
+                        adapt_state=run.method.extra_state())
+        run.log.save_history(run.out_dir / "history.json")
     dist_utils.barrier()
-    return TrainResult(out_dir, stop, log.history, metrics, best, model)
 
 
-def _check_replicas(model, info, out_dir: Path, name: str = "replicas.json") -> None:
+def _interrupted(run: _Run, done: int, signals: _StopSignals, save: bool):
+    """Write ``last.pth`` at ``done`` iterations (unless just written) and stop every rank."""
+    if save:
+        _save_checkpoint(run, done)
+    raise Interrupted(f"interrupted after iteration {done}: resumable checkpoint "
+                      f"{run.out_dir / 'last.pth'} written; continue with --resume",
+                      signals.signum or 2)
+
+
+# -- the end --------------------------------------------------------------------------------------
+def _finish(run: _Run) -> TrainResult:
+    """After the last iteration: DDP replicas checked, ``model.pth`` and ``metrics.json``."""
+    run.log.close()
+    if run.info.enabled:
+        _check_replicas(run.model, run.info, run.out_dir)
+        if run.method.adapting:  # the discriminators / teacher beside the network too
+            _check_replicas(run.method, run.info, run.out_dir, "replicas_adapt.json")
+    if run.info.is_main:
+        save_weights(run.model, run.out_dir / "model.pth", run.classes, run.palette)
+        if run.metrics is not None:
+            save_json(run.metrics, run.classes, run.out_dir / "metrics.json")
+    dist_utils.barrier()
+    return TrainResult(run.out_dir, run.stop, run.log.history, run.metrics, run.best, run.model)
+
+
+def _check_replicas(module, info, out_dir: Path, name: str = "replicas.json") -> None:
     """DDP keeps replicas identical; verify it once at the end and record it in ``name``."""
-    digests = dist_utils.replica_digests(model, info.world_size)
+    digests = dist_utils.replica_digests(module, info.world_size)
     if info.is_main:
-        _write_json(out_dir / name, {"world_size": info.world_size, "sha256": digests})
+        atomic_write_text(out_dir / name,
+                          json.dumps({"world_size": info.world_size, "sha256": digests},
+                                     indent=2))
     if len(set(digests)) != 1:
         raise TrainingError(f"DDP replicas diverged: weight digests {digests}")
-
-
-def _write_json(path: Path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2))
 
 
 @torch.no_grad()
