@@ -19,9 +19,9 @@ from deeplabv2 import build_model, load_model, save_weights
 from deeplabv2.cli import main
 from deeplabv2.config import ConfigError, load_config, save_config
 from deeplabv2.data.base import DatasetError, read_image
-from deeplabv2.utils.digest import content_digest
+from deeplabv2.utils.digest import content_digest, weights_digest
 from deeplabv2.utils.fileio import RunLock, atomic_write_text
-from deeplabv2.train import TrainingError, train, weights_digest
+from deeplabv2.train import TrainingError, train
 from deeplabv2.weights import WeightsError
 from extras import require
 from torchrun import run_torchrun

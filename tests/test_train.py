@@ -7,8 +7,9 @@ import torch
 
 from deeplabv2 import load_model
 from deeplabv2.config import ConfigError, load_config, save_config
-from deeplabv2.train import (IterationBatchSampler, TrainingError, poly_lr,
-                             segmentation_loss, train, weights_digest)
+from deeplabv2.data.sampler import IterationBatchSampler
+from deeplabv2.train import TrainingError, poly_lr, segmentation_loss, train
+from deeplabv2.utils.digest import weights_digest
 
 from torchrun import run_torchrun
 

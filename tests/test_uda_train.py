@@ -70,13 +70,31 @@ def test_adversarial_training_moves_the_discriminator_and_the_teacher_follows(tm
     moved = [k for k, v in fresh.state_dict().items() if not torch.equal(v, state["modules"][k])]
     assert moved, "the discriminator was not trained"
     assert state["optimizers"][0]["state"], "Adam state saved for an exact resume"
-    cfg = uda_config(tmp_path / "d", "dacs", "train.iterations=2")
-    result = train(cfg)
+    cfg = uda_config(tmp_path / "d", "dacs", "train.iterations=2", "train.checkpoint_every=1")
+    first = {}
+
+    def keep_first_checkpoint(iteration, logs):  # last.pth after step 1, before step 2's
+        if iteration == 1:
+            first.update(torch.load(tmp_path / "d" / "last.pth", weights_only=True))
+
+    result = train(cfg, on_iteration=keep_first_checkpoint)
     teacher = torch.load(tmp_path / "d" / "last.pth", weights_only=True)["adapt_state"]
     student = result.model.state_dict()
     # EMA at iteration 1: alpha = min(1 - 1/2, 0.99) = 0.5 between the two student states
     key = "head.convs.0.weight"
     assert not torch.equal(teacher["modules"][f"teacher.model.{key}"], student[key])
+    # at iteration 0 alpha = 0: the teacher is a copy of the student after step 1
+    old_student = first["model"]
+    old_teacher = first["adapt_state"]["modules"]
+    names = [name for name, _ in result.model.named_parameters()]
+    assert key in names
+    for name in names:
+        t_old = old_teacher[f"teacher.model.{name}"]
+        t_new = teacher["modules"][f"teacher.model.{name}"]
+        assert torch.equal(t_old, old_student[name]), name
+        # then teacher_new = alpha * teacher_old + (1 - alpha) * student_new, alpha = 0.5
+        assert torch.allclose(t_new, 0.5 * t_old + 0.5 * student[name], rtol=1e-6, atol=1e-7), \
+            name
 
 
 def test_adaptation_configs_are_checked():

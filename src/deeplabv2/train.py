@@ -1,4 +1,13 @@
-"""The training loop, readable top to bottom: :func:`train` does everything ``deeplabv2 train`` does.
+"""The training loop: :func:`train` does everything ``deeplabv2 train`` does.
+
+It reads in three parts: set-up (:func:`_set_up`: device, data, network, optimizer, method,
+a resume), the loop (:func:`_loop`: one optimizer step per iteration, then validation,
+checkpoints and logs on their schedule) and the end (:func:`_finish`). Every run is a
+:class:`~deeplabv2.adapt.methods.Method`, plain supervised training the base one, so the loop
+has one path whatever the method and the precision. Beside it: the data order in
+:mod:`deeplabv2.data.sampler`, checkpoints and the run folder's rules in
+:mod:`deeplabv2.checkpoint`, the progress bar, ``history.json`` and TensorBoard in
+:mod:`deeplabv2.utils.logger`.
 
 Recipe (paper Sec. 4; DeepLab-v2 ``solver.prototxt``): SGD with momentum 0.9 and weight decay
 5e-4, the model's 1x/10x/20x parameter groups, "poly" learning rate
@@ -14,37 +23,36 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
-import shutil
 import signal
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 
 from .utils import distributed as dist_utils
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import (TrainingError, changed_settings, load_checkpoint,
+                         newest_finite_checkpoint, prepare_run_folder, save_checkpoint)
 from .config import Config, save_config
 from .data import IGNORE_INDEX, build_dataset
+from .data.sampler import EpochIndexed, IterationBatchSampler
 from .data.transforms import TrainTransform
-from .utils.digest import all_finite, content_digest
+from .utils.digest import all_finite
 from .evaluation.evaluate import evaluate
 from .utils.fileio import RunLock, atomic_write_text, remove_stale_tmp
+from .utils.logger import TrainLog, read_history
+from .utils.visualize import colorize
 from .evaluation.metrics import save_json
-from .adapt.methods import Step, build_method
+from .adapt.methods import Method, Step, build_method
 from .model import MSC, DeepLabV2, build_model, get_alignment, msc_loss
 from .precision import autocast_context, resolve_train_amp
 from .weights import load_weights, save_weights
-
-
-class TrainingError(RuntimeError):
-    """The run cannot go on (e.g. the loss became NaN/inf); the last good checkpoint is kept."""
 
 
 class Interrupted(TrainingError):
@@ -54,79 +62,6 @@ class Interrupted(TrainingError):
     def __init__(self, message: str, signum: int):
         super().__init__(message)
         self.exit_code = 128 + signum
-
-
-# Files that make a folder "hold a run": training into it needs --resume or --overwrite.
-RUN_FILES = ("last.pth", "best.pth", "model.pth", "history.json", "metrics.json")
-# Settings that change what a run computes: a resume that changes one is refused unless asked.
-RUN_SETTINGS = {
-    "model": ("backbone", "blocks", "width", "num_classes", "atrous_rates", "frozen_bn",
-              "head_mode", "alignment"),
-    "data": ("dataset", "train_split", "crop_size", "scale_range", "scales", "flip",
-             "batch_size", "options"),
-    "train": ("iterations", "lr", "momentum", "weight_decay", "poly_power", "accumulate",
-              "loss_at", "msc_scales", "amp", "channels_last", "seed"),
-    "adapt": ("method", "target_dataset", "target_split", "target_options", "target_crop_size",
-              "target_scale_range", "multi_level", "lambda_seg_aux", "lambda_adv",
-              "lambda_adv_aux", "d_lr", "lambda_ent", "lambda_ent_aux", "fda_beta",
-              "fda_lambda_ent", "fda_eta", "fda_ent_start", "ema_alpha", "pseudo_threshold"),
-}
-
-
-# -- data order ---------------------------------------------------------------------------------
-class IterationBatchSampler:
-    """This rank's ``(epoch, index)`` pairs for every micro-step from ``start_step`` on.
-
-    The global sample stream is the concatenation of one permutation of the dataset per epoch,
-    each drawn from ``(seed, epoch)``. Micro-step ``s`` takes the ``batch_size * world_size``
-    samples at ``s * batch_size * world_size`` and rank ``r`` its ``r``-th slice, so the stream
-    (and every sample's augmentation, seeded by ``(seed, epoch, index)``) is a pure function of
-    the step: a resumed run continues with exactly the data an uninterrupted one would see, and
-    2 processes x batch 2 see the same samples as 1 process x batch 4.
-    """
-
-    def __init__(self, num_samples: int, batch_size: int, seed: int, total_steps: int,
-                 start_step: int = 0, rank: int = 0, world_size: int = 1):
-        if num_samples < 1:
-            raise ValueError("cannot sample from an empty dataset")
-        self.n, self.batch_size, self.seed = num_samples, batch_size, seed
-        self.total_steps, self.start_step = total_steps, start_step
-        self.rank, self.world_size = rank, world_size
-        self._perms: dict[int, np.ndarray] = {}
-
-    def _permutation(self, epoch: int) -> np.ndarray:
-        if epoch not in self._perms:
-            self._perms = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.n)}
-        return self._perms[epoch]
-
-    def __len__(self) -> int:
-        return self.total_steps - self.start_step
-
-    def __iter__(self):
-        global_batch = self.batch_size * self.world_size
-        for step in range(self.start_step, self.total_steps):
-            first = step * global_batch + self.rank * self.batch_size
-            batch = []
-            for pos in range(first, first + self.batch_size):
-                epoch, i = divmod(pos, self.n)
-                batch.append((epoch, int(self._permutation(epoch)[i])))
-            yield batch
-
-
-class EpochIndexed(torch.utils.data.Dataset):
-    """Wraps a dataset so that ``ds[(epoch, index)]`` draws that sample's augmentation."""
-
-    def __init__(self, dataset, transform):
-        self.dataset, self.transform = dataset, transform
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key):
-        epoch, index = key
-        image, label = self.dataset.load(index)
-        rng = np.random.default_rng([self.dataset.seed, epoch, index])
-        return self.transform(image, label, rng)
 
 
 # -- the recipe's pieces ------------------------------------------------------------------------
@@ -163,7 +98,8 @@ def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor, loss_at: str,
 class TrainResult:
     out_dir: Path
     iterations: int
-    history: list[dict] = field(default_factory=list)  # {"iteration", "loss", "lr", "time"}
+    # {"iteration", "loss", "lr", "seconds_per_iteration"} per log window (+ "val_miou")
+    history: list[dict] = field(default_factory=list)
     metrics: dict | None = None  # final validation metrics
     best_miou: float | None = None
     model: DeepLabV2 | None = None
@@ -209,48 +145,6 @@ def _build_model(cfg: Config, num_classes: int) -> DeepLabV2:
         load_weights(model, m.weights, head="auto" if m.init_head else "skip",
                      alignment=m.alignment)  # sets model.load_report
     return model
-
-
-# -- the run folder -------------------------------------------------------------------------------
-def _prepare_run_folder(out_dir: Path, resume: str | None, overwrite: bool,
-                        is_main: bool) -> str | None:
-    """Refuse to train over a run unless asked; return the checkpoint to resume (or None)."""
-    held = [n for n in RUN_FILES if (out_dir / n).exists()]
-    if resume is None and held and not overwrite:
-        raise TrainingError(f"{out_dir}: holds a run ({', '.join(held)}); pass --resume to "
-                            "continue it, --overwrite to replace it, or choose another "
-                            "train.out_dir")
-    if resume == "auto":
-        resume = str(out_dir / "last.pth")
-        if Path(resume).is_dir():
-            raise TrainingError(f"{resume}: is a folder, not a checkpoint; move it away, or "
-                                "give --from PATH")
-        if not Path(resume).is_file():
-            raise TrainingError(f"{resume}: no checkpoint to resume from (nothing was saved "
-                                "there yet); start without --resume, or give --from PATH")
-    if resume is None and overwrite and is_main:
-        for name in held:
-            (out_dir / name).unlink()
-        for name in ("replicas.json", "config.yaml"):
-            (out_dir / name).unlink(missing_ok=True)
-        if (out_dir / "tb").is_dir():
-            shutil.rmtree(out_dir / "tb")
-    return resume
-
-
-def _changed_settings(old: dict, new: dict) -> list[str]:
-    """``section.key old -> new`` for every :data:`RUN_SETTINGS` key that differs."""
-    changes = []
-    for section, keys in RUN_SETTINGS.items():
-        for key in keys:
-            if key not in old.get(section, {}):  # a checkpoint older than the setting
-                continue
-            a, b = old[section][key], new.get(section, {}).get(key)
-            if a != b:
-                changes.append(f"{section}.{key} {a!r} -> {b!r}")
-    if old.get("world_size", 1) != new.get("world_size", 1):  # the global batch changes
-        changes.append(f"world size {old.get('world_size', 1)} -> {new.get('world_size', 1)}")
-    return changes
 
 
 class _StopSignals:
@@ -306,7 +200,7 @@ def _resolve_amp(cfg: Config, device: torch.device) -> tuple[Config, str]:
     return dataclasses.replace(cfg, train=train_cfg), why
 
 
-# -- the loop -----------------------------------------------------------------------------------
+# -- train(): the run folder, then set-up, the loop and the end ----------------------------------
 def train(cfg: Config, resume: str | None = None,
           on_iteration: Callable[[int, dict], None] | None = None, *,
           overwrite: bool = False, allow_changes: bool = False) -> TrainResult:
@@ -319,14 +213,15 @@ def train(cfg: Config, resume: str | None = None,
     Safety: a folder that holds a run is refused unless ``resume`` or ``overwrite`` (which
     deletes the old run's files first); ``out_dir/.lock`` keeps a second writer out (a lock left
     by a dead process is taken over); a resume whose checkpoint was trained with other
-    :data:`RUN_SETTINGS` is refused unless ``allow_changes``. SIGINT/SIGTERM finish the current
-    iteration, write ``last.pth`` and raise :class:`Interrupted`.
+    :data:`~deeplabv2.checkpoint.RUN_SETTINGS` is refused unless ``allow_changes``.
+    SIGINT/SIGTERM finish the current iteration, write ``last.pth`` and raise
+    :class:`Interrupted`.
     """
     out_dir = Path(cfg.train.out_dir)
     is_main = int(os.environ.get("RANK", "0")) == 0
     lock = RunLock(out_dir).acquire() if is_main else None
     try:
-        resume = _prepare_run_folder(out_dir, resume, overwrite, is_main)
+        resume = prepare_run_folder(out_dir, resume, overwrite, is_main)
         if is_main:
             for p in remove_stale_tmp(out_dir):
                 print(f"removed {p} (an unfinished write of an earlier, killed run)")
@@ -341,372 +236,370 @@ def train(cfg: Config, resume: str | None = None,
 
 
 def _train(cfg: Config, resume: str | None, on_iteration, allow_changes: bool,
-           signals: "_StopSignals") -> TrainResult:
-    t, d = cfg.train, cfg.data
+           signals: _StopSignals) -> TrainResult:
+    run = _set_up(cfg, resume, allow_changes)
+    _loop(run, on_iteration, signals)
+    return _finish(run)
+
+
+# -- set-up ---------------------------------------------------------------------------------------
+@dataclass
+class _Run:
+    """What set-up hands the loop; the loop updates ``best`` and ``metrics``."""
+
+    cfg: Config
+    info: dist_utils.DistInfo
+    device: torch.device
+    model: DeepLabV2  # the plain network: the optimizer, checkpoints and evaluation use it
+    net: torch.nn.Module  # the network as the loop calls it: MSC- and DDP-wrapped as configured
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    method: Method
+    make_step: Callable[..., Step]  # Step(images=, labels=, target=, iteration=) for the method
+    batches: Iterator[dict]  # this rank's source batch of each micro-step from `start` on
+    target_batches: Iterator[dict] | None  # and its target batch, when the method needs one
+    val_ds: object
+    classes: list[str]
+    palette: np.ndarray | None
+    run_config: dict  # recorded in the checkpoints
+    resume: str | None
+    start: int  # iterations done before (a resumed run)
+    stop: int
+    log: TrainLog
+    best: float | None = None
+    metrics: dict | None = None  # of the newest validation
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.cfg.train.out_dir)
+
+
+def _set_up(cfg: Config, resume: str | None, allow_changes: bool) -> _Run:
+    """Everything before the first iteration. The order is part of the run: the model's and the
+    method's initialisation draw from the seed set here, before a resume restores its RNG."""
     _require_init_weights(cfg.model.weights, resume)
-    if t.threads:
-        torch.set_num_threads(t.threads)
-    device = dist_utils.pick_device(t.device)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    device = dist_utils.pick_device(cfg.train.device)
     info = dist_utils.init_distributed(device)
     cfg, amp_choice = _resolve_amp(cfg, device)
     t = cfg.train
     autocast_context(device, t.amp)  # fails now, not at the first step, for fp16 on a CPU
-    out_dir = Path(t.out_dir)
     torch.manual_seed(t.seed + info.rank)
 
-    # Data: checked up front so that a bad file fails now, not hours into the run.
-    train_ds = build_dataset(d.dataset, d.root, d.train_split, seed=t.seed, **d.options)
-    val_ds = build_dataset(d.dataset, d.root, d.val_split, seed=t.seed, **d.options)
-    a = cfg.adapt
-    adapting = a.method not in ("none", "source_only")
-    if adapting:  # unlabelled target images; validation on the target's labelled split
-        target_ds = build_dataset(a.target_dataset, a.target_root, a.target_split,
-                                  seed=t.seed + 1, **a.target_options)
-        _check_dataset(target_ds, d.check)
-    if a.method != "none" and a.target_val_split:
-        val_ds = build_dataset(a.target_dataset, a.target_root, a.target_val_split,
-                               seed=t.seed, **a.target_val_options)
-    _check_dataset(train_ds, d.check)
-    _check_dataset(val_ds, d.check)
-    classes, palette = list(train_ds.classes), train_ds.palette
-
+    train_ds, val_ds, target_ds = _datasets(cfg)
     model = _build_model(cfg, train_ds.num_classes).to(device)
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.param_groups(t.lr, t.weight_decay), lr=t.lr,
                                 momentum=t.momentum)
-    method = build_method(a, model)  # None: supervised training only
-    if method is not None:
-        method.to(device)
-        dist_utils.broadcast_module(method)  # one initialisation on every rank, as DDP's
-    scaler = torch.amp.GradScaler("cuda") if t.amp == "fp16" else None
+    method = build_method(cfg.adapt, model).to(device)
+    dist_utils.broadcast_module(method)  # one initialisation on every rank, as DDP's
+    # One micro-step for every precision: unless fp16, the scaler is disabled (scale() and
+    # update() pass through, step() is optimizer.step()) and has no state to checkpoint.
+    scaler = torch.amp.GradScaler(device.type, enabled=t.amp == "fp16")
     start, best = 0, None
     if resume:
-        state = load_checkpoint(resume, model, optimizer, scaler)
-        start, best = int(state["iteration"]), state.get("best_miou")
-        changes = _changed_settings(state.get("config") or {},
-                                    {**cfg.to_dict(), "world_size": info.world_size})
-        if changes and not allow_changes:
-            raise TrainingError(f"{resume}: was trained with other settings ("
-                                + "; ".join(changes) + "): resuming would not continue that "
-                                "run; pass --allow-changes to resume anyway, or start a new run "
-                                "in another train.out_dir")
-        if changes and info.is_main:
-            print(f"resuming {resume} with changed settings: " + "; ".join(changes))
-        if method is not None:
-            if state.get("adapt_state") is None:
-                raise TrainingError(f"{resume}: no state of adapt.method={a.method} to resume "
-                                    "(the checkpoint comes from another kind of run)")
-            method.load_extra_state(state["adapt_state"])
+        start, best = _resume(resume, cfg, info, model, optimizer, scaler, method,
+                              allow_changes)
+    out_dir = Path(t.out_dir)
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.yaml")
         if t.progress:
             print(amp_choice)
 
-    # The optimizer, checkpoints and evaluation use the plain model; MSC only wraps the forward.
-    net = MSC(model, t.msc_scales) if t.msc_scales else model
-    align = model.alignment
-    ddp = net
-    if info.enabled:
-        ddp = torch.nn.parallel.DistributedDataParallel(
-            net, device_ids=[device.index] if device.type == "cuda" else None)
+    net, make_step = _network(cfg, model, info, device)
+    batches, target_batches = _batches(cfg, train_ds, target_ds if method.needs_target else None,
+                                       model.preprocessing, start, info, device)
+    stop = t.stop_at or t.iterations  # the poly schedule runs over t.iterations regardless
+    history = read_history(out_dir / "history.json") if (resume and info.is_main) else []
+    log = TrainLog(start, stop, t.log_every, history, progress=t.progress and info.is_main,
+                   tensorboard=out_dir / "tb" if (t.tensorboard and info.is_main) else None)
+    return _Run(cfg=cfg, info=info, device=device, model=model, net=net, optimizer=optimizer,
+                scaler=scaler, method=method, make_step=make_step, batches=batches,
+                target_batches=target_batches, val_ds=val_ds, classes=list(train_ds.classes),
+                palette=train_ds.palette,
+                run_config={**cfg.to_dict(), "world_size": info.world_size}, resume=resume,
+                start=start, stop=stop, log=log, best=best)
 
-    transform = TrainTransform(crop_size=tuple(d.crop_size), scale_range=tuple(d.scale_range),
-                               scales=d.scales,
-                               flip=d.flip, preprocessing=model.preprocessing)
-    sampler = IterationBatchSampler(len(train_ds), d.batch_size, t.seed,
-                                    total_steps=t.iterations * t.accumulate,
-                                    start_step=start * t.accumulate, rank=info.rank,
-                                    world_size=info.world_size)
-    loader = torch.utils.data.DataLoader(
-        EpochIndexed(train_ds, transform), batch_sampler=sampler, num_workers=d.num_workers,
-        pin_memory=device.type == "cuda", persistent_workers=False,
-        worker_init_fn=_ignore_sigint if d.num_workers else None)
-    batches = iter(loader)
-    target_batches = None
-    if method is not None and method.needs_target:  # its own order, a function of the step
-        target_transform = TrainTransform(
-            crop_size=tuple(a.target_crop_size or d.crop_size),
-            scale_range=tuple(a.target_scale_range), flip=d.flip,
-            preprocessing=model.preprocessing)
-        target_batches = iter(torch.utils.data.DataLoader(
-            EpochIndexed(target_ds, target_transform),
-            batch_sampler=IterationBatchSampler(
-                len(target_ds), d.batch_size, t.seed + 1, total_steps=t.iterations * t.accumulate,
-                start_step=start * t.accumulate, rank=info.rank, world_size=info.world_size),
-            num_workers=d.num_workers, pin_memory=device.type == "cuda"))
+
+def _datasets(cfg: Config):
+    """The training, validation and (adaptation) target sets, checked up front so that a bad
+    file fails now, not hours into the run."""
+    d, a, seed = cfg.data, cfg.adapt, cfg.train.seed
+    train_ds = build_dataset(d.dataset, d.root, d.train_split, seed=seed, **d.options)
+    val_ds = build_dataset(d.dataset, d.root, d.val_split, seed=seed, **d.options)
+    target_ds = None
+    if a.method not in ("none", "source_only"):  # the unlabelled target images
+        target_ds = build_dataset(a.target_dataset, a.target_root, a.target_split,
+                                  seed=seed + 1, **a.target_options)
+        _check_dataset(target_ds, d.check)
+    if a.method != "none" and a.target_val_split:  # adaptation validates on the target
+        val_ds = build_dataset(a.target_dataset, a.target_root, a.target_val_split,
+                               seed=seed, **a.target_val_options)
+    _check_dataset(train_ds, d.check)
+    _check_dataset(val_ds, d.check)
+    return train_ds, val_ds, target_ds
+
+
+def _resume(resume: str, cfg: Config, info, model, optimizer, scaler, method: Method,
+            allow_changes: bool) -> tuple[int, float | None]:
+    """Restore ``resume`` into the network, its optimizer, the scaler and the method; return
+    ``(iterations done, best mIoU)``. A checkpoint trained with other settings is refused
+    unless ``allow_changes``."""
+    state = load_checkpoint(resume, model, optimizer, scaler)
+    start, best = int(state["iteration"]), state.get("best_miou")
+    changes = changed_settings(state.get("config") or {},
+                               {**cfg.to_dict(), "world_size": info.world_size})
+    if changes and not allow_changes:
+        raise TrainingError(f"{resume}: was trained with other settings ("
+                            + "; ".join(changes) + "): resuming would not continue that "
+                            "run; pass --allow-changes to resume anyway, or start a new run "
+                            "in another train.out_dir")
+    if changes and info.is_main:
+        print(f"resuming {resume} with changed settings: " + "; ".join(changes))
+    if method.adapting and state.get("adapt_state") is None:
+        raise TrainingError(f"{resume}: no state of adapt.method={cfg.adapt.method} to resume "
+                            "(the checkpoint comes from another kind of run)")
+    method.load_extra_state(state.get("adapt_state"))
+    return start, best
+
+
+def _network(cfg: Config, model: DeepLabV2, info, device: torch.device):
+    """The network as the loop calls it, and the maker of the method's :class:`Step` with the
+    run's losses in it."""
+    t = cfg.train
+    # The optimizer, checkpoints and evaluation use the plain model; MSC only wraps the forward.
+    msc = MSC(model, t.msc_scales) if t.msc_scales else None
+    net = msc if msc is not None else model
+    if info.enabled:
+        net = torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None)
+    align = model.alignment
 
     def seg(scores, y):
         return segmentation_loss(scores, y, t.loss_at, align)
 
-    def source_msc_loss(outputs, y):
-        return msc_loss(outputs, y, seg, net.input_sizes(*y.shape[-2:]), align)
+    def source_msc_loss(outputs, y):  # [s_1, s_0.75, s_0.5, max-fused], each vs its own labels
+        return msc_loss(outputs, y, seg, msc.input_sizes(*y.shape[-2:]), align)
 
-    writer = _tensorboard(out_dir / "tb") if (t.tensorboard and info.is_main) else None
-    stop = t.stop_at or t.iterations  # the poly schedule runs over t.iterations regardless
-    progress = _progress(start, stop, enabled=t.progress and info.is_main)
-    history: list[dict] = _read_history(out_dir) if (resume and info.is_main) else []
-    ckpt_path, metrics = out_dir / "last.pth", None
-    run_config = {**cfg.to_dict(), "world_size": info.world_size}  # recorded in checkpoints
-    window_loss, window_start = 0.0, time.perf_counter()
-    net.train()
-    done = start  # iterations whose update is applied
+    return net, functools.partial(Step, net=net, model=model, seg_loss=seg,
+                                  msc_loss=source_msc_loss if msc is not None else None)
 
-    def _interrupted(save: bool):
-        """Write last.pth at ``done`` iterations (unless just written) and stop every rank."""
-        if save:
-            if info.is_main:
-                save_checkpoint(ckpt_path, model, optimizer, done, classes, palette,
-                                run_config, best, scaler, adapt_state=method.extra_state()
-                                if method is not None else None)
-                _write_json(out_dir / "history.json", history)
-            dist_utils.barrier()
-        raise Interrupted(f"interrupted after iteration {done}: resumable checkpoint "
-                          f"{ckpt_path} written; continue with --resume", signals.signum or 2)
 
+def _batches(cfg: Config, train_ds, target_ds, preprocessing, start: int, info,
+             device: torch.device):
+    """Iterators over this rank's source batch, and target batch (when ``target_ds``), of every
+    micro-step from iteration ``start`` on; the order is a pure function of the step."""
+    d, a, t = cfg.data, cfg.adapt, cfg.train
+    steps = dict(total_steps=t.iterations * t.accumulate, start_step=start * t.accumulate,
+                 rank=info.rank, world_size=info.world_size)
+    transform = TrainTransform(crop_size=tuple(d.crop_size), scale_range=tuple(d.scale_range),
+                               scales=d.scales, flip=d.flip, preprocessing=preprocessing)
+    batches = iter(torch.utils.data.DataLoader(
+        EpochIndexed(train_ds, transform),
+        batch_sampler=IterationBatchSampler(len(train_ds), d.batch_size, t.seed, **steps),
+        num_workers=d.num_workers, pin_memory=device.type == "cuda", persistent_workers=False,
+        worker_init_fn=_ignore_sigint if d.num_workers else None))
+    if target_ds is None:
+        return batches, None
+    target_transform = TrainTransform(
+        crop_size=tuple(a.target_crop_size or d.crop_size),
+        scale_range=tuple(a.target_scale_range), flip=d.flip, preprocessing=preprocessing)
+    target_batches = iter(torch.utils.data.DataLoader(  # its own order, a function of the step
+        EpochIndexed(target_ds, target_transform),
+        batch_sampler=IterationBatchSampler(len(target_ds), d.batch_size, t.seed + 1, **steps),
+        num_workers=d.num_workers, pin_memory=device.type == "cuda"))
+    return batches, target_batches
+
+
+# -- the loop -------------------------------------------------------------------------------------
+def _loop(run: _Run, on_iteration, signals: _StopSignals) -> None:
+    """Iterations ``start`` to ``stop``: each one optimizer step over ``train.accumulate``
+    micro-steps of the method's passes; validation, checkpoints and logs on their schedule."""
+    t, info, method = run.cfg.train, run.info, run.method
+    run.net.train()
     signals.install()  # from here on, Ctrl-C finishes the iteration and saves (see _StopSignals)
-    for it in range(start, stop):
-        # Random draws inside the network (VGG's dropout) are a function of (seed, iteration,
-        # rank) too, so that a resumed run continues them exactly on every rank.
+    for it in range(run.start, run.stop):
+        # Random draws inside the network and the method (VGG's dropout, DACS's mixing) are a
+        # function of (seed, iteration, rank), so a resumed run continues them on every rank.
         torch.manual_seed((t.seed * 1_000_003 + it) * 1_009 + info.rank)
         lr = poly_lr(t.lr, it, t.iterations, t.poly_power)
-        set_lr(optimizer, lr)
-        if method is not None:
-            for opt in method.optimizers():
-                for group in opt.param_groups:
-                    group["lr"] = poly_lr(a.d_lr, it, t.iterations, t.poly_power)
-        loss_sum = torch.zeros((), device=device)
+        set_lr(run.optimizer, lr)
+        method.set_lr(lambda base_lr: poly_lr(base_lr, it, t.iterations, t.poly_power))
+        loss_sum = torch.zeros((), device=run.device)
         for micro in range(t.accumulate):
-            try:
-                batch = next(batches)
-            except Exception:
-                if signals.signum is None or info.enabled:
-                    raise
-                # The signal reached a loader worker too (a process group's SIGTERM): the
-                # weights are those of `it` finished iterations, save them and stop.
-                progress.close()
-                _interrupted(save=it % t.checkpoint_every != 0 or it == start)
-            images = batch["image"].to(device, non_blocking=True)
-            labels = batch["label"].to(device, non_blocking=True)
-            if t.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            if method is not None:  # domain adaptation: the method's passes, one forward each
-                target = None
-                if target_batches is not None:
-                    target = next(target_batches)["image"].to(device, non_blocking=True)
-                    if t.channels_last:
-                        target = target.contiguous(memory_format=torch.channels_last)
-                step = Step(ddp, model, images, labels, target, it, seg, bool(t.msc_scales),
-                            source_msc_loss)
-                passes = method.passes(it)
-                for k in range(passes):
-                    sync = (micro == t.accumulate - 1 and k == passes - 1) or not info.enabled
-                    with (contextlib.nullcontext() if sync else ddp.no_sync()):
-                        with autocast_context(device, t.amp):
-                            loss = method.loss(step, k) / t.accumulate
-                        (scaler.scale(loss) if scaler is not None else loss).backward()
-                    loss_sum += loss.detach()
-                d_loss = method.discriminator_loss()
-                if d_loss is not None:  # the method's own modules; the network gets no grad
-                    (d_loss / t.accumulate).backward()
-                continue
-            sync = micro == t.accumulate - 1 or not info.enabled
-            with (contextlib.nullcontext() if sync else ddp.no_sync()), \
-                    autocast_context(device, t.amp):
-                if t.msc_scales:  # [s_1, s_0.75, s_0.5, max-fused], each vs its own labels
-                    loss = source_msc_loss(ddp(images), labels)
-                else:
-                    loss = seg(ddp(images, upsample=False), labels)
-                loss = loss / t.accumulate
-            if scaler is not None:
-                scaler.scale(loss).backward()
-            else:
-                loss.backward()
-            loss_sum += loss.detach()
-
-        # A NaN/inf loss on any rank stops every rank before the broken step is applied. The
-        # same reduction tells every rank whether any of them was asked to stop (Ctrl-C), so
-        # that all stop after the same iteration.
-        flags = torch.tensor([float(torch.isfinite(loss_sum)),
-                              float(signals.signum is not None)], device=device)
-        finite, stopping = dist_utils.all_reduce_sum(flags).tolist()
-        good = _newest_finite_checkpoint(ckpt_path, resume)
-        if finite < info.world_size:
-            progress.close()
-            raise TrainingError(
-                f"loss is {loss_sum.item()} at iteration {it + 1}: training stopped, weights "
-                f"not updated; newest finite checkpoint: {good} (try a lower "
-                f"train.lr or amp=none)")
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if method is not None:
-            for opt in method.optimizers():  # discriminators: gradients averaged over ranks
-                if info.enabled:
-                    dist_utils.average_gradients(opt)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            method.after_step(model, it)
-        # A finite loss can still give non-finite weights (a huge step); stop before anything
-        # is saved from them. Replicas are identical under DDP, so every rank agrees.
-        if not all_finite([*model.parameters(), *model.buffers()]):
-            progress.close()
-            raise TrainingError(
-                f"weights became NaN/inf at iteration {it + 1} (loss {loss_sum.item():.4g}): "
-                f"training stopped, nothing saved from them; newest finite checkpoint: {good} "
-                f"(try a lower train.lr or amp=none)")
-        done = it + 1
+            step = _next_step(run, it, signals)
+            passes = method.passes(it)
+            for k in range(passes):
+                # DDP averages the gradients in the iteration's last backward; the others only
+                # accumulate them on each rank.
+                sync = (micro == t.accumulate - 1 and k == passes - 1) or not info.enabled
+                with contextlib.nullcontext() if sync else run.net.no_sync():
+                    with autocast_context(run.device, t.amp):
+                        loss = method.loss(step, k) / t.accumulate
+                    run.scaler.scale(loss).backward()
+                loss_sum += loss.detach()
+            method.discriminator_backward(t.accumulate)
+        stopping = _agree_to_go_on(run, loss_sum, it, signals)
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        run.optimizer.zero_grad(set_to_none=True)
+        method.step_optimizers()
+        method.after_step(run.model, it)
+        _check_weights(run, loss_sum, it)
 
         step_loss = dist_utils.all_reduce_sum(loss_sum.clone()).item() / info.world_size
-        window_loss += step_loss
-        logs = {"iteration": it + 1, "loss": step_loss, "lr": lr}
-        if method is not None:
-            logs.update({f"adapt/{k}": v for k, v in method.logs.items()})
-        progress.update(1)
-        progress.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}")
-        if (it + 1) % t.log_every == 0 or it + 1 == stop:
-            n = (it + 1 - start) % t.log_every or t.log_every
-            elapsed = time.perf_counter() - window_start
-            entry = {"iteration": it + 1, "loss": window_loss / n, "lr": lr,
-                     "seconds_per_iteration": elapsed / n}
-            history.append(entry)
-            if writer:
-                for key in (k for k in logs if k.startswith("adapt/")):
-                    writer.add_scalar(key, logs[key], it + 1)
-                writer.add_scalar("train/loss", entry["loss"], it + 1)
-                writer.add_scalar("train/lr", lr, it + 1)
-                writer.add_scalar("train/seconds_per_iteration", entry["seconds_per_iteration"],
-                                  it + 1)
-            window_loss, window_start = 0.0, time.perf_counter()
-
-        last = it + 1 == stop
-        if info.enabled and ((t.val_every and (it + 1) % t.val_every == 0) or last or
-                             (it + 1) % t.checkpoint_every == 0 or stopping):
-            _broadcast_buffers(model)
-        if t.val_every and (it + 1) % t.val_every == 0 or last:
-            metrics = evaluate(model, val_ds, device=device, limit=t.val_limit or None,
-                               amp=t.amp, channels_last=t.channels_last,
-                               inference=cfg.eval.inference())
-            model.train()
-            logs["val_miou"] = metrics["miou"]
-            if history and history[-1]["iteration"] == it + 1:  # for curves of validation
-                history[-1]["val_miou"] = metrics["miou"]
-            if writer:
-                writer.add_scalar("val/mIoU", metrics["miou"], it + 1)
-                _log_samples(writer, model, val_ds, device, it + 1)
-            if best is None or metrics["miou"] > best:
-                best = metrics["miou"]
-                if info.is_main:
-                    save_weights(model, out_dir / "best.pth", classes, palette)
-        if (it + 1) % t.checkpoint_every == 0 or last:
-            if info.is_main:
-                save_checkpoint(ckpt_path, model, optimizer, it + 1, classes, palette,
-                                run_config, best, scaler,
-                                adapt_state=method.extra_state() if method is not None else None)
-                _write_json(out_dir / "history.json", history)
-            dist_utils.barrier()
+        scalars = method.scalars()
+        logs = {"iteration": it + 1, "loss": step_loss, "lr": lr, **scalars}
+        run.log.iteration(it + 1, step_loss, lr, scalars)
+        last = it + 1 == run.stop
+        validate = (t.val_every and (it + 1) % t.val_every == 0) or last
+        save = (it + 1) % t.checkpoint_every == 0 or last
+        if info.enabled and (validate or save or stopping):
+            dist_utils.broadcast_buffers(run.model)  # rank 0's BN statistics on every rank
+        if validate:
+            logs["val_miou"] = _validate(run, it + 1)
+        if save:
+            _save_checkpoint(run, it + 1)
         if stopping and not last:
-            progress.close()
-            _interrupted(save=(it + 1) % t.checkpoint_every != 0)  # else just written
+            run.log.close_progress()
+            _interrupted(run, it + 1, signals, save=not save)
         if on_iteration:
             on_iteration(it + 1, logs)
-    progress.close()
-    if writer:
-        writer.close()
-    if info.enabled:
-        _check_replicas(model, info, out_dir)
-        if method is not None:  # the discriminators / teacher beside the network too
-            _check_replicas(method, info, out_dir, "replicas_adapt.json")
-    if info.is_main:
-        save_weights(model, out_dir / "model.pth", classes, palette)
-        if metrics is not None:
-            save_json(metrics, classes, out_dir / "metrics.json")
+
+
+def _next_step(run: _Run, iteration: int, signals: _StopSignals) -> Step:
+    """The next micro-step's batches, on the device, as the method's :class:`Step`."""
+    t = run.cfg.train
+    try:
+        batch = next(run.batches)
+    except Exception:
+        if signals.signum is None or run.info.enabled:
+            raise
+        # The signal reached a loader worker too (a process group's SIGTERM): the weights are
+        # those of `iteration` finished iterations, save them (unless just saved) and stop.
+        run.log.close_progress()
+        _interrupted(run, iteration, signals,
+                     save=iteration % t.checkpoint_every != 0 or iteration == run.start)
+    images = batch["image"].to(run.device, non_blocking=True)
+    labels = batch["label"].to(run.device, non_blocking=True)
+    if t.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    target = None
+    if run.target_batches is not None:
+        target = next(run.target_batches)["image"].to(run.device, non_blocking=True)
+        if t.channels_last:
+            target = target.contiguous(memory_format=torch.channels_last)
+    return run.make_step(images=images, labels=labels, target=target, iteration=iteration)
+
+
+def _agree_to_go_on(run: _Run, loss_sum: torch.Tensor, iteration: int,
+                    signals: _StopSignals) -> bool:
+    """Stop every rank when the loss of any rank is NaN/inf, before the broken step is applied;
+    return whether any rank was asked to stop (Ctrl-C), so that all stop after the same
+    iteration. One reduction tells every rank both."""
+    flags = torch.tensor([float(torch.isfinite(loss_sum)), float(signals.signum is not None)],
+                         device=run.device)
+    finite, stopping = dist_utils.all_reduce_sum(flags).tolist()
+    if finite < run.info.world_size:
+        run.log.close_progress()
+        raise TrainingError(
+            f"loss is {loss_sum.item()} at iteration {iteration + 1}: training stopped, weights "
+            f"not updated; newest finite checkpoint: {_newest_checkpoint(run)} (try a lower "
+            f"train.lr or amp=none)")
+    return bool(stopping)
+
+
+def _check_weights(run: _Run, loss_sum: torch.Tensor, iteration: int) -> None:
+    """A finite loss can still give non-finite weights (a huge step); stop before anything is
+    saved from them. Replicas are identical under DDP, so every rank agrees."""
+    if not all_finite([*run.model.parameters(), *run.model.buffers()]):
+        run.log.close_progress()
+        raise TrainingError(
+            f"weights became NaN/inf at iteration {iteration + 1} (loss {loss_sum.item():.4g}): "
+            f"training stopped, nothing saved from them; newest finite checkpoint: "
+            f"{_newest_checkpoint(run)} (try a lower train.lr or amp=none)")
+
+
+def _newest_checkpoint(run: _Run) -> str:
+    return newest_finite_checkpoint(run.out_dir / "last.pth", run.resume)
+
+
+def _validate(run: _Run, iteration: int) -> float:
+    """Evaluate after step ``iteration``, log it, keep ``best.pth``; return the mIoU."""
+    t = run.cfg.train
+    metrics = evaluate(run.model, run.val_ds, device=run.device, limit=t.val_limit or None,
+                       amp=t.amp, channels_last=t.channels_last,
+                       inference=run.cfg.eval.inference())
+    run.model.train()
+    run.log.validation(iteration, metrics["miou"],
+                       samples=lambda: _sample_rows(run.model, run.val_ds, run.device))
+    if run.best is None or metrics["miou"] > run.best:
+        run.best = metrics["miou"]
+        if run.info.is_main:
+            save_weights(run.model, run.out_dir / "best.pth", run.classes, run.palette)
+    run.metrics = metrics
+    return metrics["miou"]
+
+
+def _save_checkpoint(run: _Run, iteration: int) -> None:
+    """``last.pth`` and ``history.json`` at ``iteration`` done (rank 0 writes, all wait)."""
+    if run.info.is_main:
+        save_checkpoint(run.out_dir / "last.pth", run.model, run.optimizer, iteration,
+                        run.classes, run.palette, run.run_config, run.best, run.scaler,
+                        adapt_state=run.method.extra_state())
+        run.log.save_history(run.out_dir / "history.json")
     dist_utils.barrier()
-    return TrainResult(out_dir, stop, history, metrics, best, model)
 
 
-def weights_digest(model) -> str:
-    """SHA-256 of every tensor of the state dict (names, dtypes, shapes and bytes, whatever the
-    memory layout: channels-last, 0-d ``num_batches_tracked``): equal iff identical."""
-    return content_digest(dict(model.state_dict()))
+def _interrupted(run: _Run, done: int, signals: _StopSignals, save: bool):
+    """Write ``last.pth`` at ``done`` iterations (unless just written) and stop every rank."""
+    if save:
+        _save_checkpoint(run, done)
+    raise Interrupted(f"interrupted after iteration {done}: resumable checkpoint "
+                      f"{run.out_dir / 'last.pth'} written; continue with --resume",
+                      signals.signum or 2)
 
 
-def _newest_finite_checkpoint(ckpt_path: Path, resume: str | None) -> str:
-    """The checkpoint to go back to: nothing non-finite is ever saved, so the newest one."""
-    if ckpt_path.is_file():
-        return str(ckpt_path)
-    return str(resume) if resume else "none written yet"
+# -- the end --------------------------------------------------------------------------------------
+def _finish(run: _Run) -> TrainResult:
+    """After the last iteration: DDP replicas checked, ``model.pth`` and ``metrics.json``."""
+    run.log.close()
+    if run.info.enabled:
+        _check_replicas(run.model, run.info, run.out_dir)
+        if run.method.adapting:  # the discriminators / teacher beside the network too
+            _check_replicas(run.method, run.info, run.out_dir, "replicas_adapt.json")
+    if run.info.is_main:
+        save_weights(run.model, run.out_dir / "model.pth", run.classes, run.palette)
+        if run.metrics is not None:
+            save_json(run.metrics, run.classes, run.out_dir / "metrics.json")
+    dist_utils.barrier()
+    return TrainResult(run.out_dir, run.stop, run.log.history, run.metrics, run.best, run.model)
 
 
-def _broadcast_buffers(model) -> None:
-    """Give every rank rank 0's buffers (trainable BN's running statistics).
-
-    DDP broadcasts them from rank 0 at the start of each forward, so after the last forward of
-    a step each rank holds statistics of its own slice of the batch. Rank 0's are the ones the
-    next step would use and the ones its checkpoint saves, so validation, the checkpoints and
-    the final weights use them on every rank (and a resumed run continues from them)."""
-    import torch.distributed as dist
-    with torch.no_grad():
-        for b in model.buffers():
-            dist.broadcast(b, src=0)
-
-
-def _check_replicas(model, info, out_dir: Path, name: str = "replicas.json") -> None:
+def _check_replicas(module, info, out_dir: Path, name: str = "replicas.json") -> None:
     """DDP keeps replicas identical; verify it once at the end and record it in ``name``."""
-    import torch.distributed as dist
-    digests: list = [None] * info.world_size
-    dist.all_gather_object(digests, weights_digest(model))
+    digests = dist_utils.replica_digests(module, info.world_size)
     if info.is_main:
-        _write_json(out_dir / name, {"world_size": info.world_size, "sha256": digests})
+        atomic_write_text(out_dir / name,
+                          json.dumps({"world_size": info.world_size, "sha256": digests},
+                                     indent=2))
     if len(set(digests)) != 1:
         raise TrainingError(f"DDP replicas diverged: weight digests {digests}")
 
 
-def _tensorboard(path: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is a dependency, but a trimmed install may lack it
-        print("tensorboard is not installed: no TensorBoard logs (pip install tensorboard)")
-        return None
-    return SummaryWriter(str(path))
-
-
-class _NoProgress:
-    def update(self, n): pass
-    def set_postfix(self, **kw): pass
-    def close(self): pass
-
-
-def _progress(start: int, total: int, enabled: bool):
-    if not enabled:
-        return _NoProgress()
-    from tqdm.auto import tqdm
-    return tqdm(total=total, initial=start, desc="train", unit="it", dynamic_ncols=True)
-
-
-def _write_json(path: Path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2))
-
-
-def _read_history(out_dir: Path) -> list[dict]:
-    path = out_dir / "history.json"
-    return json.loads(path.read_text()) if path.is_file() else []
-
-
 @torch.no_grad()
-def _log_samples(writer, model, dataset, device, step: int, count: int = 2) -> None:
-    """Image | ground truth | prediction rows for the first ``count`` validation images."""
-    from .utils.visualize import colorize
+def _sample_rows(model, dataset, device, count: int = 2) -> dict[str, np.ndarray]:
+    """Image | ground truth | prediction rows of the first ``count`` validation images."""
     model.eval()
-    palette = dataset.palette
+    palette, rows = dataset.palette, {}
     for i in range(min(count, len(dataset))):
         image, label = dataset.load(i)
         x = model.preprocess(image).to(device)
         pred = model(x).argmax(1)[0].cpu().numpy()
-        row = np.concatenate([image, colorize(label, palette), colorize(pred, palette)], axis=1)
-        writer.add_image(f"val/sample_{i}", row, step, dataformats="HWC")
+        rows[f"val/sample_{i}"] = np.concatenate(
+            [image, colorize(label, palette), colorize(pred, palette)], axis=1)
     model.train()
+    return rows

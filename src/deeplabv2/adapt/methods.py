@@ -1,18 +1,26 @@
-"""The adaptation methods as parts of the one training loop (:func:`deeplabv2.train.train`).
+"""The training methods as parts of the one training loop (:func:`deeplabv2.train.train`).
 
-At each micro-step the loop gives a method a :class:`Step` (the network as it is called, the
-source batch with labels, a target batch without) and runs, for ``k`` in
-``range(method.passes(iteration))``, ``loss = method.loss(step, k)`` and its backward, each
-pass one forward of the network: that is how gradients accumulate under DDP (all passes but the
-last inside ``no_sync``). Then ``method.discriminator_loss()`` (if any) is backpropagated into
-the method's own modules, the loop steps the network's optimizer and the method's
-(:meth:`Method.optimizers`, poly-scheduled from ``d_lr``) and calls :meth:`Method.after_step`.
-A method's modules (discriminators, EMA teacher) are saved in the training checkpoints.
+Every run is a :class:`Method`: plain supervised training is the base one (``adapt.method``
+``none``, and ``source_only``, the lower bound of the adaptation tables), the adaptation methods
+extend it. The loop knows no method by name; per iteration it calls:
+
+1. :meth:`Method.set_lr` with the run's poly schedule at this iteration (the method applies it
+   to its own optimizers, from ``adapt.d_lr``);
+2. at each micro-step, for ``k`` in ``range(method.passes(iteration))``, ``loss =
+   method.loss(step, k)`` on a :class:`Step` (the network as it is called, the source batch
+   with labels, a target batch without) and its backward, each pass one forward of the network:
+   that is how gradients accumulate under DDP (all passes but the last inside ``no_sync``);
+   then :meth:`Method.discriminator_backward` for the method's own modules;
+3. after the network's optimizer step, :meth:`Method.step_optimizers` (gradients averaged over
+   ranks: these modules are outside DDP) and :meth:`Method.after_step` (e.g. the EMA teacher);
+4. :meth:`Method.scalars` for the logs. :meth:`Method.extra_state` (the modules, e.g.
+   discriminators or the EMA teacher, and their optimizers) goes into the training checkpoints.
 
 =============  ============================================================================
 method         what it adds to the source cross-entropy
 =============  ============================================================================
-source_only    nothing (the lower bound, run through the same loop)
+none           nothing: plain supervised training (no adaptation state or logs)
+source_only    nothing (the lower bound: validated on the target, as the methods are)
 adaptsegnet    AdaptSegNet: a discriminator on the softmax of the (upsampled) scores; the
                network is trained to fool it on target images (``lambda_adv``); multi-level
                adds the layer3 head (seg ``lambda_seg_aux``, adv ``lambda_adv_aux``)
@@ -35,6 +43,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..model.preprocessing import from_rgb, to_rgb
+from ..utils.distributed import average_gradients
 from .discriminator import FCDiscriminator, adversarial_loss, discriminator_loss
 from .entropy import charbonnier_entropy, entropy_loss, self_information
 from .fda import fda_source_to_target
@@ -49,56 +58,99 @@ class Step:
     """One micro-step's inputs. ``net`` is the network as the loop calls it (DDP-wrapped,
     MSC-wrapped or plain), ``model`` the plain :class:`~deeplabv2.model.DeepLabV2`;
     ``images``/``labels`` the preprocessed source batch and its ``(N, H, W)`` labels,
-    ``target`` the preprocessed target batch; ``seg_loss(scores, labels)`` the loop's
-    cross-entropy of stride-8 scores (stride8 or full, as configured)."""
+    ``target`` the preprocessed target batch (None when the method needs none);
+    ``seg_loss(scores, labels)`` the run's cross-entropy of stride-8 scores (stride8 or full,
+    as configured); ``msc_loss(outputs, labels)`` MSC's four-term loss of the network's
+    outputs when it is MSC-wrapped (``train.msc_scales``), else None."""
 
     net: nn.Module
     model: nn.Module
     images: torch.Tensor
     labels: torch.Tensor
-    target: torch.Tensor
+    target: torch.Tensor | None
     iteration: int
     seg_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    msc: bool = False
-    source_loss_fn: Callable | None = None  # MSC's four-term loss, given (outputs, labels)
+    msc_loss: Callable | None = None
 
 
 class Method(nn.Module):
-    """The source-only method; the others extend it."""
+    """Plain supervised training: the source cross-entropy, one pass per micro-step, no modules
+    of its own. ``adapting=False`` is ``adapt.method: none``, training as it was before domain
+    adaptation existed: its checkpoints carry no ``adapt_state``, its logs no ``adapt/``
+    scalars, and an auxiliary head (``adapt.multi_level``) gets no loss. The adaptation
+    methods extend it."""
 
     name = "source_only"
     needs_target = False
 
-    def __init__(self, settings, model: nn.Module):
+    def __init__(self, settings, model: nn.Module, adapting: bool = True):
         super().__init__()
         self.settings = settings
-        self.multi_level = bool(getattr(settings, "multi_level", False))
-        self.logs: dict[str, float] = {}
+        self.adapting = adapting
+        self.multi_level = adapting and bool(getattr(settings, "multi_level", False))
+        # This step's loss terms, kept as tensors: read (a device sync) only by scalars().
+        self.logs: dict[str, torch.Tensor | float] = {}
 
     # -- what the loop calls -------------------------------------------------------------------
+    def set_lr(self, schedule: Callable[[float], float]) -> None:
+        """This iteration's learning rate for the method's own optimizers: ``schedule(base)``
+        is the run's poly policy at this iteration, applied to ``adapt.d_lr``."""
+        for opt in self.optimizers():
+            for group in opt.param_groups:
+                group["lr"] = schedule(self.settings.d_lr)
+
     def passes(self, iteration: int) -> int:
         return 1
 
     def loss(self, step: Step, k: int) -> torch.Tensor:
         return self.source_loss(step, step.images)
 
+    def discriminator_backward(self, accumulate: int) -> None:
+        """Backpropagate the method's own modules' loss (the network gets no gradient from it)
+        after a micro-step's passes, divided by ``accumulate`` as the network's loss is."""
+        loss = self.discriminator_loss()
+        if loss is not None:
+            (loss / accumulate).backward()
+
+    def step_optimizers(self) -> None:
+        """Step the method's own optimizers after the network's step. Their modules are outside
+        DDP: their gradients are averaged over ranks first, so every replica takes the same
+        step (in one process there is nothing to average)."""
+        for opt in self.optimizers():
+            average_gradients(opt)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    def after_step(self, model: nn.Module, iteration: int) -> None:
+        pass
+
+    def scalars(self) -> dict[str, float]:
+        """This step's loss terms, named ``adapt/<term>`` for the logs and TensorBoard."""
+        if not self.adapting:
+            return {}
+        return {f"adapt/{k}": float(v) for k, v in self.logs.items()}
+
+    def extra_state(self) -> dict | None:
+        """What a training checkpoint keeps of the method (None: nothing, a plain run)."""
+        if not self.adapting:
+            return None
+        return {"modules": self.state_dict(),
+                "optimizers": [o.state_dict() for o in self.optimizers()]}
+
+    def load_extra_state(self, state: dict | None) -> None:
+        """Restore :meth:`extra_state`; a plain run ignores whatever the checkpoint holds."""
+        if not self.adapting:
+            return
+        self.load_state_dict(state["modules"])
+        for opt, s in zip(self.optimizers(), state["optimizers"]):
+            opt.load_state_dict(s)
+
+    # -- what the methods override -------------------------------------------------------------
     def discriminator_loss(self) -> torch.Tensor | None:
         return None
 
     def optimizers(self) -> list[torch.optim.Optimizer]:
         return []
-
-    def after_step(self, model: nn.Module, iteration: int) -> None:
-        pass
-
-    def extra_state(self) -> dict:
-        return {"modules": self.state_dict(),
-                "optimizers": [o.state_dict() for o in self.optimizers()]}
-
-    def load_extra_state(self, state: dict) -> None:
-        self.load_state_dict(state["modules"])
-        for opt, s in zip(self.optimizers(), state["optimizers"]):
-            opt.load_state_dict(s)
 
     # -- shared pieces -------------------------------------------------------------------------
     def require_one_crop_size(self, step: Step) -> None:
@@ -111,24 +163,25 @@ class Method(nn.Module):
     def scores(self, step: Step, x: torch.Tensor):
         """``(main, aux or None)`` stride-8 scores of ``x`` through ``step.net`` (MSC: the
         fused map)."""
-        if step.msc:
+        if step.msc_loss is not None:
             return step.net(x)[-1], None
         if self.multi_level:
             return step.net(x, upsample=False, aux=True)
         return step.net(x, upsample=False), None
 
     def source_loss(self, step: Step, x: torch.Tensor) -> torch.Tensor:
-        """The supervised loss of ``x`` against the source labels; caches the scores."""
-        if step.msc:
+        """The supervised loss of ``x`` against the source labels (MSC: its four terms, each
+        against labels shrunk to its own map); caches the scores."""
+        if step.msc_loss is not None:
             outputs = step.net(x)
             self._source_scores = (outputs[-1].detach(), None)
-            return step.source_loss_fn(outputs, step.labels)
+            return step.msc_loss(outputs, step.labels)
         main, aux = self.scores(step, x)
         self._source_scores = (main.detach(), None if aux is None else aux.detach())
         loss = step.seg_loss(main, step.labels)
         if aux is not None:
             loss = loss + self.settings.lambda_seg_aux * step.seg_loss(aux, step.labels)
-        self.logs["seg"] = float(loss.detach())
+        self.logs["seg"] = loss.detach()
         return loss
 
 
@@ -174,7 +227,7 @@ class AdaptSegNet(Method):
         if aux is not None:
             loss = loss + self.settings.lambda_adv_aux * adversarial_loss(self.d_aux, maps[1])
         self._target_maps = [None if m is None else m.detach() for m in maps]
-        self.logs["adv"] = float(loss.detach())
+        self.logs["adv"] = loss.detach()
         return loss
 
     def discriminator_loss(self) -> torch.Tensor:
@@ -182,7 +235,7 @@ class AdaptSegNet(Method):
         if self.d_aux is not None and self._target_maps[1] is not None:
             loss = loss + discriminator_loss(self.d_aux, self._source_maps[1],
                                              self._target_maps[1])
-        self.logs["disc"] = float(loss.detach())
+        self.logs["disc"] = loss.detach()
         return loss
 
     def optimizers(self) -> list[torch.optim.Optimizer]:
@@ -211,7 +264,7 @@ class MinEnt(Method):
         loss = self.settings.lambda_ent * entropy_loss(main)
         if aux is not None:
             loss = loss + self.settings.lambda_ent_aux * entropy_loss(aux)
-        self.logs["ent"] = float(loss.detach())
+        self.logs["ent"] = loss.detach()
         return loss
 
 
@@ -236,7 +289,7 @@ class FDA(Method):
             return self.source_loss(step, x)
         main, _ = self.scores(step, step.target)
         loss = self.settings.fda_lambda_ent * charbonnier_entropy(main, self.settings.fda_eta)
-        self.logs["ent"] = float(loss.detach())
+        self.logs["ent"] = loss.detach()
         return loss
 
 
@@ -271,7 +324,7 @@ class DACS(Method):
         main, _ = self.scores(step, x)
         logits = step.model.alignment.upsample(main, size)
         loss = weighted_cross_entropy(logits, labels, weights)
-        self.logs.update(mix=float(loss.detach()), pseudo_weight=weight)
+        self.logs.update(mix=loss.detach(), pseudo_weight=weight)
         return loss
 
     def after_step(self, model: nn.Module, iteration: int) -> None:
@@ -282,10 +335,10 @@ _CLASSES = {"none": Method, "source_only": Method, "adaptsegnet": AdaptSegNet,
             "advent": AdvEnt, "minent": MinEnt, "fda": FDA, "dacs": DACS}
 
 
-def build_method(settings, model: nn.Module) -> Method | None:
-    """The method ``settings.method`` names, for ``model`` (None for ``"none"``)."""
+def build_method(settings, model: nn.Module) -> Method:
+    """The method ``settings.method`` names, for ``model``."""
     if settings.method not in _CLASSES:
         raise ValueError(f"adapt.method={settings.method!r}; valid: {', '.join(METHODS)}")
-    if settings.method == "none":
-        return None
+    if settings.method == "none":  # plain supervised training, as before adaptation existed
+        return Method(settings, model, adapting=False)
     return _CLASSES[settings.method](settings, model)

@@ -53,6 +53,12 @@ def content_digest(obj) -> str:
     return h.hexdigest()
 
 
+def weights_digest(model) -> str:
+    """SHA-256 of every tensor of the state dict (names, dtypes, shapes and bytes, whatever the
+    memory layout: channels-last, 0-d ``num_batches_tracked``): equal iff identical."""
+    return content_digest(dict(model.state_dict()))
+
+
 def digest_of_checkpoint(obj: dict) -> str:
     """The digest a ``.pth`` checkpoint dict records: every field but the digest itself."""
     return content_digest({k: v for k, v in obj.items() if k != DIGEST_KEY})

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .digest import weights_digest
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -100,6 +102,26 @@ def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
     with torch.no_grad():
         for t in module.state_dict().values():
             dist.broadcast(t, src)
+
+
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Give every rank rank ``src``'s buffers (trainable BN's running statistics).
+
+    DDP broadcasts them from rank 0 at the start of each forward, so after the last forward of
+    a step each rank holds statistics of its own slice of the batch. Rank 0's are the ones the
+    next step would use and the ones its checkpoint saves, so validation, the checkpoints and
+    the final weights use them on every rank (and a resumed run continues from them)."""
+    with torch.no_grad():
+        for b in module.buffers():
+            dist.broadcast(b, src=src)
+
+
+def replica_digests(module: torch.nn.Module, world_size: int) -> list[str]:
+    """Every rank's :func:`~.digest.weights_digest` of ``module``, gathered on every rank:
+    DDP keeps replicas identical, so they are all equal unless something went wrong."""
+    digests: list = [None] * world_size
+    dist.all_gather_object(digests, weights_digest(module))
+    return digests
 
 
 def barrier() -> None:
