@@ -17,6 +17,11 @@ from typing import Any
 
 import yaml
 
+from .adapt.methods import METHODS
+from .inference.crf import DenseCRF, crf_preset
+from .inference.front import InferenceConfig
+from .utils.fileio import atomic_write_text
+
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
@@ -97,13 +102,11 @@ class EvalConfig:
         """The :class:`deeplabv2.inference.crf.DenseCRF` for a model of ``model_config``: the released
         preset of its backbone (:func:`deeplabv2.inference.crf.crf_preset`) updated by ``crf_params``.
         None when ``crf`` is off, unless ``force``."""
-        from .inference.crf import DenseCRF, crf_preset
         params = DenseCRF.from_dict({**crf_preset(model_config).to_dict(), **self.crf_params})
         return params if (self.crf or force) else None
 
     def inference(self):
         """The :class:`deeplabv2.inference.front.InferenceConfig` these settings describe."""
-        from .inference.front import InferenceConfig
         return InferenceConfig.from_dict({k: getattr(self, k) for k in InferenceConfig.keys()})
 
 @dataclass
@@ -293,7 +296,6 @@ def validate(cfg: Config) -> None:
 
 
 def _validate_adapt(cfg: Config) -> None:
-    from .adapt.methods import METHODS
     a = cfg.adapt
     if a.method not in METHODS:
         raise ConfigError(f"adapt.method={a.method!r}; valid values: {', '.join(METHODS)}")
@@ -310,5 +312,4 @@ def _validate_adapt(cfg: Config) -> None:
 
 
 def save_config(cfg: Config, path) -> None:
-    from .utils.fileio import atomic_write_text
     atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

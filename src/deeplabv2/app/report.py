@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image
 
 from ..utils.fileio import atomic_write_text
+from ..data import voc_palette
 from ..evaluation.metrics import ConfusionMatrix, save_json
 from . import asset
 
@@ -458,5 +459,4 @@ def compare_report(out_dir, run, baseline, *, run_name: str | None = None,
 
 
 def _default_palette(n: int) -> np.ndarray:
-    from ..data import voc_palette
     return np.asarray(voc_palette(max(n, 1)))[:n]

@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 IGNORE_INDEX = 255
 
@@ -143,7 +143,6 @@ def read_image(path) -> np.ndarray:
     it); 16-bit grayscale is scaled to 8 bits (not clipped), 16-bit RGB keeps its high byte;
     palette images give their colours; transparency (RGBA, LA, palette with a transparent
     colour) is composited over white."""
-    from PIL import ImageOps
     try:
         with Image.open(path) as im:
             im = ImageOps.exif_transpose(im)

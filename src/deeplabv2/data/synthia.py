@@ -23,6 +23,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import png
 
 from .base import DatasetError
 from .cityscapes import PALETTE
@@ -44,7 +45,6 @@ def _lut(kept: tuple[int, ...]) -> np.ndarray:
 
 def read_png16(path) -> np.ndarray:
     """A PNG of any bit depth as ``(H, W, planes)`` uint16/uint8, decoded with pypng."""
-    import png
     try:
         width, height, rows, info = png.Reader(filename=str(path)).asDirect()
         data = np.vstack([np.asarray(row) for row in rows])

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ..config import load_config
 from ..data import build_dataset
@@ -33,6 +34,8 @@ from ..utils.fileio import atomic_write, atomic_write_text
 from ..train import train
 from ..utils.visualize import colorize
 from ..weights import load_model
+from .charts import _pyplot
+from .supervised import _titled
 
 DEFAULT_METHODS = ("fda",)
 ALL_METHODS = ("adaptsegnet", "advent", "minent", "fda", "dacs")
@@ -151,7 +154,6 @@ def _table(runs: dict, summary: dict) -> str:
 
 
 def _curves(runs: dict, path: Path) -> None:
-    from .charts import _pyplot
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
     offset = runs["warm_up"]["iterations"]
@@ -173,8 +175,6 @@ def _curves(runs: dict, path: Path) -> None:
 def _examples(dataset, checkpoints: dict, path: Path, count: int = 4) -> None:
     """Rows of target image | ground truth | each run's prediction, under column titles, with
     the class legend beside them."""
-    import torch
-    from .supervised import _titled
     nets = {k: optimize_for_inference(load_model(p)) for k, p in checkpoints.items()}
     rows = []
     for i in range(count):

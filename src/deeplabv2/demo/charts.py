@@ -7,11 +7,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..utils.fileio import atomic_write_text
+from ..utils.fileio import atomic_write, atomic_write_text
 from ..evaluation.metrics import format_table, save_json
 
 
 def _pyplot():
+    # matplotlib is imported only when a chart is drawn: it costs about half a second
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -46,7 +47,6 @@ def training_curve(history: list[dict], path, val_points: list[tuple[int, float]
 
 
 def _savefig(fig, path) -> None:
-    from ..utils.fileio import atomic_write
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"), fsync=False)
 
 

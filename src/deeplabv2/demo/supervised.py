@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from ..app.report import ReportCollector
 from .colour_baseline import colour_baseline_miou
@@ -23,7 +23,7 @@ from ..evaluation.evaluate import evaluate
 from ..deploy.fast import optimize_for_inference
 from ..utils.fileio import atomic_write
 from ..evaluation.metrics import format_table
-from ..inference.predict import predict_files
+from ..inference.predict import legend_image, predict_files
 from .charts import write_report
 from ..train import train
 from ..utils.visualize import colorize
@@ -117,8 +117,6 @@ def _example_panel(dataset, pred_dir: Path, path: Path, class_names=None) -> Non
 
 def _titled(grid: np.ndarray, column_width: int, gap: int, titles, class_names, palette):
     """``grid`` under a row of column titles, with the legend of ``class_names`` on its right."""
-    from PIL import ImageDraw
-    from ..inference.predict import legend_image
     header = 20
     key = legend_image(class_names, palette) if class_names else None
     width = grid.shape[1] + (key.width + 8 if key else 0)

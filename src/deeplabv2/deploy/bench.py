@@ -16,6 +16,7 @@ is :func:`deeplabv2.deploy.accuracy.mode_accuracy`'s.
 from __future__ import annotations
 
 import copy
+import json
 import statistics
 import time
 
@@ -23,8 +24,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .. import hub
 from ..model.info import forward_flops
 from ..precision import autocast_context, resolve_train_amp
+from ..utils.fileio import atomic_write_text
+from ..weights import load_model
+from .export import export_onnx, export_torchscript
 from .fast import _mkldnn_conv
 from .machine import machine
 from .memory import RSSSampler, settled_rss_mib
@@ -317,9 +322,6 @@ def format_table(result: dict) -> str:
 
 
 def cmd_bench(args) -> int:
-    import json
-
-    from .. import hub
     net = getattr(hub, f"deeplabv2_{args.model}")(args.num_classes, weights=args.weights)
     result = bench(net, [_size(s) for s in args.sizes], args.modes, args.iterations,
                    args.warmup, args.threads, train_step=not args.no_train,
@@ -327,15 +329,12 @@ def cmd_bench(args) -> int:
     result["model"] = args.model
     print(format_table(result))
     if args.json:
-        from ..utils.fileio import atomic_write_text
         atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
         print(f"results written to {args.json}")
     return 0
 
 
 def cmd_export(args) -> int:
-    from .export import export_onnx, export_torchscript
-    from ..weights import load_model
     if not (args.onnx or args.torchscript):
         raise ValueError("nothing to do: give --onnx PATH and/or --torchscript PATH")
     model = load_model(args.checkpoint).eval()

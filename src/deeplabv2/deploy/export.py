@@ -8,6 +8,7 @@ scale) is *not* part of the graph: apply ``model.preprocessing`` first, as for t
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from pathlib import Path
 
@@ -89,7 +90,6 @@ def export_torchscript(model: nn.Module, path, height: int = 321, width: int = 3
 def write_sha256(path) -> Path:
     """``{path}.sha256`` in ``sha256sum`` format, so that a copy of an exported file (read by
     other runtimes, not by this project) can be checked with ``sha256sum -c``."""
-    import hashlib
     path = Path(path)
     h = hashlib.sha256()
     with open(path, "rb") as f:

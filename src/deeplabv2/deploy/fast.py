@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from .atrous import AtrousWinogradConv2d, nnpack_available, use_atrous_winograd
-from ..model.aspp import tap_shifts, tap_weight
+from ..model.aspp import ASPP, tap_shifts, tap_weight
 from ..model.deeplab import NetworkWrapper
 from ..model.resnet import Bottleneck, FrozenBatchNorm2d
 
@@ -300,7 +300,6 @@ def _aspp_branch(conv: nn.Module) -> bool:
 def fuse_aspp(model: nn.Module) -> int:
     """Replace, in place, every summed :class:`~deeplabv2.model.aspp.ASPP` head of ``model``
     by a :class:`TapsASPP`; returns how many."""
-    from ..model.aspp import ASPP
     replaced = 0
     for module in list(model.modules()):
         for name, child in list(module.named_children()):

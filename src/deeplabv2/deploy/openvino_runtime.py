@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..model.deeplab import NetworkWrapper
+from ..precision import bf16_pays
 from .fast import fold_batchnorm
 
 #: OpenVINO's ``INFERENCE_PRECISION_HINT`` per precision; for an INT8 model it sets what its
@@ -38,7 +39,6 @@ def int8_precision(device="cpu") -> str:
     CPUs, by a probe), else ``"int8-f32"``. On ResNet-101 at 512x1024 on a 2-core AMX Xeon
     the bf16 form was 1.17x the f32 one; on the demo's trained model they change 0.666% and
     0.668% of the labels (``benchmarks/accuracy_results.md``)."""
-    from ..precision import bf16_pays
     return "int8-bf16" if bf16_pays(torch.device(device))[0] else "int8-f32"
 
 

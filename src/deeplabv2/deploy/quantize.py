@@ -46,6 +46,7 @@ IR compiles in seconds and the same file serves every size. The PT2E path was no
 
 from __future__ import annotations
 
+import copy
 import time
 from pathlib import Path
 
@@ -55,7 +56,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from .fast import TapsASPP, fold_batchnorm
+from ..data import build_dataset
+from ..data.transforms import TrainTransform
 from ..model.resnet import Bottleneck
+from ..weights import load_model
 from .openvino_runtime import (HINTS, MissingRuntime, artefact_dir, convert, int8_precision,
                                require_openvino, write_sidecar)
 
@@ -108,7 +112,6 @@ def quantize_checkpoint(checkpoint, dataset: str, root, split: str, *, crop_size
     except ImportError:
         raise MissingRuntime("quantization needs NNCF: pip install 'deeplabv2[openvino]' "
                            "(or pip install nncf)") from None
-    from ..weights import load_model
     if samples < 1:
         raise ValueError(f"samples must be positive, got {samples}")
     if max_label_change is not None and not 0 <= max_label_change < 1:
@@ -270,7 +273,6 @@ def with_taps_head(net: nn.Module) -> nn.Module:
     """A copy of the BN-folded ``net`` whose summed ASPP head (3x3 branches) is an
     :class:`ExportTapsASPP`; ``net`` itself where the head is of another kind (VGG-16's
     DeepLab-ASPP-L branches)."""
-    import copy
     if not hasattr(getattr(net, "head", None), "summed_convs"):
         return net
     out = copy.deepcopy(net)
@@ -323,8 +325,6 @@ class TrainingCrops:
     def __init__(self, dataset: str, root, split: str, *, crop_size, preprocessing,
                  scale_range=(0.5, 1.5), scales=None, flip: bool = True,
                  options: dict | None = None, seed: int = 0):
-        from ..data import build_dataset
-        from ..data.transforms import TrainTransform
         self.dataset = build_dataset(dataset, root, split, seed=seed, **(options or {}))
         if len(self.dataset) == 0:
             raise ValueError(f"dataset {dataset!r} split {split!r} is empty")

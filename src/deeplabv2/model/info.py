@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from . import DeepLabV2
+from .deeplab import DeepLabV2, build_model
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
@@ -42,7 +42,6 @@ def model_info(model: DeepLabV2, height: int, width: int) -> dict:
 
 
 def _meta_copy(model: DeepLabV2) -> DeepLabV2:
-    from . import build_model
     with torch.device("meta"):
         meta = build_model(model.config)
     if hasattr(meta.backbone, "set_layout"):
