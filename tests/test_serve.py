@@ -281,10 +281,12 @@ def test_serve_command_hands_the_server_its_options(monkeypatch):
     assert server.DEFAULTS["queue_size"] == 4
     assert main(["serve", "m.pth", "--host", "0.0.0.0", "--port", "9000", "--device", "cpu",
                  "--max-upload-mb", "12", "--max-megapixels", "2.5", "--queue", "7",
-                 "--timeout", "3", "--precision", "bf16", "--eager", "--no-winograd"]) == 0
+                 "--timeout", "3", "--header-timeout", "4", "--body-timeout", "2.5",
+                 "--precision", "bf16", "--eager", "--no-winograd"]) == 0
     assert got.pop() == ("m.pth", {"host": "0.0.0.0", "port": 9000, "device": "cpu",
                                    "max_upload_mb": 12.0, "max_pixels": 2_500_000,
-                                   "queue_size": 7, "timeout_s": 3.0, **runtime,
+                                   "queue_size": 7, "timeout_s": 3.0, "header_timeout_s": 4.0,
+                                   "body_timeout_s": 2.5, **runtime,
                                    "precision": "bf16", "eager": True, "winograd": "off"})
 
 
