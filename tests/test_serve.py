@@ -1,7 +1,9 @@
 """`deeplabv2 serve`'s HTTP API through Starlette's test client: a good image in each output
 format, every bad input answered with a 4xx that says why, the queue bound (503) and the
-request timeout (504)."""
+request timeout (504); and against a real server on 127.0.0.1, the slow and greedy clients that
+must not lock anyone out, and every refusal answered as JSON."""
 
+import contextlib
 import io
 import json
 import threading
@@ -281,10 +283,12 @@ def test_serve_command_hands_the_server_its_options(monkeypatch):
     assert server.DEFAULTS["queue_size"] == 4
     assert main(["serve", "m.pth", "--host", "0.0.0.0", "--port", "9000", "--device", "cpu",
                  "--max-upload-mb", "12", "--max-megapixels", "2.5", "--queue", "7",
-                 "--timeout", "3", "--precision", "bf16", "--eager", "--no-winograd"]) == 0
+                 "--timeout", "3", "--header-timeout", "4", "--body-timeout", "2.5",
+                 "--precision", "bf16", "--eager", "--no-winograd"]) == 0
     assert got.pop() == ("m.pth", {"host": "0.0.0.0", "port": 9000, "device": "cpu",
                                    "max_upload_mb": 12.0, "max_pixels": 2_500_000,
-                                   "queue_size": 7, "timeout_s": 3.0, **runtime,
+                                   "queue_size": 7, "timeout_s": 3.0, "header_timeout_s": 4.0,
+                                   "body_timeout_s": 2.5, **runtime,
                                    "precision": "bf16", "eager": True, "winograd": "off"})
 
 
@@ -371,3 +375,273 @@ def test_serve_runs_the_network_as_predict_would(checkpoint):
             r = c.post("/api/predict?format=json", content=data)
             assert r.status_code == 200 and r.json()["width"] == 64
         p.close()
+
+
+# -- slow and greedy clients against a real server (uvicorn as `deeplabv2 serve` runs it) -------
+@pytest.fixture
+def own_predictor(checkpoint):
+    """A predictor (queue of 2) for one server: the server's shutdown closes it."""
+    p = Predictor(checkpoint, device="cpu", queue_size=2)
+    yield p
+    p.close()
+
+
+@contextlib.contextmanager
+def served(app):
+    """``server_config(app)``, the configuration `deeplabv2 serve` runs, on 127.0.0.1 and a
+    free port in a thread; yields the port. Stops when the block ends."""
+    import socket
+    import uvicorn
+    from deeplabv2.app.server import server_config
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(server_config(app, port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    _wait_for(lambda: server.started or not thread.is_alive(), 30)
+    assert server.started, "server did not start"
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def _answer(buf: bytes):
+    """``(status, headers, body)`` of one whole HTTP answer in ``buf``, or None if incomplete."""
+    head, sep, body = buf.partition(b"\r\n\r\n")
+    if not sep:
+        return None
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict((k.strip().lower(), v.strip()) for k, v in
+                   (line.split(":", 1) for line in lines[1:]))
+    if len(body) < int(headers.get("content-length", 0)):
+        return None
+    return int(lines[0].split()[1]), headers, body
+
+
+def _json_error(answer, status, why=""):
+    """``answer`` is a ``status`` refusal whose JSON ``error`` contains ``why``."""
+    assert answer is not None, "no answer"
+    got, headers, body = answer
+    assert got == status, (got, body)
+    assert headers["content-type"] == "application/json", headers
+    error = json.loads(body)["error"]
+    assert isinstance(error, str) and why in error, error
+    return headers
+
+
+class SlowClient(threading.Thread):
+    """One connection that sends ``head`` and then ``piece`` every ``every`` seconds until the
+    server answers (or, with ``keep_sending``, closes), or ``seconds`` pass: it stops by
+    itself. ``answer``: what it got (see :func:`_answer`); ``took``: seconds from connecting
+    to the answer; ``closed``: the server closed the connection, ``ended`` seconds after
+    connecting."""
+
+    def __init__(self, port, head: bytes, piece: bytes, every=0.25, seconds=15,
+                 keep_sending=False):
+        super().__init__(daemon=True)
+        self.keep_sending = keep_sending
+        self.port, self.head, self.piece, self.every = port, head, piece, every
+        self.seconds = seconds
+        self.answer = self.took = self.ended = None
+        self.closed = False
+
+    def run(self):
+        import select
+        import socket
+        start = time.monotonic()
+        buf = b""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
+            s.sendall(self.head)
+            while time.monotonic() - start < self.seconds:
+                if select.select([s], [], [], self.every)[0]:
+                    try:
+                        data = s.recv(65536)
+                    except ConnectionResetError:
+                        data = b""
+                    if not data:
+                        self.closed, self.ended = True, time.monotonic() - start
+                        break
+                    buf += data
+                    if self.answer is None and _answer(buf):
+                        self.answer, self.took = _answer(buf), time.monotonic() - start
+                elif self.answer is None or self.keep_sending:
+                    try:
+                        s.sendall(self.piece)
+                    except OSError:
+                        break
+
+
+def _request(port, method, path, body=None, headers=None, timeout=5):
+    """One request on a fresh connection: ``(status, headers, body)``; fails after
+    ``timeout`` seconds without an answer."""
+    import http.client
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        r = conn.getresponse()
+        return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
+    finally:
+        conn.close()
+
+
+def test_trickling_headers_lock_nobody_out(own_predictor):
+    """30 connections that send a request line and then one header line at a time (uvicorn's
+    connection limit of 16 answered everyone else a plain-text 503 while they trickled): a
+    normal client keeps being served meanwhile, and each trickler gets a JSON 408 and is
+    closed once the header deadline has passed."""
+    app = create_app(own_predictor, timeout_s=30, header_timeout_s=4)
+    limits = app.state.limits
+    with served(app) as port:
+        slow = [SlowClient(port, b"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\n",
+                           b"X-Slow: 1\r\n") for _ in range(30)]
+        for c in slow:
+            c.start()
+        _wait_for(lambda: limits.connections >= 30, 10)
+        data = encode(photo())
+        for _ in range(2):
+            status, _, body = _request(port, "POST", "/api/predict?format=json", data)
+            assert status == 200 and json.loads(body)["width"] == 64
+            assert _request(port, "GET", "/api/health")[0] == 200
+        assert all(c.answer is None for c in slow), "served only after the tricklers were cut"
+        for c in slow:
+            c.join(15)
+            _json_error(c.answer, 408, "request headers not complete within 4 s")
+            assert c.closed and 4 <= c.took < 12
+        _wait_for(lambda: limits.connections == 0, 10)
+        assert _request(port, "POST", "/api/predict", data)[0] == 200
+    assert own_predictor.admitted == 0
+
+
+def test_slow_bodies_hold_no_queue_slot(own_predictor):
+    """4 connections that announce a 5 MB body and send it a byte at a time (they held every
+    slot of the queue, and everyone else got 503 until the 60 s timeout): a request counts
+    against the queue only once its body is in, so normal clients are served while they
+    trickle, and each slow one is cut off with a JSON 408 at the body deadline, also when
+    it reconnects."""
+    app = create_app(own_predictor, timeout_s=30, body_timeout_s=2)
+    limits = app.state.limits
+    head = (b"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
+            b"Content-Length: 5000000\r\n\r\n\x89")
+    data = encode(photo())
+    statuses = []
+    with served(app) as port:
+        for _ in range(2):  # the second round: the slow clients reconnect
+            slow = [SlowClient(port, head, b"\0") for _ in range(4)]
+            for c in slow:
+                c.start()
+            _wait_for(lambda: limits.receiving == 4, 10)
+            while any(c.answer is None for c in slow):  # served while they trickle
+                assert own_predictor.admitted == 0  # the slow ones hold no slot
+                statuses.append(_request(port, "POST", "/api/predict", data)[0])
+                time.sleep(0.1)
+            for c in slow:
+                c.join(10)
+                _json_error(c.answer, 408, "the upload did not arrive within 2 s")
+                assert c.closed and 2 <= c.took < 6
+            assert statuses and set(statuses) == {200}, statuses
+    assert own_predictor.admitted == 0 and limits.buffered == 0 and limits.receiving == 0
+
+
+def test_a_body_nobody_reads_is_cut_at_the_body_deadline(own_predictor):
+    """A request answered before its body ended (``GET /api/health`` announcing a 5 MB body,
+    which it goes on sending a byte at a time): uvicorn read and discarded the rest with no
+    deadline, so such a connection was held until the body ended; it is closed at the body
+    deadline after the answer."""
+    app = create_app(own_predictor, timeout_s=30, body_timeout_s=1)
+    with served(app) as port:
+        c = SlowClient(port, b"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                             b"Content-Length: 5000000\r\n\r\n\0", b"\0", seconds=8,
+                       keep_sending=True)
+        c.start()
+        c.join(10)
+        assert c.answer is not None and c.answer[0] == 200
+        assert c.closed and c.ended < 4
+
+
+def test_over_limit_upload_gets_413_not_a_broken_pipe(own_predictor):
+    """A body over the limit sent the way Python's urllib sends it (all of it, then read; no
+    ``Expect``) is read and thrown away, then answered 413 (it got a connection reset); one
+    sent with ``Expect: 100-continue`` is answered before the body, which never comes."""
+    import http.client
+    import socket
+    import urllib.error
+    import urllib.request
+    app = create_app(own_predictor, max_upload_mb=1, timeout_s=30, body_timeout_s=10)
+    with served(app) as port:
+        url = f"http://127.0.0.1:{port}/api/predict"
+        big = b"\0" * (20 * 1024 * 1024)
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(urllib.request.Request(url, data=big), timeout=10)
+        assert e.value.code == 413 and e.value.headers["content-type"] == "application/json"
+        assert "larger than the limit of 1,048,576 bytes" in json.loads(e.value.read())["error"]
+        # the same with a refused query, and with no Content-Length (chunked)
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(urllib.request.Request(url + "?format=tiff", data=big),
+                                   timeout=10)
+        assert e.value.code == 400 and "format='tiff'" in json.loads(e.value.read())["error"]
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("POST", "/api/predict", body=iter([b"\0" * 65536] * 320),
+                     encode_chunked=True, headers={"Transfer-Encoding": "chunked"})
+        r = conn.getresponse()
+        assert r.status == 413 and "larger than the limit" in json.loads(r.read())["error"]
+        conn.close()
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(b"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                      b"Content-Length: 20000000\r\nExpect: 100-continue\r\n\r\n")
+            buf = b""
+            while _answer(buf) is None and (chunk := s.recv(4096)):
+                buf += chunk
+            assert _json_error(_answer(buf), 413, "larger than the limit")["connection"] == \
+                "close"
+        assert _request(port, "POST", "/api/predict", encode(photo()))[0] == 200
+    assert app.state.limits.buffered == 0
+
+
+def test_every_refusal_is_json(own_predictor, monkeypatch):
+    """What the protocol refuses (a malformed request, headers too slow), the connection
+    bound, the bound on bodies held in memory, unknown paths and methods, and a failure of
+    ours: each answered as ``{"error": ...}`` with a JSON content type (uvicorn answered the
+    first three in plain text)."""
+    import socket
+    app = create_app(own_predictor, timeout_s=30, header_timeout_s=1, max_connections=3,
+                     buffer_mb=0.05)
+    limits = app.state.limits
+
+    def raw(port, request: bytes, seconds=5):
+        with socket.create_connection(("127.0.0.1", port), timeout=seconds) as s:
+            s.sendall(request)
+            buf = b""
+            while _answer(buf) is None and (chunk := s.recv(4096)):
+                buf += chunk
+            return _answer(buf)
+
+    with served(app) as port:
+        _json_error(raw(port, b"NOT HTTP AT ALL\r\n\r\n"), 400, "invalid HTTP request")
+        _json_error(raw(port, b"GET /api/health HTTP/1.1\r\n"), 408,
+                    "request headers not complete within 1 s")
+        _json_error(_request(port, "GET", "/nowhere"), 404, "no such page: /nowhere")
+        headers = _json_error(_request(port, "GET", "/api/predict"), 405, "GET is not allowed")
+        assert headers["allow"] == "POST"
+        headers = _json_error(_request(port, "POST", "/api/predict", b"\0" * 100_000), 503,
+                              "uploads in progress fill the 52,428 bytes")
+        assert headers["retry-after"] == "1"
+        monkeypatch.setattr(own_predictor, "info", lambda: 1 / 0)
+        _json_error(_request(port, "GET", "/api/model"), 500, "internal error")
+        # three connections open (that send nothing): the fourth's request is refused
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+        try:
+            _wait_for(lambda: limits.connections == 3, 5)
+            headers = _json_error(_request(port, "GET", "/api/health"), 503,
+                                  "busy: 3 connections already open")
+            assert headers["retry-after"] == "1" and headers["connection"] == "close"
+            for s in idle:  # nothing asked, nothing answered: closed at the header deadline
+                s.settimeout(5)
+                assert s.recv(4096) == b""
+        finally:
+            for s in idle:
+                s.close()
+        _wait_for(lambda: limits.connections == 0, 5)
+        assert _request(port, "GET", "/api/health")[0] == 200
