@@ -152,3 +152,34 @@ def test_the_environment_pins_the_choice(monkeypatch):
     monkeypatch.setenv(precision.PIN_ENV, "fast")
     with pytest.raises(ValueError, match=precision.PIN_ENV):
         precision.resolve_train_amp("auto", False, "cpu")
+
+
+def _tiny_train_config(tmp_path, *extra):
+    return load_config("demo", ["train.iterations=1", f"train.out_dir={tmp_path}",
+                                "data.options={num_samples: 4, size: [48, 64]}",
+                                "data.crop_size=[48, 64]", "data.batch_size=2",
+                                "data.num_workers=0", "train.tensorboard=false",
+                                "train.channels_last=false", *extra])
+
+
+@pytest.mark.parametrize("mine, others, expected, blamed", [
+    (False, None, "none", False),  # one process, FP32 by its own probe: nobody else to blame
+    (True, None, "bf16", False),
+    (True, [1.0], "bf16", False),  # two ranks, both bf16
+    (True, [0.0], "none", True),   # the other rank measured FP32: FP32 on both, said
+    (False, [1.0], "none", False),  # this rank measured FP32 itself: its own reason says so
+    (True, [1.0, 0.0], "none", True)])
+def test_another_rank_is_named_only_where_there_is_one(monkeypatch, tmp_path, mine, others,
+                                                        expected, blamed):
+    """``train.amp: auto`` runs as the slowest rank's probe says. "another rank measured FP32
+    faster" only where another rank exists and it overruled this one's bf16."""
+    from deeplabv2 import train as train_module
+    from deeplabv2.utils import distributed
+    monkeypatch.setattr(precision, "bf16_pays",
+                        lambda device, probe=None: (mine, "mocked"))
+    if others is not None:  # the other ranks' votes, as all_reduce would add them
+        monkeypatch.setattr(distributed, "all_reduce_sum",
+                            lambda t: t + torch.tensor([sum(others), len(others)]))
+    cfg, why = train_module._resolve_amp(_tiny_train_config(tmp_path), torch.device("cpu"))
+    assert cfg.train.amp == expected
+    assert ("another rank measured FP32 faster" in why) == blamed
