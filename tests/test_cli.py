@@ -185,3 +185,30 @@ def test_evaluate_msc_is_the_paper_max_fusion_and_crf_search_takes_it(trained, t
     results = json.loads((tmp_path / "crf.json").read_text())["results"]
     assert len(results) == 3 and results[0]["crf"] is None
     assert results[1]["crf"]["prob_clip"] == 1e-5 and results[1]["crf"]["pos_xy_std"] == 1.0
+
+
+def _subcommands():
+    import argparse
+    from deeplabv2.cli import build_parser
+    parser = build_parser()
+    return next(a for a in parser._actions
+                if isinstance(a, argparse._SubParsersAction)).choices
+
+
+def test_every_subcommand_describes_itself_and_its_positional_arguments(capsys):
+    """``deeplabv2 X --help`` opens with a description, and every positional argument has help
+    text: walks every sub-command, so a new one without them fails here."""
+    commands = _subcommands()
+    assert {"train", "evaluate", "predict", "quantize", "serve", "bench", "export",
+            "demo"} <= set(commands)
+    for name, sp in commands.items():
+        assert sp.description and len(sp.description.split()) >= 8, name
+        positionals = [a for a in sp._actions if not a.option_strings]
+        for action in positionals:
+            assert action.help and action.help.strip(), f"{name} {action.dest}: no help"
+        with pytest.raises(SystemExit):
+            main([name, "--help"])
+        shown = " ".join(capsys.readouterr().out.split())
+        assert " ".join(sp.description.split()) in shown, name
+        for action in positionals:
+            assert " ".join(action.help.split()[:4]) in shown, f"{name} {action.dest}"
