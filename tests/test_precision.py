@@ -1,6 +1,8 @@
 """train.amp: auto and predict --precision auto: the decision rule, with the CPU and the probe
 mocked (the speed itself is measured in benchmarks/, not here)."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -146,12 +148,15 @@ def test_the_probe_is_fp32_over_bf16_best_of_the_timed_rounds(monkeypatch):
     real_autocast = torch.autocast
 
     def autocast(device_type, *args, enabled=True, **kwargs):
+        assert torch.get_num_threads() == 1  # one thread reads a core's speed steadily
         clock.now += seconds[enabled].pop(0)
         return real_autocast(device_type, *args, enabled=enabled, **kwargs)
 
     monkeypatch.setattr(precision, "time", clock)
     monkeypatch.setattr(torch, "autocast", autocast)
-    assert precision.bf16_train_speedup(channels=8, size=8, repeats=2) == 2.0
+    with _caller_threads(2):
+        assert precision.bf16_train_speedup(channels=8, size=8, repeats=2) == 2.0
+        assert torch.get_num_threads() == 2
     assert seconds == {False: [], True: []}  # one autocast per step: every step was run
 
 
@@ -178,7 +183,7 @@ def test_the_inference_probe_times_the_inference_networks(monkeypatch):
         prepared.append((precision, kwargs))
 
         def run(x):
-            assert not torch.is_grad_enabled()
+            assert not torch.is_grad_enabled() and torch.get_num_threads() == 1
             clock.now += seconds[precision].pop(0)
             return net(x)
         return run
@@ -186,9 +191,21 @@ def test_the_inference_probe_times_the_inference_networks(monkeypatch):
     monkeypatch.setattr(precision, "PROBE_MODEL", {**precision.PROBE_MODEL, "width": 8})
     monkeypatch.setattr(precision, "time", clock)
     monkeypatch.setattr(fast, "optimize_for_inference", optimize)
-    assert precision.bf16_inference_speedup(size=33, repeats=3) == pytest.approx(2.0)
+    with _caller_threads(2):
+        assert precision.bf16_inference_speedup(size=33, repeats=3) == pytest.approx(2.0)
+        assert torch.get_num_threads() == 2  # the caller's threads are back
     assert prepared == [("fp32", {}), ("bf16", {})]  # the defaults predict runs with
     assert seconds == {"fp32": [], "bf16": []}  # every timed call ran
+
+
+@contextlib.contextmanager
+def _caller_threads(n):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_the_inference_probe_runs_and_leaves_the_random_state(monkeypatch):

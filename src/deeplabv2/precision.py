@@ -8,14 +8,16 @@ native bf16 instructions go opposite ways. Measured (2 threads, ResNet-101,
 * Intel Xeon with AMX (amx_bf16/amx_tile): a warmed bf16-autocast + channels-last training
   step (batch 2, 321x321) is 2.4-3.8x the FP32 step, bf16 inference 3.7x our FP32;
 * AMD EPYC Zen 4 (family 25 model 17: AVX512-BF16, no AMX): the bf16 step is 1.97x the FP32
-  step, the training probe reads 1.75-1.99x, bf16 inference at 512x1024 1.70x our FP32
-  (1.85 s against 3.14 s, 91% of the bf16 bound), 0.12% of the demo model's labels changed;
+  step, bf16 inference at 512x1024 1.70x our FP32 (1.85 s against 3.14 s, 91% of the bf16
+  bound), 1.79-1.88x at 321x321, 0.12% of the demo model's labels changed; the training
+  probe reads 1.9-2.1x, the inference probe 1.84-1.92x; with oneDNN's bf16 kernels turned off
+  (``ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI``) 0.37x and 0.36x;
 * Intel Xeon with AVX512-BF16 and VNNI but no AMX: the bf16 step is 0.94x the FP32 step and
-  bf16 inference 0.77x; the AMX Xeon with AMX turned off in oneDNN
-  (``ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16``): step 0.63-0.82x, inference 0.46-0.54x, the
-  training probe 0.60-0.61x;
+  bf16 inference 0.77x (the probes were not run there: no such machine was lent since); the
+  AMX Xeon with AMX turned off in oneDNN (``ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16``): step
+  0.63-0.82x, inference 0.46-0.54x, the training probe (then on 2 threads) 0.60-0.61x;
 * CPUs without native bf16 (no AMX, no avx512_bf16): bf16 is emulated; on an AVX2 AMD EPYC
-  0.05x FP32 (training) and 0.2x (inference);
+  0.05x FP32 (training), 0.11x our FP32 inference (0.19x eager);
 * CUDA GPUs with bf16 (compute capability 8.0+): bf16 autocast is the usual speed-up.
 
 So the rule is: on a bf16 GPU, bf16; on a CPU with native bf16 (:func:`cpu_bf16_kind`: AMX or
@@ -23,9 +25,10 @@ AVX512-BF16), bf16 when a short probe run on this machine, now, measures bf16 at
 :data:`MIN_SPEEDUP` times FP32, FP32 otherwise; FP32 on every other device and CPU, without a
 probe. Training asks :func:`bf16_train_speedup` (a bf16-autocast convolution step), inference
 :func:`bf16_inference_speedup` (the network as inference prepares it, where FP32 has speed-ups
-of its own: Winograd, fused post-ops): each probe runs once per process, and only where
-``auto`` is asked on such a CPU. A busy machine can read a probe under the bar, and ``auto``
-then stays in FP32: it may leave speed behind, but it picks bf16 only on a measured gain.
+of its own: Winograd, fused post-ops). Each probe runs on one thread (steady on a busy
+machine, where threads waiting on each other scattered a two-thread probe over 1.1-2.2x), once
+per process, and only where ``auto`` is asked on such a CPU. A probe that reads under the bar
+keeps FP32: ``auto`` may leave speed behind, but it picks bf16 only on a measured gain.
 What was chosen, and why, is printed once by each command (``train.amp=auto: ...``,
 ``--precision auto: ...``). :data:`PIN_ENV` pins the choice (the test suite pins FP32).
 """
@@ -87,6 +90,17 @@ def cuda_has_bf16(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_bf16_supported()
 
 
+@contextlib.contextmanager
+def _threads(n: int):
+    """PyTorch's intra-op threads set to ``n`` inside, the caller's count restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _best_ratio(run, repeats: int) -> float:
     """FP32's best time over bf16's: ``run("fp32")`` and ``run("bf16")`` alternate (a change of
     load hits both), one warm-up round, then the best of ``repeats`` rounds each."""
@@ -100,13 +114,20 @@ def _best_ratio(run, repeats: int) -> float:
     return best["fp32"] / best["bf16"]
 
 
+#: the probes time one thread: what differs between CPU kinds is a core's bf16 against FP32,
+#: and one thread reads it steadily where threads wait on each other on a busy machine (a
+#: shared 2-core AMD EPYC, same minutes: 1.98-2.08x on one thread, 1.15-2.18x on two;
+#: ``benchmarks/precision_auto_results.md``)
+PROBE_THREADS = 1
+
+
 def bf16_train_speedup(channels: int = 256, size: int = 48, batch: int = 2,
                        repeats: int = 3) -> float:
     """FP32 NCHW time / bf16-autocast channels-last time of a small training step on the CPU:
     two 3x3 convolutions and a 1x1 of ``channels`` channels on ``batch x size x size``,
     forward and backward, the best of ``repeats`` after one warm-up, the two alternating so
-    that a change of load hits both. About a second on a 2-core AMX Xeon, 5 s on a shared
-    2-core AMD EPYC (Zen 4)."""
+    that a change of load hits both, on :data:`PROBE_THREADS` thread(s). About 2 s on a
+    2-core AMD EPYC (Zen 4) shared with other work."""
     g = torch.Generator().manual_seed(0)
     net = torch.nn.Sequential(
         torch.nn.Conv2d(channels, channels, 3, padding=2, dilation=2), torch.nn.ReLU(),
@@ -127,7 +148,8 @@ def bf16_train_speedup(channels: int = 256, size: int = 48, batch: int = 2,
                 out = model(inp)
             out.float().square().mean().backward()
 
-    return _best_ratio(step, repeats)
+    with _threads(PROBE_THREADS):
+        return _best_ratio(step, repeats)
 
 
 bf16_train_speedup.label = "training-step"
@@ -143,13 +165,15 @@ def bf16_inference_speedup(size: int = 161, repeats: int = 4) -> float:
     :func:`deeplabv2.deploy.fast.optimize_for_inference` in each precision (BN folded,
     channels-last, fused, prepacked; FP32's dilated convolutions as Winograd where that pays,
     bf16's weights converted once) of a random :data:`PROBE_MODEL` on one ``size x size``
-    image, no autograd, alternating, the best of ``repeats`` after one warm-up. Not the
-    training probe: inference has its own FP32 speed-ups (Winograd, post-ops) and runs bf16
-    weights instead of autocast. 1-3 s on a 2-core CPU, most of it preparing the two networks;
-    the caller's random state is left as it was."""
+    image, no autograd, alternating, the best of ``repeats`` after one warm-up, on
+    :data:`PROBE_THREADS` thread(s). Not the training probe: inference has its own FP32
+    speed-ups (Winograd, post-ops) and runs bf16 weights instead of autocast. About 1.5 s on a
+    2-core AMD EPYC (Zen 4) shared with other work, most of it preparing the two networks; the
+    caller's random state and threads are left as they were."""
     from .deploy.fast import optimize_for_inference
     from .model.deeplab import build_model
-    with torch.random.fork_rng(devices=[]):  # building and preparing draw random numbers
+    # building and preparing draw random numbers
+    with torch.random.fork_rng(devices=[]), _threads(PROBE_THREADS):
         torch.manual_seed(0)
         model = build_model(dict(PROBE_MODEL)).eval()
         nets = {kind: optimize_for_inference(model, precision=kind) for kind in ("fp32", "bf16")}
@@ -177,8 +201,8 @@ def _cpu_bf16_pays(probe) -> tuple[bool, str]:
     if speedup >= MIN_SPEEDUP:
         return True, f"{kind} CPU, {what} {speedup:.1f}x FP32"
     return False, (f"{kind} CPU, but the {what} measured only {speedup:.2f}x FP32 now, under "
-                   f"{MIN_SPEEDUP}x (bf16 does not pay on this CPU, AMX is off in the OS or by "
-                   "ONEDNN_MAX_CPU_ISA, or the machine is busy)")
+                   f"{MIN_SPEEDUP}x (bf16 does not pay on this CPU, its native bf16 is turned "
+                   "off by ONEDNN_MAX_CPU_ISA or the OS, or the machine is busy)")
 
 
 #: environment variable that pins what ``auto`` picks: ``fp32`` or ``bf16`` (the test suite
