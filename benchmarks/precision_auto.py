@@ -6,9 +6,9 @@ Each round runs the training-step probe (:func:`deeplabv2.precision.bf16_train_s
 the inference probe (:func:`deeplabv2.precision.bf16_inference_speedup`) on each of
 ``--probe-threads`` (default: the probes' own :data:`deeplabv2.precision.PROBE_THREADS`) and,
 with ``--resnet101``, three alternating calls each of ResNet-101 (random weights) prepared for
-inference in FP32 and in bf16 at ``--size`` on ``--threads``, the best of each. The load average at the start
-of each round is printed: on a shared machine the ratios move with it. Results:
-``benchmarks/precision_auto_results.md``.
+inference in FP32 and in bf16 at ``--size`` on ``--threads``, the best of each. The load
+average at the start of each round is printed: on a shared machine the ratios move with it.
+Results: ``benchmarks/precision_auto_results.md``.
 
     python benchmarks/precision_auto.py --rounds 4 --resnet101 --probe-threads 1 2
 """

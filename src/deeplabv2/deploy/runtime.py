@@ -13,9 +13,9 @@ that chooses, for every command that runs a checkpoint (``evaluate``, ``crf-sear
 
 ``precision="auto"`` is resolved here (:func:`deeplabv2.precision.resolve_inference_precision`:
 on a CPU with native bf16, by the inference probe, once per process) and the reason comes back
-with the network as ``Prepared.note``, which the commands print. :func:`add_runtime_args` gives a command these
-choices as flags and :func:`runtime_options` reads them back; what runs on the prepared network
-is :func:`deeplabv2.inference.front.segment`.
+with the network as ``Prepared.note``, which the commands print. :func:`add_runtime_args`
+gives a command these choices as flags and :func:`runtime_options` reads them back; what runs
+on the prepared network is :func:`deeplabv2.inference.front.segment`.
 """
 
 from __future__ import annotations
