@@ -185,3 +185,71 @@ def test_evaluate_msc_is_the_paper_max_fusion_and_crf_search_takes_it(trained, t
     results = json.loads((tmp_path / "crf.json").read_text())["results"]
     assert len(results) == 3 and results[0]["crf"] is None
     assert results[1]["crf"]["prob_clip"] == 1e-5 and results[1]["crf"]["pos_xy_std"] == 1.0
+
+
+@pytest.mark.parametrize("speedup, chosen, why", [
+    (1.7, "bf16", "--precision auto: bf16 (AVX512-BF16 CPU, bf16 inference probe 1.7x FP32)"),
+    (0.9, "fp32", "--precision auto: fp32 (AVX512-BF16 CPU, but the bf16 inference probe "
+                  "measured only 0.90x FP32 now")])
+def test_precision_auto_says_once_what_it_chose_and_why(trained, tmp_path, capsys, monkeypatch,
+                                                        speedup, chosen, why):
+    """evaluate and predict with ``--precision auto`` on a CPU with native bf16 but no AMX
+    (flags and inference probe faked): the probe decides, once per process, and each command
+    prints its choice and the measurement once (an ensemble's members follow it silently)."""
+    from deeplabv2 import precision
+    root, cfg_path = trained
+    ckpt = str(root / "run" / "model.pth")
+    monkeypatch.delenv(precision.PIN_ENV, raising=False)  # conftest pins fp32
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
+    calls = []
+
+    def probe():
+        calls.append(speedup)
+        return speedup
+    probe.label = "inference"
+    monkeypatch.setattr(precision, "bf16_inference_speedup", probe)
+    ds = build_dataset("synthetic", None, "val", num_samples=6, size=[48, 64])
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(ds.load(0)[0]).save(images / "a.png")
+    precision._cpu_bf16_pays.cache_clear()
+    try:
+        assert main(["evaluate", ckpt, "-c", str(cfg_path), "--precision", "auto",
+                     "--limit", "2"]) == 0
+        evaluated = capsys.readouterr().out
+        assert main(["predict", ckpt, str(images), "-o", str(tmp_path / "p"),
+                     "--ensemble", ckpt]) == 0
+        predicted = capsys.readouterr().out
+    finally:
+        precision._cpu_bf16_pays.cache_clear()
+    for out in (evaluated, predicted):
+        assert out.count("--precision auto:") == 1 and why in out
+    assert f", {chosen}\n" in evaluated  # and it ran in what it said
+    assert calls == [speedup]
+
+
+def _subcommands():
+    import argparse
+    from deeplabv2.cli import build_parser
+    parser = build_parser()
+    return next(a for a in parser._actions
+                if isinstance(a, argparse._SubParsersAction)).choices
+
+
+def test_every_subcommand_describes_itself_and_its_positional_arguments(capsys):
+    """``deeplabv2 X --help`` opens with a description, and every positional argument has help
+    text: walks every sub-command, so a new one without them fails here."""
+    commands = _subcommands()
+    assert {"train", "evaluate", "predict", "quantize", "serve", "bench", "export",
+            "demo"} <= set(commands)
+    for name, sp in commands.items():
+        assert sp.description and len(sp.description.split()) >= 8, name
+        positionals = [a for a in sp._actions if not a.option_strings]
+        for action in positionals:
+            assert action.help and action.help.strip(), f"{name} {action.dest}: no help"
+        with pytest.raises(SystemExit):
+            main([name, "--help"])
+        shown = " ".join(capsys.readouterr().out.split())
+        assert " ".join(sp.description.split()) in shown, name
+        for action in positionals:
+            assert " ".join(action.help.split()[:4]) in shown, f"{name} {action.dest}"

@@ -10,6 +10,8 @@ import sys
 from .config import load_config
 
 ARCHS = ("resnet101", "resnet50", "vgg16")
+#: the help of every command's ``checkpoint`` argument
+CHECKPOINT_HELP = "a deeplabv2 checkpoint (.pth or .safetensors), e.g. RUN/model.pth"
 
 
 def _build(name: str, num_classes: int, weights):
@@ -330,7 +332,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="deeplabv2", description=__doc__)
     p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
-    info = sub.add_parser("info", help="parameters, FLOPs, output stride and shape of a model")
+    info = sub.add_parser(
+        "info", help="parameters, FLOPs, output stride and shape of a model",
+        description="Print a DeepLab v2 model's parameters, FLOPs per image, output stride and "
+                    "logits shape, from its architecture (and a weights file if given), as text "
+                    "or JSON.")
     info.add_argument("--model", choices=ARCHS, default="resnet101")
     info.add_argument("--num-classes", type=int, default=19)
     info.add_argument("--height", type=int, default=512)
@@ -339,7 +345,13 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=cmd_info)
 
-    tr = sub.add_parser("train", help="train a model as a config says (torchrun for DDP)")
+    tr = sub.add_parser(
+        "train", help="train a model as a config says (torchrun for DDP)",
+        description="Train a DeepLab v2 model as a config says (a packaged name or a YAML "
+                    "file, then section.key=value overrides); checkpoints, history, metrics "
+                    "and TensorBoard logs go to train.out_dir. Under torchrun it trains with "
+                    "DDP. With train.amp: auto (the default) it prints the precision it chose "
+                    "and why.")
     tr.add_argument("-c", "--config", required=True, help="packaged config name or YAML path")
     tr.add_argument("--resume", action="store_const", const="auto", default=None,
                     help="continue the run in train.out_dir from its last.pth (an error if "
@@ -358,8 +370,13 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.iterations=100")
     tr.set_defaults(func=cmd_train)
 
-    ev = sub.add_parser("evaluate", help="mIoU of a checkpoint on a dataset split")
-    ev.add_argument("checkpoint")
+    ev = sub.add_parser(
+        "evaluate", help="mIoU of a checkpoint on a dataset split",
+        description="The mIoU and per-class IoU of a checkpoint on a dataset split named by a "
+                    "config, with the paper's test-time options (multi-scale inputs, flip, "
+                    "sliding windows, dense CRF) and the runtime and precision flags; --report "
+                    "also writes an HTML report of the worst classes and images.")
+    ev.add_argument("checkpoint", help=CHECKPOINT_HELP)
     ev.add_argument("-c", "--config", required=True, help="config naming the dataset")
     ev.add_argument("--split", default=None, help="split (default: the config's eval.split)")
     ev.add_argument("--limit", type=int, default=None, help="only the first N images")
@@ -374,8 +391,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_report_args(ev)
     ev.set_defaults(func=cmd_evaluate)
 
-    pr = sub.add_parser("predict", help="segment image files, folders or globs")
-    pr.add_argument("checkpoint")
+    pr = sub.add_parser(
+        "predict", help="segment image files, folders or globs",
+        description="Segment image files, folders or glob patterns with a checkpoint: a label "
+                    "PNG in the model's colours and an overlay per image (optionally the "
+                    "probabilities) in the output folder. With --precision auto (the default) "
+                    "it prints the precision it chose and why.")
+    pr.add_argument("checkpoint", help=CHECKPOINT_HELP)
     pr.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
     pr.add_argument("-o", "--out", required=True, help="output folder")
     pr.add_argument("--probs", action="store_true", help="also save probabilities (.npy)")
@@ -388,8 +410,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inference_args(pr)
     pr.set_defaults(func=cmd_predict)
 
-    cs = sub.add_parser("crf-search", help="grid search of the dense CRF on a validation subset")
-    cs.add_argument("checkpoint")
+    cs = sub.add_parser(
+        "crf-search", help="grid search of the dense CRF on a validation subset",
+        description="Grid-search the dense CRF's appearance kernel (weight, position and "
+                    "colour standard deviations) on the first images of a validation split, as "
+                    "the paper did, and print every setting's mIoU and the best.")
+    cs.add_argument("checkpoint", help=CHECKPOINT_HELP)
     cs.add_argument("-c", "--config", required=True, help="config naming the dataset")
     cs.add_argument("--split", default=None)
     cs.add_argument("--limit", type=int, default=100, help="first N images (paper: 100)")
@@ -406,7 +432,10 @@ def build_parser() -> argparse.ArgumentParser:
     cs.add_argument("overrides", nargs="*", help="section.key=value")
     cs.set_defaults(func=cmd_crf_search)
 
-    sc = sub.add_parser("score", help="score a folder of saved predictions against a split")
+    sc = sub.add_parser(
+        "score", help="score a folder of saved predictions against a split",
+        description="Score a folder of label PNGs (written by predict or by another program) "
+                    "against a dataset split named by a config: mIoU and per-class IoU.")
     sc.add_argument("predictions", help="folder of prediction PNGs")
     sc.add_argument("-c", "--config", required=True, help="config naming the dataset")
     sc.add_argument("--split", default=None, help="split (default: the config's eval.split)")
@@ -417,7 +446,12 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("overrides", nargs="*", help="section.key=value")
     sc.set_defaults(func=cmd_score)
 
-    de = sub.add_parser("demo", help="synthetic data: train -> evaluate -> predict -> report")
+    de = sub.add_parser(
+        "demo", help="synthetic data: train -> evaluate -> predict -> report",
+        description="The whole pipeline on embedded synthetic street scenes, with a reduced "
+                    "network that trains on a CPU in minutes: train, evaluate, predict, and a "
+                    "report folder; at the end it prints where the checkpoint is and the "
+                    "commands that use it. --adapt runs the domain adaptation demo instead.")
     de.add_argument("--out", default=None,
                     help="report folder (default reports/demo, with --adapt reports/demo_adapt)")
     de.add_argument("--adapt", action="store_true",
@@ -430,9 +464,15 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("overrides", nargs="*", help="section.key=value for the demo config")
     de.set_defaults(func=cmd_demo)
 
-    qu = sub.add_parser("quantize", help="static INT8 quantization of a checkpoint (OpenVINO, "
-                                         "NNCF) for --precision int8")
-    qu.add_argument("checkpoint")
+    qu = sub.add_parser(
+        "quantize", help="static INT8 quantization of a checkpoint (OpenVINO, NNCF) for "
+                         "--precision int8",
+        description="Quantize a checkpoint to INT8 (NNCF's static quantization for OpenVINO), "
+                    "calibrated on training crops of the config's dataset; the model is "
+                    "written beside the checkpoint (CHECKPOINT.openvino/int8.xml), where "
+                    "--precision int8 finds it. Refused when INT8 changes the class of too "
+                    "many check scores.")
+    qu.add_argument("checkpoint", help=CHECKPOINT_HELP)
     qu.add_argument("-c", "--config", required=True,
                     help="config naming the training set the calibration crops come from")
     qu.add_argument("--samples", type=int, default=300, help="calibration crops (default 300)")

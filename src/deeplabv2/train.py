@@ -193,7 +193,9 @@ def _resolve_amp(cfg: Config, device: torch.device) -> tuple[Config, str]:
     if cfg.train.amp == "auto":  # every rank runs as the slowest one's probe says
         votes = dist_utils.all_reduce_sum(torch.tensor([float(amp == "bf16"), 1.0],
                                                        device=device))
-        if votes[0] < votes[1]:
+        # fewer bf16 votes than ranks: some rank chose FP32. Only news where this one chose
+        # bf16, and then there is another rank (a single process's own FP32 is said by why)
+        if amp == "bf16" and votes[0] < votes[1]:
             amp, channels_last = "none", cfg.train.channels_last
             why += "; another rank measured FP32 faster: FP32 on every rank"
     train_cfg = dataclasses.replace(cfg.train, amp=amp, channels_last=channels_last)

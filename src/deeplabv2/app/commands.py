@@ -97,7 +97,10 @@ def cmd_serve(args) -> int:
 
 def register(sub) -> None:
     """Add ``compare`` and ``serve`` to the ``deeplabv2`` sub-commands."""
-    co = sub.add_parser("compare", help="per-class IoU of one run against another, sorted")
+    co = sub.add_parser(
+        "compare", help="per-class IoU of one run against another, sorted",
+        description="The per-class IoU of one run against another (each a metrics.json or a "
+                    "report folder), in points, sorted; --report also writes an HTML page.")
     co.add_argument("run", help="metrics.json (or a report folder) of the run")
     co.add_argument("baseline", help="metrics.json (or a report folder) to compare against")
     co.add_argument("--report", default=None, metavar="DIR", help="also write an HTML report")
@@ -105,7 +108,12 @@ def register(sub) -> None:
 
     from ..deploy.runtime import add_runtime_args
     from .server import DEFAULTS
-    se = sub.add_parser("serve", help="local web app and HTTP API to try a model on images")
+    se = sub.add_parser(
+        "serve", help="local web app and HTTP API to try a model on images",
+        description="Serve a checkpoint as a local web app and HTTP API: upload an image, get "
+                    "its segmentation. Uploads, image size, waiting requests and time per "
+                    "request are bounded (413, 503, 504 beyond); the runtime and precision "
+                    "flags are predict's.")
     se.add_argument("checkpoint", help="a deeplabv2 checkpoint (.pth or .safetensors)")
     se.add_argument("--host", default="127.0.0.1",
                     help="address to bind (default 127.0.0.1: this machine only)")

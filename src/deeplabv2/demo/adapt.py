@@ -20,6 +20,7 @@ Writes ``summary.json``, ``table.md``, ``curves.png`` (target-val mIoU during tr
 from __future__ import annotations
 
 import json
+import shlex
 import time
 from pathlib import Path
 
@@ -133,7 +134,22 @@ def run_adapt_demo(out_dir="reports/demo_adapt", methods=DEFAULT_METHODS, source
     print(_table(runs, summary))
     print(f"report: {out.resolve()} (summary.json, table.md, curves.png, examples.png); "
           f"{summary['total_seconds']:.0f} s in all")
+    print(_next_steps(out, list(runs), best or "source_only"))
     return summary
+
+
+def _next_steps(out: Path, names: list, chosen: str) -> str:
+    """Where the runs' checkpoints are, and the commands that use ``chosen``'s: evaluate on
+    the target validation scenes (the table's number), serve it."""
+    from .supervised import shown
+    ckpt, cfg = shown(out / chosen / "model.pth"), shown(out / chosen / "config.yaml")
+    target = shlex.quote(f"data.options={_options(TARGET_VAL)}")
+    return "\n".join([
+        f"checkpoints: {shown(out / 'RUN' / 'model.pth')}, RUN one of {', '.join(names)}",
+        f"next, with {chosen}'s:",
+        f"  deeplabv2 evaluate {ckpt} -c {cfg} {target}   (its target-val mIoU above)",
+        f"  deeplabv2 predict {ckpt} IMAGES -o {shown(out / 'my_predictions')}",
+        f"  deeplabv2 serve {ckpt}   (web app on http://127.0.0.1:8000; the serve extra)"])
 
 
 def _val_points(run_dir: Path) -> list[dict]:

@@ -9,6 +9,7 @@ width reduced so that it trains on 2 CPU cores in a few minutes (see ``configs/d
 
 from __future__ import annotations
 
+import shlex
 import time
 from pathlib import Path
 
@@ -95,7 +96,35 @@ def run_demo(out_dir="reports/demo", overrides=()) -> dict:
     print(f"report: {out.resolve()}  (summary.json, metrics.json, iou_table.txt, "
           f"training_curve.png, confusion.png, examples.png, predictions/)")
     print(f"open {page.resolve()} in a browser: worst classes and images, confusion matrix")
+    print(next_steps(result.out_dir / "model.pth", result.out_dir / "config.yaml", inputs, out))
     return summary
+
+
+def shown(path) -> str:
+    """``path`` as a command line should say it: relative to the working folder when inside
+    it, else absolute, quoted for the shell where needed."""
+    path = Path(path).resolve()
+    try:
+        path = path.relative_to(Path.cwd().resolve())
+    except ValueError:
+        pass
+    return shlex.quote(str(path))
+
+
+def next_steps(checkpoint: Path, config: Path, images: Path, out: Path) -> str:
+    """Where the demo's checkpoint is and the commands that use it, with the real paths (a
+    newcomer guessed ``runs/demo/model.pth`` and the next command failed)."""
+    ckpt, cfg, images = shown(checkpoint), shown(config), shown(images)
+    return "\n".join([
+        f"checkpoint: {ckpt} (trained with {cfg})",
+        "next, with this checkpoint:",
+        f"  deeplabv2 evaluate {ckpt} -c {cfg}",
+        f"  deeplabv2 predict {ckpt} {images} -o {shown(out / 'my_predictions')}"
+        "   (or your own images)",
+        f"  deeplabv2 serve {ckpt}   (web app on http://127.0.0.1:8000; the serve extra)",
+        f"  deeplabv2 quantize {ckpt} -c {cfg}   (INT8 for OpenVINO; the openvino extra), then",
+        f"  deeplabv2 predict {ckpt} {images} -o {shown(out / 'int8_predictions')} "
+        "--precision int8"])
 
 
 def _example_panel(dataset, pred_dir: Path, path: Path, class_names=None) -> None:

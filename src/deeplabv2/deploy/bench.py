@@ -349,7 +349,12 @@ def cmd_export(args) -> int:
 
 def register(subparsers) -> None:
     """Add the ``bench`` and ``export`` subcommands to ``deeplabv2``'s subparsers."""
-    be = subparsers.add_parser("bench", help="inference and training-step speed per mode")
+    be = subparsers.add_parser(
+        "bench", help="inference and training-step speed per mode",
+        description="Time inference per mode (PyTorch eager/fast/bf16, ONNX Runtime, OpenVINO "
+                    "fp32/bf16, INT8) at each input size on random weights or a weights file, "
+                    "against this CPU's measured FP32/bf16 bound, then the training step in "
+                    "FP32 and bf16, and say what train.amp: auto picks here.")
     be.add_argument("--model", choices=("resnet101", "resnet50", "vgg16"), default="resnet101")
     be.add_argument("--num-classes", type=int, default=19)
     be.add_argument("--weights", default=None, help="weights file to load (optional)")
@@ -364,8 +369,12 @@ def register(subparsers) -> None:
     be.add_argument("--json", default=None, help="write the results as JSON here")
     be.set_defaults(func=cmd_bench)
 
-    ex = subparsers.add_parser("export", help="export a checkpoint to ONNX and/or TorchScript")
-    ex.add_argument("checkpoint")
+    ex = subparsers.add_parser(
+        "export", help="export a checkpoint to ONNX and/or TorchScript",
+        description="Export a checkpoint to ONNX (input 'image' with dynamic height and "
+                    "width, output 'logits') and/or to a traced TorchScript file.")
+    ex.add_argument("checkpoint", help="a deeplabv2 checkpoint (.pth or .safetensors), e.g. "
+                                       "RUN/model.pth")
     ex.add_argument("--onnx", default=None, help="write ONNX here (dynamic height and width)")
     ex.add_argument("--torchscript", default=None, help="write a traced TorchScript file here")
     ex.add_argument("--height", type=int, default=512, help="example input height")

@@ -11,10 +11,11 @@ that chooses, for every command that runs a checkpoint (``evaluate``, ``crf-sear
   int8`` always runs there;
 * ``runtime="onnxruntime"``: the ONNX export in ONNX Runtime, the peer the bench measures.
 
-``precision="auto"`` is resolved here (:func:`deeplabv2.precision.resolve_inference_precision`)
-and the reason comes back with the network. :func:`add_runtime_args` gives a command these
-choices as flags and :func:`runtime_options` reads them back; what runs on the prepared network
-is :func:`deeplabv2.inference.front.segment`.
+``precision="auto"`` is resolved here (:func:`deeplabv2.precision.resolve_inference_precision`:
+on a CPU with native bf16, by the inference probe, once per process) and the reason comes back
+with the network as ``Prepared.note``, which the commands print. :func:`add_runtime_args`
+gives a command these choices as flags and :func:`runtime_options` reads them back; what runs
+on the prepared network is :func:`deeplabv2.inference.front.segment`.
 """
 
 from __future__ import annotations
@@ -112,10 +113,11 @@ def add_runtime_args(sp, precision: str = "fp32") -> None:
     """``--precision``, ``--runtime``, ``--eager``, ``--compile`` and ``--winograd`` (with
     ``--no-winograd``) on the sub-command parser ``sp``; ``precision`` is the default."""
     sp.add_argument("--precision", choices=(*PRECISIONS, "int8", "auto"), default=precision,
-                    help=f"fp32, bf16 (CPU with AMX, or GPU), fp16 (GPU), int8 (the "
-                         f"OpenVINO model of `deeplabv2 quantize`) or auto (bf16 where "
-                         f"measured faster: AMX CPUs, bf16 GPUs; else fp32); default "
-                         f"{precision}")
+                    help=f"fp32, bf16 (a CPU with native bf16: AMX or AVX512-BF16, or a "
+                         f"GPU), fp16 (GPU), int8 (the OpenVINO model of `deeplabv2 "
+                         f"quantize`) or auto (bf16 on a bf16 GPU, and on a CPU with native "
+                         f"bf16 where a short probe measures it faster now; else fp32; the "
+                         f"choice and why are printed); default {precision}")
     # ONNX Runtime is a peer the bench measures, not a runtime offered to users
     sp.add_argument("--runtime", choices=("torch", "openvino"), default="torch",
                     help="torch (default) or openvino (CPU; the converted network is cached "
