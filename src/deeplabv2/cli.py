@@ -1,4 +1,8 @@
-"""``deeplabv2`` command line: argument parsing only; the work is done by the library."""
+"""``deeplabv2`` command line: argument parsing only; the work is done by the library.
+
+Each verb imports the part of the library it runs inside its own function: ``deeplabv2 X``
+loads only what X needs (not OpenVINO, Starlette, matplotlib or TensorBoard for every verb),
+which keeps ``--help`` and every verb's start-up short."""
 
 from __future__ import annotations
 

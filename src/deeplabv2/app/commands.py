@@ -1,6 +1,8 @@
 """Command-line parts of the report and the web app: ``--report``/``--baseline`` for
 ``evaluate`` and ``score``, and the ``compare`` and ``serve`` commands (argument parsing and
-hand-over only; the work is in :mod:`.report` and :mod:`.server`)."""
+hand-over only; the work is in :mod:`.report` and :mod:`.server`). As in :mod:`deeplabv2.cli`,
+each command imports what it runs inside its function, so that the CLI starts without the
+server's optional extra."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """``deeplabv2 serve CHECKPOINT``: a local web page and HTTP API to try a model on images.
 
-Starlette (ASGI) under uvicorn, installed by the ``serve`` extra. One model in memory, one
+Starlette (ASGI) under uvicorn, installed by the ``serve`` extra (imported inside the functions
+that build the app and run the server, so the rest of this module loads without the extra). One model in memory, one
 worker thread running it; every request is admitted to a bounded queue or refused:
 
 * ``GET /``                 the page: drop or pick images, overlay with an opacity slider,
@@ -46,18 +47,30 @@ the HTTP protocol alike; :class:`Limits` says why each bound has its default):
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import base64
+import contextlib
 import io
 import json
 import threading
 import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
+from http import HTTPStatus
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ..data import voc_palette
+from ..data.base import _rgb8
+from ..data.cityscapes import train_to_label_ids
+from ..data.cityscapes_labels import CLASSES as CITYSCAPES
+from ..deploy.runtime import prepare_network
+from ..inference.crf import crf_preset
+from ..inference.front import InferenceConfig, segment
+from ..utils.distributed import pick_device
+from ..weights import load_model
 
 DEFAULTS = {"max_upload_mb": 20.0, "max_pixels": 16_000_000, "queue_size": 4, "timeout_s": 60.0,
             "header_timeout_s": 10.0, "body_timeout_s": 30.0}
@@ -112,8 +125,6 @@ def decode_image(data: bytes, max_pixels: float) -> np.ndarray:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             im.load()
             # as displayed (EXIF orientation), 16-bit scaled, alpha over white: as `predict`
-            from ..data.base import _rgb8
-            from PIL import ImageOps
             rgb = _rgb8(ImageOps.exif_transpose(im))
     except Exception as e:  # truncated data, bad CRC, bad compressed stream...
         raise RequestError(400, f"corrupt or truncated {im.format} image: {e}") from None
@@ -137,10 +148,6 @@ class Predictor:
                  winograd: str = "auto"):
         # imported here, not above: `deeplabv2 serve --help` and the parser (which reads
         # DEFAULTS) start without loading torch and the model code
-        import torch
-        from ..utils.distributed import pick_device
-        from ..deploy.runtime import prepare_network
-        from ..weights import load_model
         if queue_size < 1:
             raise ValueError(f"queue_size must be >= 1, got {queue_size}")
         self.device = pick_device(device) if device == "auto" else torch.device(device)
@@ -153,10 +160,8 @@ class Predictor:
         self.classes = list(self.model.classes or [f"class {i}" for i in range(C)])
         palette = self.model.palette
         if palette is None:
-            from ..data import voc_palette
             palette = voc_palette(C)
         self.palette = np.asarray(palette, dtype=np.uint8)[:C]
-        from ..data.cityscapes_labels import CLASSES as CITYSCAPES
         self.cityscapes = tuple(self.classes) == tuple(CITYSCAPES)
         self.queue_size = int(queue_size)
         self.max_pixels = max_pixels
@@ -190,8 +195,6 @@ class Predictor:
         return future
 
     def _run(self, data: bytes, crf: bool, multi_scale: bool):
-        import torch
-        from ..inference.front import InferenceConfig, segment
         started = time.perf_counter()
         image = decode_image(data, self.max_pixels)
         del data
@@ -203,7 +206,6 @@ class Predictor:
 
     def _dense_crf(self):
         if self._crf is None:  # the parameters released for the model's backbone
-            from ..inference.crf import crf_preset
             self._crf = crf_preset(self.model.config)
         return self._crf
 
@@ -218,7 +220,6 @@ class Predictor:
         return buf.getvalue()
 
     def label_ids_png(self, labels: np.ndarray) -> bytes:
-        from ..data.cityscapes import train_to_label_ids
         buf = io.BytesIO()
         Image.fromarray(train_to_label_ids(labels)).save(buf, format="PNG")
         return buf.getvalue()
@@ -314,7 +315,6 @@ class Limits:
 
 def _json_error(status: int, message: str) -> bytes:
     """A whole HTTP/1.1 JSON error answer that closes the connection, for the protocol."""
-    from http import HTTPStatus
     body = json.dumps({"error": message}, separators=(",", ":")).encode()
     return (f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\ncontent-type: application/json"
             f"\r\ncontent-length: {len(body)}\r\nconnection: close\r\n\r\n").encode() + body
