@@ -46,8 +46,8 @@ def training_curve(history: list[dict], path, val_points: list[tuple[int, float]
 
 
 def _savefig(fig, path) -> None:
-    from ..utils.fileio import atomic_write
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"), fsync=False)
+    from ..utils.fileio import atomic_write_buffered
+    atomic_write_buffered(path, lambda f: fig.savefig(f, format="png"), fsync=False)
 
 
 def confusion_figure(confusion, class_names, path) -> None:
