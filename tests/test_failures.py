@@ -25,10 +25,11 @@ from deeplabv2.utils.fileio import RunLock, atomic_write_text
 from deeplabv2.train import TrainingError, train
 from deeplabv2.weights import WeightsError
 from extras import require
-from file_size_limit import refused, run_python
+from file_size_limit import CLI, refused, run_python
 from torchrun import run_torchrun
 
 from test_train import TINY, tiny_config
+from test_uda_train import TARGET
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -407,6 +408,27 @@ def test_read_only_output_folder_is_one_line(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "x.json").exists() and not list(tmp_path.glob(".*.tmp"))
 
 
+def test_a_checkpoint_that_does_not_fit_is_one_line_and_the_loader_workers_stop(tmp_path):
+    """last.pth larger than the file-size limit, a loader worker running: torch.save's zip
+    writer raises RuntimeError ("unexpected pos"), not OSError. The process used to print that
+    traceback and then wait forever on its worker (which ignores the SIGTERM that
+    multiprocessing ends it with at exit). Now: exit 2 at once, one line naming the file and
+    the free space, nothing partial left."""
+    cfg_path = tmp_path / "tiny.yaml"
+    run = tmp_path / "run"
+    save_config(tiny_config(run, "train.iterations=4", "train.checkpoint_every=2",
+                            "data.num_workers=1"), cfg_path)  # last.pth: 1.6 MB, model.pth 0.8
+    code, _, err = run_python("limit_file_size(1_000_000)" + CLI, "train", "-c", cfg_path,
+                              timeout=180)
+    assert code is not None, "still running after 180 s: " + err[-3000:]
+    assert code == 2 and "Traceback" not in err, err[-3000:]
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err[-3000:]
+    assert re.fullmatch("deeplabv2 train: error: " + refused(run / "last.pth", "976.6 KiB"),
+                        lines[0]), lines[0]
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml"]  # no .tmp, no .lock
+
+
 WRITERS = r"""
 import json, sys
 from pathlib import Path
@@ -481,15 +503,19 @@ def test_every_writer_turns_a_refused_write_into_one_line(tmp_path):
     assert load_model(tmp_path / "model.pth").num_classes == 3  # the previous file, whole
 
 
-@pytest.mark.parametrize("sig,workers", [(signal.SIGINT, 0), (signal.SIGTERM, 1)])
-def test_ctrl_c_saves_a_resumable_checkpoint_and_exits_130(tmp_path, sig, workers):
-    """SIGINT to the process (Ctrl-C), or SIGTERM to its whole process group, loader worker
-    included (a job scheduler): the iteration is finished, last.pth written, exit 128+sig."""
-    import re
+@pytest.mark.parametrize("sig,workers,method", [(signal.SIGINT, 0, "none"),
+                                                (signal.SIGTERM, 1, "none"),
+                                                (signal.SIGTERM, 1, "advent")])
+def test_ctrl_c_saves_a_resumable_checkpoint_and_exits_130(tmp_path, sig, workers, method):
+    """SIGINT to the process (Ctrl-C), or SIGTERM to its whole process group, loader workers
+    included (a job scheduler): the iteration is finished, last.pth written, exit 128+sig.
+    An adaptation run has a second loader, of the target images, whose workers a SIGTERM used
+    to kill: the loader then raised in the middle of an iteration, a traceback."""
     cfg_path = tmp_path / "tiny.yaml"
     run = tmp_path / "run"
+    adapt = [*TARGET, f"adapt.method={method}"] if method != "none" else []
     save_config(tiny_config(run, "train.iterations=400", "train.checkpoint_every=3",
-                            f"data.num_workers={workers}"), cfg_path)
+                            f"data.num_workers={workers}", *adapt), cfg_path)
     proc = subprocess.Popen([sys.executable, "-m", "deeplabv2", "train", "-c", str(cfg_path)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
