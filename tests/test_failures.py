@@ -374,7 +374,7 @@ def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, m
     def filling_save(obj, f, *a, **kw):
         if "train_state" in obj and obj["train_state"]["iteration"] == 4:
             seen["last"] = (run / "last.pth").read_bytes()
-            Path(f).write_bytes(b"partial")  # half written, then the disk is full
+            f.write(b"partial")  # half written (into the open file), then the disk is full
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_save(obj, f, *a, **kw)
 
