@@ -3,7 +3,10 @@
 Every file goes to a temporary ``.{name}.*.tmp`` beside its final name and is renamed over it
 only once complete, so the final name holds either the old file or the new one, never a part.
 A temporary file left by a ``kill -9`` is removed by :func:`remove_stale_tmp` at the next start.
-Files get the permissions the user's umask gives (``mkstemp`` alone would make them 0600).
+A write the file system refuses (a full disk, a file-size limit, a read-only folder) is a
+:class:`WriteError` naming the file, the reason and the free space, whatever the writing library
+raised (:func:`write_failure`). Files get the permissions the user's umask gives (``mkstemp``
+alone would make them 0600).
 """
 
 from __future__ import annotations
