@@ -21,7 +21,7 @@ from deeplabv2.cli import main
 from deeplabv2.config import ConfigError, load_config, save_config
 from deeplabv2.data.base import DatasetError, read_image
 from deeplabv2.utils.digest import content_digest, weights_digest
-from deeplabv2.utils.fileio import RunLock, atomic_write_text
+from deeplabv2.utils.fileio import RunLock, WriteError, atomic_write, atomic_write_text
 from deeplabv2.train import TrainingError, train
 from deeplabv2.weights import WeightsError
 from extras import require
@@ -406,6 +406,29 @@ def test_read_only_output_folder_is_one_line(tmp_path, monkeypatch, capsys):
             OSError(errno.EROFS, "Read-only file system")))
         atomic_write_text(tmp_path / "x.json", "{}")
     assert not (tmp_path / "x.json").exists() and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_the_free_space_named_is_measured_without_the_part_that_filled_the_disk(tmp_path,
+                                                                             monkeypatch):
+    """The message names the space the user has once the partial file is gone (it said
+    "0 bytes free" on a full tmpfs that had 4.5 MiB once the partial last.pth was removed)."""
+    import shutil
+    real, partials = shutil.disk_usage, []
+
+    def disk_usage(folder):
+        partials.append(sorted(p.name for p in tmp_path.glob(".*.tmp")))
+        return real(folder)
+
+    def fill(tmp):
+        Path(tmp).write_bytes(b"x" * 100)
+        raise RuntimeError("unexpected pos")  # what torch.save's zip writer says
+    monkeypatch.setattr(shutil, "disk_usage", disk_usage)
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(
+        OSError(errno.ENOSPC, "No space left on device")))  # the probe finds the disk full
+    with pytest.raises(WriteError, match=r"a.bin: cannot write: No space left on device; "
+                                         r"[\d.]+ \w+ free in "):
+        atomic_write(tmp_path / "a.bin", fill)
+    assert partials == [[]] and not list(tmp_path.iterdir())
 
 
 def test_a_checkpoint_that_does_not_fit_is_one_line_and_the_loader_workers_stop(tmp_path):

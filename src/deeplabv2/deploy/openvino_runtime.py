@@ -120,9 +120,11 @@ def save_ir(ov_model, xml) -> Path:
         # new one, which a full disk refuses as well)
         partial = max((p for p in (tmp, tmp_bin) if p.exists()), key=lambda p: p.stat().st_size,
                       default=tmp_bin)
-        err = write_failure(xml, e, partial)
         for p in (tmp, tmp_bin):
-            p.unlink(missing_ok=True)
+            if p != partial:
+                p.unlink(missing_ok=True)
+        err = write_failure(xml, e, partial)  # probes the partial file, then removes it
+        partial.unlink(missing_ok=True)
         if err is e:
             raise
         raise err from None

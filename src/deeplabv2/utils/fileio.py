@@ -51,8 +51,8 @@ def atomic_write(path, write: Callable[[str], None], *, fsync: bool = True) -> N
                 os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
-        err = write_failure(path, e, tmp)  # probes the partial file: before it is removed
-        if tmp is not None and os.path.exists(tmp):
+        err = write_failure(path, e, tmp)  # probes the partial file, then removes it
+        if tmp is not None and os.path.exists(tmp):  # (an interrupt: not given to it)
             os.unlink(tmp)
         if err is e:
             raise
@@ -71,12 +71,18 @@ def write_failure(path, error: BaseException, partial=None) -> BaseException:
     writer raises ``RuntimeError: ... unexpected pos``, OpenVINO's ``basic_ios::clear: iostream
     error``, Pillow's encoder ``encoder error -2``. For those, up to 1 MiB is appended to
     ``partial``: when the file system refuses that too (a full disk, a file-size limit), its
-    ``OSError`` is the reason."""
+    ``OSError`` is the reason. ``partial`` is removed (then the free space is measured: what
+    the user has, not the part that filled the disk)."""
     if isinstance(error, WriteError) or not isinstance(error, Exception):
         return error
     cause = error if isinstance(error, OSError) and error.errno else None
     if cause is None and partial is not None:
         cause = _probe(Path(partial))
+    if partial is not None:
+        try:
+            os.unlink(partial)
+        except OSError:
+            pass
     if cause is None and isinstance(error, OSError):
         cause = error
     if cause is None:
