@@ -326,3 +326,19 @@ def test_registry_knows_every_dataset_and_lists_names_on_error(tmp_path):
     assert len(ds) == 4 and ds.load(0)[0].shape == (48, 64, 3) and ds.seed == 3
     assert isinstance(build_dataset("cityscapes", cityscapes_tree(tmp_path), "train"),
                       CityscapesDataset)
+
+
+def test_an_empty_synthetic_set_names_the_dataset_and_its_option(tmp_path, capsys):
+    """``num_samples: 0`` used to fail as ``None: split 'train' is empty`` (the missing root)."""
+    from deeplabv2.cli import main
+    with pytest.raises(DatasetError, match=r"^dataset 'synthetic', split 'train': "
+                                           r"num_samples=0 makes no images; set num_samples "
+                                           r"to 1 or more"):
+        build_dataset("synthetic", None, "train", num_samples=0)
+    assert main(["train", "-c", "demo", "data.options={num_samples: 0}", "train.amp=none",
+                 f"train.out_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("deeplabv2 train: error: dataset 'synthetic', split 'train': num_samples=0 "
+                   "makes no images; set num_samples to 1 or more (data.options, "
+                   "adapt.target_options)"), err
+    assert not (tmp_path / "run").exists()

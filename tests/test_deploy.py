@@ -3,6 +3,7 @@ and INT8 quantization (NNCF): skipped when the optional extra 'openvino' is not 
 under ``DEEPLABV2_REQUIRE_EXTRAS=1`` (``make test``; see ``tests/extras.py``)."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from deeplabv2.data import build_dataset
 from deeplabv2.weights import load_model, save_weights
 from test_export import nontrivial_model
 from extras import require
+from file_size_limit import refused, run_python
 
 ov = require("openvino", "OpenVINO not installed (extra 'openvino')")
 from deeplabv2.deploy.openvino_runtime import (OpenVINOModel, artefact_dir,  # noqa: E402
@@ -70,6 +72,36 @@ def test_the_ir_follows_the_checkpoint(tmp_path, checkpoint):
     x = torch.randn(1, 3, 40, 48)
     with torch.no_grad():
         assert _close(net(x), model(x), 1e-4)
+
+
+IR_WRITE = """
+import sys
+from pathlib import Path
+from deeplabv2.deploy.openvino_runtime import fp32_ir
+from deeplabv2.weights import load_model
+checkpoint = Path(sys.argv[1])
+model = load_model(checkpoint).eval()
+limit_file_size(1000)
+try:
+    fp32_ir(model, checkpoint)
+    print("written")
+except Exception as e:
+    print(f"{type(e).__name__}: {e}")
+"""
+
+
+def test_an_ir_that_does_not_fit_is_one_line_and_leaves_nothing(tmp_path, checkpoint):
+    """OpenVINO says only "basic_ios::clear: iostream error" when a write fails; the IR's
+    temporary .xml/.bin were left behind. Now: the one-line error naming fp32.xml and the free
+    space, nothing left (the save_ir that quantize writes int8.xml with too)."""
+    copy = tmp_path / "model.pth"
+    copy.write_bytes(checkpoint.read_bytes())
+    code, out, err = run_python(IR_WRITE, copy, timeout=300)  # a process of its own: the limit
+    assert code == 0, err[-3000:]
+    line = out.strip().splitlines()[-1]
+    assert re.fullmatch("WriteError: " + refused(artefact_dir(copy) / "fp32.xml", "1000 bytes"),
+                        line), line
+    assert not [p for p in artefact_dir(copy).rglob("*") if p.is_file()]
 
 
 def test_int8_needs_a_quantized_model(tmp_path, checkpoint):

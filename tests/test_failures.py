@@ -4,6 +4,7 @@ and each failure ends in one line that says what is wrong. Numbers refer to the 
 import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,13 +21,15 @@ from deeplabv2.cli import main
 from deeplabv2.config import ConfigError, load_config, save_config
 from deeplabv2.data.base import DatasetError, read_image
 from deeplabv2.utils.digest import content_digest, weights_digest
-from deeplabv2.utils.fileio import RunLock, atomic_write_text
+from deeplabv2.utils.fileio import RunLock, WriteError, atomic_write, atomic_write_text
 from deeplabv2.train import TrainingError, train
 from deeplabv2.weights import WeightsError
 from extras import require
+from file_size_limit import CLI, refused, run_python
 from torchrun import run_torchrun
 
 from test_train import TINY, tiny_config
+from test_uda_train import TARGET
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -371,7 +374,7 @@ def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, m
     def filling_save(obj, f, *a, **kw):
         if "train_state" in obj and obj["train_state"]["iteration"] == 4:
             seen["last"] = (run / "last.pth").read_bytes()
-            Path(f).write_bytes(b"partial")  # half written, then the disk is full
+            f.write(b"partial")  # half written (into the open file), then the disk is full
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_save(obj, f, *a, **kw)
 
@@ -405,15 +408,137 @@ def test_read_only_output_folder_is_one_line(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "x.json").exists() and not list(tmp_path.glob(".*.tmp"))
 
 
-@pytest.mark.parametrize("sig,workers", [(signal.SIGINT, 0), (signal.SIGTERM, 1)])
-def test_ctrl_c_saves_a_resumable_checkpoint_and_exits_130(tmp_path, sig, workers):
-    """SIGINT to the process (Ctrl-C), or SIGTERM to its whole process group, loader worker
-    included (a job scheduler): the iteration is finished, last.pth written, exit 128+sig."""
-    import re
+def test_the_free_space_named_is_measured_without_the_part_that_filled_the_disk(tmp_path,
+                                                                             monkeypatch):
+    """The message names the space the user has once the partial file is gone (it said
+    "0 bytes free" on a full tmpfs that had 4.5 MiB once the partial last.pth was removed)."""
+    import shutil
+    real, partials = shutil.disk_usage, []
+
+    def disk_usage(folder):
+        partials.append(sorted(p.name for p in tmp_path.glob(".*.tmp")))
+        return real(folder)
+
+    def fill(tmp):
+        Path(tmp).write_bytes(b"x" * 100)
+        raise RuntimeError("unexpected pos")  # what torch.save's zip writer says
+    monkeypatch.setattr(shutil, "disk_usage", disk_usage)
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(
+        OSError(errno.ENOSPC, "No space left on device")))  # the probe finds the disk full
+    with pytest.raises(WriteError, match=r"a.bin: cannot write: No space left on device; "
+                                         r"[\d.]+ \w+ free in "):
+        atomic_write(tmp_path / "a.bin", fill)
+    assert partials == [[]] and not list(tmp_path.iterdir())
+
+
+def test_a_checkpoint_that_does_not_fit_is_one_line_and_the_loader_workers_stop(tmp_path):
+    """last.pth larger than the file-size limit, a loader worker running: torch.save's zip
+    writer raises RuntimeError ("unexpected pos"), not OSError. The process used to print that
+    traceback and then wait forever on its worker (which ignores the SIGTERM that
+    multiprocessing ends it with at exit). Now: exit 2 at once, one line naming the file and
+    the free space, nothing partial left."""
     cfg_path = tmp_path / "tiny.yaml"
     run = tmp_path / "run"
+    save_config(tiny_config(run, "train.iterations=4", "train.checkpoint_every=2",
+                            "data.num_workers=1"), cfg_path)  # last.pth: 1.6 MB, model.pth 0.8
+    code, _, err = run_python("limit_file_size(1_000_000)" + CLI, "train", "-c", cfg_path,
+                              timeout=180)
+    assert code is not None, "still running after 180 s: " + err[-3000:]
+    assert code == 2 and "Traceback" not in err, err[-3000:]
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err[-3000:]
+    assert re.fullmatch("deeplabv2 train: error: " + refused(run / "last.pth", "976.6 KiB"),
+                        lines[0]), lines[0]
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml"]  # no .tmp, no .lock
+
+
+WRITERS = r"""
+import json, sys
+from pathlib import Path
+import numpy as np
+import torch
+from PIL import Image
+from deeplabv2 import build_model, save_weights
+from deeplabv2.app.report import ReportCollector
+from deeplabv2.deploy.export import export_onnx, export_torchscript
+from deeplabv2.inference.predict import predict_files
+from deeplabv2.utils.fileio import atomic_write_text
+
+out = Path(sys.argv[1])
+torch.manual_seed(0)
+model = build_model({"backbone": "resnet", "blocks": [1, 1, 1, 1], "width": 8,
+                     "num_classes": 3}).eval()
+palette = np.array([[0, 0, 0], [255, 0, 0], [0, 255, 0]], dtype=np.uint8)
+image = np.random.default_rng(0).integers(0, 256, (96, 128, 3), dtype=np.uint8)
+label = np.random.default_rng(1).integers(0, 3, (96, 128), dtype=np.uint8)
+Image.fromarray(image).save(out / "in.png")
+save_weights(model, out / "model.pth")  # the previous version, which must survive
+cases = {
+    "model.pth": lambda p: save_weights(model, p),
+    "model.safetensors": lambda p: save_weights(model, p),
+    "metrics.json": lambda p: atomic_write_text(p, "{}" + " " * 5000),
+    "model.onnx": lambda p: export_onnx(model, p, 64, 64),
+    "model.ts": lambda p: export_torchscript(model, p, 64, 64),
+    "predictions": lambda p: predict_files(model, [out / "in.png"], p, palette,
+                                           progress=False),
+    "report": lambda p: ReportCollector(p, ["a", "b", "c"], palette).add(
+        "x", image, label, label),
+}
+results = {}
+for name, write in cases.items():
+    limit_file_size(1000)
+    try:
+        write(out / name)
+        results[name] = "written"
+    except Exception as e:
+        results[name] = f"{type(e).__name__}: {e}"
+    limit_file_size(None)
+print(json.dumps(results))
+"""
+
+
+def test_every_writer_turns_a_refused_write_into_one_line(tmp_path):
+    """Checkpoints (.pth, .safetensors), JSON, exports, predictions and report thumbnails under
+    a file-size limit: each a WriteError naming the file, the reason and the free space;
+    nothing partial left, the previous model.pth intact. Before, .pth and TorchScript raised
+    torch's RuntimeError, .safetensors a SafetensorError, the report's thumbnails a bare
+    OSError (leaving the part written under the final name), a JPEG Pillow's "encoder error
+    -2 when writing image file"."""
+    require("onnx", "ONNX export needs onnx (extra 'export')")
+    code, out, err = run_python(WRITERS, tmp_path, timeout=300)
+    assert code == 0, err[-3000:]
+    results = json.loads(out.strip().splitlines()[-1])
+    expected = {"model.pth": (tmp_path / "model.pth", True),
+                "model.safetensors": (tmp_path / "model.safetensors", False),
+                "metrics.json": (tmp_path / "metrics.json", False),
+                "model.onnx": (tmp_path / "model.onnx", False),
+                "model.ts": (tmp_path / "model.ts", False),
+                "predictions": (tmp_path / "predictions" / "in.png", False),
+                "report": (tmp_path / "report" / "thumbs" / "000000_image.jpg", False)}
+    for name, (path, old) in expected.items():
+        file = r"in(\.png|_overlay\.jpg)" if name == "predictions" else None  # the first over
+        assert re.fullmatch("WriteError: " + refused(path, "1000 bytes", old, name=file),
+                            results[name]), (name, results[name])
+    assert not [p for p in tmp_path.rglob(".*") if p.is_file()]  # no temporary file left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "in.png", "model.pth", "predictions", "report"]
+    assert not list((tmp_path / "report" / "thumbs").iterdir())
+    assert load_model(tmp_path / "model.pth").num_classes == 3  # the previous file, whole
+
+
+@pytest.mark.parametrize("sig,workers,method", [(signal.SIGINT, 0, "none"),
+                                                (signal.SIGTERM, 1, "none"),
+                                                (signal.SIGTERM, 1, "advent")])
+def test_ctrl_c_saves_a_resumable_checkpoint_and_exits_130(tmp_path, sig, workers, method):
+    """SIGINT to the process (Ctrl-C), or SIGTERM to its whole process group, loader workers
+    included (a job scheduler): the iteration is finished, last.pth written, exit 128+sig.
+    An adaptation run has a second loader, of the target images, whose workers a SIGTERM used
+    to kill: the loader then raised in the middle of an iteration, a traceback."""
+    cfg_path = tmp_path / "tiny.yaml"
+    run = tmp_path / "run"
+    adapt = [*TARGET, f"adapt.method={method}"] if method != "none" else []
     save_config(tiny_config(run, "train.iterations=400", "train.checkpoint_every=3",
-                            f"data.num_workers={workers}"), cfg_path)
+                            f"data.num_workers={workers}", *adapt), cfg_path)
     proc = subprocess.Popen([sys.executable, "-m", "deeplabv2", "train", "-c", str(cfg_path)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
@@ -453,7 +578,7 @@ def test_bad_device_and_unknown_dataset_are_one_line(tmp_path, capsys):
 
 
 # -- 11. a resume with other settings is refused unless asked ----------------------------------
-def test_resume_with_changed_settings_is_refused(tmp_path, capsys):
+def test_resume_with_changed_settings_isrefused(tmp_path, capsys):
     run = tmp_path / "run"
     train(tiny_config(run, "train.iterations=2"))
     with pytest.raises(TrainingError, match=r"train.lr 0.01 -> 0.02.*--allow-changes"):

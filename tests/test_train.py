@@ -125,6 +125,16 @@ def test_resume_continues_exactly(tmp_path):
     assert full.metrics["miou"] == resumed.metrics["miou"]
 
 
+def test_identical_runs_write_identical_files(tmp_path):
+    """Two runs of the same config (in other folders) write byte-identical weight files, so a
+    digest of model.pth identifies the trained weights (the random temporary file name used to
+    end up inside each file)."""
+    for name in ("a", "b"):
+        train(tiny_config(tmp_path / name, "train.iterations=2"))
+    for f in ("model.pth", "best.pth"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     cfg = tiny_config(tmp_path, "train.iterations=50", "train.checkpoint_every=1",
                       "train.lr=1.0e+12", "model.frozen_bn=false")

@@ -7,6 +7,8 @@ keep the files small; one test loads a DeepLab init file of the full ResNet-101 
 
 import pickle
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -189,6 +191,25 @@ def test_own_checkpoint_round_trip(tmp_path, suffix):
     with torch.no_grad():
         assert torch.equal(model(x), src(x))
     assert not list(tmp_path.glob("*.tmp"))  # atomic write left nothing behind
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_the_same_weights_give_the_same_bytes(tmp_path, suffix):
+    """A file's digest identifies its weights: the same contents saved under other names, and
+    in another process, give the same bytes. torch.save used to store the random temporary
+    name as the archive's root folder, and safetensors writes its metadata in the order of a
+    hash map seeded per process."""
+    src = randomized(narrow(num_classes=7))
+    classes = [f"c{i}" for i in range(7)]
+    a, b, c = tmp_path / f"a{suffix}", tmp_path / "sub" / f"b{suffix}", tmp_path / f"c{suffix}"
+    save_weights(src, a, classes=classes)
+    save_weights(src, b, classes=classes)
+    subprocess.run([sys.executable, "-c", "import sys; from deeplabv2 import load_model, "
+                    "save_weights; m = load_model(sys.argv[1]); "
+                    "save_weights(m, sys.argv[2], classes=m.classes)", str(a), str(c)],
+                   check=True, timeout=300)
+    assert a.read_bytes() == b.read_bytes() == c.read_bytes()
+    assert_same_weights(load_model(c), src)
 
 
 def test_vgg16_torchvision_weights(tmp_path):

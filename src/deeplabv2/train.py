@@ -240,7 +240,10 @@ def train(cfg: Config, resume: str | None = None,
 def _train(cfg: Config, resume: str | None, on_iteration, allow_changes: bool,
            signals: _StopSignals) -> TrainResult:
     run = _set_up(cfg, resume, allow_changes)
-    _loop(run, on_iteration, signals)
+    try:
+        _loop(run, on_iteration, signals)
+    finally:  # an error, a signal or the end: no loader worker outlives the loop
+        _shut_down_loaders(run)
     return _finish(run)
 
 
@@ -412,8 +415,20 @@ def _batches(cfg: Config, train_ds, target_ds, preprocessing, start: int, info,
     target_batches = iter(torch.utils.data.DataLoader(  # its own order, a function of the step
         EpochIndexed(target_ds, target_transform),
         batch_sampler=IterationBatchSampler(len(target_ds), d.batch_size, t.seed + 1, **steps),
-        num_workers=d.num_workers, pin_memory=device.type == "cuda"))
+        num_workers=d.num_workers, pin_memory=device.type == "cuda", persistent_workers=False,
+        worker_init_fn=_ignore_sigint if d.num_workers else None))
     return batches, target_batches
+
+
+def _shut_down_loaders(run: _Run) -> None:
+    """Stop the source and target loaders' worker processes now. Left to the garbage collector,
+    a loader whose iterator an unhandled error's traceback still holds is shut down at exit by
+    ``multiprocessing``, whose SIGTERM its workers ignore (:func:`_ignore_sigint`): the process
+    would wait for them forever."""
+    for batches in (run.batches, run.target_batches):
+        shut_down = getattr(batches, "_shutdown_workers", None)  # torch's multi-process iterator
+        if shut_down is not None:
+            shut_down()
 
 
 # -- the loop -------------------------------------------------------------------------------------
@@ -477,6 +492,7 @@ def _next_step(run: _Run, iteration: int, signals: _StopSignals) -> Step:
     t = run.cfg.train
     try:
         batch = next(run.batches)
+        target = next(run.target_batches) if run.target_batches is not None else None
     except Exception:
         if signals.signum is None or run.info.enabled:
             raise
@@ -489,9 +505,8 @@ def _next_step(run: _Run, iteration: int, signals: _StopSignals) -> Step:
     labels = batch["label"].to(run.device, non_blocking=True)
     if t.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    target = None
-    if run.target_batches is not None:
-        target = next(run.target_batches)["image"].to(run.device, non_blocking=True)
+    if target is not None:
+        target = target["image"].to(run.device, non_blocking=True)
         if t.channels_last:
             target = target.contiguous(memory_format=torch.channels_last)
     return run.make_step(images=images, labels=labels, target=target, iteration=iteration)

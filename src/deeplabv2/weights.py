@@ -496,16 +496,42 @@ def save_weights(model, path, classes=None, palette=None, **extra) -> None:
         raise WeightsError(f"{path}: not written: the weights hold NaN/inf ({bad[0]}"
                            f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''})")
     if str(path).endswith(".safetensors"):
-        from safetensors.torch import save_file
         if extra:
             raise ValueError("extra fields are only stored in .pth checkpoints")
         header = {k: json.dumps(v) for k, v in meta.items()}
         header[DIGEST_KEY] = _safetensors_digest(state, header)
-        atomic_write(path, lambda tmp: save_file(state, tmp, metadata=header))
+        atomic_write(path, lambda tmp: _write_safetensors(tmp, state, header))
     else:
         obj = {**meta, "model": state, **extra}
         obj[DIGEST_KEY] = digest_of_checkpoint(obj)
-        atomic_write(path, lambda tmp: torch.save(obj, tmp))
+        atomic_write(path, lambda tmp: _write_pth(tmp, obj))
+
+
+# The same contents give the same bytes, whatever the file's (temporary) name and the process:
+# a digest of the file identifies the weights.
+def _write_pth(path, obj: dict) -> None:
+    """``torch.save`` into an open file: given a name, it would store that name (the random
+    temporary one) as the archive's root folder inside the file."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+
+
+def _write_safetensors(path, state: dict, header: dict) -> None:
+    """The ``.safetensors`` file of ``state`` with the metadata ``header`` in sorted order
+    (safetensors writes it in the order of a hash map, which changes from process to
+    process)."""
+    from safetensors.torch import save  # imported only for .safetensors files (start-up time)
+    data = save(state, metadata=header)
+    n = int.from_bytes(data[:8], "little")
+    head = json.loads(data[8:8 + n])
+    head["__metadata__"] = dict(sorted(head["__metadata__"].items()))
+    text = json.dumps(head, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) > n:  # not expected (the same JSON, reordered): keep safetensors' own header
+        text = data[8:8 + n]
+    with open(path, "wb") as f:
+        f.write(data[:8])
+        f.write(text + b" " * (n - len(text)))  # the header's padding, as safetensors pads it
+        f.write(memoryview(data)[8 + n:])
 
 
 def _safetensors_digest(state: dict, header: dict) -> str:

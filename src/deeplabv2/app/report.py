@@ -29,8 +29,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from ..utils.fileio import atomic_write_text
 from ..data import voc_palette
+from ..utils.fileio import atomic_write_buffered, atomic_write_text
 from ..evaluation.metrics import ConfusionMatrix, save_json
 from . import asset
 
@@ -64,6 +64,11 @@ def _thumb_size(height: int, width: int, max_width: int) -> tuple[int, int]:
     if width <= max_width:
         return width, height
     return max_width, max(1, round(height * max_width / width))
+
+
+def _save(im: Image.Image, path: Path, fmt: str, **kw) -> None:
+    """A thumbnail, written whole or not at all (a full disk: one line naming it)."""
+    atomic_write_buffered(path, lambda f: im.save(f, format=fmt, **kw), fsync=False)
 
 
 class ReportCollector:
@@ -128,7 +133,8 @@ class ReportCollector:
         small_image = np.asarray(Image.fromarray(
             np.ascontiguousarray(image[..., :3]).astype(np.uint8)).resize(
             size, Image.Resampling.BILINEAR, reducing_gap=3.0))
-        Image.fromarray(small_image).save(self.out / f"{prefix}_image.jpg", quality=80)
+        _save(Image.fromarray(small_image), self.out / f"{prefix}_image.jpg", "JPEG",
+              quality=80)
         files = {"image": f"{prefix}_image.jpg"}
         small_label = self._display(label[rows, cols])
         for key, labels in (("gt", label), ("pred", pred), ("before_crf", before)):
@@ -145,7 +151,7 @@ class ReportCollector:
         wrong = (small_label != small_pred) & (small_label != 255)
         err[wrong] = ERROR_COLOUR
         err[small_label == 255] = IGNORE_COLOUR
-        Image.fromarray(err).save(self.out / f"{prefix}_error.png")
+        _save(Image.fromarray(err), self.out / f"{prefix}_error.png", "PNG")
         files["error"] = f"{prefix}_error.png"
         return files
 
@@ -159,7 +165,7 @@ class ReportCollector:
         table = np.zeros((256, 3), dtype=np.uint8)
         table[: self.num_classes] = self.palette
         im.putpalette(table.flatten().tolist())
-        im.save(path)
+        _save(im, path, "PNG")
 
     def write(self, metrics: dict, *, title: str = "Evaluation report", settings: dict | None
               = None, baseline: dict | None = None, baseline_name: str = "baseline") -> Path:

@@ -108,7 +108,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
         """Read every sample (or the first ``limit``) and raise :class:`DatasetError` on the first
         unreadable file, size mismatch, or label value outside ``0..C-1`` other than 255."""
         if len(self) == 0:
-            raise DatasetError(f"{self.root}: split {self.split!r} is empty")
+            where = self.root if self.root is not None else f"dataset {type(self).__name__}"
+            raise DatasetError(f"{where}: split {self.split!r} is empty")
         for i in range(len(self) if limit is None else min(limit, len(self))):
             _, label = self.load(i)
             bad = label[(label >= self.num_classes) & (label != self.ignore_index)]

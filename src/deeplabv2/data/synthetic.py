@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import SegmentationDataset
+from .base import DatasetError, SegmentationDataset
 
 CLASSES = ("road", "sidewalk", "building", "vegetation", "sky", "car", "pole")
 ROAD, SIDEWALK, BUILDING, VEGETATION, SKY, CAR, POLE = range(len(CLASSES))
@@ -91,6 +91,10 @@ class SyntheticDataset(SegmentationDataset):
             raise ValueError(f"synthetic images need at least 32x32 pixels, got {self.size}")
         self.num_samples = int(num_samples if num_samples is not None
                                else (2000 if split == "train" else 200))
+        if self.num_samples < 1:
+            raise DatasetError(f"dataset 'synthetic', split {split!r}: num_samples="
+                               f"{self.num_samples} makes no images; set num_samples to 1 or "
+                               f"more (data.options, adapt.target_options)")
 
     def __len__(self) -> int:
         return self.num_samples

@@ -31,7 +31,7 @@ from ..config import load_config
 from ..data import build_dataset
 from ..evaluation.evaluate import evaluate
 from ..deploy.fast import optimize_for_inference
-from ..utils.fileio import atomic_write, atomic_write_text
+from ..utils.fileio import atomic_write_buffered, atomic_write_text
 from ..train import train
 from ..utils.visualize import colorize
 from ..weights import load_model
@@ -207,4 +207,4 @@ def _examples(dataset, checkpoints: dict, path: Path, count: int = 4) -> None:
     grid = np.concatenate(rows[:-1], axis=0)
     panel = _titled(grid, image.shape[1], 4, ["target image", "ground truth", *nets],
                     list(dataset.classes), dataset.palette)
-    atomic_write(path, lambda tmp: panel.save(tmp, format="PNG"), fsync=False)
+    atomic_write_buffered(path, lambda f: panel.save(f, format="PNG"), fsync=False)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..utils.fileio import atomic_write, atomic_write_text
+from ..utils.fileio import atomic_write_buffered, atomic_write_text
 from ..evaluation.metrics import format_table, save_json
 
 
@@ -47,7 +47,7 @@ def training_curve(history: list[dict], path, val_points: list[tuple[int, float]
 
 
 def _savefig(fig, path) -> None:
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"), fsync=False)
+    atomic_write_buffered(path, lambda f: fig.savefig(f, format="png"), fsync=False)
 
 
 def confusion_figure(confusion, class_names, path) -> None:

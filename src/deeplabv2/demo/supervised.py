@@ -22,7 +22,7 @@ from ..config import load_config
 from ..data import build_dataset
 from ..evaluation.evaluate import evaluate
 from ..deploy.fast import optimize_for_inference
-from ..utils.fileio import atomic_write
+from ..utils.fileio import atomic_write_buffered
 from ..evaluation.metrics import format_table
 from ..inference.predict import legend_image, predict_files
 from .charts import write_report
@@ -69,8 +69,8 @@ def run_demo(out_dir="reports/demo", overrides=()) -> dict:
     inputs.mkdir(parents=True, exist_ok=True)
     for i in range(NUM_EXAMPLES):
         image = Image.fromarray(val_ds.load(i)[0])
-        atomic_write(inputs / f"{val_ds.name(i)}.png",
-                     lambda tmp: image.save(tmp, format="PNG"), fsync=False)
+        atomic_write_buffered(inputs / f"{val_ds.name(i)}.png",
+                              lambda f: image.save(f, format="PNG"), fsync=False)
     pred = predict_files(net, inputs, out / "predictions", val_ds.palette, progress=False,
                          class_names=classes)
     _example_panel(val_ds, out / "predictions", out / "examples.png", classes)
@@ -141,7 +141,7 @@ def _example_panel(dataset, pred_dir: Path, path: Path, class_names=None) -> Non
     grid = np.concatenate(rows[:-1], axis=0)
     panel = _titled(grid, image.shape[1], 4, ["image", "ground truth", "prediction"],
                     class_names, dataset.palette)
-    atomic_write(path, lambda tmp: panel.save(tmp, format="PNG"), fsync=False)
+    atomic_write_buffered(path, lambda f: panel.save(f, format="PNG"), fsync=False)
 
 
 def _titled(grid: np.ndarray, column_width: int, gap: int, titles, class_names, palette):

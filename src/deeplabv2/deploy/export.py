@@ -82,9 +82,16 @@ def export_torchscript(model: nn.Module, path, height: int = 321, width: int = 3
         warnings.simplefilter("ignore", category=DeprecationWarning)
         warnings.simplefilter("ignore", category=FutureWarning)
         traced = torch.jit.trace(net, (example,), check_trace=False)
-        atomic_write(path, lambda tmp: torch.jit.save(traced, tmp), fsync=False)
+        # Into a file object: given a name, torch.jit.save's zip writer, when the write
+        # fails, throws again in its destructor, which aborts the process.
+        atomic_write(path, lambda tmp: _jit_save(traced, tmp), fsync=False)
     write_sha256(path)
     return path
+
+
+def _jit_save(traced, path) -> None:
+    with open(path, "wb") as f:
+        torch.jit.save(traced, f)
 
 
 def write_sha256(path) -> Path:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from torch import nn
 
 from ..model.deeplab import NetworkWrapper
 from ..precision import bf16_pays
+from ..utils.fileio import atomic_write_text, write_failure
 from .fast import fold_batchnorm
 
 #: OpenVINO's ``INFERENCE_PRECISION_HINT`` per precision; for an INT8 model it sets what its
@@ -95,7 +97,38 @@ def convert(model: nn.Module, example_size=(321, 321)):
 
 def write_sidecar(xml: Path, checkpoint, **info) -> None:
     info = {"checkpoint": str(checkpoint), "checkpoint_sha256": file_digest(checkpoint), **info}
-    xml.with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
+    atomic_write_text(xml.with_suffix(".json"), json.dumps(info, indent=2) + "\n")
+
+
+def save_ir(ov_model, xml) -> Path:
+    """Write ``ov_model`` as the IR ``xml`` and its ``.bin``: under temporary names beside them,
+    renamed into place (the ``.bin`` first) once both are complete. A failed write removes both
+    temporary files and, where the file system refused it (OpenVINO itself says only
+    ``basic_ios::clear: iostream error``), is the one-line :class:`WriteError` naming ``xml``
+    and the free space."""
+    ov = require_openvino()
+    xml = Path(xml)
+    tmp = xml.with_name(f".{xml.stem}.{os.getpid()}.tmp.xml")
+    tmp_bin = tmp.with_suffix(".bin")
+    try:
+        xml.parent.mkdir(parents=True, exist_ok=True)
+        ov.save_model(ov_model, str(tmp), compress_to_fp16=False)
+        tmp_bin.replace(xml.with_suffix(".bin"))
+        tmp.replace(xml)
+    except Exception as e:
+        # the file that hit the limit, if either did (OpenVINO may have removed both: then a
+        # new one, which a full disk refuses as well)
+        partial = max((p for p in (tmp, tmp_bin) if p.exists()), key=lambda p: p.stat().st_size,
+                      default=tmp_bin)
+        for p in (tmp, tmp_bin):
+            if p != partial:
+                p.unlink(missing_ok=True)
+        err = write_failure(xml, e, partial)  # probes the partial file, then removes it
+        partial.unlink(missing_ok=True)
+        if err is e:
+            raise
+        raise err from None
+    return xml
 
 
 def read_sidecar(xml: Path) -> dict:
@@ -112,11 +145,7 @@ def fp32_ir(model: nn.Module, checkpoint) -> Path:
     xml = artefact_dir(checkpoint) / "fp32.xml"
     if xml.is_file() and read_sidecar(xml).get("checkpoint_sha256") == file_digest(checkpoint):
         return xml
-    xml.parent.mkdir(parents=True, exist_ok=True)
-    tmp = xml.with_name("fp32.tmp.xml")
-    ov.save_model(convert(model), str(tmp), compress_to_fp16=False)
-    tmp.with_suffix(".bin").replace(xml.with_suffix(".bin"))
-    tmp.replace(xml)
+    save_ir(convert(model), xml)
     write_sidecar(xml, checkpoint, precision="fp32")
     return xml
 

@@ -61,7 +61,7 @@ from ..data.transforms import TrainTransform
 from ..model.resnet import Bottleneck
 from ..weights import load_model
 from .openvino_runtime import (HINTS, MissingRuntime, artefact_dir, convert, int8_precision,
-                               require_openvino, write_sidecar)
+                               require_openvino, save_ir, write_sidecar)
 
 #: calibration crops whose ASPP input sets the equalization (per-channel maxima)
 EQUALIZE_SAMPLES = 32
@@ -171,12 +171,7 @@ def quantize_checkpoint(checkpoint, dataset: str, root, split: str, *, crop_size
     extra.update(check_samples=int(check_samples), label_change_measured=round(changed, 6),
                  checked_as=runs_as,
                  operations_in_fp32=_fp32_operations(quantized))
-    xml = Path(out) if out else artefact_dir(checkpoint) / "int8.xml"
-    xml.parent.mkdir(parents=True, exist_ok=True)
-    tmp = xml.with_name(xml.stem + ".tmp.xml")
-    ov.save_model(quantized, str(tmp), compress_to_fp16=False)
-    tmp.with_suffix(".bin").replace(xml.with_suffix(".bin"))
-    tmp.replace(xml)
+    xml = save_ir(quantized, Path(out) if out else artefact_dir(checkpoint) / "int8.xml")
     write_sidecar(xml, checkpoint, precision="int8", toolchain=f"nncf {nncf.__version__}, "
                   f"openvino {ov.__version__}", samples=int(samples), seed=int(seed),
                   dataset=dataset, split=split, crop_size=list(crop_size),

@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw
 
 from ..data.base import DatasetError, read_image
 from ..data.cityscapes import train_to_label_ids
-from ..utils.fileio import atomic_write
+from ..utils.fileio import atomic_write, atomic_write_buffered
 from .front import InferenceConfig, segment
 from ..utils.visualize import overlay
 
@@ -123,7 +123,7 @@ def plan_outputs(paths: list[Path], out_dir: Path, *, save_probs: bool = False,
 
 
 def _save_image(im: Image.Image, path, fmt: str, **kw) -> None:
-    atomic_write(path, lambda tmp: im.save(tmp, format=fmt, **kw), fsync=False)
+    atomic_write_buffered(path, lambda f: im.save(f, format=fmt, **kw), fsync=False)
 
 
 def save_label_png(label: np.ndarray, palette: np.ndarray, path) -> None:
