@@ -1,5 +1,6 @@
-"""Impossible crops (issue 24, item 3): a step that cannot fit is refused before it is tried,
-in one line naming the keys; the check changes nothing of the run it checks."""
+"""Impossible or pointless crops (issue 24, item 3): a step that cannot fit is refused before
+it is tried, in one line naming the keys; a crop larger than every image is a warning; the
+check changes nothing of the run it checks."""
 
 import json
 import os
@@ -15,6 +16,7 @@ import torch
 from deeplabv2 import memory
 from deeplabv2.cli import main
 from deeplabv2.config import ConfigError, load_config, save_config
+from deeplabv2.data import build_dataset
 from deeplabv2.train import TrainingError, train
 
 from test_train import tiny_config
@@ -190,3 +192,32 @@ def test_the_check_changes_nothing_of_the_run(tmp_path, method, more, monkeypatc
     if ca.get("adapt_state"):
         for k, v in ca["adapt_state"]["modules"].items():
             assert torch.equal(v, cb["adapt_state"]["modules"][k]), k
+
+
+def test_crop_larger_than_every_image_warns_naming_the_key(tmp_path, capsys):
+    """[200, 320] on the demo's 96x160 scenes (120x200 at the largest scale 1.25) trains on
+    padding in every crop: one warning line naming data.crop_size, and the run goes on. The
+    demo's own crop, and a crop that fits in one dimension only, say nothing... unless no
+    image is larger in the other."""
+    run = tmp_path / "run"
+    assert main(["train", "-c", "demo", "data.crop_size=[200,320]", "train.iterations=1",
+                 "train.progress=false", f"train.out_dir={run}", *SMALL_DEMO]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    warnings = [line for line in err if "data.crop_size" in line]
+    assert len(warnings) == 1 and warnings[0].startswith(
+        "warning: data.crop_size=[200, 320] is larger, in height or width, than every one of "
+        "the 16 training images checked"), err
+    assert "120x200" in warnings[0] and "[120, 200] would fit" in warnings[0], warnings[0]
+    assert (run / "model.pth").exists()
+
+    cfg = load_config("demo", SMALL_DEMO)
+    ds = build_dataset("synthetic", None, "train", num_samples=16)
+    assert memory.crop_warnings(cfg, ds) == []  # data.check=none: sizes unknown, nothing said
+    ds.check()
+    assert ds.checked_sizes == {(96, 160): 16}
+    assert memory.crop_warnings(cfg, ds) == []  # the demo's [96, 160]
+    for crop, warns in (([120, 200], False), ([121, 160], True), ([96, 201], True)):
+        cfg = load_config("demo", [*SMALL_DEMO, f"data.crop_size={crop}"])
+        assert bool(memory.crop_warnings(cfg, ds)) == warns, crop
+    cfg = load_config("demo", [*SMALL_DEMO, "data.crop_size=[121, 160]", "data.scales=[1, 2]"])
+    assert memory.crop_warnings(cfg, ds) == []  # the discrete scales reach 192x320

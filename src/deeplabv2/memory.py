@@ -49,6 +49,9 @@ pass: about 0.05 s for the demo network, 0.5 s for ResNet-101 on 2 CPU cores (on
 step: 3 s). It runs with the RNG forked and restores the network's and the method's buffers
 (BN statistics) and the method's attributes (its logged terms, cached scores), so the
 training is bit for bit what it is without the check. ``train.check_memory: false`` skips it.
+
+:func:`crop_warnings` is the other half of the item: a crop larger than every image warns (one
+line naming the key) and trains, since padding wastes the step but breaks nothing.
 """
 
 from __future__ import annotations
@@ -351,3 +354,45 @@ def check_training_memory(cfg, model, optimizer, method, make_step, net, device,
             f"smaller data.batch_size), or set train.check_memory=false to try anyway")
     return (f"memory: one training step needs about {gib(est.total)} of the {gib(available)} "
             f"{free[1]} has available")
+
+
+# -- crops larger than the images -------------------------------------------------------------
+def crop_warning(key: str, crop, sizes: dict, max_scale: float, scale_key: str,
+                 images: str = "training images") -> str | None:
+    """A line naming ``key`` when ``crop`` (h, w) is larger, in height or in width, than every
+    image of ``sizes`` (``{(h, w): how many images}``) at the largest scale the augmentation
+    draws (``scale_key``'s): then every training crop is partly padding, ignored pixels that
+    cost time and memory. None otherwise, or when no size is known."""
+    if not sizes:
+        return None
+    ch, cw = crop
+    scaled = {(h, w): (max(1, round(h * max_scale)), max(1, round(w * max_scale)))
+              for h, w in sizes}
+    if any(ch <= h and cw <= w for h, w in scaled.values()):
+        return None
+    largest = max(sizes, key=lambda s: s[0] * s[1])
+    lh, lw = scaled[largest]
+    count = sum(sizes.values())
+    at = f", even at {scale_key}'s largest scale {max_scale:g}" if max_scale != 1 else ""
+    return (f"warning: {key}={list(crop)} is larger, in height or width, than every one of "
+            f"the {count} {images} checked{at} (the largest, {largest[0]}x{largest[1]}, "
+            f"becomes {lh}x{lw}): every training crop is partly padding, ignored pixels that "
+            f"cost time and memory; [{min(ch, lh)}, {min(cw, lw)}] would fit the largest")
+
+
+def crop_warnings(cfg, train_ds, target_ds=None) -> list[str]:
+    """:func:`crop_warning` for the training crops (``data.crop_size`` on the training images,
+    the target crop on the target images), from the image sizes ``data.check`` read
+    (``checked_sizes``; nothing is said of images it did not read)."""
+    d, a = cfg.data, cfg.adapt
+    scale, scale_key = ((max(d.scales), "data.scales") if d.scales
+                        else (d.scale_range[1], "data.scale_range"))
+    lines = [crop_warning("data.crop_size", d.crop_size, getattr(train_ds, "checked_sizes", {}),
+                          scale, scale_key)]
+    if target_ds is not None:
+        key = "adapt.target_crop_size" if a.target_crop_size else "data.crop_size"
+        lines.append(crop_warning(key, a.target_crop_size or d.crop_size,
+                                  getattr(target_ds, "checked_sizes", {}),
+                                  a.target_scale_range[1], "adapt.target_scale_range",
+                                  "target images"))
+    return [line for line in lines if line]

@@ -27,6 +27,7 @@ import functools
 import json
 import os
 import signal
+import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +51,7 @@ from .utils.logger import TrainLog, read_history
 from .utils.visualize import colorize
 from .evaluation.metrics import save_json
 from .adapt.methods import Method, Step, build_method
-from .memory import check_training_memory
+from .memory import check_training_memory, crop_warnings
 from .model import MSC, DeepLabV2, build_model, get_alignment, msc_loss
 from .precision import autocast_context, resolve_train_amp
 from .weights import load_weights, save_weights
@@ -289,6 +290,9 @@ def _set_up(cfg: Config, resume: str | None, allow_changes: bool) -> _Run:
     torch.manual_seed(t.seed + info.rank)
 
     train_ds, val_ds, target_ds = _datasets(cfg)
+    if info.is_main:
+        for line in crop_warnings(cfg, train_ds, target_ds):
+            print(line, file=sys.stderr)
     model = _build_model(cfg, train_ds.num_classes).to(device)
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
