@@ -84,6 +84,9 @@ class TrainConfig:
     tensorboard: bool = True
     progress: bool = True
     threads: int = 0  # torch CPU threads per process (0: leave PyTorch's default)
+    # refuse to start when one step's estimated memory exceeds what the device has
+    # (deeplabv2.memory); false: try anyway
+    check_memory: bool = True
 
 
 @dataclass
@@ -291,6 +294,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.msc_scales needs train.loss_at=stride8 (each of the four "
                           "outputs is compared with labels resized to its own size)")
     _validate_adapt(cfg)
+    if not isinstance(t.check_memory, bool):
+        raise ConfigError(f"train.check_memory must be true or false, got {t.check_memory!r}")
     if data.check not in ("all", "none") and not str(data.check).isdigit():
         raise ConfigError(f"data.check must be 'all', 'none' or a number, got {data.check!r}")
 

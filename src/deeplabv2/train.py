@@ -27,6 +27,7 @@ import functools
 import json
 import os
 import signal
+import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,7 @@ from .utils.logger import TrainLog, read_history
 from .utils.visualize import colorize
 from .evaluation.metrics import save_json
 from .adapt.methods import Method, Step, build_method
+from .memory import check_training_memory, crop_warnings
 from .model import MSC, DeepLabV2, build_model, get_alignment, msc_loss
 from .precision import autocast_context, resolve_train_amp
 from .weights import load_weights, save_weights
@@ -293,6 +295,9 @@ def _set_up(cfg: Config, resume: str | None, allow_changes: bool) -> _Run:
     torch.manual_seed(t.seed + info.rank)
 
     train_ds, val_ds, target_ds = _datasets(cfg)
+    if info.is_main:
+        for line in crop_warnings(cfg, train_ds, target_ds):
+            print(line, file=sys.stderr)
     model = _build_model(cfg, train_ds.num_classes).to(device)
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -307,14 +312,20 @@ def _set_up(cfg: Config, resume: str | None, allow_changes: bool) -> _Run:
     if resume:
         start, best = _resume(resume, cfg, info, model, optimizer, scaler, method,
                               allow_changes)
+    net, make_step = _network(cfg, model, info, device)
+    # Before anything is written (a refused resume keeps its config.yaml) and before the
+    # loader's workers make the first batches: one line, not a kill by the kernel.
+    memory_line = check_training_memory(cfg, model, optimizer, method, make_step, net, device, info,
+                                 iteration=max(start, (t.stop_at or t.iterations) - 1))
     out_dir = Path(t.out_dir)
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.yaml")
         if t.progress:
             print(amp_choice)
+            if memory_line:
+                print(memory_line)
 
-    net, make_step = _network(cfg, model, info, device)
     batches, target_batches = _batches(cfg, train_ds, target_ds if method.needs_target else None,
                                        model.preprocessing, start, info, device)
     stop = t.stop_at or t.iterations  # the poly schedule runs over t.iterations regardless

@@ -43,6 +43,9 @@ class SegmentationDataset(torch.utils.data.Dataset):
     classes: Sequence[str] = ()
     palette: np.ndarray | None = None  # (num_classes, 3) uint8
     ignore_index = IGNORE_INDEX
+    # {(height, width): how many} of the samples the last check() read (the crop-size warning
+    # of deeplabv2.memory uses them; nothing is read for them alone)
+    checked_sizes: dict[tuple[int, int], int] = {}
 
     def __init__(self, root, split: str, transform: Callable | None = None, seed: int = 0):
         self.root = Path(root) if root is not None else None
@@ -106,16 +109,20 @@ class SegmentationDataset(torch.utils.data.Dataset):
 
     def check(self, limit: int | None = None) -> None:
         """Read every sample (or the first ``limit``) and raise :class:`DatasetError` on the first
-        unreadable file, size mismatch, or label value outside ``0..C-1`` other than 255."""
+        unreadable file, size mismatch, or label value outside ``0..C-1`` other than 255.
+        The sizes of the samples read are kept in :attr:`checked_sizes`."""
         if len(self) == 0:
             where = self.root if self.root is not None else f"dataset {type(self).__name__}"
             raise DatasetError(f"{where}: split {self.split!r} is empty")
+        sizes: dict[tuple[int, int], int] = {}
         for i in range(len(self) if limit is None else min(limit, len(self))):
             _, label = self.load(i)
+            sizes[label.shape] = sizes.get(label.shape, 0) + 1
             bad = label[(label >= self.num_classes) & (label != self.ignore_index)]
             if bad.size:
                 raise DatasetError(f"{self.source(i)}: label value {int(bad[0])} is outside "
                                    f"0..{self.num_classes - 1} (and not {self.ignore_index})")
+        self.checked_sizes = sizes
 
 
 def check_label_values(label: np.ndarray, num_classes: int, source,
