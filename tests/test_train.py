@@ -175,3 +175,21 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     replicas = json.loads((tmp_path / "ddp" / "replicas.json").read_text())
     assert replicas["world_size"] == 2
     assert replicas["sha256"][0] == replicas["sha256"][1] == weights_digest(ddp)
+
+
+def test_tf32_setting_reaches_the_cuda_backends_and_leaves_a_cpu_alone():
+    from deeplabv2.train import set_tf32
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+        set_tf32(torch.device("cpu"), False)
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+        set_tf32(torch.device("cuda", 0), False)  # the flags exist without a GPU
+        assert not torch.backends.cudnn.allow_tf32
+        assert not torch.backends.cuda.matmul.allow_tf32
+        set_tf32("cuda", True)
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    with pytest.raises(ConfigError, match="train.tf32"):
+        load_config(None, ["train.tf32=maybe"])

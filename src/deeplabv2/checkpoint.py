@@ -37,7 +37,7 @@ RUN_SETTINGS = {
     "data": ("dataset", "train_split", "crop_size", "scale_range", "scales", "flip",
              "batch_size", "options"),
     "train": ("iterations", "lr", "momentum", "weight_decay", "poly_power", "accumulate",
-              "loss_at", "msc_scales", "amp", "channels_last", "seed"),
+              "loss_at", "msc_scales", "amp", "tf32", "channels_last", "seed"),
     "adapt": ("method", "target_dataset", "target_split", "target_options", "target_crop_size",
               "target_scale_range", "multi_level", "lambda_seg_aux", "lambda_adv",
               "lambda_adv_aux", "d_lr", "lambda_ent", "lambda_ent_aux", "fda_beta",

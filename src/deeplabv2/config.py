@@ -73,6 +73,9 @@ class TrainConfig:
     # "auto": bf16 autocast + channels-last where a probe shows it faster (AMX CPUs, GPUs with
     # bf16), FP32 elsewhere (deeplabv2.precision); "none", "bf16", "fp16" (fp16 on CUDA only)
     amp: str = "auto"
+    # CUDA only: TF32 in cuDNN convolutions and matrix products (PyTorch's default on Ampere and
+    # newer GPUs); false: true FP32, what the released adaptation runs computed (older GPUs)
+    tf32: bool = True
     channels_last: bool = False
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1"
     seed: int = 0
@@ -294,6 +297,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.msc_scales needs train.loss_at=stride8 (each of the four "
                           "outputs is compared with labels resized to its own size)")
     _validate_adapt(cfg)
+    if not isinstance(t.tf32, bool):
+        raise ConfigError(f"train.tf32 must be true or false, got {t.tf32!r}")
     if not isinstance(t.check_memory, bool):
         raise ConfigError(f"train.check_memory must be true or false, got {t.check_memory!r}")
     if data.check not in ("all", "none") and not str(data.check).isdigit():

@@ -187,6 +187,17 @@ def _ignore_sigint(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def set_tf32(device: torch.device, enabled: bool) -> None:
+    """On CUDA, allow TF32 in cuDNN convolutions and CUDA matrix products or not
+    (``train.tf32``). PyTorch allows it in convolutions by default, so an Ampere or newer GPU
+    runs ``amp: none`` with 10-bit mantissas in every convolution; the released adaptation runs
+    were FP32 on GPUs without TF32, which ``tf32: false`` reproduces. Nothing changes on a
+    CPU."""
+    if torch.device(device).type == "cuda":
+        torch.backends.cudnn.allow_tf32 = bool(enabled)
+        torch.backends.cuda.matmul.allow_tf32 = bool(enabled)
+
+
 def _resolve_amp(cfg: Config, device: torch.device) -> tuple[Config, str]:
     """``cfg`` with ``train.amp: auto`` replaced by the choice that is faster on ``device``
     (:func:`deeplabv2.precision.resolve_train_amp`, agreed by all ranks), and a line that
@@ -291,6 +302,7 @@ def _set_up(cfg: Config, resume: str | None, allow_changes: bool) -> _Run:
     info = dist_utils.init_distributed(device)
     cfg, amp_choice = _resolve_amp(cfg, device)
     t = cfg.train
+    set_tf32(device, t.tf32)
     autocast_context(device, t.amp)  # fails now, not at the first step, for fp16 on a CPU
     torch.manual_seed(t.seed + info.rank)
 
