@@ -77,6 +77,44 @@ def test_minimising_entropy_sharpens_the_prediction():
     assert logits.grad[0, 0] < 0 and logits.grad[0, 2] > 0
 
 
+@pytest.mark.parametrize("alignment", ["caffe", "pytorch"])
+def test_minent_is_advents_entropy_of_the_upsampled_softmax(alignment):
+    """train_UDA.py train_minent: interp_target (the scores at the target crop's size), softmax,
+    entropy_loss = -sum(p log2(p + 1e-30)) / (n h w log2 C); main and auxiliary terms."""
+    from deeplabv2 import build_model
+    from deeplabv2.adapt.methods import MinEnt, Step
+    from deeplabv2.config import AdaptConfig
+    from deeplabv2.model import get_alignment
+    torch.manual_seed(0)
+    model = build_model({"backbone": "resnet", "blocks": [1, 1, 1, 1], "width": 8,
+                         "num_classes": 5, "aux_head": True}).eval()
+    model.alignment = get_alignment(alignment)
+    with torch.no_grad():
+        for conv in [*model.head.convs, *model.aux_head.convs]:
+            conv.weight.normal_(0, 0.3)
+    settings = AdaptConfig(method="minent", multi_level=True, lambda_ent=0.001,
+                           lambda_ent_aux=0.0002)
+    method = MinEnt(settings, model)
+    target = torch.randn(2, 3, 45, 61)
+    step = Step(net=model, model=model, images=target, labels=torch.zeros(2, 45, 61).long(),
+                target=target, iteration=0, seg_loss=lambda s, l: s.sum())
+    with torch.no_grad():
+        got = method.loss(step, 1)
+        main, aux = model(target, upsample=True, aux=True)  # the model's own upsampling
+
+    def released(scores):
+        p = torch.softmax(scores.double(), 1)
+        n, c, h, w = p.shape
+        return float(-(p * torch.log2(p + 1e-30)).sum() / (n * h * w * math.log2(c)))
+    assert main.shape[-2:] == (45, 61)
+    want = 0.001 * released(main) + 0.0002 * released(aux)
+    assert float(got) == pytest.approx(want, rel=1e-5)
+    # not the stride-8 entropy it was computed on before
+    with torch.no_grad():
+        m8, a8 = model(target, upsample=False, aux=True)
+    assert abs(0.001 * released(m8) + 0.0002 * released(a8) - want) > 1e-4 * want
+
+
 # -- discriminator ------------------------------------------------------------------------------
 def test_discriminator_shapes_and_the_sign_of_each_term():
     torch.manual_seed(0)
