@@ -115,12 +115,13 @@ class EMATeacher(nn.Module):
 # -- strong augmentation on raw 0-255 RGB float images ------------------------------------------
 # DACS (trainUDA.py strongTransform: mix, then transformsgpu.colorJitter, then
 # transformsgpu.gaussian_blur; flip is off in configs/configUDA.json) runs kornia's ColorJitter
-# and GaussianBlur2d. requirements.txt lists ``kornia`` without a version; every kornia release
-# from 0.2.1 (April 2020) to 0.5.x, i.e. all of those out when DACS was run and published
-# (code pushed August 2020), defines them as below (kornia/augmentation/random_generator.py
-# random_color_jitter_generator, augmentation/functional.py apply_color_jitter and
-# apply_adjust_*, color/adjust.py, color/hsv.py, filters/kernels.py gaussian, filters/filter.py
-# filter2D). Only kornia 0.2.0 differed (hue range in radians, not turns).
+# and GaussianBlur2d. requirements.txt lists ``kornia`` without a version (code pushed August
+# 2020). kornia 0.2.1 (April 2020) to 0.4.0 (August 2020) define them exactly as below
+# (augmentation/random_generator.py random_color_jitter_generator, augmentation/functional.py
+# apply_color_jitter and apply_adjust_*, color/adjust.py, color/hsv.py, filters/kernels.py
+# gaussian, filters/filter.py filter2D); 0.4.1 to 0.5.x keep the same ranges, steps and order
+# (0.4.1 rewrote the HSV conversion, same values up to rounding). Only 0.2.0 differed: its hue
+# range was in radians, not turns.
 
 def rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
     """``(..., 3, H, W)`` in [0, 1], channel 0 read as red -> ``(h, s, v)``, ``h`` in radians
