@@ -287,9 +287,9 @@ def test_each_jitter_step_by_its_definition():
     torch.testing.assert_close(run(grey, saturation=0.75), torch.tensor(grey))
     col = [[200.0], [100.0], [50.0]]  # v = 200: each channel c -> 200 - f (200 - c)
     torch.testing.assert_close(run(col, saturation=0.5), torch.tensor([[200.0], [150.0], [125.0]]))
-    # hue: radians, and on the BGR image: +d there is -d on our RGB. Pure red (hue 0) by
-    # +pi/3 on BGR reads as blue -> magenta there, i.e. red -> (200, 0, 200) ... on RGB:
-    # red at -60 degrees is magenta (255, 0, 255)-like: R = B = v, G = 0
+    # hue: radians, on the BGR image, so +d there is -d on our RGB. Our red (200, 0, 0) is
+    # (0, 0, 200) to kornia, blue (240 degrees); +60 degrees: magenta (200, 0, 200) either way
+    # round. On RGB that is red turned by -60 degrees.
     torch.testing.assert_close(run([[200.0], [0.0], [0.0]], hue=math.pi / 3),
                                torch.tensor([[200.0], [0.0], [200.0]]), atol=1e-3, rtol=0)
     # and by -pi/3 on BGR, +60 degrees on RGB: yellow
