@@ -12,8 +12,9 @@ from deeplabv2.adapt.discriminator import (FCDiscriminator, adversarial_loss,
 from deeplabv2.adapt.entropy import (charbonnier_entropy, entropy_loss, entropy_map,
                                      self_information)
 from deeplabv2.adapt.fda import fda_source_to_target, low_frequency_size
-from deeplabv2.adapt.mix import (EMATeacher, classmix_masks, colour_jitter, confidence_weight,
-                                 gaussian_blur, mix, strong_augment, weighted_cross_entropy)
+from deeplabv2.adapt.mix import (EMATeacher, apply_colour_jitter, blur_kernel_size,
+                                 classmix_masks, colour_jitter, confidence_weight, gaussian_blur,
+                                 jitter_parameters, mix, strong_augment, weighted_cross_entropy)
 
 
 # -- FDA ----------------------------------------------------------------------------------------
@@ -76,6 +77,44 @@ def test_minimising_entropy_sharpens_the_prediction():
     assert logits.grad[0, 0] < 0 and logits.grad[0, 2] > 0
 
 
+@pytest.mark.parametrize("alignment", ["caffe", "pytorch"])
+def test_minent_is_advents_entropy_of_the_upsampled_softmax(alignment):
+    """train_UDA.py train_minent: interp_target (the scores at the target crop's size), softmax,
+    entropy_loss = -sum(p log2(p + 1e-30)) / (n h w log2 C); main and auxiliary terms."""
+    from deeplabv2 import build_model
+    from deeplabv2.adapt.methods import MinEnt, Step
+    from deeplabv2.config import AdaptConfig
+    from deeplabv2.model import get_alignment
+    torch.manual_seed(0)
+    model = build_model({"backbone": "resnet", "blocks": [1, 1, 1, 1], "width": 8,
+                         "num_classes": 5, "aux_head": True}).eval()
+    model.alignment = get_alignment(alignment)
+    with torch.no_grad():
+        for conv in [*model.head.convs, *model.aux_head.convs]:
+            conv.weight.normal_(0, 0.3)
+    settings = AdaptConfig(method="minent", multi_level=True, lambda_ent=0.001,
+                           lambda_ent_aux=0.0002)
+    method = MinEnt(settings, model)
+    target = torch.randn(2, 3, 45, 61)
+    step = Step(net=model, model=model, images=target, labels=torch.zeros(2, 45, 61).long(),
+                target=target, iteration=0, seg_loss=lambda s, l: s.sum())
+    with torch.no_grad():
+        got = method.loss(step, 1)
+        main, aux = model(target, upsample=True, aux=True)  # the model's own upsampling
+
+    def released(scores):
+        p = torch.softmax(scores.double(), 1)
+        n, c, h, w = p.shape
+        return float(-(p * torch.log2(p + 1e-30)).sum() / (n * h * w * math.log2(c)))
+    assert main.shape[-2:] == (45, 61)
+    want = 0.001 * released(main) + 0.0002 * released(aux)
+    assert float(got) == pytest.approx(want, rel=1e-5)
+    # not the stride-8 entropy it was computed on before
+    with torch.no_grad():
+        m8, a8 = model(target, upsample=False, aux=True)
+    assert abs(0.001 * released(m8) + 0.0002 * released(a8) - want) > 1e-4 * want
+
+
 # -- discriminator ------------------------------------------------------------------------------
 def test_discriminator_shapes_and_the_sign_of_each_term():
     torch.manual_seed(0)
@@ -109,18 +148,33 @@ def test_discriminator_shapes_and_the_sign_of_each_term():
 
 
 # -- DACS ---------------------------------------------------------------------------------------
-def test_classmix_takes_half_of_the_present_classes_and_ignores_255():
+def test_classmix_counts_255_as_a_value_and_may_paste_it_as_dacs_released():
+    """trainUDA.py: classes = torch.unique(labels[i]) (the ``!= ignore_label`` filter commented
+    out), ceil(n / 2) of them drawn: 255 is one of the n and is sometimes pasted."""
     labels = torch.tensor([[[0, 0, 1, 1], [2, 2, 3, 255]],
                            [[4, 4, 4, 4], [255, 255, 4, 4]]])
     g = torch.Generator().manual_seed(0)
-    for _ in range(10):
+    seen = set()
+    for _ in range(40):
         masks = classmix_masks(labels, g)
+        for i in range(2):
+            chosen = set(labels[i][masks[i] == 1].tolist())
+            present = set(labels[i].unique().tolist())
+            assert len(chosen) == math.ceil(len(present) / 2)  # 5 -> 3 (image 0), 2 -> 1
+            for c in present:  # all pixels of a chosen value, none of the others
+                assert (masks[i][labels[i] == c] == (1 if c in chosen else 0)).all()
+            seen.add((i, 255 in chosen))
+    assert seen == {(0, True), (0, False), (1, True), (1, False)}
+    # the commented-out filter, for who wants it: 255 is never drawn, ceil(4 / 2) of 0..3
+    for _ in range(10):
+        masks = classmix_masks(labels, g, ignored_is_a_class=False)
         chosen = set(labels[0][masks[0] == 1].tolist())
-        assert len(chosen) == 2 and 255 not in chosen  # ceil(4 / 2) of {0, 1, 2, 3}
-        for c in chosen:  # every pixel of a chosen class, none of the others
-            assert (masks[0][labels[0] == c] == 1).all()
-        assert (masks[0][labels[0] == 255] == 0).all()
-        assert masks[1].tolist() == [[1, 1, 1, 1], [0, 0, 1, 1]]  # ceil(1 / 2) = 1 class
+        assert len(chosen) == 2 and 255 not in chosen
+        assert masks[1].tolist() == [[1, 1, 1, 1], [0, 0, 1, 1]]
+    # a pasted 255 stays 255 in the mixed label: no loss there
+    m = (labels == 255).float()
+    mixed = mix(m, labels, torch.zeros_like(labels))
+    assert (mixed[labels == 255] == 255).all() and (mixed[labels != 255] == 0).all()
 
 
 def test_mix_of_images_labels_and_weights():
@@ -162,23 +216,182 @@ def test_ema_teacher_rate_schedule():
     assert not teacher.model.training
 
 
-def test_strong_augmentation_keeps_grey_grey_and_constant_images_constant():
+# kornia 0.2.1-0.5.x ColorJitter as DACS calls it (transformsgpu.colorJitter), written out per
+# pixel with the standard library's colorsys: the image DACS hands kornia is BGR in [0, 1].
+def _jitter_reference(rgb255, shift, contrast, saturation, hue_rad, order):
+    import colorsys
+    x = np.asarray(rgb255, np.float64)[::-1] / 255  # BGR, kornia reads channel 0 as red
+    for step in order:
+        if step == 0:
+            x = np.clip(x + shift, 0, 1)
+        elif step == 1:
+            x = np.clip(x * contrast, 0, 1)
+        else:
+            y = np.empty_like(x)
+            for i in range(x.shape[1]):
+                for j in range(x.shape[2]):
+                    h, s_, v = colorsys.rgb_to_hsv(*x[:, i, j])
+                    if step == 2:
+                        s_ = min(max(s_ * saturation, 0.0), 1.0)
+                    else:
+                        h = (h + hue_rad / (2 * math.pi)) % 1.0
+                    y[:, i, j] = colorsys.hsv_to_rgb(h, s_, v)
+            x = y
+    return x[::-1] * 255
+
+
+def test_colour_jitter_is_kornias_on_the_bgr_image_in_the_drawn_order():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 5, 7, generator=g) * 255
+    x[0, :, 0, 0] = torch.tensor([200.0, 0.0, 0.0])  # pure red, a grey, a two-way maximum
+    x[0, :, 0, 1] = 90.0
+    x[0, :, 0, 2] = torch.tensor([120.0, 120.0, 30.0])
+    orders = set()
+    for _ in range(6):
+        params = jitter_parameters(2, 0.25, g)
+        got = apply_colour_jitter(x, params)
+        for i in range(2):
+            orders.add(tuple(params["order"][i].tolist()))
+            want = _jitter_reference(x[i].numpy(), float(params["brightness"][i]),
+                                     float(params["contrast"][i]), float(params["saturation"][i]),
+                                     float(params["hue"][i]), params["order"][i].tolist())
+            np.testing.assert_allclose(got[i].numpy(), want, atol=2e-3)
+    assert len(orders) > 3  # a permutation per image and call
+    # the order matters, and each order is the reference's
+    params = {"brightness": torch.tensor([0.2]), "contrast": torch.tensor([1.25]),
+              "saturation": torch.tensor([0.8]), "hue": torch.tensor([1.0]),
+              "order": torch.tensor([[0, 1, 2, 3]])}
+    outs = []
+    for order in ([0, 1, 2, 3], [1, 0, 3, 2]):
+        params["order"] = torch.tensor([order])
+        outs.append(apply_colour_jitter(x[:1], params)[0])
+        np.testing.assert_allclose(outs[-1].numpy(), _jitter_reference(
+            x[0].numpy(), 0.2, 1.25, 0.8, 1.0, order), atol=2e-3)
+    assert not torch.allclose(outs[0], outs[1], atol=1.0)
+
+
+def test_each_jitter_step_by_its_definition():
+    one = {"brightness": torch.tensor([0.0]), "contrast": torch.tensor([1.0]),
+           "saturation": torch.tensor([1.0]), "hue": torch.tensor([0.0])}
+    def run(img, **kw):
+        p = {**one, **{k: torch.tensor([v]) for k, v in kw.items()}}
+        p["order"] = torch.tensor([[0, 1, 2, 3]])
+        return apply_colour_jitter(torch.tensor(img, dtype=torch.float32).view(1, 3, 1, -1), p
+                                   ).view(3, -1)
+    grey = [[100.0, 250.0], [100.0, 250.0], [100.0, 250.0]]
+    # brightness: additive in [0, 1] (0.1 -> +25.5 of 255), clamped at 1
+    torch.testing.assert_close(run(grey, brightness=0.1), torch.tensor([[125.5, 255.0]] * 3))
+    # contrast: a factor about 0, no mean, clamped at 1
+    torch.testing.assert_close(run(grey, contrast=1.2), torch.tensor([[120.0, 255.0]] * 3))
+    # saturation: grey has none to scale; a colour moves towards / away from its maximum
+    torch.testing.assert_close(run(grey, saturation=0.75), torch.tensor(grey))
+    col = [[200.0], [100.0], [50.0]]  # v = 200: each channel c -> 200 - f (200 - c)
+    torch.testing.assert_close(run(col, saturation=0.5), torch.tensor([[200.0], [150.0], [125.0]]))
+    # hue: radians, on the BGR image, so +d there is -d on our RGB. Our red (200, 0, 0) is
+    # (0, 0, 200) to kornia, blue (240 degrees); +60 degrees: magenta (200, 0, 200) either way
+    # round. On RGB that is red turned by -60 degrees.
+    torch.testing.assert_close(run([[200.0], [0.0], [0.0]], hue=math.pi / 3),
+                               torch.tensor([[200.0], [0.0], [200.0]]), atol=1e-3, rtol=0)
+    # and by -pi/3 on BGR, +60 degrees on RGB: yellow
+    torch.testing.assert_close(run([[200.0], [0.0], [0.0]], hue=-math.pi / 3),
+                               torch.tensor([[200.0], [200.0], [0.0]]), atol=1e-3, rtol=0)
+
+
+def test_jitter_draws_kornias_ranges_per_image():
+    g = torch.Generator().manual_seed(1)
+    p = jitter_parameters(3000, 0.25, g)
+    for key, lo, hi in (("brightness", -0.25, 0.25), ("contrast", 0.75, 1.25),
+                        ("saturation", 0.75, 1.25), ("hue", -math.pi / 2, math.pi / 2)):
+        v = p[key]
+        assert v.shape == (3000,) and v.min() >= lo - 1e-6 and v.max() <= hi + 1e-6, key
+        span = hi - lo  # uniform: reaches near both ends, mean in the middle
+        assert v.min() < lo + 0.01 * span and v.max() > hi - 0.01 * span, key
+        assert abs(float(v.mean()) - (lo + hi) / 2) < 0.03 * span, key
+    assert (p["order"].sort(1).values == torch.arange(4)).all()  # permutations
+    assert len({tuple(o) for o in p["order"].tolist()}) == 24
+    # kornia's clamps: brightness factor in [0, 2], hue in [-0.5, 0.5] turns
+    p = jitter_parameters(2000, 1.5, g)
+    assert p["brightness"].min() >= -1 and p["brightness"].max() <= 1
+    assert p["brightness"].min() < -0.95 and p["brightness"].max() > 0.95
+    assert p["hue"].abs().max() <= math.pi + 1e-6 and p["hue"].abs().max() > 0.97 * math.pi
+    assert p["contrast"].min() >= 0 and p["contrast"].max() > 2.4
+    with pytest.raises(ValueError, match="strength"):
+        jitter_parameters(1, -0.1)
+
+
+def test_blur_kernel_and_values_are_dacs_kornia_blur():
+    for length in range(1, 1200):
+        c = np.ceil(0.1 * length)  # transformsgpu.gaussian_blur's kernel_size_y / _x
+        assert blur_kernel_size(length) == int(np.floor(c - 0.5 + c % 2)), length
+    assert blur_kernel_size(512) == 51 and blur_kernel_size(1024) == 103
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(2, 3, 52, 64, generator=g) * 255
+    sigmas = torch.tensor([0.4, 1.1])
+    got = gaussian_blur(x, sigmas)
+    for i, sigma in enumerate(sigmas.tolist()):
+        kh, kw = 5, 7  # 52 -> ceil 6 -> 5; 64 -> ceil 7 -> 7
+        def k1(k):
+            r = np.arange(k) - k // 2
+            w = np.exp(-r ** 2 / (2 * sigma ** 2))
+            return w / w.sum()
+        kern = np.outer(k1(kh), k1(kw))
+        pad = np.pad(x[i].double().numpy(), ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2)),
+                     mode="reflect")
+        want = np.zeros((3, 52, 64))
+        for dy in range(kh):
+            for dx in range(kw):
+                want += kern[dy, dx] * pad[:, dy:dy + 52, dx:dx + 64]
+        np.testing.assert_allclose(got[i].numpy(), want, atol=1e-3)
+    # tiny sides: kernel 1, no blur on that axis
+    small = torch.rand(1, 3, 9, 64, generator=g)  # 9 rows: ceil(0.9) = 1
+    other = small.clone()
+    other[:, :, 0] = 0  # rows do not mix: the others' blur is unchanged
+    assert torch.equal(gaussian_blur(small, 0.5)[:, :, 1:], gaussian_blur(other, 0.5)[:, :, 1:])
+    assert not torch.allclose(gaussian_blur(small, 0.5), small)  # the columns' still blurs
+    assert gaussian_blur(torch.full((1, 3, 30, 30), 7.0), 0.8).allclose(torch.tensor(7.0))
+    with pytest.raises(ValueError, match="3 sigmas for 2 images"):
+        gaussian_blur(x, torch.tensor([0.2, 0.3, 0.4]))
+
+
+def test_strong_augment_jitters_then_blurs_with_dacs_probabilities(monkeypatch):
+    import deeplabv2.adapt.mix as mixmod
+    calls = []
+    monkeypatch.setattr(mixmod, "colour_jitter",
+                        lambda im, s, g=None: (calls.append(("jitter", s)), im + 1)[1])
+    monkeypatch.setattr(mixmod, "gaussian_blur",
+                        lambda im, sig: (calls.append(("blur", sig, float(im.mean()))), im)[1])
+    g = torch.Generator().manual_seed(3)
+    x = torch.zeros(2, 3, 4, 4)
+    n, jit, blur = 3000, 0, 0
+    sigmas = []
+    for _ in range(n):
+        calls.clear()
+        mixmod.strong_augment(x, g)
+        names = [c[0] for c in calls]
+        assert names in ([], ["jitter"], ["blur"], ["jitter", "blur"])
+        jit += "jitter" in names
+        if "blur" in names:
+            blur += 1
+            _, sig, mean_seen = calls[-1]
+            assert mean_seen == (1.0 if "jitter" in names else 0.0)  # blur sees the jittered
+            sigmas.append(sig)
+        if "jitter" in names:
+            assert calls[0][1] == 0.25
+    assert abs(jit / n - 0.8) < 0.03 and abs(blur / n - 0.5) < 0.03
+    s = torch.stack(sigmas)
+    assert s.shape[1] == 2 and (s >= 0.15).all() and (s <= 1.15).all()  # one per image
+    assert (s[:, 0] != s[:, 1]).all() and s.min() < 0.17 and s.max() > 1.13
+
+
+def test_strong_augmentation_keeps_grey_grey_and_range():
     g = torch.Generator().manual_seed(0)
     grey = torch.full((2, 3, 16, 24), 100.0)
     out = colour_jitter(grey, 0.25, g)
     assert torch.allclose(out[:, 0], out[:, 1], atol=1e-3) and torch.allclose(out[:, 1], out[:, 2], atol=1e-3)
-    assert gaussian_blur(grey, 0.8).allclose(grey)
     x = torch.rand(2, 3, 16, 24, generator=g) * 255
-    y = strong_augment(x, g)
-    assert y.shape == x.shape and y.min() >= 0 and y.max() <= 255 + 1e-3
-    blurred = gaussian_blur(x, 1.0)
-    assert blurred.std() < x.std()  # smoother
-    assert abs(blurred.mean() - x.mean()) < 1.0
-    red = torch.zeros(1, 3, 2, 2)
-    red[:, 0] = 200
-    rotated = colour_jitter(red, 1.0, torch.Generator().manual_seed(3))
-    assert not torch.allclose(rotated[:, 0], red[:, 0])  # hue moved off pure red
-    assert math.isfinite(float(rotated.sum()))
+    for _ in range(5):
+        y = strong_augment(x, g)
+        assert y.shape == x.shape and y.min() >= -1e-3 and y.max() <= 255 + 1e-3
 
 
 _BLUR_UNDER_AUTOCAST = """

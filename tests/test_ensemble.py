@@ -1,4 +1,5 @@
-"""The softmax-averaging ensemble (FDA-MBT) and `evaluate/predict --ensemble`."""
+"""The softmax-averaging ensemble (FDA-MBT), the logit-summing one (ADVENT's AdvEnt+MinEnt)
+and `evaluate/predict --ensemble`."""
 
 import json
 
@@ -48,6 +49,52 @@ def test_output_is_the_log_of_the_averaged_softmax():
     with torch.no_grad():
         torch.testing.assert_close(F.softmax(Ensemble(members[:1])(x), 1),
                                    F.softmax(members[0](x), 1), rtol=1e-5, atol=1e-6)
+
+
+def test_logits_fusion_is_advents_weighted_sum_of_upsampled_scores():
+    """eval_UDA.py eval_single: output = sum_i MODEL_WEIGHT[i] * interp(model_i(image)[1]),
+    no softmax, argmax; advent+minent_pretrained.yml: weights 0.5, 0.5."""
+    members = [_member(s) for s in (0, 1)]
+    x = torch.randn(2, 3, 41, 57)
+    with torch.no_grad():
+        logits = [m(x) for m in members]
+        out = Ensemble(members, fuse="logits", weights=[0.5, 0.5])(x)
+        default = Ensemble(members, fuse="logits")(x)  # equal: 1 / n each
+        skew = Ensemble(members, fuse="logits", weights=[0.8, 0.3])(x)
+        eight = Ensemble(members, fuse="logits")(x, upsample=False)
+        probs = Ensemble(members)(x)
+    torch.testing.assert_close(out, 0.5 * logits[0] + 0.5 * logits[1])
+    torch.testing.assert_close(default, out)
+    torch.testing.assert_close(skew, 0.8 * logits[0] + 0.3 * logits[1])
+    torch.testing.assert_close(eight, sum(0.5 * m(x, upsample=False) for m in members))
+    # the label-size upsampling: summing before or after the (linear) resize is the same
+    big = (97, 131)
+    torch.testing.assert_close(
+        F.interpolate(out, big, mode="bilinear", align_corners=True),
+        sum(0.5 * F.interpolate(lg, big, mode="bilinear", align_corners=True) for lg in logits),
+        rtol=1e-5, atol=1e-5)
+    # not the probabilities' average: members of different confidence disagree with it somewhere
+    with torch.no_grad():
+        loud = _member(2)
+        for conv in loud.head.convs:
+            conv.weight.mul_(6)
+        pair = [members[0], loud]
+        by_logits = Ensemble(pair, fuse="logits")(x).argmax(1)
+        by_probs = Ensemble(pair)(x).argmax(1)
+    assert (by_logits != by_probs).any()
+    # weighted probabilities: the average normalised by the weights' sum
+    with torch.no_grad():
+        wp = Ensemble(members, weights=[3.0, 1.0])(x)
+    torch.testing.assert_close(wp.exp(), 0.75 * F.softmax(logits[0], 1)
+                               + 0.25 * F.softmax(logits[1], 1), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="1 weights for 2 members"):
+        Ensemble(members, weights=[1.0])
+    with pytest.raises(ValueError, match="weight of b must be a positive number, got -1"):
+        Ensemble(members, names=["a", "b"], weights=[1.0, -1.0])
+    with pytest.raises(ValueError, match="fuse='mean'; valid: probs, logits"):
+        Ensemble(members, fuse="mean")
+    assert "sum of logits of 0.5 x a, 0.5 x b" in repr(Ensemble(members, names=["a", "b"],
+                                                                 fuse="logits"))
 
 
 def test_evaluate_of_the_ensemble_counts_the_argmax_of_the_average():
@@ -117,6 +164,25 @@ def test_evaluate_and_predict_commands_take_ensemble(tmp_path, capsys):
     assert main(["predict", str(paths[0]), str(image), "-o", str(tmp_path / "p"),
                  "--precision", "fp32", "--ensemble", *map(str, paths[1:])]) == 0
     assert (tmp_path / "p" / "in.png").is_file()
+
+    # ADVENT's AdvEnt+MinEnt: --ensemble-fuse logits --ensemble-weights 0.5 0.5
+    out2 = tmp_path / "ens2.json"
+    assert main(["evaluate", str(paths[0]), "-c", str(cfg), "--ensemble", str(paths[1]),
+                 "--ensemble-fuse", "logits", "--ensemble-weights", "0.5", "0.5",
+                 "--out", str(out2)]) == 0
+    assert "sum of logits of 0.5 x" in capsys.readouterr().out
+    direct = evaluate(Ensemble([optimize_for_inference(load_model(p)) for p in paths[:2]],
+                               fuse="logits", weights=[0.5, 0.5]), ds)
+    assert json.loads(out2.read_text())["miou"] == pytest.approx(direct["miou"], abs=1e-9)
+    assert main(["predict", str(paths[0]), str(image), "-o", str(tmp_path / "q"),
+                 "--precision", "fp32", "--ensemble", str(paths[1]), "--ensemble-fuse",
+                 "logits"]) == 0
+    assert (tmp_path / "q" / "in.png").is_file()
+    assert main(["evaluate", str(paths[0]), "-c", str(cfg), "--ensemble", str(paths[1]),
+                 "--ensemble-weights", "0.5"]) == 2
+    assert "--ensemble-weights: 1 weights for 2 checkpoints" in capsys.readouterr().err
+    assert main(["evaluate", str(paths[0]), "-c", str(cfg), "--ensemble-fuse", "logits"]) == 2
+    assert "need --ensemble" in capsys.readouterr().err
 
     wrong = tmp_path / "wrong.pth"
     save_weights(build_model({**TINY, "num_classes": 5}), wrong)

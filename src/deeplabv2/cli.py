@@ -122,6 +122,13 @@ def _add_ensemble_arg(sp) -> None:
     sp.add_argument("--ensemble", nargs="+", default=None, metavar="CHECKPOINT",
                     help="more checkpoints whose softmax outputs are averaged with the first's "
                          "(FDA's multi-band ensemble: the runs with beta 0.01, 0.05, 0.09)")
+    sp.add_argument("--ensemble-fuse", choices=("probs", "logits"), default=None,
+                    help="with --ensemble: average the softmax outputs (probs, the default; "
+                         "FDA-MBT) or sum the weighted logits (logits; ADVENT's "
+                         "AdvEnt+MinEnt, eval_UDA.py)")
+    sp.add_argument("--ensemble-weights", nargs="+", type=float, default=None, metavar="W",
+                    help="with --ensemble: one positive weight per checkpoint, the first's "
+                         "first (default equal; ADVENT's AdvEnt+MinEnt: 0.5 0.5)")
 
 
 def _ensemble(prepared, args, device):
@@ -129,8 +136,14 @@ def _ensemble(prepared, args, device):
     :class:`deeplabv2.inference.ensemble.Ensemble` of it and the other checkpoints, each loaded
     and prepared as it was (``--alignment``, ``--precision``, ``--eager``, ``--compile``)."""
     extra = getattr(args, "ensemble", None)
+    fuse, weights = getattr(args, "ensemble_fuse", None), getattr(args, "ensemble_weights", None)
     if not extra:
+        if fuse is not None or weights is not None:
+            raise ValueError("--ensemble-fuse / --ensemble-weights need --ensemble")
         return prepared.net
+    if weights is not None and len(weights) != 1 + len(extra):
+        raise ValueError(f"--ensemble-weights: {len(weights)} weights for {1 + len(extra)} "
+                         f"checkpoints ({args.checkpoint} and --ensemble's {len(extra)})")
     if prepared.precision == "int8" or args.runtime == "openvino":
         raise ValueError("--ensemble runs on the PyTorch runtime: drop --runtime openvino / "
                          "--precision int8")
@@ -141,7 +154,8 @@ def _ensemble(prepared, args, device):
     for path in extra:
         member = _load(args, device, path)
         members.append(prepare_network(member, device=device, checkpoint=path, **options).net)
-    return Ensemble(members, names=[args.checkpoint, *extra])
+    return Ensemble(members, names=[args.checkpoint, *extra], fuse=fuse or "probs",
+                    weights=weights)
 
 
 def _inference(args, base: dict | None = None):
@@ -227,7 +241,8 @@ def cmd_evaluate(args) -> int:
     net = _ensemble(prepared, args, device)
     from .app.commands import finish_report, report_collector
     report = report_collector(args, ds)  # None without --report
-    members = f" (ensemble with {', '.join(args.ensemble)})" if args.ensemble else ""
+    members = f" (ensemble with {', '.join(args.ensemble)}: {net.extra_repr()})" \
+        if args.ensemble else ""
     print(f"evaluating {args.checkpoint}{members} on {cfg.data.dataset} {ds.split} "
           f"({len(ds)} images), "
           f"{inference.describe()}{', dense CRF' if args.crf or cfg.eval.crf else ''}, "
@@ -240,6 +255,8 @@ def cmd_evaluate(args) -> int:
     finish_report(args, report, results, title=f"{args.checkpoint} on {cfg.data.dataset} "
                   f"{ds.split}", settings={"checkpoint": args.checkpoint,
                                            "ensemble": args.ensemble or [],
+                                           "ensemble fuse": net.extra_repr()
+                                           if args.ensemble else "",
                                            "inference": inference.describe(),
                                            "dense CRF": crf is not None,
                                            "precision": prepared.precision})

@@ -26,7 +26,11 @@ def entropy_map(logits: torch.Tensor) -> torch.Tensor:
 
 
 def entropy_loss(logits: torch.Tensor) -> torch.Tensor:
-    """ADVENT's MinEnt term (Eq. 3): the mean normalised entropy over positions and images."""
+    """ADVENT's MinEnt term (Eq. 3): the mean normalised entropy over positions and images.
+    The released ``entropy_loss`` (advent/utils/loss.py) is ``-sum(p log2(p + 1e-30)) /
+    (n h w log2 C)``: the same value (``log2 p / log2 C = ln p / ln C``), up to rounding and its
+    1e-30 floor. :class:`~deeplabv2.adapt.methods.MinEnt` gives it the scores upsampled to the
+    input, as ADVENT does."""
     return entropy_map(logits).mean()
 
 

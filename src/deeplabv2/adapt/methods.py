@@ -25,7 +25,8 @@ adaptsegnet    AdaptSegNet: a discriminator on the softmax of the (upsampled) sc
                network is trained to fool it on target images (``lambda_adv``); multi-level
                adds the layer3 head (seg ``lambda_seg_aux``, adv ``lambda_adv_aux``)
 advent         ADVENT AdvEnt: the same on the weighted self-information maps
-minent         ADVENT MinEnt: the target prediction's entropy (``lambda_ent``)
+minent         ADVENT MinEnt: the entropy of the target prediction upsampled to the
+               crop (``lambda_ent``; multi-level adds the layer3 head's, ``lambda_ent_aux``)
 fda            FDA: source images restyled with the target's low-frequency amplitude
                (``fda_beta``), Charbonnier entropy on target after ``fda_ent_start`` steps
 dacs           DACS: ClassMix of source onto target, EMA-teacher pseudo-labels weighted by
@@ -248,7 +249,11 @@ class AdvEnt(AdaptSegNet):
 
 
 class MinEnt(Method):
-    """ADVENT's direct entropy minimisation on target predictions."""
+    """ADVENT's direct entropy minimisation on target predictions, at the input's resolution
+    as released (advent/domain_adaptation/train_UDA.py train_minent: ``interp_target``
+    upsamples the main and auxiliary scores to the target crop, then ``entropy_loss`` of their
+    softmax, advent/utils/loss.py: ``-sum(p log2 p) / (n h w log2 C)``, the mean normalised
+    entropy over the crop's pixels)."""
 
     name = "minent"
 
@@ -261,9 +266,11 @@ class MinEnt(Method):
         if k == 0:
             return self.source_loss(step, step.images)
         main, aux = self.scores(step, step.target)
-        loss = self.settings.lambda_ent * entropy_loss(main)
+        size = step.target.shape[-2:]
+        up = step.model.alignment.upsample
+        loss = self.settings.lambda_ent * entropy_loss(up(main.float(), size))
         if aux is not None:
-            loss = loss + self.settings.lambda_ent_aux * entropy_loss(aux)
+            loss = loss + self.settings.lambda_ent_aux * entropy_loss(up(aux.float(), size))
         self.logs["ent"] = loss.detach()
         return loss
 
