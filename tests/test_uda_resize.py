@@ -291,3 +291,50 @@ def test_fda_entropy_divides_by_the_released_constant(classes):
         assert got.item() == pytest.approx(ln_c_term.item() * (np.log(16) / 2.9444) ** 4,
                                            rel=1e-6)
         assert abs(got.item() / ln_c_term.item() - 1) > 0.15
+
+
+# -- end to end, on the official layouts --------------------------------------------------------
+def test_synthia_fda_config_trains_on_the_official_layouts(tmp_path, monkeypatch):
+    """The packaged SYNTHIA -> Cityscapes FDA config (a tiny network) on 1280x760 SYNTHIA frames
+    and 2048x1024 Cityscapes frames in their official folders: the amplitude swap sees two
+    1024x512 crops with no padding, and the entropy pass runs."""
+    from test_uda_data import write_png16
+
+    from deeplabv2.train import train
+
+    rng = np.random.default_rng(7)
+    synthia, cityscapes = tmp_path / "synthia", tmp_path / "cityscapes"
+    for i in range(2):
+        (synthia / "RGB").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (760, 1280, 3), dtype=np.uint8)).save(
+            synthia / f"RGB/000000{i}.png")
+        ids = rng.choice(np.array([3, 4, 2, 8, 1], np.uint16), (760, 1280))  # no void
+        write_png16(synthia / f"GT/LABELS/000000{i}.png", np.stack([ids, ids * 0, ids * 0], -1))
+    for split, (h, w) in (("train", (1024, 2048)), ("val", (256, 512))):  # a small val frame
+        frame = cityscapes / f"leftImg8bit/{split}/aachen/aachen_000000_000019_leftImg8bit.png"
+        frame.parent.mkdir(parents=True)
+        patch = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)  # tiled: a fast PNG
+        Image.fromarray(np.tile(patch, (h // 64, w // 64, 1))).save(frame)
+    label = cityscapes / "gtFine/val/aachen/aachen_000000_000019_gtFine_labelIds.png"
+    label.parent.mkdir(parents=True)
+    Image.fromarray(rng.choice(np.array([7, 8, 11, 26, 0], np.uint8), (256, 512))).save(label)
+
+    cfg = load_config("synthia_to_cityscapes_fda", [
+        f"data.root={synthia}", f"adapt.target_root={cityscapes}", "model.weights=null",
+        "model.blocks=[1, 1, 1, 1]", "model.width=8", "data.num_workers=0", "data.check=all",
+        "train.iterations=2", "train.stop_at=2", "adapt.fda_ent_start=1", "adapt.fda_beta=0.05",
+        f"train.out_dir={tmp_path / 'run'}", "train.tensorboard=false", "train.progress=false",
+        "train.threads=1", "train.check_memory=false", "train.val_limit=1"])
+    seen = []
+    original = FDA.loss
+
+    def spy(self, step, k):
+        if k == 0:
+            seen.append((step.images.shape, step.target.shape, bool((step.labels == 255).any())))
+        return original(self, step, k)
+
+    logs = []
+    monkeypatch.setattr(FDA, "loss", spy)
+    train(cfg, on_iteration=lambda it, log: logs.append(log))
+    assert seen == [((1, 3, 512, 1024), (1, 3, 512, 1024), False)] * 2
+    assert len(logs) == 2 and "adapt/ent" in logs[1]
