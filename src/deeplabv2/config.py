@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from .adapt.methods import METHODS
+from .data.transforms import RESIZE_FILTERS
 from .inference.crf import DenseCRF, crf_preset
 from .inference.front import InferenceConfig
 from .utils.fileio import atomic_write_text
@@ -53,6 +54,10 @@ class DataConfig:
     scale_range: list[float] = field(default_factory=lambda: [0.5, 1.5])
     scales: list[float] = field(default_factory=list)  # discrete scale set; []: U(scale_range)
     flip: bool = True
+    # [h, w]: resize every training image to exactly this before scaling and cropping, as the
+    # domain adaptation codes load theirs (image with resize_filter, label nearest); None/[]: off
+    resize: list[int] | None = None
+    resize_filter: str = "bilinear"  # the image filter of data.resize: "bicubic" or "bilinear"
     batch_size: int = 2  # per process
     num_workers: int = 2
     check: str = "all"  # read every sample before training: "all", "none" or a number
@@ -126,6 +131,10 @@ class AdaptConfig:
     target_options: dict[str, Any] = field(default_factory=dict)  # e.g. {annotation: null}
     target_crop_size: list[int] | None = None  # None: data.crop_size
     target_scale_range: list[float] = field(default_factory=lambda: [1.0, 1.0])
+    # data.resize and data.resize_filter for the target: its own filter, since DACS halves
+    # Cityscapes bilinearly but resizes GTA5/SYNTHIA bicubically
+    target_resize: list[int] | None = None
+    target_resize_filter: str = "bilinear"
     target_val_split: str | None = "val"  # validate on the target (None: on the source)
     target_val_options: dict[str, Any] = field(default_factory=dict)
     multi_level: bool = False  # AdaptSegNet/ADVENT: auxiliary head on layer3
@@ -278,6 +287,7 @@ def validate(cfg: Config) -> None:
     for key in ("momentum", "weight_decay", "poly_power"):
         if getattr(t, key) < 0:
             raise ConfigError(f"train.{key} must be >= 0, got {getattr(t, key)}")
+    _check_resize("data", data.resize, data.resize_filter)
     if len(data.crop_size) != 2 or min(data.crop_size) < 1:
         raise ConfigError(f"data.crop_size must be [height, width], got {data.crop_size}")
     lo, hi = data.scale_range
@@ -309,6 +319,7 @@ def _validate_adapt(cfg: Config) -> None:
     a = cfg.adapt
     if a.method not in METHODS:
         raise ConfigError(f"adapt.method={a.method!r}; valid values: {', '.join(METHODS)}")
+    _check_resize("adapt", a.target_resize, a.target_resize_filter, prefix="target_")
     if a.method in ("none", "source_only"):
         return
     if not a.target_dataset:
@@ -319,6 +330,20 @@ def _validate_adapt(cfg: Config) -> None:
     if a.method in ("fda", "dacs") and a.target_crop_size not in (None, cfg.data.crop_size):
         raise ConfigError(f"adapt.method={a.method} mixes source and target crops: "
                           f"adapt.target_crop_size must equal data.crop_size")
+
+
+def _check_resize(section: str, size, image_filter, prefix: str = "") -> None:
+    """``{section}.{prefix}resize`` is None, [] or [height, width] of positive integers, and
+    ``{section}.{prefix}resize_filter`` one of the image filters."""
+    key = f"{section}.{prefix}resize"
+    if size is not None and size != []:
+        if (not isinstance(size, (list, tuple)) or len(size) != 2
+                or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in size)):
+            raise ConfigError(f"{key} must be [height, width] (positive integers), or null or "
+                              f"[] for no resize, got {size!r}")
+    if image_filter not in RESIZE_FILTERS:
+        raise ConfigError(f"{key}_filter={image_filter!r}; valid values: "
+                          + ", ".join(RESIZE_FILTERS))
 
 
 def save_config(cfg: Config, path) -> None:

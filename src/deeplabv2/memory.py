@@ -385,14 +385,19 @@ def crop_warnings(cfg, train_ds, target_ds=None) -> list[str]:
     the target crop on the target images), from the image sizes ``data.check`` read
     (``checked_sizes``; nothing is said of images it did not read)."""
     d, a = cfg.data, cfg.adapt
+
+    def sizes(ds, resize):  # a fixed resize (data.resize) makes every checked image that size
+        checked = getattr(ds, "checked_sizes", {})
+        return {tuple(resize): sum(checked.values())} if resize and checked else checked
+
     scale, scale_key = ((max(d.scales), "data.scales") if d.scales
                         else (d.scale_range[1], "data.scale_range"))
-    lines = [crop_warning("data.crop_size", d.crop_size, getattr(train_ds, "checked_sizes", {}),
+    lines = [crop_warning("data.crop_size", d.crop_size, sizes(train_ds, d.resize),
                           scale, scale_key)]
     if target_ds is not None:
         key = "adapt.target_crop_size" if a.target_crop_size else "data.crop_size"
         lines.append(crop_warning(key, a.target_crop_size or d.crop_size,
-                                  getattr(target_ds, "checked_sizes", {}),
+                                  sizes(target_ds, a.target_resize),
                                   a.target_scale_range[1], "adapt.target_scale_range",
                                   "target images"))
     return [line for line in lines if line]

@@ -424,7 +424,8 @@ def _batches(cfg: Config, train_ds, target_ds, preprocessing, start: int, info,
     steps = dict(total_steps=t.iterations * t.accumulate, start_step=start * t.accumulate,
                  rank=info.rank, world_size=info.world_size)
     transform = TrainTransform(crop_size=tuple(d.crop_size), scale_range=tuple(d.scale_range),
-                               scales=d.scales, flip=d.flip, preprocessing=preprocessing)
+                               scales=d.scales, flip=d.flip, preprocessing=preprocessing,
+                               resize=d.resize or None, resize_filter=d.resize_filter)
     batches = iter(torch.utils.data.DataLoader(
         EpochIndexed(train_ds, transform),
         batch_sampler=IterationBatchSampler(len(train_ds), d.batch_size, t.seed, **steps),
@@ -434,7 +435,8 @@ def _batches(cfg: Config, train_ds, target_ds, preprocessing, start: int, info,
         return batches, None
     target_transform = TrainTransform(
         crop_size=tuple(a.target_crop_size or d.crop_size),
-        scale_range=tuple(a.target_scale_range), flip=d.flip, preprocessing=preprocessing)
+        scale_range=tuple(a.target_scale_range), flip=d.flip, preprocessing=preprocessing,
+        resize=a.target_resize or None, resize_filter=a.target_resize_filter)
     target_batches = iter(torch.utils.data.DataLoader(  # its own order, a function of the step
         EpochIndexed(target_ds, target_transform),
         batch_sampler=IterationBatchSampler(len(target_ds), d.batch_size, t.seed + 1, **steps),

@@ -1,7 +1,8 @@
 """Entropy terms of ADVENT (Vu et al., CVPR 2019) and FDA (Yang & Soatto, CVPR 2020).
 
 Every map is normalised by ``log C`` so that it lies in ``[0, 1]`` whatever the number of
-classes, as both papers do.
+classes, as both papers do; except that FDA's released code divides by the constant
+:data:`FDA_ENTROPY_DIVISOR` whatever the number of classes (see :func:`charbonnier_entropy`).
 """
 
 from __future__ import annotations
@@ -34,9 +35,21 @@ def entropy_loss(logits: torch.Tensor) -> torch.Tensor:
     return entropy_map(logits).mean()
 
 
-def charbonnier_entropy(logits: torch.Tensor, eta: float = 2.0, eps: float = 1e-8) -> torch.Tensor:
+# FDA's released entropy divisor: ``ent / 2.9444`` (ln 19 = 2.94444 to five digits) in
+# ``model/deeplab.py``, ``model/fcn8s.py`` and ``model/CLS.py`` of YanchaoYang/FDA, commented
+# "change when classes is not 19" but used unchanged for its 16-class SYNTHIA runs too.
+FDA_ENTROPY_DIVISOR = 2.9444
+
+
+def charbonnier_entropy(logits: torch.Tensor, eta: float = 2.0, eps: float = 1e-8,
+                        divisor: float | None = None) -> torch.Tensor:
     """FDA's robust entropy (Sec. 3.2, a Charbonnier penalty): ``mean((E^2 + eps) ** eta)`` of
-    the normalised entropy map ``E``. With ``eta > 0.5`` high-entropy pixels are penalised more
-    than low-entropy ones; the released code uses ``eta = 2`` (``--ita``) and ``eps = 1e-8``."""
-    ent = entropy_map(logits)
+    the entropy map ``E``. With ``eta > 0.5`` high-entropy pixels are penalised more than
+    low-entropy ones; the released code uses ``eta = 2`` (``--ita``) and ``eps = 1e-8``.
+    ``E`` is the Shannon entropy divided by ``divisor``, by ``log C`` when None (in [0, 1]);
+    the FDA method passes :data:`FDA_ENTROPY_DIVISOR`, as the released code divides."""
+    if divisor is None:
+        ent = entropy_map(logits)
+    else:
+        ent = -(F.softmax(logits, dim=1) * F.log_softmax(logits, dim=1)).sum(1) / divisor
     return ((ent ** 2 + eps) ** eta).mean()

@@ -46,7 +46,7 @@ from torch.nn import functional as F
 from ..model.preprocessing import from_rgb, to_rgb
 from ..utils.distributed import average_gradients
 from .discriminator import FCDiscriminator, adversarial_loss, discriminator_loss
-from .entropy import charbonnier_entropy, entropy_loss, self_information
+from .entropy import FDA_ENTROPY_DIVISOR, charbonnier_entropy, entropy_loss, self_information
 from .fda import fda_source_to_target
 from .mix import (EMATeacher, classmix_masks, confidence_weight, mix, strong_augment,
                   weighted_cross_entropy)
@@ -276,7 +276,13 @@ class MinEnt(Method):
 
 
 class FDA(Method):
-    """Fourier Domain Adaptation: train on source images in the target's style."""
+    """Fourier Domain Adaptation: train on source images in the target's style.
+
+    The target's entropy term divides the entropy by :data:`~deeplabv2.adapt.entropy.
+    FDA_ENTROPY_DIVISOR` (2.9444, ln 19) whatever the number of classes, as the released code
+    does (YanchaoYang/FDA ``model/deeplab.py``): for 19 classes that is the normalised entropy,
+    for SYNTHIA's 16 it is ``ln 16 / 2.9444 = 0.94`` of it at most, and the Charbonnier term
+    (``eta = 2``) about ``0.94 ** 4 = 0.79`` of the ``ln C``-normalised one."""
 
     name = "fda"
 
@@ -295,7 +301,8 @@ class FDA(Method):
                 x = from_rgb(restyled.clamp(0, 255), pre).to(step.images.dtype)
             return self.source_loss(step, x)
         main, _ = self.scores(step, step.target)
-        loss = self.settings.fda_lambda_ent * charbonnier_entropy(main, self.settings.fda_eta)
+        loss = self.settings.fda_lambda_ent * charbonnier_entropy(
+            main, self.settings.fda_eta, divisor=FDA_ENTROPY_DIVISOR)
         self.logs["ent"] = loss.detach()
         return loss
 

@@ -6,7 +6,8 @@ Output: ``"image"`` a ``float32`` ``(3, h, w)`` tensor already normalised by the
 :class:`~deeplabv2.model.preprocessing.Preprocessing`, ``"label"`` an ``int64`` ``(h, w)`` tensor.
 
 Resizing uses PIL on ``uint8`` arrays (fast, and runs inside DataLoader workers): the image
-bilinearly, the label with NEAREST only, so no label value is ever invented by interpolation.
+bilinearly (or bicubically, for the fixed ``resize`` of the adaptation codes), the label with
+NEAREST only, so no label value is ever invented by interpolation.
 Both use PIL's pixel-centre convention, so image and label stay aligned at any scale. On one
 core (what a DataLoader worker gets) a 375x500 VOC image -> 321x321 crop takes about 7 ms, a
 1024x2048 Cityscapes frame -> 513x1025 crop about 50 ms.
@@ -22,26 +23,40 @@ from ..model.preprocessing import CAFFE_BGR, Preprocessing
 from .base import IGNORE_INDEX
 
 
-def _pair(size) -> tuple[int, int]:
+def _pair(size, name: str = "crop_size") -> tuple[int, int]:
     h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     if h <= 0 or w <= 0:
-        raise ValueError(f"crop_size must be positive, got {size}")
+        raise ValueError(f"{name} must be positive, got {size}")
     return h, w
 
 
-def resize_pair(image: np.ndarray, label: np.ndarray, height: int, width: int):
-    """Resize an RGB ``uint8`` image (bilinear) and its ``uint8`` label (nearest) to
-    ``height x width``; both stay ``uint8`` numpy arrays."""
-    if image.shape[:2] == (height, width):
+# The image filters of a fixed resize (``TrainTransform(resize_filter=...)``); labels: NEAREST.
+RESIZE_FILTERS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
+
+
+def resize_pair(image: np.ndarray, label: np.ndarray, height: int, width: int,
+                image_filter=Image.BILINEAR):
+    """Resize an RGB ``uint8`` image (``image_filter``, a PIL filter: bilinear unless given)
+    and its ``uint8`` label (nearest) to ``height x width``; both stay ``uint8`` numpy arrays.
+    Nothing is resampled when the size is already right (PIL returns such an image as is)."""
+    if image.shape[:2] == (height, width) and label.shape == (height, width):
         return image, label
-    im = Image.fromarray(image).resize((width, height), Image.BILINEAR)
+    im = Image.fromarray(image).resize((width, height), image_filter)
     lb = Image.fromarray(label).resize((width, height), Image.NEAREST)
     return np.asarray(im), np.asarray(lb)
 
 
 class TrainTransform:
-    """DeepLab v2 training augmentation: random scale, pad, random crop, horizontal flip.
+    """DeepLab v2 training augmentation: random scale, pad, random crop, horizontal flip, after
+    an optional resize to a fixed size.
 
+    0. when ``resize`` ``(h, w)`` is given, resize to exactly that size first (image with
+       ``resize_filter``, "bicubic" or "bilinear"; label nearest), as the released domain
+       adaptation codes load their training images: ``Image.resize(size, Image.BICUBIC)``
+       for the image and ``Image.NEAREST`` for the label, e.g. GTA5 to 1280x720 and
+       Cityscapes to 1024x512 (AdaptSegNet ``dataset/gta5_dataset.py``, ADVENT
+       ``advent/dataset/base_dataset.py``, FDA ``data/gta5_dataset.py``, DACS
+       ``data/gta5_dataset.py``; DACS's Cityscapes ``RandomCrop_city`` halves bilinearly);
     1. scale by ``s`` drawn uniformly from the discrete set ``scales`` when given (the released
        DeepLab v2 recipe: {0.5, 0.75, 1, 1.25, 1.5}), else ``s ~ U(scale_range)`` (image
        bilinear, label nearest);
@@ -59,8 +74,13 @@ class TrainTransform:
 
     def __init__(self, crop_size, scale_range=(0.5, 1.5), flip: bool = True,
                  preprocessing: Preprocessing = CAFFE_BGR, ignore_index: int = IGNORE_INDEX,
-                 scales=None):
+                 scales=None, resize=None, resize_filter: str = "bilinear"):
         self.crop_size = _pair(crop_size)
+        self.resize = None if resize is None or len(resize) == 0 else _pair(resize, "resize")
+        if resize_filter not in RESIZE_FILTERS:
+            raise ValueError(f"resize_filter must be one of {', '.join(RESIZE_FILTERS)}, got "
+                             f"{resize_filter!r}")
+        self.resize_filter = resize_filter
         lo, hi = float(scale_range[0]), float(scale_range[1])
         if not 0 < lo <= hi:
             raise ValueError(f"scale_range must satisfy 0 < low <= high, got {scale_range}")
@@ -73,7 +93,8 @@ class TrainTransform:
         self.ignore_index = int(ignore_index)
 
     def __repr__(self) -> str:
-        return (f"TrainTransform(crop_size={self.crop_size}, scale_range={self.scale_range}, "
+        return (f"TrainTransform(crop_size={self.crop_size}, resize={self.resize}, "
+                f"resize_filter={self.resize_filter!r}, scale_range={self.scale_range}, "
                 f"scales={self.scales}, "
                 f"flip={self.flip}, preprocessing={self.preprocessing}, "
                 f"ignore_index={self.ignore_index})")
@@ -86,6 +107,9 @@ class TrainTransform:
         do_flip = self.flip and rng.random() < 0.5
         u_y, u_x = rng.random(2)
 
+        if self.resize is not None:
+            image, label = resize_pair(image, label, *self.resize,
+                                       image_filter=RESIZE_FILTERS[self.resize_filter])
         h, w = label.shape
         sh, sw = max(1, round(h * s)), max(1, round(w * s))
         image, label = resize_pair(image, label, sh, sw)
