@@ -150,7 +150,7 @@ def _pil_resize(array: np.ndarray, size, filter_name: str) -> np.ndarray:
     if array.dtype != np.uint8:
         raise ValueError(f"PIL resizing needs uint8 arrays, got {array.dtype}")
     img = Image.fromarray(array)
-    return np.asarray(img.resize((size[1], size[0]), FILTERS[filter_name]))
+    return np.array(img.resize((size[1], size[0]), FILTERS[filter_name]))
 
 
 CITYSCAPES_LABELS = (1024, 2048)
