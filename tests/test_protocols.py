@@ -222,3 +222,43 @@ def test_protocol_is_recorded_in_metrics_json(tmp_path):
     assert data["protocol"]["name"] == "dacs"
     assert data["protocol"]["image_filter"] == "bilinear"
     assert data["protocol"]["label_size"] == [20, 36]
+
+
+def test_protocol_in_report_header(tmp_path):
+    from deeplabv2.app.report import write_page
+    results = evaluate(stub(), Tiny(), protocol=PROTOCOLS["fda"].with_sizes((24, 56), (44, 76)))
+    page = write_page(tmp_path, results, Tiny.classes, np.zeros((C, 3), np.uint8))
+    text = page.read_text()
+    assert "<th>protocol</th><td>fda (image_size [24, 56], image_filter bicubic" in text
+    assert "YanchaoYang/FDA evaluation_multi.py" in text
+
+
+def test_training_validation_records_the_protocol(tmp_path):
+    from deeplabv2.train import train
+    from test_train import tiny_config
+    result = train(tiny_config(tmp_path, "train.iterations=2", "train.val_every=2",
+                               "eval.protocol=dacs",
+                               "data.options={num_samples: 4, size: [48, 64]}"))
+    assert result.history[-1]["val_protocol"] == "dacs"
+    assert result.metrics["protocol"]["name"] == "dacs"
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["protocol"]["label_size"] == [512, 1024]
+
+
+def test_evaluate_command_takes_protocol(tmp_path, capsys):
+    from deeplabv2.cli import main
+    from deeplabv2.config import save_config
+    from test_train import TINY
+    cfg_path = tmp_path / "tiny.yaml"
+    save_config(load_config(None, [*TINY, "train.iterations=1",
+                                   f"train.out_dir={tmp_path / 'run'}",
+                                   "data.options={num_samples: 2, size: [48, 64]}"]), cfg_path)
+    assert main(["train", "-c", str(cfg_path)]) == 0
+    ckpt = str(tmp_path / "run" / "model.pth")
+    assert main(["evaluate", ckpt, "-c", str(cfg_path), "--protocol", "advent", "--out",
+                 str(tmp_path / "m.json"), "--report", str(tmp_path / "report")]) == 0
+    assert "advent protocol: image bicubic to 1024x512" in capsys.readouterr().out
+    assert json.loads((tmp_path / "m.json").read_text())["protocol"]["name"] == "advent"
+    assert "<th>protocol</th><td>advent" in (tmp_path / "report" / "index.html").read_text()
+    assert main(["evaluate", ckpt, "-c", str(cfg_path), "--protocol", "nope"]) == 2
+    assert "valid: none, adaptsegnet, advent, fda, dacs" in capsys.readouterr().err

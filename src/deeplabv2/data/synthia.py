@@ -17,8 +17,8 @@ terrain, truck, train, lane marking) is ignored (255). ``num_classes=13`` drops 
 pole as well (the 13-class protocol). ``num_classes=19`` is FDA's: a 19-class network whose
 table (YanchaoYang/FDA ``data/synthia_dataset.py``) also maps SYNTHIA terrain (16), truck (18)
 and train (20) to their Cityscapes classes, scored on all 19 with mIoU over the 16 and 13
-reported from the same confusion matrix (``eval.protocol: fda``). Pillow keeps only the high byte of 16-bit RGB PNGs, so
-labels are decoded with pypng.
+reported from the same confusion matrix (``eval.protocol: fda``). Pillow keeps only the high
+byte of 16-bit RGB PNGs, so labels are decoded with pypng.
 """
 
 from __future__ import annotations
