@@ -239,7 +239,10 @@ def test_training_validation_records_the_protocol(tmp_path):
     result = train(tiny_config(tmp_path, "train.iterations=2", "train.val_every=2",
                                "eval.protocol=dacs",
                                "data.options={num_samples: 4, size: [48, 64]}"))
-    assert result.history[-1]["val_protocol"] == "dacs"
+    assert result.history[-1]["val_protocol"]["name"] == "dacs"
+    assert result.history[-1]["val_protocol"]["image_filter"] == "bilinear"
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert history[-1]["val_protocol"]["image_size"] == [512, 1024]
     assert result.metrics["protocol"]["name"] == "dacs"
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["protocol"]["label_size"] == [512, 1024]
