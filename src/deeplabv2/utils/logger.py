@@ -58,7 +58,8 @@ class TrainLog:
         self._window_loss, self._window_start = 0.0, time.perf_counter()
 
     def validation(self, iteration: int, miou: float,
-                   samples: Callable[[], dict] | None = None, protocol: dict | None = None) -> None:
+                   samples: Callable[[], dict] | None = None,
+                   protocol: dict | None = None) -> None:
         """Validation after step ``iteration``: its mIoU beside that step's history entry (for
         the curves), and in TensorBoard with the images ``samples()`` returns (``{tag: HWC
         uint8 array}``; called only when there is a TensorBoard to show them). ``protocol``
