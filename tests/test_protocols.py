@@ -72,7 +72,7 @@ class Tiny:
 FILTER = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
 
 
-def released(models, dataset, *, image_wh, image_filter, label_wh, upsample, fuse, mean):
+def released(models, dataset, *, image_wh, image_filter, label_wh, upsample, mean):
     """The released scripts' steps (evaluate_cityscapes.py / eval_UDA.py / evaluateUDA.py /
     evaluation_multi.py): PIL resize, BGR minus mean, stride-8 output, softmax averaged (FDA)
     or logits summed (ADVENT), nn.Upsample(align_corners=True) to the labels, argmax,
@@ -83,7 +83,7 @@ def released(models, dataset, *, image_wh, image_filter, label_wh, upsample, fus
         arr = np.asarray(img, np.float32)[:, :, ::-1] - np.asarray(mean, np.float32)
         x = torch.from_numpy(arr.transpose(2, 0, 1).copy())[None]
         outs = [known_scores(x, seed) for seed in models]
-        if fuse == "probs":
+        if upsample == "probs":
             out = sum(F.softmax(o, dim=1) for o in outs) / len(outs)
         else:
             out = sum(outs)
@@ -122,7 +122,7 @@ def test_score_protocols_equal_the_released_steps(name, image_size, label_size, 
     protocol = PROTOCOLS[name].with_sizes(image_size, label_size)
     results = evaluate(model, ds, protocol=protocol)
     hist, iou = released([0], ds, image_wh=image_size[::-1], image_filter=image_filter,
-                         label_wh=label_wh, upsample="scores", fuse="scores", mean=_mean(model))
+                         label_wh=label_wh, upsample="scores", mean=_mean(model))
     _check(results, hist, iou)
     # scored at the label size: the 1024x2048 labels as loaded, DACS' labels shrunk
     assert results["pixels"] == hist.sum() > 2 * (label_size[0] - 3) * label_size[1] * 0.9
@@ -142,7 +142,7 @@ def test_fda_averages_stride8_softmax_of_the_ensemble_and_reads_16_13_of_19():
     protocol = PROTOCOLS["fda"].with_sizes((24, 56), (44, 76))
     results = evaluate(net, ds, protocol=protocol)
     hist, iou = released([0, 1, 2], ds, image_wh=(56, 24), image_filter="bicubic",
-                         label_wh=None, upsample="probs", fuse="probs", mean=_mean(members[0]))
+                         label_wh=None, upsample="probs", mean=_mean(members[0]))
     _check(results, hist, iou)
     # evaluation_multi.py: mIoU16 and mIoU13 by np.mean over fixed train ids
     sixteen = [0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 15, 17, 18]
@@ -161,7 +161,7 @@ def test_advent_ensemble_sums_upsampled_logits():
     ds = Tiny()
     protocol = PROTOCOLS["advent"].with_sizes((20, 36), (44, 76))
     hist, iou = released([0, 1], ds, image_wh=(36, 20), image_filter="bicubic", label_wh=None,
-                         upsample="scores", fuse="scores", mean=_mean(members[0]))
+                         upsample="scores", mean=_mean(members[0]))
     _check(evaluate(net, ds, protocol=protocol), hist, iou)
 
 

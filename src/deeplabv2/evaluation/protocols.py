@@ -11,7 +11,9 @@ Each :class:`Protocol` below writes out one released script (file names cited pe
 3. ``upsample="scores"``: the stride-8 scores (logits) are resized bilinearly to
    ``label_size`` with ``align_corners`` (``nn.Upsample`` of PyTorch >= 0.4 with
    ``align_corners=True``, as every script sets it), then argmax; ``upsample="probs"``: their
-   softmax is resized instead (FDA);
+   softmax is resized instead (FDA). This is :meth:`deeplabv2.model.alignment.Alignment.resize`
+   (corners aligned: the ``"caffe"`` alignment's resize), straight from the stride-8 map to
+   the labels, not the model's own x8 upsampling to its input;
 4. the labels are resized with PIL nearest to ``label_size`` (the identity for Cityscapes'
    1024x2048 labels, except DACS, which scores at 512x1024);
 5. one confusion matrix over the split; ``class_subsets`` adds the mIoU over subsets of the
@@ -37,6 +39,7 @@ from PIL import Image
 from torch.nn import functional as F
 
 from ..data.cityscapes_labels import SYNTHIA13_TRAIN_IDS, SYNTHIA16_TRAIN_IDS
+from ..model.alignment import get_alignment
 
 FILTERS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
 UPSAMPLE = ("scores", "probs")
@@ -119,9 +122,9 @@ class Protocol:
             scores = self._stride8(net, x)
         if self.upsample == "probs":
             scores = F.softmax(scores, dim=1)
-        out = F.interpolate(scores, size=tuple(label_size), mode="bilinear",
-                            align_corners=self.align_corners)
-        return out.argmax(1)[0]
+        # Alignment.resize: bilinear F.interpolate to a size, corners aligned for "caffe"
+        resize = get_alignment("caffe" if self.align_corners else "pytorch").resize
+        return resize(scores, label_size).argmax(1)[0]
 
     def _stride8(self, net, x) -> torch.Tensor:
         members = getattr(net, "members", None)
