@@ -45,8 +45,15 @@ def test_synthia_ids_map_to_the_16_class_protocol(tmp_path):
     thirteen = SynthiaDataset(tmp_path, "train", num_classes=13)
     assert thirteen.num_classes == 13 and "wall" not in thirteen.classes
     assert thirteen.load(0)[1].tolist()[0] == [0, 1, 2, 255, 255, 255, 3, 4, 5, 6, 7, 8]
-    with pytest.raises(ValueError, match="16 or 13"):
-        SynthiaDataset(tmp_path, "train", num_classes=19)
+    with pytest.raises(ValueError, match="16, 13 or 19"):
+        SynthiaDataset(tmp_path, "train", num_classes=18)
+    # FDA's 19 classes (YanchaoYang/FDA data/synthia_dataset.py): Cityscapes train ids, with
+    # terrain (16 -> 9), truck (18 -> 14) and train (20 -> 16) kept
+    nineteen = SynthiaDataset(tmp_path, "train", num_classes=19)
+    assert nineteen.num_classes == 19 and nineteen.classes[9] == "terrain"
+    assert nineteen.load(0)[1].tolist() == [
+        [0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12], [13, 15, 17, 18, 255, 255, 9, 14, 16, 255,
+                                                  255, 255]]
     with pytest.raises(DatasetError, match="val.txt"):
         SynthiaDataset(tmp_path, "val")
     (tmp_path / "GT/LABELS/0000001.png").write_bytes(b"not a png")

@@ -237,6 +237,8 @@ def cmd_evaluate(args) -> int:
                          f"{cfg.data.dataset!r} has {ds.num_classes}")
     _require_same_classes(args.checkpoint, model.classes, ds)
     inference = _inference(args, cfg.eval.inference().to_dict())
+    from .evaluation.protocols import get_protocol
+    protocol = get_protocol(args.protocol or cfg.eval.protocol)
     prepared = _prepare(model, args, device)
     net = _ensemble(prepared, args, device)
     from .app.commands import finish_report, report_collector
@@ -245,12 +247,13 @@ def cmd_evaluate(args) -> int:
         if args.ensemble else ""
     print(f"evaluating {args.checkpoint}{members} on {cfg.data.dataset} {ds.split} "
           f"({len(ds)} images), "
-          f"{inference.describe()}{', dense CRF' if args.crf or cfg.eval.crf else ''}, "
+          f"{protocol.describe() if protocol else inference.describe()}"
+          f"{', dense CRF' if args.crf or cfg.eval.crf else ''}, "
           f"{prepared.precision}{' eager' if args.eager else ''}")
     crf = _crf(args, cfg, model)
     results = evaluate(net, ds, device=device, limit=args.limit, amp=prepared.amp,
                        num_workers=cfg.data.num_workers, inference=inference, crf=crf,
-                       progress=True, on_image=report)
+                       progress=True, on_image=report, protocol=protocol)
     _print_metrics(results, list(ds.classes), args.out)
     finish_report(args, report, results, title=f"{args.checkpoint} on {cfg.data.dataset} "
                   f"{ds.split}", settings={"checkpoint": args.checkpoint,
@@ -258,6 +261,8 @@ def cmd_evaluate(args) -> int:
                                            "ensemble fuse": net.extra_repr()
                                            if args.ensemble else "",
                                            "inference": inference.describe(),
+                                           "protocol": protocol.describe() if protocol
+                                           else "none",
                                            "dense CRF": crf is not None,
                                            "precision": prepared.precision})
     return 0
@@ -407,6 +412,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default=None,
                     help="auto, cpu, cuda or cuda:N (default: the config's train.device)")
     _add_inference_args(ev)
+    ev.add_argument("--protocol", default=None, metavar="NAME",
+                    help="evaluate as a paper's released script does: none (our test-time "
+                         "mode), adaptsegnet, advent, fda, dacs (default: the config's "
+                         "eval.protocol)")
     ev.add_argument("overrides", nargs="*", help="section.key=value")
     from .app.commands import add_report_args
     add_report_args(ev)

@@ -108,6 +108,9 @@ class EvalConfig:
     stride: list[int] | int | None = None  # default: 2/3 of crop_size
     crf: bool = False  # refine with the dense CRF (paper Sec. 3.4)
     crf_params: dict[str, Any] = field(default_factory=dict)  # DenseCRF fields; {}: defaults
+    # a released evaluation script (evaluation/protocols.py): none (our front above),
+    # adaptsegnet, advent, fda, dacs
+    protocol: str = "none"
 
     def dense_crf(self, model_config: dict | None = None, force: bool = False):
         """The :class:`deeplabv2.inference.crf.DenseCRF` for a model of ``model_config``: the released
@@ -299,6 +302,7 @@ def validate(cfg: Config) -> None:
         cfg.eval.dense_crf()
     except ValueError as e:
         raise ConfigError(f"eval: {e}") from None
+    _validate_protocol(cfg.eval)
     if any(not isinstance(s, (int, float)) or s <= 0 for s in data.scales):
         raise ConfigError(f"data.scales must be positive numbers, got {data.scales}")
     if any(s <= 0 for s in t.msc_scales):
@@ -313,6 +317,18 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.check_memory must be true or false, got {t.check_memory!r}")
     if data.check not in ("all", "none") and not str(data.check).isdigit():
         raise ConfigError(f"data.check must be 'all', 'none' or a number, got {data.check!r}")
+
+
+def _validate_protocol(e: EvalConfig) -> None:
+    """``eval.protocol`` names a released protocol, which fixes the test-time mode."""
+    from .evaluation.protocols import NAMES
+    if e.protocol not in NAMES:
+        raise ConfigError(f"eval.protocol must be one of {', '.join(NAMES)}, got "
+                          f"{e.protocol!r}")
+    if e.protocol != "none" and (e.inference() != InferenceConfig() or e.crf):
+        raise ConfigError(f"eval.protocol {e.protocol!r} fixes how images are run (resize, one "
+                          f"pass, upsampling to the labels); drop eval.mode/msc_scales/"
+                          f"avg_scales/flip/crf or set eval.protocol: none")
 
 
 def _validate_adapt(cfg: Config) -> None:

@@ -574,9 +574,9 @@ def _validate(run: _Run, iteration: int) -> float:
     t = run.cfg.train
     metrics = evaluate(run.model, run.val_ds, device=run.device, limit=t.val_limit or None,
                        amp=t.amp, channels_last=t.channels_last,
-                       inference=run.cfg.eval.inference())
+                       inference=run.cfg.eval.inference(), protocol=run.cfg.eval.protocol)
     run.model.train()
-    run.log.validation(iteration, metrics["miou"],
+    run.log.validation(iteration, metrics["miou"], protocol=metrics["protocol"],
                        samples=lambda: _sample_rows(run.model, run.val_ds, run.device))
     if run.best is None or metrics["miou"] > run.best:
         run.best = metrics["miou"]

@@ -244,6 +244,16 @@ def _hex(rgb) -> str:
     return "#" + "".join(f"{int(c):02x}" for c in rgb)
 
 
+def _protocol_text(protocol: dict) -> str:
+    """The evaluation protocol a metrics dict records (``evaluate``'s ``"protocol"``), as one
+    line for the report's settings."""
+    if protocol.get("name") == "none":
+        return "none (this project's test-time mode)"
+    details = ", ".join(f"{k} {v}" for k, v in protocol.items()
+                        if k not in ("name", "class_subsets", "source") and v is not None)
+    return f"{protocol.get('name')} ({details}; {protocol.get('source', '')})"
+
+
 def _metrics_table(metrics, baseline) -> str:
     rows = [("mIoU", "miou"), ("fwIoU", "fw_iou"), ("pixel accuracy", "pixel_accuracy"),
             ("mean class accuracy", "mean_class_accuracy")]
@@ -395,8 +405,11 @@ def write_page(out_dir, metrics: dict, class_names: Sequence[str], palette, *,
     ranked = sorted((e for e in images if e["miou"] is not None), key=lambda e: e["miou"])
     worst_images = ", ".join(f"{html.escape(e['name'])} ({_pct(e['miou'])}%)"
                              for e in ranked[:3])
+    settings = dict(settings or {})
+    if "protocol" not in settings and isinstance(metrics.get("protocol"), dict):
+        settings["protocol"] = _protocol_text(metrics["protocol"])
     settings_html = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td>"
-                            f"</tr>" for k, v in (settings or {}).items())
+                            f"</tr>" for k, v in settings.items())
     sections = [
         f'<section id="summary"><h2>At a glance</h2><p>mIoU <b id="miou">'
         f'{_pct(metrics["miou"])}%</b> over {len(names)} classes'

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+from PIL import Image
 
 from ..utils import distributed as dist_utils
 from ..inference.front import InferenceConfig, segment
 from .metrics import ConfusionMatrix, add_subset_mious
+from .protocols import Protocol, describe, get_protocol
 
 
 class _Raw(torch.utils.data.Dataset):
@@ -27,7 +30,8 @@ class _Raw(torch.utils.data.Dataset):
 def evaluate(model, dataset, *, device=None, limit: int | None = None, amp: str = "none",
              channels_last: bool = False, num_workers: int = 0,
              inference: InferenceConfig | None = None, crf=None,
-             progress: bool = False, on_image=None) -> dict:
+             progress: bool = False, on_image=None,
+             protocol: Protocol | str | None = None) -> dict:
     """Metrics of ``model`` on ``dataset`` (every image, or the first ``limit``).
 
     Under DDP each rank evaluates every ``world_size``-th image and the confusion matrices are
@@ -41,7 +45,20 @@ def evaluate(model, dataset, *, device=None, limit: int | None = None, amp: str 
     rank evaluates as NumPy arrays: RGB ``uint8 (H, W, 3)``, labels ``(H, W)`` (255 = ignore),
     predicted classes ``(H, W)``, and the prediction before the CRF (None without a CRF); the
     evaluation report (:class:`deeplabv2.app.report.ReportCollector`) is built this way.
+
+    ``protocol`` (a :class:`deeplabv2.evaluation.protocols.Protocol` or its name) evaluates as
+    a paper's released script does instead (image and labels resized by PIL, stride-8 output
+    upsampled to the labels); it replaces ``inference`` and cannot be combined with a
+    test-time mode or the CRF. ``on_image`` then sees the labels at the protocol's size and
+    the image resized to them. The results record it as ``"protocol"`` (``{"name": "none"}``
+    without one).
     """
+    protocol = get_protocol(protocol)
+    if protocol is not None and (crf is not None or (inference is not None
+                                                     and inference != InferenceConfig())):
+        raise ValueError(f"eval.protocol {protocol.name!r} fixes how images are run; it "
+                         f"cannot be combined with a test-time mode "
+                         f"({(inference or InferenceConfig()).describe()}) or the dense CRF")
     device = torch.device(device or next(model.parameters()).device)
     info_rank, world = dist_utils.rank_and_world()
     n = len(dataset) if not limit else min(limit, len(dataset))
@@ -55,6 +72,10 @@ def evaluate(model, dataset, *, device=None, limit: int | None = None, amp: str 
     model.eval()
     indices = iter(range(info_rank, n, world))  # the dataset index of each image, for on_image
     for image, label in loader:
+        if protocol is not None:
+            _protocol_image(protocol, model, image[0].numpy(), label[0].numpy(), cm, device,
+                            amp, channels_last, on_image, indices)
+            continue
         seg = segment(model, image, inference, device=device, amp=amp,
                       channels_last=channels_last, crf=crf)
         cm.update(seg.labels, label.to(device))
@@ -65,8 +86,27 @@ def evaluate(model, dataset, *, device=None, limit: int | None = None, amp: str 
     model.train(was_training)
     cm.reduce_()
     results = add_subset_mious(cm.compute(), dataset)
+    if protocol is not None:
+        protocol.subset_mious(results, dataset.num_classes)
     results["confusion"] = cm.matrix.cpu().tolist()
+    results["protocol"] = describe(protocol)
     return results
+
+
+def _protocol_image(protocol, model, image, label, cm, device, amp, channels_last, on_image,
+                    indices) -> None:
+    """One image scored by ``protocol`` (see :mod:`deeplabv2.evaluation.protocols`)."""
+    if label.min() < 0 or label.max() > 255:
+        raise ValueError(f"labels must lie in 0..255 to be resized, got "
+                         f"{label.min()}..{label.max()}")
+    label = protocol.resize_label(label.astype(np.uint8))
+    pred = protocol.predict(model, image, label.shape, device=device, amp=amp,
+                            channels_last=channels_last)
+    cm.update(pred[None], torch.from_numpy(label.astype("int64")).to(device)[None])
+    if on_image is not None:
+        shown = image if image.shape[:2] == label.shape else np.asarray(
+            Image.fromarray(image).resize((label.shape[1], label.shape[0]), Image.BILINEAR))
+        on_image(next(indices), shown, label, pred.cpu().numpy(), None)
 
 
 @torch.no_grad()

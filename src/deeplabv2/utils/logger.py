@@ -58,12 +58,17 @@ class TrainLog:
         self._window_loss, self._window_start = 0.0, time.perf_counter()
 
     def validation(self, iteration: int, miou: float,
-                   samples: Callable[[], dict] | None = None) -> None:
+                   samples: Callable[[], dict] | None = None,
+                   protocol: dict | None = None) -> None:
         """Validation after step ``iteration``: its mIoU beside that step's history entry (for
         the curves), and in TensorBoard with the images ``samples()`` returns (``{tag: HWC
-        uint8 array}``; called only when there is a TensorBoard to show them)."""
+        uint8 array}``; called only when there is a TensorBoard to show them). ``protocol``
+        (the evaluation protocol: its name and settings) is recorded beside the mIoU as
+        ``val_protocol``."""
         if self.history and self.history[-1]["iteration"] == iteration:
             self.history[-1]["val_miou"] = miou
+            if protocol is not None:
+                self.history[-1]["val_protocol"] = protocol
         if self.writer:
             self.writer.add_scalar("val/mIoU", miou, iteration)
             for tag, image in (samples() if samples else {}).items():
