@@ -20,6 +20,7 @@ import yaml
 from .adapt.methods import METHODS
 from .inference.crf import DenseCRF, crf_preset
 from .inference.front import InferenceConfig
+from .model.resnet import BN_MODES
 from .utils.fileio import atomic_write_text
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -36,7 +37,11 @@ class ModelConfig:
     width: int = 64
     num_classes: int | None = None  # None: the dataset's number of classes
     atrous_rates: list[int] = field(default_factory=lambda: [6, 12, 18, 24])
-    frozen_bn: bool = True
+    # "frozen": FrozenBatchNorm2d (the paper's use_global_stats); "batch": BatchNorm2d with
+    # frozen affine, batch statistics in training, running ones at test time (the released UDA
+    # codes); "train": fully trainable BN. Default "frozen"
+    bn: str | None = None
+    frozen_bn: bool | None = None  # older key: true is bn frozen, false bn train
     weights: str | None = None  # init file (DeepLab init, torchvision, ...); None: random init
     init_head: bool = False  # also load the init file's classifier (the paper: a fresh head)
     head_mode: str = "aspp"  # "aspp": 4 branches summed; "adaptsegnet": branches 0+1 only
@@ -294,10 +299,26 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.msc_scales needs train.loss_at=stride8 (each of the four "
                           "outputs is compared with labels resized to its own size)")
     _validate_adapt(cfg)
+    _resolve_bn(m)
     if not isinstance(t.check_memory, bool):
         raise ConfigError(f"train.check_memory must be true or false, got {t.check_memory!r}")
     if data.check not in ("all", "none") and not str(data.check).isdigit():
         raise ConfigError(f"data.check must be 'all', 'none' or a number, got {data.check!r}")
+
+
+def _resolve_bn(m: ModelConfig) -> None:
+    """``model.bn`` from itself or the older ``model.frozen_bn`` (true: frozen, false: train),
+    which is then cleared, so that a saved config holds ``bn`` alone and takes an override of
+    it; both given and disagreeing is an error naming both."""
+    if m.frozen_bn is not None and not isinstance(m.frozen_bn, bool):
+        raise ConfigError(f"model.frozen_bn must be true or false, got {m.frozen_bn!r}")
+    if m.bn is not None and m.bn not in BN_MODES:
+        raise ConfigError(f"model.bn={m.bn!r}; valid values: {', '.join(BN_MODES)}")
+    implied = None if m.frozen_bn is None else ("frozen" if m.frozen_bn else "train")
+    if m.bn is not None and implied is not None and m.bn != implied:
+        raise ConfigError(f"model.bn={m.bn!r} contradicts model.frozen_bn={m.frozen_bn!r} "
+                          "(frozen_bn true is bn frozen, false is bn train): give only model.bn")
+    m.bn, m.frozen_bn = m.bn or implied or "frozen", None
 
 
 def _validate_adapt(cfg: Config) -> None:
