@@ -453,3 +453,21 @@ def test_torchrun_two_processes_batch_mode_replicas_agree(tmp_path):
     model = load_model(tmp_path / "run" / "model.pth")
     assert model.config["bn"] == "batch"
     assert int(model.backbone.bn1.num_batches_tracked) == 4  # rank 0's: 2 x (source + mixed)
+
+
+def test_info_and_hub_know_batch_mode():
+    """``deeplabv2 info``'s trainable count leaves out the frozen BN affine parameters and the
+    two frozen head branches; the hub builds batch mode by name."""
+    from deeplabv2.hub import deeplabv2_resnet50
+    from deeplabv2.model.info import count_parameters, model_info
+    model = build_model({**TINY_MODEL, "bn": "batch", "head_mode": "adaptsegnet"})
+    total, trainable = count_parameters(model)
+    bn_params = sum(2 * m.num_features for _, m in bns(model))
+    branch = model.head.convs[2].weight.numel() + model.head.convs[2].bias.numel()
+    assert total - trainable == bn_params + 2 * branch
+    assert model_info(model, 33, 33)["trainable_parameters"] == trainable
+    hub = deeplabv2_resnet50(5, bn="batch")
+    assert hub.config["bn"] == "batch" and isinstance(hub.backbone.bn1, nn.BatchNorm2d)
+    assert not hub.backbone.bn1.weight.requires_grad
+    assert isinstance(deeplabv2_resnet50(5).backbone.bn1, FrozenBatchNorm2d)
+    assert deeplabv2_resnet50(5, frozen_bn=False).backbone.bn1.weight.requires_grad

@@ -123,7 +123,7 @@ def _require_init_weights(weights: str | None, resume: str | None) -> None:
         "MS_DeepLab_resnet_pretrained_COCO_init.pth: the PyTorch conversions of the Caffe "
         "models published with kazuto1011/deeplab-pytorch and AdaptSegNet) or a torchvision "
         "ResNet-101 file, and pass model.weights=PATH; model.weights=null trains from scratch "
-        "(with model.frozen_bn=false; far lower mIoU)")
+        "(with model.bn=train; far lower mIoU)")
 
 
 def _build_model(cfg: Config, num_classes: int) -> DeepLabV2:
