@@ -471,3 +471,20 @@ def test_info_and_hub_know_batch_mode():
     assert not hub.backbone.bn1.weight.requires_grad
     assert isinstance(deeplabv2_resnet50(5).backbone.bn1, FrozenBatchNorm2d)
     assert deeplabv2_resnet50(5, frozen_bn=False).backbone.bn1.weight.requires_grad
+
+
+def test_export_folds_batch_mode_from_a_train_mode_model(tmp_path):
+    """``load_model`` returns a network in train mode: the export still folds every BN by its
+    running statistics and reproduces the eval-mode logits; the model keeps its mode."""
+    import warnings
+    from deeplabv2.deploy.export import export_torchscript
+    model = batch_model().train()
+    path = export_torchscript(model, tmp_path / "bn.pt", height=41, width=41)
+    assert model.training
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        traced = torch.jit.load(str(path))
+    assert "BatchNorm2d" not in {m.original_name for m in traced.modules()}
+    x = torch.randn(1, 3, 41, 41) * 30
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), model.eval()(x), rtol=1e-4, atol=1e-4)
