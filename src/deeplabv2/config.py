@@ -266,6 +266,7 @@ def validate(cfg: Config) -> None:
     for (sec, key), (value, valid) in choices.items():
         if value not in valid:
             raise ConfigError(f"{sec}.{key}={value!r}; valid values: {', '.join(valid)}")
+    _resolve_bn(m)
     positive = {"train.iterations": t.iterations, "train.accumulate": t.accumulate,
                 "data.batch_size": data.batch_size, "train.checkpoint_every": t.checkpoint_every,
                 "train.log_every": t.log_every}
@@ -299,7 +300,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.msc_scales needs train.loss_at=stride8 (each of the four "
                           "outputs is compared with labels resized to its own size)")
     _validate_adapt(cfg)
-    _resolve_bn(m)
     if not isinstance(t.check_memory, bool):
         raise ConfigError(f"train.check_memory must be true or false, got {t.check_memory!r}")
     if data.check not in ("all", "none") and not str(data.check).isdigit():
