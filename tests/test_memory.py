@@ -158,6 +158,7 @@ def test_check_memory_must_be_a_boolean():
     ("none", ["model.backbone=vgg16", "data.crop_size=[56, 64]"]),  # dropout draws
     ("none", ["train.msc_scales=[1, 0.75, 0.5]"]),
     ("dacs", ["model.frozen_bn=false"]),  # random mixing, an EMA teacher, BN statistics
+    ("dacs", ["model.bn=batch", "model.head_mode=adaptsegnet"]),  # the teacher's statistics
     ("adaptsegnet", ["adapt.multi_level=true"]),  # discriminators and their Adam
     ("fda", ["adapt.fda_ent_start=2"]),  # the probe's entropy pass is not logged at step 1
 ])

@@ -32,7 +32,7 @@ class TrainingError(RuntimeError):
 RUN_FILES = ("last.pth", "best.pth", "model.pth", "history.json", "metrics.json")
 # Settings that change what a run computes: a resume that changes one is refused unless asked.
 RUN_SETTINGS = {
-    "model": ("backbone", "blocks", "width", "num_classes", "atrous_rates", "frozen_bn",
+    "model": ("backbone", "blocks", "width", "num_classes", "atrous_rates", "bn",
               "head_mode", "alignment"),
     "data": ("dataset", "train_split", "crop_size", "scale_range", "scales", "flip",
              "batch_size", "options", "resize", "resize_filter"),
@@ -122,6 +122,9 @@ def prepare_run_folder(out_dir: Path, resume: str | None, overwrite: bool,
 def changed_settings(old: dict, new: dict) -> list[str]:
     """``section.key old -> new`` for every :data:`RUN_SETTINGS` key that differs."""
     changes = []
+    model = old.get("model", {})
+    if "bn" not in model and model.get("frozen_bn") is not None:  # written before model.bn
+        old = {**old, "model": {**model, "bn": "frozen" if model["frozen_bn"] else "train"}}
     for section, keys in RUN_SETTINGS.items():
         for key in keys:
             if key not in old.get(section, {}):  # a checkpoint older than the setting

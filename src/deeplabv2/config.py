@@ -21,6 +21,7 @@ from .adapt.methods import METHODS
 from .data.transforms import RESIZE_FILTERS
 from .inference.crf import DenseCRF, crf_preset
 from .inference.front import InferenceConfig
+from .model.resnet import BN_MODES
 from .utils.fileio import atomic_write_text
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -37,7 +38,11 @@ class ModelConfig:
     width: int = 64
     num_classes: int | None = None  # None: the dataset's number of classes
     atrous_rates: list[int] = field(default_factory=lambda: [6, 12, 18, 24])
-    frozen_bn: bool = True
+    # "frozen": FrozenBatchNorm2d (the paper's use_global_stats); "batch": BatchNorm2d with
+    # frozen affine, batch statistics in training, running ones at test time (the released UDA
+    # codes); "train": fully trainable BN. Default "frozen"
+    bn: str | None = None
+    frozen_bn: bool | None = None  # older key: true is bn frozen, false bn train
     weights: str | None = None  # init file (DeepLab init, torchvision, ...); None: random init
     init_head: bool = False  # also load the init file's classifier (the paper: a fresh head)
     head_mode: str = "aspp"  # "aspp": 4 branches summed; "adaptsegnet": branches 0+1 only
@@ -276,6 +281,7 @@ def validate(cfg: Config) -> None:
     for (sec, key), (value, valid) in choices.items():
         if value not in valid:
             raise ConfigError(f"{sec}.{key}={value!r}; valid values: {', '.join(valid)}")
+    _resolve_bn(m)
     positive = {"train.iterations": t.iterations, "train.accumulate": t.accumulate,
                 "data.batch_size": data.batch_size, "train.checkpoint_every": t.checkpoint_every,
                 "train.log_every": t.log_every}
@@ -329,6 +335,21 @@ def _validate_protocol(e: EvalConfig) -> None:
         raise ConfigError(f"eval.protocol {e.protocol!r} fixes how images are run (resize, one "
                           f"pass, upsampling to the labels); drop eval.mode/msc_scales/"
                           f"avg_scales/flip/crf or set eval.protocol: none")
+
+
+def _resolve_bn(m: ModelConfig) -> None:
+    """``model.bn`` from itself or the older ``model.frozen_bn`` (true: frozen, false: train),
+    which is then cleared, so that a saved config holds ``bn`` alone and takes an override of
+    it; both given and disagreeing is an error naming both."""
+    if m.frozen_bn is not None and not isinstance(m.frozen_bn, bool):
+        raise ConfigError(f"model.frozen_bn must be true or false, got {m.frozen_bn!r}")
+    if m.bn is not None and m.bn not in BN_MODES:
+        raise ConfigError(f"model.bn={m.bn!r}; valid values: {', '.join(BN_MODES)}")
+    implied = None if m.frozen_bn is None else ("frozen" if m.frozen_bn else "train")
+    if m.bn is not None and implied is not None and m.bn != implied:
+        raise ConfigError(f"model.bn={m.bn!r} contradicts model.frozen_bn={m.frozen_bn!r} "
+                          "(frozen_bn true is bn frozen, false is bn train): give only model.bn")
+    m.bn, m.frozen_bn = m.bn or implied or "frozen", None
 
 
 def _validate_adapt(cfg: Config) -> None:

@@ -22,30 +22,34 @@ def _with_weights(model: DeepLabV2, weights, head: str, alignment) -> DeepLabV2:
     return model
 
 
-def deeplabv2_resnet101(num_classes: int = 19, *, weights=None, frozen_bn: bool = True,
-                        atrous_rates=DEFAULT_RATES, head: str = "auto",
-                        head_mode: str = "aspp", alignment=None) -> DeepLabV2:
+def deeplabv2_resnet101(num_classes: int = 19, *, weights=None,
+                        frozen_bn: bool | None = None, atrous_rates=DEFAULT_RATES,
+                        head: str = "auto", head_mode: str = "aspp", alignment=None,
+                        bn: str | None = None) -> DeepLabV2:
     """DeepLab v2 with the atrous ResNet-101 (the paper's main model).
 
     ``weights`` is a path to any layout :func:`deeplabv2.load_weights` accepts; the model then
-    follows that file's backbone layout and preprocessing. ``frozen_bn=False`` makes BN
-    trainable (for training from scratch). ``head`` is passed to ``load_weights``.
+    follows that file's backbone layout and preprocessing. ``bn``: "frozen" (default),
+    "batch" (batch statistics in training, frozen affine: the released UDA codes) or "train"
+    (trainable BN, for training from scratch; the older ``frozen_bn=False``). ``head`` is
+    passed to ``load_weights``.
     ``head_mode="adaptsegnet"`` sums ASPP branches 0+1 only, as AdaptSegNet-trained files need.
     ``alignment`` (``"caffe"``, the default, or ``"pytorch"``): see
     :mod:`deeplabv2.model.alignment`; None keeps the convention a checkpoint of ours records.
     """
     model = build_model({"backbone": "resnet", "blocks": RESNET_DEPTHS[101],
-                         "num_classes": num_classes, "frozen_bn": frozen_bn,
+                         "num_classes": num_classes, "frozen_bn": frozen_bn, "bn": bn,
                          "atrous_rates": atrous_rates, "head_mode": head_mode})
     return _with_weights(model, weights, head, alignment)
 
 
-def deeplabv2_resnet50(num_classes: int = 19, *, weights=None, frozen_bn: bool = True,
-                       atrous_rates=DEFAULT_RATES, head: str = "auto",
-                       head_mode: str = "aspp", alignment=None) -> DeepLabV2:
+def deeplabv2_resnet50(num_classes: int = 19, *, weights=None,
+                       frozen_bn: bool | None = None, atrous_rates=DEFAULT_RATES,
+                       head: str = "auto", head_mode: str = "aspp", alignment=None,
+                       bn: str | None = None) -> DeepLabV2:
     """DeepLab v2 with an atrous ResNet-50 backbone."""
     model = build_model({"backbone": "resnet", "blocks": RESNET_DEPTHS[50],
-                         "num_classes": num_classes, "frozen_bn": frozen_bn,
+                         "num_classes": num_classes, "frozen_bn": frozen_bn, "bn": bn,
                          "atrous_rates": atrous_rates, "head_mode": head_mode})
     return _with_weights(model, weights, head, alignment)
 

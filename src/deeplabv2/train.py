@@ -123,7 +123,7 @@ def _require_init_weights(weights: str | None, resume: str | None) -> None:
         "MS_DeepLab_resnet_pretrained_COCO_init.pth: the PyTorch conversions of the Caffe "
         "models published with kazuto1011/deeplab-pytorch and AdaptSegNet) or a torchvision "
         "ResNet-101 file, and pass model.weights=PATH; model.weights=null trains from scratch "
-        "(with model.frozen_bn=false; far lower mIoU)")
+        "(with model.bn=train; far lower mIoU)")
 
 
 def _build_model(cfg: Config, num_classes: int) -> DeepLabV2:
@@ -131,7 +131,7 @@ def _build_model(cfg: Config, num_classes: int) -> DeepLabV2:
     config = {"backbone": m.backbone, "num_classes": m.num_classes or num_classes,
               "atrous_rates": m.atrous_rates}
     if m.backbone == "resnet":
-        config.update(blocks=m.blocks, width=m.width, frozen_bn=m.frozen_bn,
+        config.update(blocks=m.blocks, width=m.width, bn=m.bn, frozen_bn=m.frozen_bn,
                       head_mode=m.head_mode, aux_head=cfg.adapt.multi_level)
     elif m.head_mode != "aspp":
         raise ValueError(f"model.head_mode={m.head_mode!r} applies to the ResNet backbone only")
@@ -501,6 +501,7 @@ def _loop(run: _Run, on_iteration, signals: _StopSignals) -> None:
         save = (it + 1) % t.checkpoint_every == 0 or last
         if info.enabled and (validate or save or stopping):
             dist_utils.broadcast_buffers(run.model)  # rank 0's BN statistics on every rank
+            dist_utils.broadcast_buffers(run.method)  # and its teacher's (model.bn: batch)
         if validate:
             logs["val_miou"] = _validate(run, it + 1)
         if save:

@@ -314,7 +314,8 @@ class DACS(Method):
 
     def __init__(self, settings, model: nn.Module):
         super().__init__(settings, model)
-        self.teacher = EMATeacher(model, settings.ema_alpha)
+        batch_stats = getattr(model, "config", {}).get("bn") == "batch"
+        self.teacher = EMATeacher(model, settings.ema_alpha, batch_stats=batch_stats)
 
     needs_target = True
 
@@ -327,7 +328,8 @@ class DACS(Method):
         self.require_one_crop_size(step)
         pre, size = step.model.preprocessing, step.target.shape[-2:]
         with torch.no_grad():
-            probs = F.softmax(self.teacher(step.target).float(), dim=1)  # upsampled, eval
+            # upsampled; eval mode, or train mode under model.bn: batch (see EMATeacher)
+            probs = F.softmax(self.teacher(step.target).float(), dim=1)
             confidence, pseudo = probs.max(1)
             weight = confidence_weight(probs, self.settings.pseudo_threshold)
             masks = classmix_masks(step.labels)

@@ -8,7 +8,8 @@ mixed labels, the pseudo-labelled pixels weighted by the teacher's confidence.
   ignored source pixels are then pasted, labelled 255 (see the function);
 * :func:`mix`: ``mask * source + (1 - mask) * target`` for images, labels and weights alike;
 * :class:`EMATeacher`: ``teacher = a * teacher + (1 - a) * student`` with
-  ``a = min(1 - 1 / (it + 1), alpha)``, ``alpha = 0.99`` (released code);
+  ``a = min(1 - 1 / (it + 1), alpha)``, ``alpha = 0.99`` (released code); with
+  ``model.bn: batch`` it predicts in train mode (batch statistics), as DACS's does;
 * :func:`confidence_weight`: the share of target pixels whose teacher confidence is at least
   ``0.968``, used as the weight of every pseudo-labelled pixel ("threshold_uniform");
 * :func:`strong_augment`: on the mixed images, kornia's colour jitter as DACS ran it
@@ -80,15 +81,24 @@ def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor,
 
 
 class EMATeacher(nn.Module):
-    """A frozen copy of the student updated as an exponential moving average of its weights
-    (buffers, e.g. BN statistics, copied). ``teacher(x)`` runs the copy in eval mode."""
+    """A frozen copy of the student updated as an exponential moving average of its weights.
 
-    def __init__(self, student: nn.Module, alpha: float = 0.99):
+    ``batch_stats=False`` (frozen or trainable BN): the copy predicts in eval mode and the
+    student's buffers (BN statistics) are copied at each update. ``batch_stats=True``
+    (``model.bn: batch``), as DACS runs its teacher (``trainUDA.py``: ``create_ema_model``
+    copies the parameters only, ``ema_model.train()`` is never undone, ``update_ema_variables``
+    averages ``parameters()`` only): the copy predicts in train mode, normalising by the
+    batch's statistics, and only the parameters are averaged; its running statistics follow
+    its own forwards and are not read by any prediction (DACS's copy starts them at 0 and 1,
+    this one at the student's, which no output depends on)."""
+
+    def __init__(self, student: nn.Module, alpha: float = 0.99, batch_stats: bool = False):
         super().__init__()
         if not 0 <= alpha < 1:
             raise ValueError(f"EMA alpha must be in [0, 1), got {alpha}")
         self.alpha = float(alpha)
-        self.model = copy.deepcopy(student).eval()
+        self.batch_stats = bool(batch_stats)
+        self.model = copy.deepcopy(student).train(self.batch_stats)
         for p in self.model.parameters():
             p.requires_grad_(False)
 
@@ -98,13 +108,14 @@ class EMATeacher(nn.Module):
         a = min(1.0 - 1.0 / (iteration + 1), self.alpha)
         for t, s in zip(self.model.parameters(), student.parameters()):
             t.mul_(a).add_(s.detach(), alpha=1 - a)
-        for t, s in zip(self.model.buffers(), student.buffers()):
-            t.copy_(s)
+        if not self.batch_stats:
+            for t, s in zip(self.model.buffers(), student.buffers()):
+                t.copy_(s)
         return a
 
-    def train(self, mode: bool = True):  # the teacher always predicts in eval mode
+    def train(self, mode: bool = True):  # the teacher predicts in one mode whatever is asked
         super().train(mode)
-        self.model.eval()
+        self.model.train(self.batch_stats)
         return self
 
     @torch.no_grad()

@@ -31,8 +31,15 @@ class _UpsampledLogits(nn.Module):
 
 
 def _deploy_copy(model: nn.Module) -> nn.Module:
-    """Folded fp32 eval-mode copy in the default (NCHW) layout, gradients off."""
-    net = fold_batchnorm(model).eval().float()
+    """Folded fp32 eval-mode copy in the default (NCHW) layout, gradients off. Folded as the
+    eval-mode network runs, whatever mode ``model`` is in (``load_model`` returns it in train
+    mode): a ``BatchNorm2d`` (``model.bn`` batch or train) by its running statistics."""
+    was_training = model.training
+    model.eval()
+    try:
+        net = fold_batchnorm(model).eval().float()
+    finally:
+        model.train(was_training)
     for p in net.parameters():
         p.requires_grad_(False)
     return _UpsampledLogits(net).eval()

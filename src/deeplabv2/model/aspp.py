@@ -13,8 +13,12 @@ from torch import nn
 
 #: ``"aspp"``: every branch summed (the paper, ADVENT); ``"adaptsegnet"``: branches 0 and 1
 #: only, the function AdaptSegNet's ``Classifier_Module`` computes (its ``return`` sits inside
-#: the summing loop), so that checkpoints trained with it are reproduced. Branches 2 and 3 stay
-#: in the state dict either way.
+#: the summing loop), so that checkpoints trained with it are reproduced and it is trained as
+#: AdaptSegNet (``model/deeplab_multi.py``) and DACS (``model/deeplabv2.py``) train it; ADVENT
+#: and FDA sum all four. Branches 2 and 3 stay in the state dict either way; in
+#: ``"adaptsegnet"`` mode they get ``requires_grad=False``: they receive no gradient in the
+#: released code, whose SGD skips a parameter whose ``grad`` is None (no update, no weight
+#: decay), and DDP then sees no unused parameter.
 HEAD_MODES = ("aspp", "adaptsegnet")
 
 
@@ -35,6 +39,8 @@ class ASPP(nn.Module):
         for conv in self.convs:  # cf. DeepLab-v2 train.prototxt: fc1_* gaussian std 0.01, bias 0
             nn.init.normal_(conv.weight, 0.0, 0.01)
             nn.init.zeros_(conv.bias)
+        for conv in self.convs[len(self.summed_convs()):]:  # outside the function: frozen
+            conv.requires_grad_(False)
 
     def summed_convs(self) -> list[nn.Conv2d]:
         """The branches whose scores are summed (all, or the first two in AdaptSegNet mode)."""

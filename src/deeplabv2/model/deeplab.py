@@ -10,7 +10,7 @@ from torch import nn
 from .preprocessing import CAFFE_BGR, Preprocessing
 from .alignment import CAFFE, Alignment, get_alignment
 from .aspp import ASPP
-from .resnet import ResNet
+from .resnet import BN_MODES, ResNet
 from .vgg import VGG16, VGGASPP
 
 RESNET_DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
@@ -133,14 +133,16 @@ def build_model(config: dict[str, Any], preprocessing: Preprocessing | None = No
 
     Keys: ``backbone`` ("resnet" or "vgg16"), ``num_classes``, ``atrous_rates`` (VGG-16 with
     ``[12]``: DeepLab-LargeFOV), and for a ResNet ``blocks`` (blocks per stage), ``width`` (stem
-    channels, 64 for the real network), ``frozen_bn``, ``layout`` ("caffe" or "torchvision")
+    channels, 64 for the real network), ``bn`` (one of
+    :data:`deeplabv2.model.resnet.BN_MODES`: "frozen", "batch", "train"; the older key
+    ``frozen_bn``: true is "frozen", false "train"), ``layout`` ("caffe" or "torchvision")
     and ``head_mode`` ("aspp", or "adaptsegnet" for AdaptSegNet-trained files: see
     :data:`deeplabv2.model.aspp.HEAD_MODES`), ``aux_head`` (True: the multi-level auxiliary
     ASPP on layer3 of AdaptSegNet/ADVENT, same rates and head mode).
     """
     cfg = dict(config)
-    known = {"backbone", "num_classes", "atrous_rates", "blocks", "width", "frozen_bn", "layout",
-             "head_mode", "aux_head"}
+    known = {"backbone", "num_classes", "atrous_rates", "blocks", "width", "frozen_bn", "bn",
+             "layout", "head_mode", "aux_head"}
     unknown = set(cfg) - known
     if unknown:
         raise ValueError(f"unknown model config keys {sorted(unknown)}; valid: {sorted(known)}")
@@ -154,13 +156,21 @@ def build_model(config: dict[str, Any], preprocessing: Preprocessing | None = No
     if kind == "resnet":
         blocks = tuple(int(b) for b in cfg.get("blocks", RESNET_DEPTHS[101]))
         width = int(cfg.get("width", 64))
-        frozen = bool(cfg.get("frozen_bn", True))
+        bn = bn_mode(cfg)
         layout = cfg.get("layout", "caffe")
         head_mode = cfg.get("head_mode", "aspp")
-        cfg.update(blocks=list(blocks), width=width, frozen_bn=frozen, layout=layout)
+        # Recorded as the files written before "batch" existed record it (frozen_bn, same key
+        # order), so that their configs and bytes stay what they were; "batch" as bn (which an
+        # older version refuses instead of building another network).
+        if bn == "batch":
+            cfg.pop("frozen_bn", None)
+            cfg.update(blocks=list(blocks), width=width, bn=bn, layout=layout)
+        else:
+            cfg.pop("bn", None)
+            cfg.update(blocks=list(blocks), width=width, frozen_bn=bn == "frozen", layout=layout)
         if head_mode != "aspp":
             cfg["head_mode"] = head_mode
-        backbone = ResNet(blocks, frozen_bn=frozen, layout=layout, width=width)
+        backbone = ResNet(blocks, layout=layout, width=width, bn=bn)
         head = ASPP(backbone.out_channels, num_classes, rates, head_mode=head_mode)
         if cfg.get("aux_head"):
             cfg["aux_head"] = True
@@ -168,7 +178,7 @@ def build_model(config: dict[str, Any], preprocessing: Preprocessing | None = No
         else:
             cfg.pop("aux_head", None)
     elif kind == "vgg16":
-        for k in ("blocks", "width", "frozen_bn", "layout", "head_mode", "aux_head"):
+        for k in ("blocks", "width", "frozen_bn", "bn", "layout", "head_mode", "aux_head"):
             if k in cfg:
                 raise ValueError(f"model config key {k!r} does not apply to the vgg16 backbone")
         backbone = VGG16()
@@ -178,6 +188,23 @@ def build_model(config: dict[str, Any], preprocessing: Preprocessing | None = No
     cfg["backbone"] = kind
     cfg.pop("layout", None)  # the layout follows the weights: read it from model.layout
     return DeepLabV2(backbone, head, cfg, preprocessing or CAFFE_BGR, aux_head=aux)
+
+
+def bn_mode(config: dict[str, Any]) -> str:
+    """The BN mode (:data:`~deeplabv2.model.resnet.BN_MODES`) of a ResNet model config: its
+    ``bn``, or the older ``frozen_bn`` (true: "frozen", false: "train"; checkpoints written
+    before ``bn`` existed), "frozen" when neither is given. Both given and disagreeing is an
+    error naming the two keys."""
+    bn, frozen = config.get("bn"), config.get("frozen_bn")
+    if bn is not None and bn not in BN_MODES:
+        raise ValueError(f"model config bn={bn!r}; valid values: {', '.join(BN_MODES)}")
+    if frozen is not None and frozen not in (True, False):
+        raise ValueError(f"model config frozen_bn={frozen!r} must be true or false")
+    implied = None if frozen is None else ("frozen" if frozen else "train")
+    if bn is not None and implied is not None and bn != implied:
+        raise ValueError(f"model config bn={bn!r} contradicts frozen_bn={frozen!r} (frozen_bn "
+                         "true is bn 'frozen', false is bn 'train'): give only bn")
+    return bn or implied or "frozen"
 
 
 #: what callers read from a :class:`deeplabv2.model.DeepLabV2` besides calling it

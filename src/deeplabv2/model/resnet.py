@@ -78,9 +78,38 @@ def _downsample(ds: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
     return x if ds is None else ds(x)
 
 
-def make_norm(frozen: bool):
-    """Return the norm-layer factory: frozen BN (fine-tuning) or trainable BN (from scratch)."""
-    return FrozenBatchNorm2d if frozen else nn.BatchNorm2d
+#: How the ResNet's BN layers run (``model.bn``):
+#:
+#: * ``"frozen"``: :class:`FrozenBatchNorm2d`, the DeepLab v2 paper's ``use_global_stats``: the
+#:   init file's statistics and affine parameters, in training and at test time alike;
+#: * ``"batch"``: ``nn.BatchNorm2d`` (momentum 0.1, eps 1e-5) whose affine parameters are frozen
+#:   (``requires_grad=False``) but which normalises by the batch's statistics in ``train()``
+#:   mode, updates its running averages with every training forward, and applies them in
+#:   ``eval()`` mode: how the released UDA codes run their ResNet-101 (AdaptSegNet
+#:   ``model/deeplab_multi.py``, ADVENT ``advent/model/deeplabv2.py``, FDA ``model/deeplab.py``,
+#:   DACS ``model/deeplabv2.py``: ``nn.BatchNorm2d(..., affine=True)`` with its parameters'
+#:   ``requires_grad = False``, the network in ``model.train()`` while training);
+#: * ``"train"``: ``nn.BatchNorm2d`` trained like any layer (from scratch).
+BN_MODES = ("frozen", "batch", "train")
+
+
+def batch_stats_norm(num_features: int) -> nn.BatchNorm2d:
+    """``nn.BatchNorm2d`` with PyTorch's defaults (momentum 0.1, eps 1e-5, affine) whose scale
+    and shift get no gradient: the ``"batch"`` mode of :data:`BN_MODES`."""
+    bn = nn.BatchNorm2d(num_features)
+    bn.weight.requires_grad_(False)
+    bn.bias.requires_grad_(False)
+    return bn
+
+
+def make_norm(mode: str | bool):
+    """Return the norm-layer factory of ``mode`` (one of :data:`BN_MODES`; a bool is the old
+    ``frozen_bn`` flag: True "frozen", False "train")."""
+    if isinstance(mode, bool):
+        mode = "frozen" if mode else "train"
+    if mode not in BN_MODES:
+        raise ValueError(f"unknown BN mode {mode!r}; expected one of {', '.join(BN_MODES)}")
+    return {"frozen": FrozenBatchNorm2d, "batch": batch_stats_norm, "train": nn.BatchNorm2d}[mode]
 
 
 class Bottleneck(nn.Module):
@@ -117,9 +146,9 @@ class ResNet(nn.Module):
     """Dilated ResNet returning the stride-8 ``(N, 2048, H/8, W/8)`` features of layer4."""
 
     def __init__(self, blocks: tuple[int, int, int, int], frozen_bn: bool = True,
-                 layout: str = "caffe", width: int = 64):
+                 layout: str = "caffe", width: int = 64, bn: str | None = None):
         super().__init__()
-        norm = make_norm(frozen_bn)
+        norm = make_norm(bn if bn is not None else frozen_bn)  # bn: one of BN_MODES
         self.blocks = tuple(blocks)
         self.conv1 = nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False)
         self.bn1 = norm(width)
