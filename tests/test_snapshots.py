@@ -186,7 +186,11 @@ def test_final_snapshot_is_not_evaluated_twice(tmp_path, monkeypatch):
     rows = json.loads((run / "snapshots.json").read_text())["snapshots"]
     assert [(r["file"], r["final"]) for r in rows] == [
         ("snapshots/iter_000002.pth", False), ("snapshots/iter_000004.pth", True)]
-    assert len(calls) == 2 and (run / "snapshots.md").is_file()
+    assert rows[1]["same_as"] == "model.pth" and "same_as" not in rows[0]
+    assert len(calls) == 2
+    assert "| 4 (final" in (run / "snapshots.md").read_text()
+    assert "iteration 4 (snapshots/iter_000004.pth (= model.pth))" in \
+        (run / "snapshots.md").read_text()
 
 
 def test_evaluate_run_dir_report_has_the_series(run, tmp_path):

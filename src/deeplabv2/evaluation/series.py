@@ -48,6 +48,7 @@ class Entry:
     iteration: int | None
     path: Path
     final: bool = False
+    same_as: str | None = None  # model.pth, when this snapshot is byte-identical to it
 
 
 @dataclass
@@ -84,7 +85,7 @@ def run_entries(run_dir, final_iteration: int | None = None) -> list[Entry]:
     if model.is_file():
         same = [e for e in entries if e.iteration == final_iteration] or entries[-1:]
         if same and _same_file_contents(same[0].path, model):
-            same[0].final = True
+            same[0].final, same[0].same_as = True, model.name
         else:
             entries.append(Entry(final_iteration, model, final=True))
     if not entries:
@@ -109,6 +110,8 @@ def _row(entry: Entry, key: dict, metrics: dict, classes: Sequence[str]) -> dict
     """The JSON row of one checkpoint: every scalar the evaluation returns (subset mIoUs
     included), per-class IoU and accuracy by class name, the confusion matrix."""
     row = {"iteration": entry.iteration, **key, "final": entry.final}
+    if entry.same_as:
+        row["same_as"] = entry.same_as
     for k, v in metrics.items():
         if k in _SCALARS or k.startswith("miou_"):
             row[k] = _num(v)
@@ -186,7 +189,9 @@ def evaluate_series(run_dir, entries: list[Entry], evaluate_one: Callable, cache
         old = cached.get(key["file"])
         if entry.path not in fresh and old is not None and \
                 (old.get("size"), old.get("mtime_ns")) == (key["size"], key["mtime_ns"]):
-            rows.append({**old, "iteration": entry.iteration, "final": entry.final})
+            rows.append({**{k: v for k, v in old.items() if k != "same_as"},
+                         "iteration": entry.iteration, "final": entry.final,
+                         **({"same_as": entry.same_as} if entry.same_as else {})})
             result.cached.append(key["file"])
             continue
         on_image = on_image_for(entry) if on_image_for is not None else None
@@ -229,6 +234,10 @@ def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.2f}"
 
 
+def _file(row: dict) -> str:
+    return row["file"] + (f" (= {row['same_as']})" if row.get("same_as") else "")
+
+
 def _it(row: dict) -> str:
     return "?" if row["iteration"] is None else str(row["iteration"])
 
@@ -248,7 +257,7 @@ def markdown(result: SeriesResult, title: str, description: str = "") -> str:
         lines.append(f"| {_it(r)}{' (' + ', '.join(tags) + ')' if tags else ''} | "
                      f"{_pct(r.get('miou'))} |" + "".join(f" {_pct(r.get(k))} |"
                                                           for k in subsets)
-                     + f" {r['file']} |")
+                     + f" {_file(r)} |")
     lines.append("")
     lines += summary_lines(result)
     return "\n".join(lines) + "\n"
@@ -258,9 +267,9 @@ def summary_lines(result: SeriesResult) -> list[str]:
     out = []
     f, b = result.final, result.best
     if f is not None:
-        out.append(f"final: mIoU {_pct(f.get('miou'))} at iteration {_it(f)} ({f['file']})")
+        out.append(f"final: mIoU {_pct(f.get('miou'))} at iteration {_it(f)} ({_file(f)})")
     if b is not None:
-        out.append(f"best:  mIoU {_pct(b.get('miou'))} at iteration {_it(b)} ({b['file']}), "
+        out.append(f"best:  mIoU {_pct(b.get('miou'))} at iteration {_it(b)} ({_file(b)}), "
                    f"{BEST_LABEL}")
     return out
 
@@ -282,7 +291,7 @@ def curve(result: SeriesResult, path, title: str = "snapshots") -> None:
     ax.set_xlabel("iteration")
     ax.set_ylabel("mIoU %")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="best", fontsize=8)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     _savefig(fig, path)
@@ -333,7 +342,7 @@ def html_section(result: SeriesResult) -> str:
     body = "".join(
         f"<tr><td class=\"num\">{_it(r)}</td><td class=\"num\">{_pct(r.get('miou'))}</td>"
         f"<td>{'final' if r['final'] else ''}{' best' if r is result.best else ''}</td>"
-        f"<td>{_html.escape(r['file'])}</td></tr>" for r in result.rows)
+        f"<td>{_html.escape(_file(r))}</td></tr>" for r in result.rows)
     summary = "".join(f"<li>{_html.escape(s)}</li>" for s in summary_lines(result))
     return ('<section id="snapshots"><h2>Snapshot series</h2><p class="note">Every snapshot '
             "of the run on this split. <b>final</b> is the model the run ends with; "
