@@ -11,7 +11,7 @@ import torch
 
 from deeplabv2 import load_model
 from deeplabv2.cli import main
-from deeplabv2.config import ConfigError, load_config
+from deeplabv2.config import ConfigError, load_config, resolve_path
 from deeplabv2.evaluation import series
 from deeplabv2.snapshots import list_snapshots, snapshot_name
 from deeplabv2.train import TrainingError, train
@@ -231,3 +231,22 @@ def test_evaluate_run_dir_errors_are_clear(run, tmp_path, capsys):
 
     assert main(["evaluate", str(run / "model.pth")]) == 2  # a file needs -c
     assert "-c/--config CONFIG is needed" in capsys.readouterr().err
+
+
+# The released codes' snapshot intervals: AdaptSegNet train_gta2cityscapes_multi.py
+# SAVE_PRED_EVERY = 5000; ADVENT advent/domain_adaptation/config.py TRAIN.SAVE_PRED_EVERY and
+# TEST.SNAPSHOT_STEP = 2000; FDA options/train_options.py --save-pred-every 2500; DACS
+# configs/configUDA.json save_checkpoint_every and val_per_iter 5000.
+RELEASED_INTERVALS = {"adaptsegnet": 5000, "advent": 2000, "fda": 2500, "dacs": 5000}
+
+
+@pytest.mark.parametrize("source", ["gta5", "synthia"])
+@pytest.mark.parametrize("method", sorted(RELEASED_INTERVALS))
+def test_adaptation_configs_snapshot_at_the_released_interval(source, method):
+    cfg = load_config(f"{source}_to_cityscapes_{method}")
+    every = cfg.train.snapshot_every
+    assert every == RELEASED_INTERVALS[method]
+    assert (cfg.train.stop_at or cfg.train.iterations) % every == 0  # the last is a snapshot
+    header = resolve_path(f"{source}_to_cityscapes_{method}").read_text().split("\nmodel:")[0]
+    assert f"Snapshots every {every} iterations (train.snapshot_every)" in header
+    assert load_config("cityscapes").train.snapshot_every == 0  # supervised: off
