@@ -11,12 +11,16 @@ import torch
 
 from deeplabv2 import load_model
 from deeplabv2.cli import main
-from deeplabv2.config import ConfigError, load_config, resolve_path
+from deeplabv2.config import ConfigError, load_config, resolve_path, save_config
 from deeplabv2.evaluation import series
 from deeplabv2.snapshots import list_snapshots, snapshot_name
 from deeplabv2.train import TrainingError, train
 
-from test_train import tiny_config
+from test_train import TINY, tiny_config
+
+
+def _tiny_args(out):
+    return [*TINY, f"train.out_dir={out}"]
 
 SNAP = ["train.snapshot_every=2", "data.options={num_samples: 6, size: [48, 64]}"]
 
@@ -191,6 +195,27 @@ def test_final_snapshot_is_not_evaluated_twice(tmp_path, monkeypatch):
     assert "| 4 (final" in (run / "snapshots.md").read_text()
     assert "iteration 4 (snapshots/iter_000004.pth (= model.pth))" in \
         (run / "snapshots.md").read_text()
+
+
+def test_adaptation_run_dir_is_evaluated_on_its_target_validation_set(tmp_path):
+    """An adaptation run's config.yaml names the source in ``data``; its series is scored on
+    the set training validated on: the target's ``target_val_split`` with
+    ``target_val_options`` (here 4 restyled scenes, not the 6 source ones)."""
+    run = tmp_path / "run"
+    target = "{num_samples: 4, size: [48, 64], style: target}"
+    train(tiny_config(run, "train.iterations=2", "train.checkpoint_every=2", *SNAP,
+                      "adapt.method=source_only", "adapt.target_dataset=synthetic",
+                      f"adapt.target_val_options={target}"))
+    assert main(["evaluate", str(run)]) == 0
+    data = json.loads((run / "snapshots.json").read_text())
+    assert data["settings"]["images"] == 4
+    assert data["settings"]["dataset"]["options"]["style"] == "target"
+    single = tmp_path / "single.json"  # the same as the final model on that set alone
+    cfg = load_config(None, [*_tiny_args(run), f"data.options={target}"])
+    save_config(cfg, tmp_path / "target.yaml")
+    assert main(["evaluate", str(run / "model.pth"), "-c", str(tmp_path / "target.yaml"),
+                 "--out", str(single)]) == 0
+    assert data["final"]["miou"] == pytest.approx(json.loads(single.read_text())["miou"])
 
 
 def test_evaluate_run_dir_report_has_the_series(run, tmp_path):

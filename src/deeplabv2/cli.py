@@ -232,20 +232,22 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-def _evaluate_loaded(args, cfg, device, checkpoint, model, ds, report=None):
-    """The metrics of ``model`` (loaded from ``checkpoint``) on ``ds`` with the config's eval
-    settings and the command's flags, and the settings the report states: one checkpoint of
-    ``evaluate``, and each checkpoint of ``evaluate RUN_DIR``."""
+def _evaluate_loaded(args, cfg, device, checkpoint, model, ds, report=None, dataset=None):
+    """The metrics of ``model`` (loaded from ``checkpoint``) on ``ds`` (named ``dataset``,
+    by default ``data.dataset``) with the config's eval settings and the command's flags, and
+    the settings the report states: one checkpoint of ``evaluate``, and each checkpoint of
+    ``evaluate RUN_DIR``."""
     from .evaluation.evaluate import evaluate
+    dataset = dataset or cfg.data.dataset
     if model.num_classes != ds.num_classes:
         raise ValueError(f"{checkpoint}: model has {model.num_classes} classes, dataset "
-                         f"{cfg.data.dataset!r} has {ds.num_classes}")
+                         f"{dataset!r} has {ds.num_classes}")
     _require_same_classes(checkpoint, model.classes, ds)
     inference = _inference(args, cfg.eval.inference().to_dict())
     prepared = _prepare(model, args, device, checkpoint)
     net = _ensemble(prepared, args, device)
     members = f" (ensemble with {', '.join(args.ensemble)})" if args.ensemble else ""
-    print(f"evaluating {checkpoint}{members} on {cfg.data.dataset} {ds.split} "
+    print(f"evaluating {checkpoint}{members} on {dataset} {ds.split} "
           f"({len(ds)} images), "
           f"{inference.describe()}{', dense CRF' if args.crf or cfg.eval.crf else ''}, "
           f"{prepared.precision}{' eager' if args.eager else ''}")
@@ -278,7 +280,7 @@ def _evaluate_run(args) -> int:
     entries = series.run_entries(run_dir, t.stop_at or t.iterations)
     from .utils.distributed import pick_device
     device = pick_device(t.device)
-    ds = _eval_dataset(cfg, args.split)
+    ds, which = _run_eval_dataset(cfg, args.split)
     ds.check(limit=0 if len(ds) else None)
     out = Path(args.out) if args.out else run_dir
     if out.suffix == ".json":
@@ -286,7 +288,7 @@ def _evaluate_run(args) -> int:
                          "snapshots.json, .md and .png")
     flags = ("split", "limit", "crf", "msc", "avg_scales", "flip", "sliding", "stride",
              "alignment", "precision", "runtime", "eager", "compile", "winograd")
-    settings = {"data": dataclasses.asdict(cfg.data), "eval": dataclasses.asdict(cfg.eval),
+    settings = {"dataset": which, "eval": dataclasses.asdict(cfg.eval),
                 "split": ds.split, "images": len(ds),
                 "flags": {k: getattr(args, k) for k in flags if hasattr(args, k)}}
     settings = json.loads(json.dumps(settings, default=str))  # as it reads back from JSON
@@ -296,13 +298,15 @@ def _evaluate_run(args) -> int:
 
     def evaluate_one(path, on_image):
         return _evaluate_loaded(args, cfg, device, path, _load(args, device, path), ds,
-                                on_image)[0]
+                                on_image, which["dataset"])[0]
 
     result = series.evaluate_series(
         run_dir, entries, evaluate_one, out / "snapshots.json", settings, list(ds.classes),
         fresh=[final.path] if report is not None and final is not None else (),
-        on_image_for=lambda e: report if e.final else None)
-    title = f"{run_dir} on {cfg.data.dataset} {ds.split}"
+        on_image_for=lambda e: report if e.final else None, write=_is_main())
+    if not _is_main():  # under torchrun every rank evaluated its share; rank 0 reports
+        return 0
+    title = f"{run_dir} on {which['dataset']} {ds.split}"
     files = series.write_outputs(result, out, title,
                                  f"{len(ds) if not args.limit else min(args.limit, len(ds))} "
                                  f"images; {len(result.rows)} checkpoints")
@@ -320,6 +324,22 @@ def _evaluate_run(args) -> int:
     elif report is not None:
         print("no final model (model.pth) in the run folder: no report written")
     return 0
+
+
+def _run_eval_dataset(cfg, split):
+    """The split ``evaluate RUN_DIR`` scores, and what it is: the run's validation set, as
+    training validated (``train._datasets``): an adaptation run's target dataset with
+    ``adapt.target_val_options``, else ``data``'s; the split is ``--split``, else
+    ``eval.split``."""
+    from .data import build_dataset
+    a, d = cfg.adapt, cfg.data
+    split = split or cfg.eval.split
+    if a.method != "none" and a.target_val_split:
+        which = {"dataset": a.target_dataset, "root": a.target_root,
+                 "options": dict(a.target_val_options)}
+    else:
+        which = {"dataset": d.dataset, "root": d.root, "options": dict(d.options)}
+    return build_dataset(which["dataset"], which["root"], split, **which["options"]), which
 
 
 def _require_same_classes(checkpoint, model_classes, ds) -> None:

@@ -169,14 +169,15 @@ def choose(rows: list[dict]) -> tuple[dict | None, dict | None]:
 
 def evaluate_series(run_dir, entries: list[Entry], evaluate_one: Callable, cache_path,
                     settings: dict, classes: Sequence[str], *, fresh: Sequence[Path] = (),
-                    on_image_for: Callable | None = None,
+                    on_image_for: Callable | None = None, write: bool = True,
                     log: Callable[[str], None] = print) -> SeriesResult:
     """Evaluate ``entries`` with ``evaluate_one(path, on_image)`` (returning the metrics
     dict), reusing the rows of ``cache_path`` evaluated with the same ``settings`` for files
     of unchanged name, size and modification time; ``fresh`` paths are evaluated whatever
     the cache holds, and ``on_image_for(entry)`` gives the ``on_image`` callback for one (the
     HTML report's collector for the final model). ``cache_path`` is rewritten after every
-    evaluation, so an interrupted series continues where it stopped."""
+    evaluation, so an interrupted series continues where it stopped (``write=False``: read
+    only, for the ranks other than 0 under torchrun)."""
     run_dir, cache_path = Path(run_dir), Path(cache_path)
     cached, why = read_cache(cache_path, settings)
     if why:
@@ -206,9 +207,11 @@ def evaluate_series(run_dir, entries: list[Entry], evaluate_one: Callable, cache
                               "or delete that file and run again)") from None
         rows.append(_row(entry, key, metrics, classes))
         result.evaluated.append(key["file"])
-        write_json(cache_path, run_dir, rows, settings, classes)
+        if write:
+            write_json(cache_path, run_dir, rows, settings, classes)
     result.final, result.best = choose(rows)
-    write_json(cache_path, run_dir, rows, settings, classes)
+    if write:
+        write_json(cache_path, run_dir, rows, settings, classes)
     return result
 
 
