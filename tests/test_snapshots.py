@@ -82,9 +82,13 @@ def test_resume_continues_the_series(tmp_path, capsys):
         train(tiny_config(part, *args), on_iteration=crash)
     assert _names(part) == ["iter_000002.pth", "iter_000004.pth"]
     first = (part / "snapshots" / "iter_000002.pth").stat().st_mtime_ns
+    stale = part / "snapshots" / ".iter_000006.pth.x1y2.tmp"  # a write killed half-way
+    stale.write_bytes(b"partial")
     capsys.readouterr()
     train(tiny_config(part, *args), resume="auto")
-    assert "iter_000004.pth (taken after iteration 3" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "iter_000004.pth (taken after iteration 3" in printed
+    assert f"removed {stale} (an unfinished write" in printed and not stale.exists()
     assert _names(part) == _names(full) == ["iter_000002.pth", "iter_000004.pth",
                                             "iter_000006.pth"]
     assert (part / "snapshots" / "iter_000002.pth").stat().st_mtime_ns == first  # kept
