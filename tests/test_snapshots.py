@@ -197,7 +197,7 @@ def test_final_snapshot_is_not_evaluated_twice(tmp_path, monkeypatch):
     assert rows[1]["same_as"] == "model.pth" and "same_as" not in rows[0]
     assert len(calls) == 2
     assert "| 4 (final" in (run / "snapshots.md").read_text()
-    assert "iteration 4 (snapshots/iter_000004.pth (= model.pth))" in \
+    assert "iteration 4 (snapshots/iter_000004.pth = model.pth)" in \
         (run / "snapshots.md").read_text()
 
 

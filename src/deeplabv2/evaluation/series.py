@@ -238,7 +238,7 @@ def _pct(x) -> str:
 
 
 def _file(row: dict) -> str:
-    return row["file"] + (f" (= {row['same_as']})" if row.get("same_as") else "")
+    return row["file"] + (f" = {row['same_as']}" if row.get("same_as") else "")
 
 
 def _it(row: dict) -> str:
@@ -340,8 +340,8 @@ def html_section(result: SeriesResult) -> str:
                f'stroke="#2166ac" stroke-width="1.5"/>{"".join(marks)}'
                f'<text x="{left}" y="{h - 8}" class="tick">{x0}</text>'
                f'<text x="{w - 60}" y="{h - 8}" class="tick">{x1} it</text>'
-               f'<text x="2" y="{h - bottom}" class="tick">{_pct(y0)}%</text>'
-               f'<text x="2" y="16" class="tick">{_pct(y1)}%</text></svg>')
+               f'<text x="{left - 24}" y="{h - bottom}" class="tick">{_pct(y0)}%</text>'
+               f'<text x="{left - 24}" y="16" class="tick">{_pct(y1)}%</text></svg>')
     body = "".join(
         f"<tr><td class=\"num\">{_it(r)}</td><td class=\"num\">{_pct(r.get('miou'))}</td>"
         f"<td>{'final' if r['final'] else ''}{' best' if r is result.best else ''}</td>"
