@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from .snapshots import SERIES_FILES, SNAPSHOT_DIR, list_snapshots
 from .utils.digest import non_finite_keys
 from .weights import WeightsError, _unwrap, load_state, save_weights, torch_load
 
@@ -97,6 +98,8 @@ def prepare_run_folder(out_dir: Path, resume: str | None, overwrite: bool,
                        is_main: bool) -> str | None:
     """Refuse to train over a run unless asked; return the checkpoint to resume (or None)."""
     held = [n for n in RUN_FILES if (out_dir / n).exists()]
+    if list_snapshots(out_dir):  # a run killed before its first last.pth may have some
+        held.append(f"{SNAPSHOT_DIR}/")
     if resume is None and held and not overwrite:
         raise TrainingError(f"{out_dir}: holds a run ({', '.join(held)}); pass --resume to "
                             "continue it, --overwrite to replace it, or choose another "
@@ -111,11 +114,13 @@ def prepare_run_folder(out_dir: Path, resume: str | None, overwrite: bool,
                                 "there yet); start without --resume, or give --from PATH")
     if resume is None and overwrite and is_main:
         for name in held:
-            (out_dir / name).unlink()
-        for name in ("replicas.json", "config.yaml"):
+            if name in RUN_FILES:
+                (out_dir / name).unlink()
+        for name in ("replicas.json", "config.yaml", *SERIES_FILES):
             (out_dir / name).unlink(missing_ok=True)
-        if (out_dir / "tb").is_dir():
-            shutil.rmtree(out_dir / "tb")
+        for folder in ("tb", SNAPSHOT_DIR):
+            if (out_dir / folder).is_dir():
+                shutil.rmtree(out_dir / folder)
     return resume
 
 

@@ -106,12 +106,12 @@ def _add_inference_args(sp) -> None:
     sp.add_argument("--stride", type=int, default=None, help="window stride (default 2/3 CROP)")
 
 
-def _prepare(model, args, device):
-    """``model`` (loaded from ``args.checkpoint``) prepared as the runtime flags say
-    (:func:`deeplabv2.deploy.runtime.prepare_network`); what ``--precision auto`` chose is
-    printed with its reason."""
+def _prepare(model, args, device, checkpoint=None):
+    """``model`` (loaded from ``checkpoint``, by default ``args.checkpoint``) prepared as the
+    runtime flags say (:func:`deeplabv2.deploy.runtime.prepare_network`); what ``--precision
+    auto`` chose is printed with its reason."""
     from .deploy.runtime import prepare_network, runtime_options
-    prepared = prepare_network(model, device=device, checkpoint=args.checkpoint,
+    prepared = prepare_network(model, device=device, checkpoint=checkpoint or args.checkpoint,
                                **runtime_options(args))
     if args.precision == "auto":
         print(prepared.note)
@@ -225,27 +225,46 @@ def cmd_crf_search(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .evaluation.evaluate import evaluate
+    from pathlib import Path
+    if Path(args.checkpoint).is_dir():  # a run folder: its snapshot series and final model
+        return _evaluate_run(args)
+    if not args.config:
+        raise ValueError(f"{args.checkpoint}: -c/--config CONFIG is needed to evaluate a "
+                         "checkpoint file (a run folder reads its own config.yaml)")
     cfg = load_config(args.config, _with_device(args))
     from .utils.distributed import pick_device
     device = pick_device(cfg.train.device)
     model = _load(args, device)
     ds = _eval_dataset(cfg, args.split)
     ds.check(limit=0 if len(ds) else None)
+    from .app.commands import finish_report, report_collector
+    report = report_collector(args, ds)  # None without --report
+    results, settings = _evaluate_loaded(args, cfg, device, args.checkpoint, model, ds, report)
+    _print_metrics(results, list(ds.classes), args.out)
+    finish_report(args, report, results, title=f"{args.checkpoint} on {cfg.data.dataset} "
+                  f"{ds.split}", settings=settings)
+    return 0
+
+
+def _evaluate_loaded(args, cfg, device, checkpoint, model, ds, report=None, dataset=None):
+    """The metrics of ``model`` (loaded from ``checkpoint``) on ``ds`` (named ``dataset``,
+    by default ``data.dataset``) with the config's eval settings and the command's flags, and
+    the settings the report states: one checkpoint of ``evaluate``, and each checkpoint of
+    ``evaluate RUN_DIR``."""
+    from .evaluation.evaluate import evaluate
+    dataset = dataset or cfg.data.dataset
     if model.num_classes != ds.num_classes:
-        raise ValueError(f"{args.checkpoint}: model has {model.num_classes} classes, dataset "
-                         f"{cfg.data.dataset!r} has {ds.num_classes}")
-    _require_same_classes(args.checkpoint, model.classes, ds)
+        raise ValueError(f"{checkpoint}: model has {model.num_classes} classes, dataset "
+                         f"{dataset!r} has {ds.num_classes}")
+    _require_same_classes(checkpoint, model.classes, ds)
     inference = _inference(args, cfg.eval.inference().to_dict())
     from .evaluation.protocols import get_protocol
     protocol = get_protocol(args.protocol or cfg.eval.protocol)
-    prepared = _prepare(model, args, device)
+    prepared = _prepare(model, args, device, checkpoint)
     net = _ensemble(prepared, args, device)
-    from .app.commands import finish_report, report_collector
-    report = report_collector(args, ds)  # None without --report
     members = f" (ensemble with {', '.join(args.ensemble)}: {net.extra_repr()})" \
         if args.ensemble else ""
-    print(f"evaluating {args.checkpoint}{members} on {cfg.data.dataset} {ds.split} "
+    print(f"evaluating {checkpoint}{members} on {dataset} {ds.split} "
           f"({len(ds)} images), "
           f"{protocol.describe() if protocol else inference.describe()}"
           f"{', dense CRF' if args.crf or cfg.eval.crf else ''}, "
@@ -254,18 +273,93 @@ def cmd_evaluate(args) -> int:
     results = evaluate(net, ds, device=device, limit=args.limit, amp=prepared.amp,
                        num_workers=cfg.data.num_workers, inference=inference, crf=crf,
                        progress=True, on_image=report, protocol=protocol)
-    _print_metrics(results, list(ds.classes), args.out)
-    finish_report(args, report, results, title=f"{args.checkpoint} on {cfg.data.dataset} "
-                  f"{ds.split}", settings={"checkpoint": args.checkpoint,
-                                           "ensemble": args.ensemble or [],
-                                           "ensemble fuse": net.extra_repr()
-                                           if args.ensemble else "",
-                                           "inference": inference.describe(),
-                                           "protocol": protocol.describe() if protocol
-                                           else "none",
-                                           "dense CRF": crf is not None,
-                                           "precision": prepared.precision})
+    return results, {"checkpoint": str(checkpoint), "ensemble": args.ensemble or [],
+                     "ensemble fuse": net.extra_repr() if args.ensemble else "",
+                     "inference": inference.describe(),
+                     "protocol": protocol.describe() if protocol else "none",
+                     "dense CRF": crf is not None, "precision": prepared.precision}
+
+
+def _evaluate_run(args) -> int:
+    """``evaluate RUN_DIR``: every snapshot and the final model of a run folder, through the
+    single-checkpoint path (:func:`_evaluate_loaded`), with the run's ``config.yaml`` (or
+    ``-c``) and the flags; ``snapshots.json``/``.md``/``.png`` into the run folder (or
+    ``--out``), final and best printed (:mod:`deeplabv2.evaluation.series`)."""
+    import dataclasses
+    from pathlib import Path
+    from .evaluation import series
+    run_dir = Path(args.checkpoint)
+    config = args.config or run_dir / "config.yaml"
+    if not args.config and not Path(config).is_file():
+        raise ValueError(f"{run_dir}: no config.yaml (not a training run folder?); give "
+                         "-c CONFIG naming the dataset to evaluate on")
+    if args.ensemble:
+        raise ValueError("--ensemble takes checkpoint files, not a run folder")
+    cfg = load_config(str(config), _with_device(args))
+    t = cfg.train
+    entries = series.run_entries(run_dir, t.stop_at or t.iterations)
+    from .utils.distributed import pick_device
+    device = pick_device(t.device)
+    ds, which = _run_eval_dataset(cfg, args.split)
+    ds.check(limit=0 if len(ds) else None)
+    out = Path(args.out) if args.out else run_dir
+    if out.suffix == ".json":
+        raise ValueError(f"--out {out}: with a run folder, --out names the folder that gets "
+                         "snapshots.json, .md and .png")
+    flags = ("split", "limit", "crf", "msc", "avg_scales", "flip", "sliding", "stride",
+             "alignment", "precision", "runtime", "eager", "compile", "winograd", "protocol")
+    settings = {"dataset": which, "eval": dataclasses.asdict(cfg.eval),
+                "split": ds.split, "images": len(ds),
+                "flags": {k: getattr(args, k) for k in flags if hasattr(args, k)}}
+    settings = json.loads(json.dumps(settings, default=str))  # as it reads back from JSON
+    from .app.commands import finish_report, report_collector
+    report = report_collector(args, ds)
+    final = next((e for e in entries if e.final), None)
+
+    def evaluate_one(path, on_image):
+        return _evaluate_loaded(args, cfg, device, path, _load(args, device, path), ds,
+                                on_image, which["dataset"])[0]
+
+    result = series.evaluate_series(
+        run_dir, entries, evaluate_one, out / "snapshots.json", settings, list(ds.classes),
+        fresh=[final.path] if report is not None and final is not None else (),
+        on_image_for=lambda e: report if e.final else None, write=_is_main())
+    if not _is_main():  # under torchrun every rank evaluated its share; rank 0 reports
+        return 0
+    title = f"{run_dir} on {which['dataset']} {ds.split}"
+    files = series.write_outputs(result, out, title,
+                                 f"{len(ds) if not args.limit else min(args.limit, len(ds))} "
+                                 f"images; {len(result.rows)} checkpoints")
+    reused = f", {len(result.cached)} from {files[0]}" if result.cached else ""
+    print(f"{len(result.rows)} checkpoints ({len(result.evaluated)} evaluated now{reused})")
+    for line in series.summary_lines(result):
+        print(line)
+    print("written: " + ", ".join(str(f) for f in files))
+    if report is not None and result.final is not None:
+        finish_report(args, report, series.row_metrics(result.final, list(ds.classes)),
+                      title=f"{title}: final model ({result.final['file']})",
+                      settings={"run": str(run_dir), "checkpoint": result.final["file"],
+                                "snapshots": len(result.rows)},
+                      sections=[series.html_section(result)])
+    elif report is not None:
+        print("no final model (model.pth) in the run folder: no report written")
     return 0
+
+
+def _run_eval_dataset(cfg, split):
+    """The split ``evaluate RUN_DIR`` scores, and what it is: the run's validation set, as
+    training validated (``train._datasets``): an adaptation run's target dataset with
+    ``adapt.target_val_options``, else ``data``'s; the split is ``--split``, else
+    ``eval.split``."""
+    from .data import build_dataset
+    a, d = cfg.adapt, cfg.data
+    split = split or cfg.eval.split
+    if a.method != "none" and a.target_val_split:
+        which = {"dataset": a.target_dataset, "root": a.target_root,
+                 "options": dict(a.target_val_options)}
+    else:
+        which = {"dataset": d.dataset, "root": d.root, "options": dict(d.options)}
+    return build_dataset(which["dataset"], which["root"], split, **which["options"]), which
 
 
 def _require_same_classes(checkpoint, model_classes, ds) -> None:
@@ -397,18 +491,27 @@ def build_parser() -> argparse.ArgumentParser:
     tr.set_defaults(func=cmd_train)
 
     ev = sub.add_parser(
-        "evaluate", help="mIoU of a checkpoint on a dataset split",
+        "evaluate", help="mIoU of a checkpoint (or of a run's snapshots) on a dataset split",
         description="The mIoU and per-class IoU of a checkpoint on a dataset split named by a "
                     "config, with the paper's test-time options (multi-scale inputs, flip, "
                     "sliding windows, dense CRF) and the runtime and precision flags; --report "
-                    "also writes an HTML report of the worst classes and images.")
-    ev.add_argument("checkpoint", help=CHECKPOINT_HELP)
-    ev.add_argument("-c", "--config", required=True, help="config naming the dataset")
+                    "also writes an HTML report of the worst classes and images. Given a run "
+                    "folder, it evaluates every snapshot (snapshots/iter_*.pth) and the final "
+                    "model.pth with the run's config.yaml, writes snapshots.json, .md and .png "
+                    "there (or into --out) and prints the final and the best mIoU, the best "
+                    "selected on the evaluated split, as the papers did (optimistic); a re-run "
+                    "evaluates only what is new.")
+    ev.add_argument("checkpoint", help=CHECKPOINT_HELP + ", or a run folder (train.out_dir)")
+    ev.add_argument("-c", "--config", default=None,
+                    help="config naming the dataset (required for a checkpoint file; default "
+                         "for a run folder: its config.yaml)")
     ev.add_argument("--split", default=None, help="split (default: the config's eval.split)")
     ev.add_argument("--limit", type=int, default=None, help="only the first N images")
     add_runtime_args(ev)
     _add_ensemble_arg(ev)
-    ev.add_argument("--out", default=None, help="write the metrics as JSON here")
+    ev.add_argument("-o", "--out", default=None,
+                    help="write the metrics as JSON here; for a run folder: the folder that "
+                         "gets snapshots.json, .md and .png (default: the run folder)")
     ev.add_argument("--device", default=None,
                     help="auto, cpu, cuda or cuda:N (default: the config's train.device)")
     _add_inference_args(ev)

@@ -91,6 +91,9 @@ class TrainConfig:
     seed: int = 0
     out_dir: str = "runs/experiment"
     checkpoint_every: int = 1000
+    # weights-only snapshots/iter_XXXXXX.pth every N iterations (0: none); the adaptation
+    # configs keep the released codes' series (deeplabv2.snapshots)
+    snapshot_every: int = 0
     val_every: int = 0  # 0: validate only at the end
     val_limit: int = 0  # validate on the first N images only (0: all)
     log_every: int = 10
@@ -288,6 +291,9 @@ def validate(cfg: Config) -> None:
     for key, value in positive.items():
         if not isinstance(value, int) or value < 1:
             raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+    if not isinstance(t.snapshot_every, int) or t.snapshot_every < 0:
+        raise ConfigError(f"train.snapshot_every must be 0 (no snapshots) or a positive "
+                          f"number of iterations, got {t.snapshot_every!r}")
     if not isinstance(t.stop_at, int) or not 0 <= t.stop_at <= t.iterations:
         raise ConfigError(f"train.stop_at must be 0 or an iteration <= train.iterations "
                           f"({t.iterations}), got {t.stop_at!r}")

@@ -48,6 +48,7 @@ from .utils.digest import all_finite
 from .evaluation.evaluate import evaluate
 from .utils.fileio import RunLock, atomic_write_text, remove_stale_tmp
 from .utils.logger import TrainLog, read_history
+from .snapshots import SNAPSHOT_DIR, remove_snapshots_after, save_snapshot
 from .utils.visualize import colorize
 from .evaluation.metrics import save_json
 from .adapt.methods import Method, Step, build_method
@@ -223,7 +224,9 @@ def train(cfg: Config, resume: str | None = None,
     ``out_dir/last.pth``, an error when it does not exist). ``on_iteration(iteration, logs)`` is
     called after each optimizer step. Returns a :class:`TrainResult`; artefacts are in
     ``cfg.train.out_dir``: ``config.yaml``, ``last.pth`` (training checkpoint), ``best.pth``,
-    ``model.pth``, ``history.json``, ``metrics.json`` and TensorBoard logs in ``tb/``.
+    ``model.pth``, ``history.json``, ``metrics.json``, TensorBoard logs in ``tb/`` and, with
+    ``train.snapshot_every``, weights-only snapshots in ``snapshots/`` (:mod:`.snapshots`; a
+    resume removes those taken after its checkpoint and continues the series).
 
     Safety: a folder that holds a run is refused unless ``resume`` or ``overwrite`` (which
     deletes the old run's files first); ``out_dir/.lock`` keeps a second writer out (a lock left
@@ -238,7 +241,7 @@ def train(cfg: Config, resume: str | None = None,
     try:
         resume = prepare_run_folder(out_dir, resume, overwrite, is_main)
         if is_main:
-            for p in remove_stale_tmp(out_dir):
+            for p in [*remove_stale_tmp(out_dir), *remove_stale_tmp(out_dir / SNAPSHOT_DIR)]:
                 print(f"removed {p} (an unfinished write of an earlier, killed run)")
         signals = _StopSignals(announce=is_main)
         try:
@@ -333,6 +336,8 @@ def _set_up(cfg: Config, resume: str | None, allow_changes: bool) -> _Run:
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.yaml")
+        for p in remove_snapshots_after(out_dir, start) if resume else ():
+            print(f"removed {p} (taken after iteration {start}, which this run resumes from)")
         if t.progress:
             print(amp_choice)
             if memory_line:
@@ -506,6 +511,8 @@ def _loop(run: _Run, on_iteration, signals: _StopSignals) -> None:
             logs["val_miou"] = _validate(run, it + 1)
         if save:
             _save_checkpoint(run, it + 1)
+        if t.snapshot_every and (it + 1) % t.snapshot_every == 0 and info.is_main:
+            save_snapshot(run.out_dir, it + 1, run.model, run.classes, run.palette)
         if stopping and not last:
             run.log.close_progress()
             _interrupted(run, it + 1, signals, save=not save)

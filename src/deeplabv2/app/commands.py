@@ -57,7 +57,8 @@ def score_callback(collector, ds):
     return on_image
 
 
-def finish_report(args, collector, results, *, title: str, settings: dict) -> None:
+def finish_report(args, collector, results, *, title: str, settings: dict,
+                  sections=()) -> None:
     if collector is None:
         return
     from .report import align_baseline, read_metrics
@@ -66,7 +67,7 @@ def finish_report(args, collector, results, *, title: str, settings: dict) -> No
         base, names = read_metrics(args.baseline)
         baseline = align_baseline(base, names, collector.class_names, source=args.baseline)
     page = collector.write(results, title=title, settings=settings, baseline=baseline,
-                           baseline_name=args.baseline or "baseline")
+                           baseline_name=args.baseline or "baseline", sections=sections)
     print(f"report written to {page}")
 
 

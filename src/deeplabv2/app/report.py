@@ -168,7 +168,8 @@ class ReportCollector:
         _save(im, path, "PNG")
 
     def write(self, metrics: dict, *, title: str = "Evaluation report", settings: dict | None
-              = None, baseline: dict | None = None, baseline_name: str = "baseline") -> Path:
+              = None, baseline: dict | None = None, baseline_name: str = "baseline",
+              sections: Sequence[str] = ()) -> Path:
         """Write ``metrics.json``, ``per_image.json`` and ``index.html``; return the page's
         path. ``metrics`` is :func:`deeplabv2.evaluation.evaluate.evaluate`'s dict (``iou``,
         ``class_accuracy``, ``confusion``, ...); ``baseline`` a second run's metrics (the same
@@ -179,7 +180,8 @@ class ReportCollector:
                                       "images": self.images}, allow_nan=False) + "\n")
         return write_page(self.out, metrics, self.class_names, self.palette,
                           images=self.images, crf=self.crf, title=title, settings=settings,
-                          baseline=baseline, baseline_name=baseline_name)
+                          baseline=baseline, baseline_name=baseline_name,
+                          sections=sections)
 
 
 def _round(x) -> float | None:
@@ -391,14 +393,18 @@ def _script_json(data) -> str:
 def write_page(out_dir, metrics: dict, class_names: Sequence[str], palette, *,
                images: list[dict] | None = None, crf: bool = False,
                title: str = "Evaluation report", settings: dict | None = None,
-               baseline: dict | None = None, baseline_name: str = "baseline") -> Path:
+               baseline: dict | None = None, baseline_name: str = "baseline",
+               sections: Sequence[str] = ()) -> Path:
     """Write ``out_dir/index.html`` from the metrics (and, when given, the per-image entries of
-    a :class:`ReportCollector`, whose thumbnails are already in ``out_dir/thumbs``)."""
+    a :class:`ReportCollector`, whose thumbnails are already in ``out_dir/thumbs``).
+    ``sections``: more HTML sections, placed after the per-class ones (e.g. the snapshot
+    series of :func:`deeplabv2.evaluation.series.html_section`)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     names = list(class_names)
     palette = np.asarray(palette, dtype=np.uint8)
     images = images or []
+    extra_sections = list(sections)
     worst = sorted(range(len(names)), key=lambda c: (_key(metrics["iou"][c]), c))[:3]
     worst_text = ", ".join(f"<b>{html.escape(names[c])}</b> ({_pct(metrics['iou'][c])}%)"
                            for c in worst if not math.isnan(metrics["iou"][c]))
@@ -426,6 +432,7 @@ def write_page(out_dir, metrics: dict, class_names: Sequence[str], palette, *,
            + _diff_chart(metrics, names, baseline) if baseline else "")
         + _class_table(metrics, names, palette, baseline) + "</section>",
     ]
+    sections += extra_sections  # the parameter's, kept aside before the name was reused
     if metrics.get("confusion") is not None:
         sections.append('<section id="confusion-section"><h2>Confusion matrix</h2><p class='
                         '"note">Each row sums to 100%: where the pixels of a ground-truth class '
