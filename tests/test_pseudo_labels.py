@@ -112,7 +112,7 @@ def test_pseudo_labels_read_back_as_target_labels(tmp_path, scale):
     for i in range(len(ds)):
         image, _ = ds.load(i)
         h, w = round(48 * scale), round(64 * scale)
-        resized.append(np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR)))
+        resized.append(np.array(Image.fromarray(image).resize((w, h), Image.BILINEAR)))
     with torch.no_grad():
         probs = torch.cat([torch.softmax(model(model.preprocess(im)), 1) for im in resized])
     thres, labels = released_thresholds(probs.numpy(), 7)
@@ -153,6 +153,21 @@ def test_fda_trains_on_its_pseudo_labels(tmp_path, capsys):
                  "-o", str(labels)]) == 0
     assert "6 pseudo-labels written to" in capsys.readouterr().out
     assert len(list(labels.glob("synthetic_target_train_*.png"))) == 6
+    # they belong to the target images the training loop reads (its seed makes the scenes):
+    # every kept pixel is the network's class there
+    from deeplabv2.weights import load_model
+    from deeplabv2.train import _datasets
+    model = load_model(first.out_dir / "model.pth").eval()
+    cfg = _fda_config(tmp_path / "ssl", "train.iterations=3", "adapt.fda_ent_start=2",
+                      f"adapt.target_labels={labels}")
+    target = _datasets(cfg)[2]
+    assert isinstance(target, PseudoLabelled)
+    for i in range(len(target)):
+        image, label = target.load(i)
+        with torch.no_grad():
+            predicted = model(model.preprocess(image)).argmax(1)[0].numpy()
+        kept = label != 255
+        assert kept.any() and np.array_equal(label[kept], predicted[kept])
     logs = []
     cfg = _fda_config(tmp_path / "ssl", "train.iterations=3", "adapt.fda_ent_start=2",
                       f"adapt.target_labels={labels}")
@@ -231,3 +246,25 @@ def test_pseudo_label_command_errors(tmp_path, capsys):
                  "-c", "demo", "-o", str(tmp_path / "x"), "adapt.method=fda",
                  "adapt.target_dataset=synthetic"]) == 2
     assert "missing.pth" in capsys.readouterr().err
+
+
+def test_adapt_demo_row_of_fda_self_training(tmp_path, monkeypatch, capsys):
+    """``demo --adapt --methods fda fda_ssl``: the fda run's pseudo-labels of the target
+    training scenes, then the self-training run from the same weights, a row of its own."""
+    from deeplabv2.demo import adapt as demo
+    for name in ("SOURCE", "TARGET", "TARGET_VAL", "SOURCE_VAL"):
+        monkeypatch.setattr(demo, name, {**getattr(demo, name), "num_samples": 4})
+    with pytest.raises(ValueError, match="list fda too"):
+        demo.run_adapt_demo(tmp_path / "x", methods=("fda_ssl",))
+    summary = demo.run_adapt_demo(
+        tmp_path / "adapt", methods=("fda_ssl", "fda"), source_iterations=2,
+        method_iterations=1,
+        overrides=["model.width=8", "data.batch_size=2", "data.num_workers=0",
+                   "train.threads=1", "train.progress=false", "train.tensorboard=false"])
+    assert list(summary["runs"]) == ["warm_up", "source_only", "fda", "fda_ssl",
+                                     "target_supervised"]
+    labels = tmp_path / "adapt" / "fda_ssl_labels"
+    assert json.loads((labels / META).read_text())["images"] == 4
+    config = load_config(str(tmp_path / "adapt" / "fda_ssl" / "config.yaml"))
+    assert config.adapt.target_labels == str(labels) and config.adapt.fda_ent_start == 0
+    assert "| fda_ssl |" in (tmp_path / "adapt" / "table.md").read_text()

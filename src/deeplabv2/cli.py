@@ -321,8 +321,7 @@ def cmd_quantize(args) -> int:
 
 
 def cmd_pseudo_label(args) -> int:
-    from .adapt.pseudo_labels import make_pseudo_labels, summary_line
-    from .data import build_dataset
+    from .adapt.pseudo_labels import make_pseudo_labels, summary_line, target_dataset
     from .utils.distributed import pick_device
     cfg = load_config(args.config, _with_device(args))
     a = cfg.adapt
@@ -346,7 +345,7 @@ def cmd_pseudo_label(args) -> int:
     if len(members) > 1:
         from .inference.ensemble import Ensemble
         net = Ensemble(members, names=paths).eval()
-    ds = build_dataset(a.target_dataset, a.target_root, a.target_split, **a.target_options)
+    ds = target_dataset(cfg)
     if net.num_classes != ds.num_classes:
         raise ValueError(f"{args.checkpoint}: model has {net.num_classes} classes, the target "
                          f"set {a.target_dataset!r} {a.target_split} has {ds.num_classes} "
@@ -526,8 +525,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "source-only vs adaptation methods vs target-supervised (about "
                          "6 min on 2 cores; all methods about 20)")
     de.add_argument("--methods", nargs="+", default=["fda"],
-                    help="with --adapt: adaptsegnet advent minent fda dacs, or all "
-                         "(default: fda)")
+                    help="with --adapt: adaptsegnet advent minent fda fda_ssl dacs, or all "
+                         "(fda_ssl: FDA's self-training round on the fda run's pseudo-labels; "
+                         "default: fda)")
     de.add_argument("overrides", nargs="*", help="section.key=value for the demo config")
     de.set_defaults(func=cmd_demo)
 

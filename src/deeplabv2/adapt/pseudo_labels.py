@@ -123,6 +123,18 @@ def apply_thresholds(conf: np.ndarray, label: np.ndarray, thresholds: np.ndarray
 
 
 # -- the command ----------------------------------------------------------------------------------
+def target_dataset(cfg) -> SegmentationDataset:
+    """The target training set of config ``cfg`` as the training loop builds it (the same seed:
+    ``train.seed + 1``, which makes the synthetic target scenes)."""
+    from ..data import build_dataset
+    a = cfg.adapt
+    if not a.target_dataset:
+        raise ValueError("the config has no adapt.target_dataset: pseudo-labels are made for "
+                         "an adaptation config's target training images")
+    return build_dataset(a.target_dataset, a.target_root, a.target_split,
+                         seed=cfg.train.seed + 1, **a.target_options)
+
+
 class _Resized(torch.utils.data.Dataset):
     """Index, the image resized to ``scale`` of its size (as the training transform resizes it:
     PIL bilinear, ``round(side * scale)``), and its original ``(H, W)``."""
