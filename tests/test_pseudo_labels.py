@@ -268,3 +268,21 @@ def test_adapt_demo_row_of_fda_self_training(tmp_path, monkeypatch, capsys):
     config = load_config(str(tmp_path / "adapt" / "fda_ssl" / "config.yaml"))
     assert config.adapt.target_labels == str(labels) and config.adapt.fda_ent_start == 0
     assert "| fda_ssl |" in (tmp_path / "adapt" / "table.md").read_text()
+
+
+@pytest.mark.parametrize("source", ["gta5", "synthia"])
+def test_self_training_configs_are_the_fda_runs_plus_pseudo_labels(source):
+    """SStrain.py is train.py plus the pseudo-label term: same init, schedule and FDA settings;
+    the entropy from step 0; the target set of the network's classes (for SYNTHIA's 16)."""
+    fda = load_config(f"{source}_to_cityscapes_fda").to_dict()
+    ssl = load_config(f"{source}_to_cityscapes_fda_ssl").to_dict()
+    assert ssl["adapt"].pop("target_labels") == f"runs/{source}_to_cityscapes_fda/pseudo_labels"
+    assert fda["adapt"].pop("target_labels") is None
+    assert ssl["adapt"].pop("fda_ent_start") == 0
+    fda["adapt"].pop("fda_ent_start")
+    assert ssl["train"].pop("out_dir") == fda["train"].pop("out_dir") + "_ssl"
+    assert ssl["adapt"].pop("target_options") == {"annotation": None, **(
+        {"num_classes": 16} if source == "synthia" else {})}
+    fda["adapt"].pop("target_options")
+    assert ssl == fda
+    assert ssl["model"]["num_classes"] == (16 if source == "synthia" else 19)
