@@ -286,3 +286,34 @@ def test_self_training_configs_are_the_fda_runs_plus_pseudo_labels(source):
     fda["adapt"].pop("target_options")
     assert ssl == fda
     assert ssl["model"]["num_classes"] == (16 if source == "synthia" else 19)
+
+
+@pytest.mark.parametrize("source,classes", [("gta5", 19), ("synthia", 16)])
+def test_pseudo_label_command_on_the_cityscapes_layout(tmp_path, capsys, source, classes):
+    """The packaged self-training config's target set (Cityscapes train, unlabelled, at half
+    size; SYNTHIA's 16 classes): labels named by frame, at the image's size, read back."""
+    from deeplabv2.weights import save_weights
+    frames = ["aachen/aachen_000000_000019", "bremen/bremen_000001_000019"]
+    rng = np.random.default_rng(0)
+    for frame in frames:
+        path = tmp_path / "cs/leftImg8bit/train" / f"{frame}_leftImg8bit.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (64, 128, 3), dtype=np.uint8)).save(path)
+    ckpt = tmp_path / "fda.pth"
+    save_weights(_tiny_model(classes), ckpt, None, None)
+    config = [f"{source}_to_cityscapes_fda_ssl"]
+    overrides = [f"adapt.target_root={tmp_path / 'cs'}", "data.num_workers=0",
+                 "train.device=cpu"]
+    out = tmp_path / "labels"
+    assert main(["pseudo-label", str(ckpt), "-c", *config, "-o", str(out), *overrides]) == 0
+    assert "2 pseudo-labels written" in capsys.readouterr().out
+    meta = json.loads((out / META).read_text())
+    assert meta["inference_size"] == [32, 64] and meta["num_classes"] == classes
+    cfg = load_config(config[0], [*overrides, f"adapt.target_labels={out}"])
+    from deeplabv2.adapt.pseudo_labels import target_dataset
+    target = PseudoLabelled(target_dataset(cfg), cfg.adapt.target_labels)
+    assert target.num_classes == classes
+    assert [target.source(i) for i in range(2)] == [
+        str(out / f"{f.split('/')[1]}.png") for f in frames]
+    image, label = target.load(0)
+    assert image.shape == (64, 128, 3) and label.shape == (64, 128)
