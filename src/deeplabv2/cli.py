@@ -436,6 +436,48 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def cmd_pseudo_label(args) -> int:
+    from .adapt.pseudo_labels import make_pseudo_labels, summary_line, target_dataset
+    from .utils.distributed import pick_device
+    cfg = load_config(args.config, _with_device(args))
+    a = cfg.adapt
+    if not a.target_dataset:
+        raise ValueError(f"{args.config}: no adapt.target_dataset: pseudo-labels are made for "
+                         "an adaptation config's target training images")
+    scale = args.scale
+    if scale is None:
+        lo, hi = a.target_scale_range
+        if lo != hi:
+            raise ValueError(f"adapt.target_scale_range={list(a.target_scale_range)} is a "
+                             "range: give the inference scale with --scale")
+        scale = lo
+    device = pick_device(cfg.train.device)
+    paths = [args.checkpoint, *(args.ensemble or [])]
+    members = []
+    for path in paths:
+        model = _load(args, device, path).eval()
+        members.append(model)
+    net = members[0]
+    if len(members) > 1:
+        from .inference.ensemble import Ensemble
+        net = Ensemble(members, names=paths).eval()
+    ds = target_dataset(cfg)
+    if net.num_classes != ds.num_classes:
+        raise ValueError(f"{args.checkpoint}: model has {net.num_classes} classes, the target "
+                         f"set {a.target_dataset!r} {a.target_split} has {ds.num_classes} "
+                         "(set adapt.target_options num_classes)")
+    size = list(a.target_resize) if a.target_resize else None  # as the target is trained
+    at = (f"resized to {size[1]}x{size[0]} ({a.target_resize_filter})" if size else "") + \
+        (f"{' then ' if size else ''}at scale {scale:g}" if scale != 1 or not size else "")
+    print(f"pseudo-labelling {a.target_dataset} {a.target_split} ({len(ds)} images) {at} with "
+          f"{', '.join(paths)}", flush=True)
+    meta = make_pseudo_labels(net, ds, args.out, scale=scale, size=size,
+                              resize_filter=a.target_resize_filter, device=device,
+                              num_workers=cfg.data.num_workers, sources=paths)
+    print(summary_line(meta, args.out))
+    return 0
+
+
 def cmd_demo(args) -> int:
     if args.adapt:
         from .demo.adapt import ALL_METHODS, run_adapt_demo
@@ -579,6 +621,30 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("overrides", nargs="*", help="section.key=value")
     sc.set_defaults(func=cmd_score)
 
+    pl = sub.add_parser(
+        "pseudo-label", help="FDA's pseudo-labels of an adaptation config's target images",
+        description="FDA's self-training round, step 1 (YanchaoYang/FDA getSudoLabel_multi.py): "
+                    "run a checkpoint (or, with --ensemble, the average of the softmax "
+                    "outputs of several: FDA's multi-band ensemble) over the config's target "
+                    "training split at the size it is trained at; per class, the confidence at "
+                    "the 66th percentile of its pixels (capped at 0.9) is the threshold below "
+                    "which a pixel is ignored (255). Writes OUT/<image name>.png (train ids) and "
+                    "OUT/thresholds.json; train on them with adapt.target_labels=OUT.")
+    pl.add_argument("checkpoint", help=CHECKPOINT_HELP)
+    _add_ensemble_arg(pl)
+    pl.add_argument("-c", "--config", required=True,
+                    help="the adaptation config (adapt.target_dataset, _root, _split, _options)")
+    pl.add_argument("-o", "--out", required=True, help="output folder (new)")
+    pl.add_argument("--scale", type=float, default=None,
+                    help="inference scale of the target images (default: the config's "
+                         "adapt.target_scale_range when it is one value, e.g. 0.5: 1024x512)")
+    pl.add_argument("--alignment", choices=("caffe", "pytorch"), default=None,
+                    help="resizing convention (default: the one the checkpoint records)")
+    pl.add_argument("--device", default=None,
+                    help="auto, cpu, cuda or cuda:N (default: the config's train.device)")
+    pl.add_argument("overrides", nargs="*", help="section.key=value")
+    pl.set_defaults(func=cmd_pseudo_label)
+
     de = sub.add_parser(
         "demo", help="synthetic data: train -> evaluate -> predict -> report",
         description="The whole pipeline on embedded synthetic street scenes, with a reduced "
@@ -592,8 +658,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "source-only vs adaptation methods vs target-supervised (about "
                          "6 min on 2 cores; all methods about 20)")
     de.add_argument("--methods", nargs="+", default=["fda"],
-                    help="with --adapt: adaptsegnet advent minent fda dacs, or all "
-                         "(default: fda)")
+                    help="with --adapt: adaptsegnet advent minent fda fda_ssl dacs, or all "
+                         "(fda_ssl: FDA's self-training round on the fda run's pseudo-labels; "
+                         "default: fda)")
     de.add_argument("overrides", nargs="*", help="section.key=value for the demo config")
     de.set_defaults(func=cmd_demo)
 

@@ -140,6 +140,8 @@ class AdaptConfig:
     target_root: str | None = None
     target_split: str = "train"
     target_options: dict[str, Any] = field(default_factory=dict)  # e.g. {annotation: null}
+    # FDA's self-training round: a `deeplabv2 pseudo-label` folder, read as the target labels
+    target_labels: str | None = None
     target_crop_size: list[int] | None = None  # None: data.crop_size
     target_scale_range: list[float] = field(default_factory=lambda: [1.0, 1.0])
     # data.resize and data.resize_filter for the target: its own filter, since DACS halves
@@ -370,6 +372,9 @@ def _validate_adapt(cfg: Config) -> None:
                           "adapt.target_root): the unlabelled target images")
     if a.multi_level and (cfg.model.backbone != "resnet" or cfg.train.msc_scales):
         raise ConfigError("adapt.multi_level needs the ResNet backbone and no train.msc_scales")
+    if a.target_labels and a.method != "fda":
+        raise ConfigError(f"adapt.target_labels is read by adapt.method=fda only (its "
+                          f"self-training round), not by {a.method}")
     if a.method in ("fda", "dacs") and a.target_crop_size not in (None, cfg.data.crop_size):
         raise ConfigError(f"adapt.method={a.method} mixes source and target crops: "
                           f"adapt.target_crop_size must equal data.crop_size")

@@ -190,7 +190,10 @@ def measure_saved(method, make_step, net: torch.nn.Module, device: torch.device,
             step = make_step(net=net, images=batch(*size),
                              labels=torch.zeros(1, *size, dtype=torch.long, device=device),
                              target=batch(*target_size) if method.needs_target else None,
-                             iteration=iteration)
+                             iteration=iteration,
+                             target_labels=torch.zeros(1, *target_size, dtype=torch.long,
+                                                       device=device)
+                             if method.needs_target else None)
             for k in range(method.passes(iteration)):
                 with autocast_context(device, t.amp):
                     counted(lambda: method.loss(step, k))

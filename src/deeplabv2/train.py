@@ -367,6 +367,9 @@ def _datasets(cfg: Config):
     if a.method not in ("none", "source_only"):  # the unlabelled target images
         target_ds = build_dataset(a.target_dataset, a.target_root, a.target_split,
                                   seed=seed + 1, **a.target_options)
+        if a.target_labels:  # FDA's self-training round: pseudo-labels as target labels
+            from .adapt.pseudo_labels import PseudoLabelled
+            target_ds = PseudoLabelled(target_ds, a.target_labels)
         _check_dataset(target_ds, d.check)
     if a.method != "none" and a.target_val_split:  # adaptation validates on the target
         val_ds = build_dataset(a.target_dataset, a.target_root, a.target_val_split,
@@ -538,11 +541,15 @@ def _next_step(run: _Run, iteration: int, signals: _StopSignals) -> Step:
     labels = batch["label"].to(run.device, non_blocking=True)
     if t.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
+    target_labels = None
     if target is not None:
+        if run.cfg.adapt.target_labels:
+            target_labels = target["label"].to(run.device, non_blocking=True)
         target = target["image"].to(run.device, non_blocking=True)
         if t.channels_last:
             target = target.contiguous(memory_format=torch.channels_last)
-    return run.make_step(images=images, labels=labels, target=target, iteration=iteration)
+    return run.make_step(images=images, labels=labels, target=target, iteration=iteration,
+                         target_labels=target_labels)
 
 
 def _agree_to_go_on(run: _Run, loss_sum: torch.Tensor, iteration: int,

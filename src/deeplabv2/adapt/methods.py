@@ -28,7 +28,9 @@ advent         ADVENT AdvEnt: the same on the weighted self-information maps
 minent         ADVENT MinEnt: the entropy of the target prediction upsampled to the
                crop (``lambda_ent``; multi-level adds the layer3 head's, ``lambda_ent_aux``)
 fda            FDA: source images restyled with the target's low-frequency amplitude
-               (``fda_beta``), Charbonnier entropy on target after ``fda_ent_start`` steps
+               (``fda_beta``), Charbonnier entropy on target after ``fda_ent_start`` steps;
+               with ``target_labels`` (its self-training round) the target's cross-entropy
+               against pseudo-labels (:mod:`deeplabv2.adapt.pseudo_labels`)
 dacs           DACS: ClassMix of source onto target, EMA-teacher pseudo-labels weighted by
                confidence, colour jitter and blur of the mixed images
 =============  ============================================================================
@@ -72,6 +74,9 @@ class Step:
     iteration: int
     seg_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     msc_loss: Callable | None = None
+    #: ``(N, H, W)`` labels of ``target`` when the run reads them (``adapt.target_labels``:
+    #: FDA's self-training round), else None
+    target_labels: torch.Tensor | None = None
 
 
 class Method(nn.Module):
@@ -282,14 +287,24 @@ class FDA(Method):
     FDA_ENTROPY_DIVISOR` (2.9444, ln 19) whatever the number of classes, as the released code
     does (YanchaoYang/FDA ``model/deeplab.py``): for 19 classes that is the normalised entropy,
     for SYNTHIA's 16 it is ``ln 16 / 2.9444 = 0.94`` of it at most, and the Charbonnier term
-    (``eta = 2``) about ``0.94 ** 4 = 0.79`` of the ``ln C``-normalised one."""
+    (``eta = 2``) about ``0.94 ** 4 = 0.79`` of the ``ln C``-normalised one.
+
+    With ``adapt.target_labels`` (the self-training round, YanchaoYang/FDA ``SStrain.py``)
+    the target pass also takes the cross-entropy of the target image against its
+    pseudo-labels, weight 1 as released (``loss_seg_src + loss_seg_psu + entW * loss_ent_psu``),
+    at every step; the entropy still starts at ``fda_ent_start`` (``SStrain.py`` has no
+    ``switch2entropy``: its configs set 0)."""
 
     name = "fda"
 
     needs_target = True
 
+    def __init__(self, settings, model: nn.Module):
+        super().__init__(settings, model)
+        self.pseudo = bool(getattr(settings, "target_labels", None))
+
     def passes(self, iteration: int) -> int:
-        return 2 if iteration >= self.settings.fda_ent_start else 1
+        return 2 if self.pseudo or iteration >= self.settings.fda_ent_start else 1
 
     def loss(self, step: Step, k: int) -> torch.Tensor:
         pre = step.model.preprocessing
@@ -301,9 +316,17 @@ class FDA(Method):
                 x = from_rgb(restyled.clamp(0, 255), pre).to(step.images.dtype)
             return self.source_loss(step, x)
         main, _ = self.scores(step, step.target)
-        loss = self.settings.fda_lambda_ent * charbonnier_entropy(
-            main, self.settings.fda_eta, divisor=FDA_ENTROPY_DIVISOR)
-        self.logs["ent"] = loss.detach()
+        loss = None
+        if self.pseudo:
+            if step.target_labels is None:
+                raise ValueError("adapt.target_labels is set but the step has no target labels")
+            loss = step.seg_loss(main, step.target_labels)
+            self.logs["pseudo"] = loss.detach()
+        if step.iteration >= self.settings.fda_ent_start:
+            ent = self.settings.fda_lambda_ent * charbonnier_entropy(
+                main, self.settings.fda_eta, divisor=FDA_ENTROPY_DIVISOR)
+            self.logs["ent"] = ent.detach()
+            loss = ent if loss is None else loss + ent
         return loss
 
 

@@ -9,7 +9,10 @@ loop and evaluated on the *target* validation scenes:
    network too);
 2. from those weights, for the same number of iterations each: ``source_only`` (more source
    training: the fair baseline, also evaluated on source validation to show the gap) and each
-   adaptation method (labelled source + unlabelled target);
+   adaptation method (labelled source + unlabelled target); ``fda_ssl``, FDA's self-training
+   round, labels the target training scenes with the ``fda`` run's network
+   (:func:`deeplabv2.adapt.pseudo_labels.make_pseudo_labels`) and trains again from the same
+   weights with them as target labels (its seconds include the labelling);
 3. ``target_supervised``: from the same weights, the same iterations on *labelled* target
    scenes: the upper bound of what adaptation can reach.
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import shutil
 import time
 from pathlib import Path
 
@@ -39,7 +43,9 @@ from .charts import _pyplot
 from .supervised import _titled
 
 DEFAULT_METHODS = ("fda",)
-ALL_METHODS = ("adaptsegnet", "advent", "minent", "fda", "dacs")
+#: ``fda_ssl`` is FDA's self-training round: pseudo-labels of the target training scenes from the
+#: ``fda`` run's network, then an FDA run on them (:mod:`deeplabv2.adapt.pseudo_labels`)
+ALL_METHODS = ("adaptsegnet", "advent", "minent", "fda", "fda_ssl", "dacs")
 SIZE = [96, 160]
 SOURCE = {"num_samples": 400, "size": SIZE}
 TARGET = {"num_samples": 400, "size": SIZE, "style": "target"}
@@ -53,6 +59,9 @@ METHOD_SETTINGS = {
     "minent": ["adapt.lambda_ent=0.01"],
     "fda": ["adapt.fda_beta=0.05", "adapt.fda_ent_start=100", "adapt.fda_lambda_ent=0.005"],
     "dacs": [],
+    # as the released SStrain.py: entropy from the first step, weight-1 pseudo-label CE
+    "fda_ssl": ["adapt.method=fda", "adapt.fda_beta=0.05", "adapt.fda_ent_start=0",
+                "adapt.fda_lambda_ent=0.005"],
 }
 
 
@@ -78,6 +87,10 @@ def run_adapt_demo(out_dir="reports/demo_adapt", methods=DEFAULT_METHODS, source
     unknown = [m for m in methods if m not in ALL_METHODS]
     if unknown:
         raise ValueError(f"unknown adaptation method(s) {unknown}; choose from {ALL_METHODS}")
+    if "fda_ssl" in methods and "fda" not in methods:
+        raise ValueError("fda_ssl (FDA's self-training round) starts from the fda run's "
+                         "network: list fda too (--methods fda fda_ssl)")
+    methods = tuple(sorted(methods, key=lambda m: m == "fda_ssl"))  # after fda
     target_val = build_dataset("synthetic", None, "val", **TARGET_VAL)
     source_val = build_dataset("synthetic", None, "val", **SOURCE_VAL)
     print(f"deeplabv2 demo --adapt: synthetic source -> restyled target, methods "
@@ -85,8 +98,8 @@ def run_adapt_demo(out_dir="reports/demo_adapt", methods=DEFAULT_METHODS, source
 
     runs: dict[str, dict] = {}
 
-    def run(name, cfg):
-        t0 = time.perf_counter()
+    def run(name, cfg, t0=None):
+        t0 = t0 or time.perf_counter()
         result = train(cfg)
         net = optimize_for_inference(load_model(result.out_dir / "model.pth"))
         target_miou = evaluate(net, target_val)["miou"]
@@ -106,6 +119,13 @@ def run_adapt_demo(out_dir="reports/demo_adapt", methods=DEFAULT_METHODS, source
                                                ["adapt.method=source_only", *warm, *overrides]))
     runs["source_only"]["source_val_miou"] = evaluate(source_net, source_val)["miou"]
     for m in methods:
+        if m == "fda_ssl":  # the row's seconds count the pseudo-labelling too
+            t0 = time.perf_counter()
+            labels = _pseudo_labels(out, _config(out, "fda", method_iterations, overrides))
+            run(m, _config(out, m, method_iterations,
+                           [f"adapt.target_labels={labels}", *warm, *METHOD_SETTINGS[m],
+                            *overrides]), t0)
+            continue
         run(m, _config(out, m, method_iterations,
                        [f"adapt.method={m}", *warm, *METHOD_SETTINGS[m], *overrides]))
     # 3. the upper bound: the same continuation on labelled target scenes
@@ -136,6 +156,19 @@ def run_adapt_demo(out_dir="reports/demo_adapt", methods=DEFAULT_METHODS, source
           f"{summary['total_seconds']:.0f} s in all")
     print(_next_steps(out, list(runs), best or "source_only"))
     return summary
+
+
+def _pseudo_labels(out: Path, cfg) -> Path:
+    """FDA's pseudo-labels of the target training scenes (the ones ``cfg``'s training reads)
+    from the ``fda`` run's network, at their own size, in ``out/fda_ssl_labels``."""
+    from ..adapt.pseudo_labels import make_pseudo_labels, summary_line, target_dataset
+    folder = out / "fda_ssl_labels"
+    if folder.exists():  # this demo's own output of an earlier run
+        shutil.rmtree(folder)
+    net = load_model(out / "fda" / "model.pth").eval()
+    meta = make_pseudo_labels(net, target_dataset(cfg), folder, scale=1.0, progress=False)
+    print(f"{'':>18}  {summary_line(meta, folder)}")
+    return folder
 
 
 def _next_steps(out: Path, names: list, chosen: str) -> str:
