@@ -273,7 +273,8 @@ def test_adapt_demo_row_of_fda_self_training(tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize("source", ["gta5", "synthia"])
 def test_self_training_configs_are_the_fda_runs_plus_pseudo_labels(source):
     """SStrain.py is train.py plus the pseudo-label term: same init, schedule and FDA settings;
-    the entropy from step 0; the target set of the network's classes (for SYNTHIA's 16)."""
+    the entropy from step 0; the target set of the network's classes (SYNTHIA's FDA network has
+    19, as FDA's)."""
     fda = load_config(f"{source}_to_cityscapes_fda").to_dict()
     ssl = load_config(f"{source}_to_cityscapes_fda_ssl").to_dict()
     assert ssl["adapt"].pop("target_labels") == f"runs/{source}_to_cityscapes_fda/pseudo_labels"
@@ -281,17 +282,16 @@ def test_self_training_configs_are_the_fda_runs_plus_pseudo_labels(source):
     assert ssl["adapt"].pop("fda_ent_start") == 0
     fda["adapt"].pop("fda_ent_start")
     assert ssl["train"].pop("out_dir") == fda["train"].pop("out_dir") + "_ssl"
-    assert ssl["adapt"].pop("target_options") == {"annotation": None, **(
-        {"num_classes": 16} if source == "synthia" else {})}
-    fda["adapt"].pop("target_options")
     assert ssl == fda
-    assert ssl["model"]["num_classes"] == (16 if source == "synthia" else 19)
+    assert ssl["model"]["num_classes"] == 19 and ssl["adapt"]["target_options"] == {
+        "annotation": None}
 
 
-@pytest.mark.parametrize("source,classes", [("gta5", 19), ("synthia", 16)])
+@pytest.mark.parametrize("source,classes", [("gta5", 19), ("synthia", 19)])
 def test_pseudo_label_command_on_the_cityscapes_layout(tmp_path, capsys, source, classes):
-    """The packaged self-training config's target set (Cityscapes train, unlabelled, at half
-    size; SYNTHIA's 16 classes): labels named by frame, at the image's size, read back."""
+    """The packaged self-training config's target set (Cityscapes train, unlabelled, resized as
+    the target is trained: adapt.target_resize, bicubic): labels named by frame, at the image's
+    size, read back."""
     from deeplabv2.weights import save_weights
     frames = ["aachen/aachen_000000_000019", "bremen/bremen_000001_000019"]
     rng = np.random.default_rng(0)
@@ -303,12 +303,14 @@ def test_pseudo_label_command_on_the_cityscapes_layout(tmp_path, capsys, source,
     save_weights(_tiny_model(classes), ckpt, None, None)
     config = [f"{source}_to_cityscapes_fda_ssl"]
     overrides = [f"adapt.target_root={tmp_path / 'cs'}", "data.num_workers=0",
-                 "train.device=cpu"]
+                 "train.device=cpu", "adapt.target_resize=[32, 64]"]  # the config's 512x1024, small
     out = tmp_path / "labels"
+    assert load_config(config[0]).adapt.target_resize_filter == "bicubic"
     assert main(["pseudo-label", str(ckpt), "-c", *config, "-o", str(out), *overrides]) == 0
     assert "2 pseudo-labels written" in capsys.readouterr().out
     meta = json.loads((out / META).read_text())
     assert meta["inference_size"] == [32, 64] and meta["num_classes"] == classes
+    assert meta["resize"] == [32, 64] and meta["resize_filter"] == "bicubic"
     cfg = load_config(config[0], [*overrides, f"adapt.target_labels={out}"])
     from deeplabv2.adapt.pseudo_labels import target_dataset
     target = PseudoLabelled(target_dataset(cfg), cfg.adapt.target_labels)

@@ -191,7 +191,8 @@ def make_pseudo_labels(net, dataset: SegmentationDataset, out_dir, *, scale: flo
         raise DatasetError(f"{dataset!r}: no target images to label")
     cache = out / CACHE
     cache.mkdir(parents=True, exist_ok=True)
-    resized = _Resized(dataset, scale, size, resize_filter)
+    resize = list(size) if size else None  # (``size`` names each image's below)
+    resized = _Resized(dataset, scale, resize, resize_filter)
     _require_space(cache, dataset, resized)
     started = time.perf_counter()
     loader = torch.utils.data.DataLoader(resized, batch_size=None,
@@ -229,7 +230,7 @@ def make_pseudo_labels(net, dataset: SegmentationDataset, out_dir, *, scale: flo
     meta = {
         "num_classes": num_classes, "classes": classes, "images": len(dataset),
         "dataset": repr(dataset), "scale": scale,
-        "resize": list(size) if size else None, "resize_filter": resize_filter if size else None,
+        "resize": resize, "resize_filter": resize_filter if resize else None,
         "inference_size": inference_size,
         "networks": sources or [], "percentile": PERCENTILE, "cap": CAP,
         "thresholds": {c: float(t) for c, t in zip(classes, thresholds)},
