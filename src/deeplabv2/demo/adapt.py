@@ -113,7 +113,12 @@ def run_adapt_demo(out_dir="reports/demo_adapt", methods=DEFAULT_METHODS, source
     # 1. the source warm-up (its validation during training is on the target, as every run's)
     run("warm_up", _config(out, "warm_up", source_iterations,
                            ["adapt.method=source_only", *overrides]))
-    warm = [f"model.weights={out / 'warm_up' / 'model.pth'}", "model.init_head=true"]
+    # every continuation as the released adaptation codes train: BN scale and shift frozen at
+    # the warm-up's, batch statistics, running averages updated (model.bn batch); the head
+    # stays the warm-up's four summed branches (the two-branch head of AdaptSegNet and DACS
+    # would drop half of what the warm-up learnt)
+    warm = [f"model.weights={out / 'warm_up' / 'model.pth'}", "model.init_head=true",
+            "model.bn=batch"]
     # 2. from there: more source training (the baseline), and each method
     _, source_net = run("source_only", _config(out, "source_only", method_iterations,
                                                ["adapt.method=source_only", *warm, *overrides]))
