@@ -72,7 +72,8 @@ class Tiny:
 FILTER = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
 
 
-def released(models, dataset, *, image_wh, image_filter, label_wh, upsample, mean):
+def released(models, dataset, *, image_wh, image_filter, label_wh, upsample, mean,
+             weights=None):
     """The released scripts' steps (evaluate_cityscapes.py / eval_UDA.py / evaluateUDA.py /
     evaluation_multi.py): PIL resize, BGR minus mean, stride-8 output, softmax averaged (FDA)
     or logits summed (ADVENT), nn.Upsample(align_corners=True) to the labels, argmax,
@@ -85,6 +86,8 @@ def released(models, dataset, *, image_wh, image_filter, label_wh, upsample, mea
         outs = [known_scores(x, seed) for seed in models]
         if upsample == "probs":
             out = sum(F.softmax(o, dim=1) for o in outs) / len(outs)
+        elif weights is not None:  # eval_UDA.py: sum of MODEL_WEIGHT[i] * output_i
+            out = sum(w * o for w, o in zip(weights, outs))
         else:
             out = sum(outs)
         if label_wh is not None:
@@ -163,6 +166,15 @@ def test_advent_ensemble_sums_upsampled_logits():
     hist, iou = released([0, 1], ds, image_wh=(36, 20), image_filter="bicubic", label_wh=None,
                          upsample="scores", mean=_mean(members[0]))
     _check(evaluate(net, ds, protocol=protocol), hist, iou)
+    equal = hist
+    # unequal MODEL_WEIGHTs: the ensemble's weights are applied, whatever its own fuse
+    for fuse in ("probs", "logits"):
+        weighted = Ensemble(members, names=["a", "b"], fuse=fuse, weights=[0.9, 0.1]).eval()
+        hist, iou = released([0, 1], ds, image_wh=(36, 20), image_filter="bicubic",
+                             label_wh=None, upsample="scores", mean=_mean(members[0]),
+                             weights=[0.9, 0.1])
+        assert not np.array_equal(hist, equal)  # the weights matter on these scores
+        _check(evaluate(weighted, ds, protocol=protocol), hist, iou)
 
 
 def test_named_protocols_carry_the_released_settings():

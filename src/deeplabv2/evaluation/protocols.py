@@ -127,13 +127,22 @@ class Protocol:
         return resize(scores, label_size).argmax(1)[0]
 
     def _stride8(self, net, x) -> torch.Tensor:
+        """Stride-8 scores of ``x``; an ensemble is fused as this protocol's script fuses it,
+        with the ensemble's weights: ``"scores"`` the weighted sum of the members' logits
+        (ADVENT's ``MODEL_WEIGHT``), ``"probs"`` the log of their weighted softmax average
+        (FDA), whatever ``fuse`` the ensemble was built with."""
         members = getattr(net, "members", None)
-        if members is not None and self.ensemble == "scores":
-            outs = [m(x, upsample=False).float() for m in members]
-            return sum(outs) / len(outs)
-        # a single network; an Ensemble gives the log of its averaged stride-8 softmax, whose
-        # softmax (FDA's "probs") is that average
-        return net(x, upsample=False).float()
+        if members is None:
+            return net(x, upsample=False).float()
+        weights = list(getattr(net, "weights", None) or [1.0 / len(members)] * len(members))
+        total = None
+        for member, w in zip(members, weights):
+            out = member(x, upsample=False).float()
+            term = w * (out if self.ensemble == "scores" else F.softmax(out, dim=1))
+            total = term if total is None else total + term
+        if self.ensemble == "scores":
+            return total
+        return (total / sum(weights)).clamp_min(1e-30).log()
 
     def subset_mious(self, results: dict, num_classes: int) -> dict:
         """``miou_<name>`` for each of ``class_subsets`` (on a 19-class network); the mean
