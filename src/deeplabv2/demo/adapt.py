@@ -39,7 +39,7 @@ from ..utils.fileio import atomic_write_buffered, atomic_write_text
 from ..train import train
 from ..utils.visualize import colorize
 from ..weights import load_model
-from .charts import _pyplot
+from ..utils.visualize import pyplot
 from .supervised import _titled
 
 DEFAULT_METHODS = ("fda",)
@@ -208,7 +208,7 @@ def _table(runs: dict, summary: dict) -> str:
 
 
 def _curves(runs: dict, path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
     offset = runs["warm_up"]["iterations"]
     for name, r in runs.items():

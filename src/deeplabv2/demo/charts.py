@@ -7,22 +7,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ..utils.fileio import atomic_write_buffered, atomic_write_text
 from ..evaluation.metrics import format_table, save_json
-
-
-def _pyplot():
-    # matplotlib is imported only when a chart is drawn: it costs about half a second
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
+from ..utils.fileio import atomic_write_text
+from ..utils.visualize import pyplot, save_figure
 
 
 def training_curve(history: list[dict], path, val_points: list[tuple[int, float]] = ()) -> None:
     """Training loss (log scale) and, on a second axis, validation mIoU: the points given, or
     the ``val_miou`` entries of ``history`` (what :func:`deeplabv2.train.train` records)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
     its = [h["iteration"] for h in history if "loss" in h]
     losses = [h["loss"] for h in history if "loss" in h]
@@ -42,17 +35,13 @@ def training_curve(history: list[dict], path, val_points: list[tuple[int, float]
     ax.legend(line, [x.get_label() for x in line], loc="center right")
     ax.set_title("training")
     fig.tight_layout()
-    _savefig(fig, path)
+    save_figure(fig, path)
     plt.close(fig)
-
-
-def _savefig(fig, path) -> None:
-    atomic_write_buffered(path, lambda f: fig.savefig(f, format="png"), fsync=False)
 
 
 def confusion_figure(confusion, class_names, path) -> None:
     """Row-normalised confusion matrix (rows: ground truth) as a heat map."""
-    plt = _pyplot()
+    plt = pyplot()
     m = np.asarray(confusion, dtype=np.float64)
     m = m / np.maximum(m.sum(1, keepdims=True), 1)
     n = len(class_names)
@@ -67,7 +56,7 @@ def confusion_figure(confusion, class_names, path) -> None:
     ax.set_xlabel("prediction")
     ax.set_ylabel("ground truth")
     fig.tight_layout()
-    _savefig(fig, path)
+    save_figure(fig, path)
     plt.close(fig)
 
 

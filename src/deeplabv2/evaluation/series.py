@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ..snapshots import list_snapshots
-from ..utils.fileio import atomic_write_buffered, atomic_write_text
+from ..utils.fileio import atomic_write_text
 
 CACHE_VERSION = 1
 #: how the best snapshot is labelled wherever it is reported
@@ -279,8 +279,8 @@ def summary_lines(result: SeriesResult) -> list[str]:
 
 def curve(result: SeriesResult, path, title: str = "snapshots") -> None:
     """``snapshots.png``: mIoU against iteration, the best and the final model marked."""
-    from ..demo.charts import _pyplot, _savefig
-    plt = _pyplot()
+    from ..utils.visualize import pyplot, save_figure
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
     points = [(r["iteration"], 100 * r["miou"]) for r in result.rows
               if r["iteration"] is not None and r.get("miou") is not None]
@@ -297,7 +297,7 @@ def curve(result: SeriesResult, path, title: str = "snapshots") -> None:
     ax.legend(loc="best", fontsize=8)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    _savefig(fig, path)
+    save_figure(fig, path)
     plt.close(fig)
 
 

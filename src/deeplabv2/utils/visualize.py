@@ -1,8 +1,11 @@
-"""Colour label maps and overlays for predictions, reports and TensorBoard."""
+"""Colour label maps and overlays for predictions, reports and TensorBoard; the matplotlib
+figure helpers of the charts (the demo's, a snapshot series' curve)."""
 
 from __future__ import annotations
 
 import numpy as np
+
+from .fileio import atomic_write_buffered
 
 IGNORE_COLOUR = (0, 0, 0)
 
@@ -24,3 +27,17 @@ def overlay(image: np.ndarray, label: np.ndarray, palette: np.ndarray,
     keep = np.asarray(label) == 255
     out[keep] = image[keep]
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
+def pyplot():
+    """``matplotlib.pyplot`` on the Agg backend, imported only when a chart is drawn (it costs
+    about half a second)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, path) -> None:
+    """Write ``fig`` as a PNG to ``path`` atomically."""
+    atomic_write_buffered(path, lambda f: fig.savefig(f, format="png"), fsync=False)
