@@ -43,7 +43,7 @@ RUN_SETTINGS = {
               "target_scale_range", "multi_level", "lambda_seg_aux", "lambda_adv",
               "lambda_adv_aux", "d_lr", "lambda_ent", "lambda_ent_aux", "fda_beta",
               "fda_lambda_ent", "fda_eta", "fda_ent_start", "ema_alpha", "pseudo_threshold",
-              "target_resize", "target_resize_filter"),
+              "target_resize", "target_resize_filter", "target_labels"),
 }
 
 
