@@ -126,6 +126,21 @@ def test_choose_final_and_best():
     assert best["file"] == "b"  # the highest; the earliest of equal ones (ADVENT's strict >)
 
 
+@pytest.mark.parametrize("selection, miou", [("final", "40.00"), ("best", "50.00")])
+def test_the_papers_selection_is_named(selection, miou):
+    """eval.selection says which of final and best the paper reports (ADVENT: best)."""
+    rows = [{"iteration": 2, "file": "a", "miou": 0.5, "final": False},
+            {"iteration": 4, "file": "b", "miou": 0.4, "final": True}]
+    final, best = series.choose(rows)
+    result = series.SeriesResult(rows, final, best, selection=selection)
+    assert series.summary_lines(result)[-1] == (
+        f"the paper's number (eval.selection {selection}): mIoU {miou}")
+    assert load_config("gta5_to_cityscapes_advent").eval.selection == "best"
+    assert load_config("gta5_to_cityscapes_dacs").eval.selection == "final"
+    with pytest.raises(ConfigError, match="eval.selection='peak'; valid values: final, best"):
+        load_config(None, ["eval.selection=peak"])
+
+
 def _count_evaluations(monkeypatch):
     import deeplabv2.evaluation.evaluate as ev
     calls = []

@@ -308,7 +308,8 @@ def _evaluate_run(args) -> int:
                          "snapshots.json, .md and .png")
     flags = ("split", "limit", "crf", "msc", "avg_scales", "flip", "sliding", "stride",
              "alignment", "precision", "runtime", "eager", "compile", "winograd", "protocol")
-    settings = {"dataset": which, "eval": dataclasses.asdict(cfg.eval),
+    settings = {"dataset": which, "eval": {k: v for k, v in dataclasses.asdict(cfg.eval).items()
+                                           if k != "selection"},  # no bearing on the numbers
                 "split": ds.split, "images": len(ds),
                 "flags": {k: getattr(args, k) for k in flags if hasattr(args, k)}}
     settings = json.loads(json.dumps(settings, default=str))  # as it reads back from JSON
@@ -326,6 +327,7 @@ def _evaluate_run(args) -> int:
         on_image_for=lambda e: report if e.final else None, write=_is_main())
     if not _is_main():  # under torchrun every rank evaluated its share; rank 0 reports
         return 0
+    result.selection = cfg.eval.selection
     title = f"{run_dir} on {which['dataset']} {ds.split}"
     files = series.write_outputs(result, out, title,
                                  f"{len(ds) if not args.limit else min(args.limit, len(ds))} "

@@ -116,6 +116,9 @@ class EvalConfig:
     stride: list[int] | int | None = None  # default: 2/3 of crop_size
     crf: bool = False  # refine with the dense CRF (paper Sec. 3.4)
     crf_params: dict[str, Any] = field(default_factory=dict)  # DenseCRF fields; {}: defaults
+    # which model of a snapshot series the paper reports (evaluate RUN_DIR prints both):
+    # "final", or "best" (selected on the evaluated split, as ADVENT's TEST.MODE best)
+    selection: str = "final"
     # a released evaluation script (evaluation/protocols.py): none (our front above),
     # adaptsegnet, advent, fda, dacs
     protocol: str = "none"
@@ -282,7 +285,8 @@ def validate(cfg: Config) -> None:
                ("train", "loss_at"): (t.loss_at, ("stride8", "full")),
                ("model", "backbone"): (m.backbone, ("resnet", "vgg16")),
                ("model", "head_mode"): (m.head_mode, ("aspp", "adaptsegnet")),
-               ("model", "alignment"): (m.alignment, ("caffe", "pytorch"))}
+               ("model", "alignment"): (m.alignment, ("caffe", "pytorch")),
+               ("eval", "selection"): (cfg.eval.selection, ("final", "best"))}
     for (sec, key), (value, valid) in choices.items():
         if value not in valid:
             raise ConfigError(f"{sec}.{key}={value!r}; valid values: {', '.join(valid)}")

@@ -58,6 +58,8 @@ class SeriesResult:
     best: dict | None
     evaluated: list[str] = field(default_factory=list)  # files evaluated by this call
     cached: list[str] = field(default_factory=list)  # files whose results were reused
+    # which of the two the run's paper reports (eval.selection): "final" or "best"
+    selection: str = "final"
 
 
 def _file_digest(path: Path) -> str:
@@ -274,6 +276,10 @@ def summary_lines(result: SeriesResult) -> list[str]:
     if b is not None:
         out.append(f"best:  mIoU {_pct(b.get('miou'))} at iteration {_it(b)} ({_file(b)}), "
                    f"{BEST_LABEL}")
+    chosen = b if result.selection == "best" else f
+    if chosen is not None:
+        out.append(f"the paper's number (eval.selection {result.selection}): mIoU "
+                   f"{_pct(chosen.get('miou'))}")
     return out
 
 
