@@ -47,6 +47,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..model.deeplab import bn_mode
 from ..model.preprocessing import from_rgb, to_rgb
 from ..utils.distributed import average_gradients
 from .discriminator import FCDiscriminator, adversarial_loss, discriminator_loss
@@ -447,7 +448,9 @@ class DAFormer(SelfTraining):
 
     @staticmethod
     def teacher_batch_stats(model: nn.Module) -> bool:
-        return getattr(model, "config", {}).get("bn") in ("batch", "train")
+        config = getattr(model, "config", None)
+        return bool(config) and config.get("backbone", "resnet") == "resnet" \
+            and bn_mode(config) in ("batch", "train")
 
     def loss(self, step: Step, k: int) -> torch.Tensor:
         if k != 0 or self.imagenet is None:
