@@ -170,7 +170,8 @@ def test_feature_distance_is_the_mean_l2_over_thing_cells():
     assert mask.tolist() == [[[True, False], [False, True]]]
     d = feature_distance(student, imagenet, mask)
     assert float(d.detach()) == pytest.approx((5 + 10) / 2)
-    assert float(feature_distance(student, imagenet).detach()) == pytest.approx((5 + 1 + 0 + 10) / 4)
+    everywhere = feature_distance(student, imagenet).detach()
+    assert float(everywhere) == pytest.approx((5 + 1 + 0 + 10) / 4)
     none = feature_distance(student, imagenet, torch.zeros(1, 2, 2, dtype=torch.bool))
     none.backward()
     assert float(none) == 0 and not student.grad.any(), "no thing cell: 0, no gradient"

@@ -148,7 +148,7 @@ class EvalConfig:
 class AdaptConfig:
     """Unsupervised domain adaptation (:mod:`deeplabv2.adapt`): ``data`` is the labelled
     source, these keys the unlabelled target and the method's weights (papers' defaults)."""
-    method: str = "none"  # none, source_only, adaptsegnet, advent, minent, fda, dacs
+    method: str = "none"  # none, source_only, adaptsegnet, advent, minent, fda, dacs, daformer
     target_dataset: str | None = None
     target_root: str | None = None
     target_split: str = "train"
@@ -409,7 +409,8 @@ def _validate_adapt(cfg: Config) -> None:
         raise ConfigError(f"adapt.target_labels is read by adapt.method=fda only (its "
                           f"self-training round), not by {a.method}")
     _validate_self_training(cfg)
-    if a.method in ("fda", "dacs", "daformer") and a.target_crop_size not in (None, cfg.data.crop_size):
+    if a.method in ("fda", "dacs", "daformer") and \
+            a.target_crop_size not in (None, cfg.data.crop_size):
         raise ConfigError(f"adapt.method={a.method} mixes source and target crops: "
                           f"adapt.target_crop_size must equal data.crop_size")
 
