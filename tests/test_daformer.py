@@ -67,6 +67,43 @@ def test_daformer_updates_with_the_released_iteration_count():
     assert isinstance(dacs, DACS) and dacs.ema_offset == 0 and dacs.pseudo_margins is None
 
 
+def test_dacs_pass_through_the_core_is_the_pre_core_dacs_pass():
+    """DACS's mixed pass on the shared core draws and computes what DACS computed before it
+    (the pass written out as it stood: softmax, confidence share, ClassMix per image, jitter 0.25
+    on BGR and blur, mixed labels and weights), bit for bit."""
+    from torch.nn import functional as F
+    from deeplabv2.adapt.methods import Step
+    from deeplabv2.adapt.mix import (confidence_weight, mix, strong_augment,
+                                     weighted_cross_entropy)
+    from deeplabv2.model.preprocessing import from_rgb, to_rgb
+    cfg = load_config(None, [*TINY, *TARGET, "adapt.method=dacs"])
+    torch.manual_seed(0)
+    model = _build_model(cfg, 7).train()
+    method = build_method(cfg.adapt, model)
+    images, target = torch.randn(2, 3, 48, 64), torch.randn(2, 3, 48, 64)
+    # other classes in each image: ClassMix per image differs from ClassMix of the batch
+    labels = torch.stack([torch.randint(0, 3, (48, 64)), torch.randint(3, 7, (48, 64))])
+    step = Step(net=model, model=model, images=images, labels=labels, target=target,
+                iteration=0, seg_loss=None)
+    for seed in (1, 2, 3):
+        torch.manual_seed(seed)
+        got = method.loss(step, 1)
+        torch.manual_seed(seed)
+        pre = model.preprocessing
+        with torch.no_grad():
+            probs = F.softmax(method.teacher(target).float(), dim=1)
+            confidence, pseudo = probs.max(1)
+            weight = confidence_weight(probs, 0.968)
+            masks = classmix_masks(labels)
+            mixed = strong_augment(mix(masks, to_rgb(images, pre), to_rgb(target, pre)))
+            x = from_rgb(mixed, pre).to(images.dtype)
+            mixed_labels = mix(masks, labels, pseudo)
+            weights = mix(masks, torch.ones_like(confidence), torch.full_like(confidence, weight))
+        logits = model.alignment.upsample(model(x, upsample=False), (48, 64))
+        expected = weighted_cross_entropy(logits, mixed_labels, weights)
+        assert torch.equal(got, expected)
+
+
 # -- pseudo-labels and their margins -----------------------------------------------------------
 def test_pseudo_label_weight_is_the_confident_share_with_margin_rows_zeroed():
     n, c, h, w = 2, 3, 200, 10
