@@ -211,7 +211,7 @@ def test_feature_distance_is_the_mean_l2_over_thing_cells():
     assert float(everywhere) == pytest.approx((5 + 1 + 0 + 10) / 4)
     none = feature_distance(student, imagenet, torch.zeros(1, 2, 2, dtype=torch.bool))
     none.backward()
-    assert float(none) == 0 and not student.grad.any(), "no thing cell: 0, no gradient"
+    assert float(none.detach()) == 0 and not student.grad.any(), "no thing cell: 0, no gradient"
     with pytest.raises(ValueError, match="does not match the feature grid"):
         feature_distance(student, imagenet, torch.ones(1, 3, 3, dtype=torch.bool))
 
