@@ -38,12 +38,14 @@ RUN_SETTINGS = {
     "data": ("dataset", "train_split", "crop_size", "scale_range", "scales", "flip",
              "batch_size", "options", "resize", "resize_filter"),
     "train": ("iterations", "lr", "momentum", "weight_decay", "poly_power", "accumulate",
+              "optimizer", "param_groups", "warmup_iters", "warmup_ratio",
               "loss_at", "msc_scales", "amp", "tf32", "channels_last", "seed"),
     "adapt": ("method", "target_dataset", "target_split", "target_options", "target_crop_size",
               "target_scale_range", "multi_level", "lambda_seg_aux", "lambda_adv",
               "lambda_adv_aux", "d_lr", "lambda_ent", "lambda_ent_aux", "fda_beta",
               "fda_lambda_ent", "fda_eta", "fda_ent_start", "ema_alpha", "pseudo_threshold",
-              "target_resize", "target_resize_filter", "target_labels"),
+              "target_resize", "target_resize_filter", "target_labels", "pseudo_margins",
+              "fdist_lambda", "fdist_classes", "fdist_min_ratio"),
 }
 
 

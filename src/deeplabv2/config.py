@@ -77,6 +77,16 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     poly_power: float = 0.9
+    # "sgd" (momentum, the paper's) or "adamw" (betas 0.9/0.999, DAFormer's DeepLab v2 runs)
+    optimizer: str = "sgd"
+    # "deeplab": backbone 1x, its biases 2x, head 10x, head biases 20x, no decay on biases and
+    # norms (the Caffe solver); "mmseg": head 10x, every parameter decayed (DAFormer's
+    # paramwise_cfg custom_keys {head: lr_mult 10})
+    param_groups: str = "deeplab"
+    # mmcv's linear warm-up: lr * (1 - (1 - it / warmup_iters) * (1 - warmup_ratio)) before
+    # warmup_iters (0: none), on top of the poly value at it
+    warmup_iters: int = 0
+    warmup_ratio: float = 1e-6
     accumulate: int = 1  # gradient accumulation steps per iteration
     loss_at: str = "stride8"  # "stride8": labels downsampled (paper); "full": logits upsampled
     msc_scales: list[float] = field(default_factory=list)  # [] off; the paper's MSC: [1, 0.75, 0.5]
@@ -138,7 +148,7 @@ class EvalConfig:
 class AdaptConfig:
     """Unsupervised domain adaptation (:mod:`deeplabv2.adapt`): ``data`` is the labelled
     source, these keys the unlabelled target and the method's weights (papers' defaults)."""
-    method: str = "none"  # none, source_only, adaptsegnet, advent, minent, fda, dacs
+    method: str = "none"  # none, source_only, adaptsegnet, advent, minent, fda, dacs, daformer
     target_dataset: str | None = None
     target_root: str | None = None
     target_split: str = "train"
@@ -164,8 +174,16 @@ class AdaptConfig:
     fda_lambda_ent: float = 0.005
     fda_eta: float = 2.0
     fda_ent_start: int = 50000  # FDA's switch2entropy
-    ema_alpha: float = 0.99  # DACS
+    ema_alpha: float = 0.99  # DACS (DAFormer's configs: 0.999)
     pseudo_threshold: float = 0.968
+    # pseudo-label weight set to 0 in [top, bottom, left, right] rows/columns of the target
+    # crop; null: the method's released value (dacs: none, daformer: [15, 120, 0, 0])
+    pseudo_margins: list[int] | None = None
+    # DAFormer's thing-class ImageNet feature distance (adapt.method daformer; lambda 0: off)
+    fdist_lambda: float = 0.005
+    fdist_classes: list[int] | None = field(
+        default_factory=lambda: [6, 7, 11, 12, 13, 14, 15, 16, 17, 18])  # null: every cell
+    fdist_min_ratio: float = 0.75
 
 
 @dataclass
@@ -308,6 +326,17 @@ def validate(cfg: Config) -> None:
     for key in ("momentum", "weight_decay", "poly_power"):
         if getattr(t, key) < 0:
             raise ConfigError(f"train.{key} must be >= 0, got {getattr(t, key)}")
+    for key, valid in (("optimizer", ("sgd", "adamw")), ("param_groups", ("deeplab", "mmseg"))):
+        if getattr(t, key) not in valid:
+            raise ConfigError(f"train.{key}={getattr(t, key)!r}; valid values: "
+                              + ", ".join(valid))
+    if isinstance(t.warmup_iters, bool) or not isinstance(t.warmup_iters, int) \
+            or t.warmup_iters < 0:
+        raise ConfigError(f"train.warmup_iters must be 0 (no warm-up) or a positive number of "
+                          f"iterations, got {t.warmup_iters!r}")
+    if not 0 < t.warmup_ratio <= 1:
+        raise ConfigError(f"train.warmup_ratio must be in (0, 1] (mmcv's), got "
+                          f"{t.warmup_ratio!r}")
     _check_resize("data", data.resize, data.resize_filter)
     if len(data.crop_size) != 2 or min(data.crop_size) < 1:
         raise ConfigError(f"data.crop_size must be [height, width], got {data.crop_size}")
@@ -379,9 +408,43 @@ def _validate_adapt(cfg: Config) -> None:
     if a.target_labels and a.method != "fda":
         raise ConfigError(f"adapt.target_labels is read by adapt.method=fda only (its "
                           f"self-training round), not by {a.method}")
-    if a.method in ("fda", "dacs") and a.target_crop_size not in (None, cfg.data.crop_size):
+    _validate_self_training(cfg)
+    if a.method in ("fda", "dacs", "daformer") and \
+            a.target_crop_size not in (None, cfg.data.crop_size):
         raise ConfigError(f"adapt.method={a.method} mixes source and target crops: "
                           f"adapt.target_crop_size must equal data.crop_size")
+
+
+def _validate_self_training(cfg: Config) -> None:
+    """The keys of the self-training core (``pseudo_margins``) and of DAFormer's feature
+    distance (``fdist_*``), named with the wrong value."""
+    a = cfg.adapt
+    if not 0 <= a.ema_alpha < 1:
+        raise ConfigError(f"adapt.ema_alpha must be in [0, 1), got {a.ema_alpha!r}")
+    m = a.pseudo_margins
+    if m is not None and (not isinstance(m, (list, tuple)) or len(m) != 4 or any(
+            isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in m)):
+        raise ConfigError(f"adapt.pseudo_margins must be [top, bottom, left, right] "
+                          f"(non-negative integers) or null, got {m!r}")
+    if m is not None and a.method not in ("dacs", "daformer"):
+        raise ConfigError(f"adapt.pseudo_margins is read by the self-training methods (dacs, "
+                          f"daformer), not by {a.method}")
+    if a.method != "daformer":
+        return
+    if a.fdist_lambda < 0:
+        raise ConfigError(f"adapt.fdist_lambda must be >= 0, got {a.fdist_lambda!r}")
+    if not 0 <= a.fdist_min_ratio <= 1:
+        raise ConfigError(f"adapt.fdist_min_ratio must be in [0, 1], got {a.fdist_min_ratio!r}")
+    n = cfg.model.num_classes
+    if a.fdist_classes is not None and any(
+            isinstance(c, bool) or not isinstance(c, int) or c < 0 or (n and c >= n)
+            for c in a.fdist_classes):
+        raise ConfigError(f"adapt.fdist_classes must be class indices"
+                          f"{f' below model.num_classes ({n})' if n else ''}, got "
+                          f"{a.fdist_classes!r}")
+    if cfg.train.msc_scales or a.multi_level:
+        raise ConfigError("adapt.method=daformer takes no train.msc_scales or adapt.multi_level "
+                          "(its feature distance reads the single-scale backbone output)")
 
 
 def _check_resize(section: str, size, image_filter, prefix: str = "") -> None:

@@ -73,6 +73,30 @@ def poly_lr(base_lr: float, iteration: int, max_iterations: int, power: float = 
     return base_lr * (1.0 - iteration / max_iterations) ** power
 
 
+def warmup_poly_lr(base_lr: float, iteration: int, max_iterations: int, power: float = 0.9,
+                   warmup_iters: int = 0, warmup_ratio: float = 1e-6) -> float:
+    """:func:`poly_lr`, times mmcv's linear warm-up factor before ``warmup_iters``
+    (``LrUpdaterHook.get_warmup_lr``, 'linear': ``1 - (1 - it / warmup_iters) * (1 -
+    warmup_ratio)``, applied to the poly value at ``it``; DAFormer's
+    ``configs/_base_/schedules/poly10warm.py``: 1500 iterations, ratio 1e-6, power 1.0, min_lr
+    0). ``warmup_iters=0`` is :func:`poly_lr`."""
+    lr = poly_lr(base_lr, iteration, max_iterations, power)
+    if iteration < warmup_iters:
+        lr *= 1.0 - (1.0 - iteration / warmup_iters) * (1.0 - warmup_ratio)
+    return lr
+
+
+def build_optimizer(model, t) -> torch.optim.Optimizer:
+    """``train.optimizer`` over ``model``'s ``train.param_groups``: SGD with momentum (the
+    paper), or AdamW with betas (0.9, 0.999), eps 1e-8 (DAFormer's
+    ``configs/_base_/schedules/adamw.py``: lr 6e-5, weight decay 0.01)."""
+    groups = model.param_groups(t.lr, t.weight_decay, style=t.param_groups)
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=t.lr, betas=(0.9, 0.999),
+                                 weight_decay=t.weight_decay)
+    return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum)
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_mult", 1.0)
@@ -316,8 +340,7 @@ def _set_up(cfg: Config, resume: str | None, allow_changes: bool) -> _Run:
     model = _build_model(cfg, train_ds.num_classes).to(device)
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.param_groups(t.lr, t.weight_decay), lr=t.lr,
-                                momentum=t.momentum)
+    optimizer = build_optimizer(model, t)
     method = build_method(cfg.adapt, model).to(device)
     dist_utils.broadcast_module(method)  # one initialisation on every rank, as DDP's
     # One micro-step for every precision: unless fp16, the scaler is disabled (scale() and
@@ -475,9 +498,12 @@ def _loop(run: _Run, on_iteration, signals: _StopSignals) -> None:
         # Random draws inside the network and the method (VGG's dropout, DACS's mixing) are a
         # function of (seed, iteration, rank), so a resumed run continues them on every rank.
         torch.manual_seed((t.seed * 1_000_003 + it) * 1_009 + info.rank)
-        lr = poly_lr(t.lr, it, t.iterations, t.poly_power)
+        def schedule(base_lr: float, it: int = it) -> float:
+            return warmup_poly_lr(base_lr, it, t.iterations, t.poly_power, t.warmup_iters,
+                                  t.warmup_ratio)
+        lr = schedule(t.lr)
         set_lr(run.optimizer, lr)
-        method.set_lr(lambda base_lr: poly_lr(base_lr, it, t.iterations, t.poly_power))
+        method.set_lr(schedule)
         loss_sum = torch.zeros((), device=run.device)
         for micro in range(t.accumulate):
             step = _next_step(run, it, signals)

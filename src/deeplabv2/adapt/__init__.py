@@ -6,5 +6,8 @@ part that plugs into the one training loop (:mod:`deeplabv2.train`).
   entropy;
 * :mod:`.fda`: FDA's low-frequency amplitude swap;
 * :mod:`.mix`: DACS's ClassMix, EMA teacher, confidence-weighted pseudo-labels and strong
-  augmentation.
+  augmentation;
+* :mod:`.self_training`: the self-training core shared by DACS and DAFormer's strategy
+  (pseudo-labels with the confidence share and margins) and DAFormer's thing-class ImageNet
+  feature distance; :class:`.methods.SelfTraining` puts them on the loop.
 """

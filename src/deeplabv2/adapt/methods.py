@@ -33,6 +33,8 @@ fda            FDA: source images restyled with the target's low-frequency ampli
                against pseudo-labels (:mod:`deeplabv2.adapt.pseudo_labels`)
 dacs           DACS: ClassMix of source onto target, EMA-teacher pseudo-labels weighted by
                confidence, colour jitter and blur of the mixed images
+daformer       DAFormer's strategy: DACS's self-training (:class:`SelfTraining`) with EMA
+               0.999, pseudo-label margins, and the thing-class ImageNet feature distance
 =============  ============================================================================
 """
 
@@ -45,15 +47,17 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..model.deeplab import bn_mode
 from ..model.preprocessing import from_rgb, to_rgb
 from ..utils.distributed import average_gradients
 from .discriminator import FCDiscriminator, adversarial_loss, discriminator_loss
 from .entropy import FDA_ENTROPY_DIVISOR, charbonnier_entropy, entropy_loss, self_information
 from .fda import fda_source_to_target
-from .mix import (EMATeacher, classmix_masks, confidence_weight, mix, strong_augment,
-                  weighted_cross_entropy)
+from .mix import EMATeacher, classmix_masks, mix, strong_augment, weighted_cross_entropy
+from .self_training import (DAFORMER_MARGINS, FrozenBackbone, downscale_labels_by_majority,
+                            feature_distance, pseudo_labels, thing_mask)
 
-METHODS = ("none", "source_only", "adaptsegnet", "advent", "minent", "fda", "dacs")
+METHODS = ("none", "source_only", "adaptsegnet", "advent", "minent", "fda", "dacs", "daformer")
 
 
 @dataclass
@@ -330,36 +334,63 @@ class FDA(Method):
         return loss
 
 
-class DACS(Method):
-    """Domain adaptation via cross-domain mixed sampling (ClassMix + mean teacher)."""
+class SelfTraining(Method):
+    """The self-training core on the loop (DACS and DAFormer's strategy; :mod:`.self_training`,
+    :mod:`.mix`): pass 0 the source cross-entropy (plus :meth:`source_extra`), pass 1 ClassMix
+    of the source onto the target, trained against the mixed labels (source labels, EMA-teacher
+    pseudo-labels) weighted per pixel (1 on source pixels, the confidence share on pseudo-labelled
+    ones, 0 in the pseudo-label margins). A subclass sets the released values below; the config
+    keys ``ema_alpha``, ``pseudo_threshold`` and ``pseudo_margins`` (None: :attr:`margins`) are
+    read here."""
 
-    name = "dacs"
+    needs_target = True
+    #: the strong augmentation: kornia ColorJitter strength, channel order kornia gets
+    jitter_strength = 0.25
+    kornia_order = "bgr"
+    #: ClassMix draws from each image's classes (DACS) or the batch's (DAFormer)
+    classes_of_batch = False
+    #: the released default of ``adapt.pseudo_margins`` ([top, bottom, left, right] or None)
+    margins = None
+    #: the teacher's update after optimizer step ``it`` (0-based) uses the rate of iteration
+    #: ``it + ema_offset`` (see :meth:`after_step`)
+    ema_offset = 0
 
     def __init__(self, settings, model: nn.Module):
         super().__init__(settings, model)
-        batch_stats = getattr(model, "config", {}).get("bn") == "batch"
-        self.teacher = EMATeacher(model, settings.ema_alpha, batch_stats=batch_stats)
+        self.teacher = EMATeacher(model, settings.ema_alpha,
+                                  batch_stats=self.teacher_batch_stats(model))
+        given = getattr(settings, "pseudo_margins", None)
+        self.pseudo_margins = tuple(given) if given is not None else self.margins
 
-    needs_target = True
+    @staticmethod
+    def teacher_batch_stats(model: nn.Module) -> bool:
+        """Whether the teacher predicts with batch statistics (see :class:`EMATeacher`)."""
+        return getattr(model, "config", {}).get("bn") == "batch"
 
     def passes(self, iteration: int) -> int:
         return 2
 
+    def source_extra(self, step: Step) -> torch.Tensor | None:
+        """A term added to pass 0's loss (DAFormer: the feature distance); None: nothing."""
+        return None
+
     def loss(self, step: Step, k: int) -> torch.Tensor:
         if k == 0:
-            return self.source_loss(step, step.images)
+            loss = self.source_loss(step, step.images)
+            extra = self.source_extra(step)
+            return loss if extra is None else loss + extra
         self.require_one_crop_size(step)
         pre, size = step.model.preprocessing, step.target.shape[-2:]
         with torch.no_grad():
-            # upsampled; eval mode, or train mode under model.bn: batch (see EMATeacher)
-            probs = F.softmax(self.teacher(step.target).float(), dim=1)
-            confidence, pseudo = probs.max(1)
-            weight = confidence_weight(probs, self.settings.pseudo_threshold)
-            masks = classmix_masks(step.labels)
-            mixed = strong_augment(mix(masks, to_rgb(step.images, pre), to_rgb(step.target, pre)))
+            # upsampled; eval mode, or train mode under batch statistics (see EMATeacher)
+            pseudo, pseudo_weights, weight = pseudo_labels(
+                self.teacher(step.target), self.settings.pseudo_threshold, self.pseudo_margins)
+            masks = classmix_masks(step.labels, classes_of_batch=self.classes_of_batch)
+            mixed = strong_augment(mix(masks, to_rgb(step.images, pre), to_rgb(step.target, pre)),
+                                   jitter=self.jitter_strength, kornia_order=self.kornia_order)
             x = from_rgb(mixed, pre).to(step.images.dtype)
             labels = mix(masks, step.labels, pseudo)
-            weights = mix(masks, torch.ones_like(confidence), torch.full_like(confidence, weight))
+            weights = mix(masks, torch.ones_like(pseudo_weights), pseudo_weights)
         main, _ = self.scores(step, x)
         logits = step.model.alignment.upsample(main, size)
         loss = weighted_cross_entropy(logits, labels, weights)
@@ -367,11 +398,93 @@ class DACS(Method):
         return loss
 
     def after_step(self, model: nn.Module, iteration: int) -> None:
-        self.teacher.update(model, iteration)
+        self.teacher.update(model, iteration + self.ema_offset)
+
+
+class DACS(SelfTraining):
+    """Domain adaptation via cross-domain mixed sampling (ClassMix + mean teacher), as DACS's
+    trainUDA.py: EMA rate ``min(1 - 1 / (it + 1), 0.99)`` after optimizer step ``it``, jitter
+    strength 0.25 on BGR channels, ClassMix per image, no margins."""
+
+    name = "dacs"
+
+
+class DAFormer(SelfTraining):
+    """DAFormer's training strategy on DeepLab v2 (Hoyer et al., CVPR 2022; lhoyer/DAFormer
+    mmseg/models/uda/dacs.py, configs/_base_/uda/dacs_a999_fdthings.py, experiments.py id 5
+    ``('dlv2red', 'r101v1c', 'dacs_a999_fdthings', 0.01, True)``): DACS's self-training with
+
+    * the teacher's rate ``min(1 - 1 / (i + 1), alpha)``, ``alpha`` 0.999 in its config, where
+      ``i`` (``local_iter``) is the number of optimizer steps taken: their update runs at the
+      start of iteration ``i >= 1``, ours after step ``it = i - 1`` (``ema_offset`` 1), so the
+      teacher of each pseudo-label pass is the same; the teacher normalises by batch statistics
+      whenever the student's BN does (``model.bn`` batch or train: their EMA model is a
+      train-mode submodule with trainable BN, dropout off);
+    * pseudo-label margins ``[15, 120, 0, 0]`` (``adapt.pseudo_margins``);
+    * ClassMix of the batch's classes (:func:`classmix_masks` ``classes_of_batch``), colour
+      jitter strength 0.2 on RGB (``dacs.py`` base config, mmseg ``to_rgb``), blur as DACS;
+    * the thing-class ImageNet feature distance on the source pass (``adapt.fdist_lambda``
+      0.005, ``fdist_classes``, ``fdist_min_ratio`` 0.75): :func:`feature_distance` between
+      the last backbone stage of the student (this pass's forward) and of a frozen copy of the
+      backbone as initialised (:class:`FrozenBackbone`, built from the network at set-up,
+      i.e. the ``model.weights`` init file, and kept in the checkpoints with the teacher, so a
+      resume is exact whatever the init file is then), on cells whose label, downscaled to the
+      feature grid by :func:`downscale_labels_by_majority`, is a thing class.
+
+    Rare-class sampling and the optimizer (AdamW, warm-up, head x10) are the data's and the
+    loop's (``train.optimizer``, ``train.warmup_iters``, ``train.param_groups``)."""
+
+    name = "daformer"
+    jitter_strength = 0.2
+    kornia_order = "rgb"
+    classes_of_batch = True
+    margins = DAFORMER_MARGINS
+    ema_offset = 1
+
+    def __init__(self, settings, model: nn.Module):
+        super().__init__(settings, model)
+        self.fdist_lambda = float(settings.fdist_lambda)
+        self.imagenet = FrozenBackbone(model.backbone) if self.fdist_lambda > 0 else None
+
+    @staticmethod
+    def teacher_batch_stats(model: nn.Module) -> bool:
+        config = getattr(model, "config", None)
+        return bool(config) and config.get("backbone", "resnet") == "resnet" \
+            and bn_mode(config) in ("batch", "train")
+
+    def loss(self, step: Step, k: int) -> torch.Tensor:
+        if k != 0 or self.imagenet is None:
+            return super().loss(step, k)
+        # the student's last backbone stage, from the source pass's own forward
+        seen: list[torch.Tensor] = []
+        hook = step.model.backbone.register_forward_hook(lambda m, i, o: seen.append(o))
+        try:
+            loss = self.source_loss(step, step.images)
+        finally:
+            hook.remove()
+        if len(seen) != 1:
+            raise RuntimeError(f"daformer: expected one backbone forward in the source pass, "
+                               f"saw {len(seen)}")
+        fdist = self.fdist_lambda * self.feature_distance(step, seen[0])
+        self.logs["fdist"] = fdist.detach()
+        return loss + fdist
+
+    def feature_distance(self, step: Step, features: torch.Tensor) -> torch.Tensor:
+        """The unweighted distance of ``features`` (the student's, of ``step.images``) to the
+        frozen ImageNet backbone's, on the thing cells of ``step.labels``."""
+        with torch.no_grad():
+            reference = self.imagenet(step.images)
+        mask = None
+        if self.settings.fdist_classes is not None:
+            cells = downscale_labels_by_majority(
+                step.labels, step.model.output_stride, self.settings.fdist_min_ratio,
+                step.model.num_classes, size=features.shape[-2:])
+            mask = thing_mask(cells, self.settings.fdist_classes)
+        return feature_distance(features, reference, mask)
 
 
 _CLASSES = {"none": Method, "source_only": Method, "adaptsegnet": AdaptSegNet,
-            "advent": AdvEnt, "minent": MinEnt, "fda": FDA, "dacs": DACS}
+            "advent": AdvEnt, "minent": MinEnt, "fda": FDA, "dacs": DACS, "daformer": DAFormer}
 
 
 def build_method(settings, model: nn.Module) -> Method:

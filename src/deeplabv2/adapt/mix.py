@@ -33,7 +33,8 @@ IGNORE_INDEX = 255
 
 
 def classmix_masks(labels: torch.Tensor, generator: torch.Generator | None = None,
-                   ignored_is_a_class: bool = True) -> torch.Tensor:
+                   ignored_is_a_class: bool = True, classes_of_batch: bool = False
+                   ) -> torch.Tensor:
     """``(N, H, W)`` source labels -> ``(N, H, W)`` float masks: 1 on the pixels of
     ``ceil(n / 2)`` of the ``n`` values present in each image's label.
 
@@ -43,10 +44,16 @@ def classmix_masks(labels: torch.Tensor, generator: torch.Generator | None = Non
     pasted onto the target, image and label 255 alike, and the mixed label ignores them (the
     target pixels they cover get no pseudo-label loss either). That changes what a step trains
     on, so it is kept as released; ``ignored_is_a_class=False`` draws among the real classes
-    only (the commented-out filter)."""
+    only (the commented-out filter).
+
+    ``classes_of_batch=True`` is DAFormer's ``get_class_masks``
+    (mmseg/models/utils/dacs_transforms.py): inside its loop over the images it takes
+    ``torch.unique(labels)``, the values of the whole *batch*, so each image draws
+    ``ceil(n / 2)`` of the batch's ``n`` values (255 among them) and its mask covers those of
+    them it holds; a drawn class absent from the image pastes nothing."""
     masks = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
     for i, label in enumerate(labels):
-        classes = torch.unique(label)
+        classes = torch.unique(labels if classes_of_batch else label)
         if not ignored_is_a_class:
             classes = classes[classes != IGNORE_INDEX]
         n = classes.numel()
@@ -220,13 +227,21 @@ def jitter_parameters(n: int, strength: float, generator: torch.Generator | None
             "saturation": saturation.float(), "hue": hue.float(), "order": order}
 
 
-def apply_colour_jitter(images: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+def apply_colour_jitter(images: torch.Tensor, params: dict[str, torch.Tensor],
+                        kornia_order: str = "bgr") -> torch.Tensor:
     """:func:`jitter_parameters`' jitter of ``(N, 3, H, W)`` RGB 0-255 images, computed as DACS
     computes it: DACS's images are BGR with the mean subtracted; ``colorJitter`` adds the mean
     back and divides by 255, so kornia (which reads channel 0 as red) gets BGR in [0, 1]. The
     same here: BGR / 255, the four steps in the image's order, back to RGB 0-255. No clamp
-    beyond the steps' own (brightness and contrast clamp to [0, 1])."""
-    x = images.float().flip(1) / 255
+    beyond the steps' own (brightness and contrast clamp to [0, 1]).
+
+    ``kornia_order="rgb"``: the channel order kornia gets is RGB, as in DAFormer (mmseg's
+    ``img_norm_cfg`` ``to_rgb=True``; ``denorm_`` hands kornia RGB in [0, 1]), where the
+    saturation and hue steps then act on the true colours."""
+    if kornia_order not in ("bgr", "rgb"):
+        raise ValueError(f"kornia_order must be 'bgr' or 'rgb', got {kornia_order!r}")
+    flip = kornia_order == "bgr"
+    x = (images.float().flip(1) if flip else images.float()) / 255
     out = []
     for i in range(x.shape[0]):
         xi = x[i:i + 1]
@@ -236,14 +251,18 @@ def apply_colour_jitter(images: torch.Tensor, params: dict[str, torch.Tensor]) -
             xi = {"brightness": adjust_brightness, "contrast": adjust_contrast,
                   "saturation": adjust_saturation, "hue": adjust_hue}[name](xi, value)
         out.append(xi)
-    return (torch.cat(out) * 255).flip(1).to(images.dtype) if out else images
+    if not out:
+        return images
+    out = torch.cat(out) * 255
+    return (out.flip(1) if flip else out).to(images.dtype)
 
 
-def colour_jitter(images: torch.Tensor, strength: float, generator: torch.Generator | None = None
-                  ) -> torch.Tensor:
+def colour_jitter(images: torch.Tensor, strength: float, generator: torch.Generator | None = None,
+                  kornia_order: str = "bgr") -> torch.Tensor:
     """kornia ``ColorJitter(strength, strength, strength, strength)`` as DACS applies it, on
     ``(N, 3, H, W)`` RGB 0-255 (see :func:`jitter_parameters`, :func:`apply_colour_jitter`)."""
-    return apply_colour_jitter(images, jitter_parameters(images.shape[0], strength, generator))
+    return apply_colour_jitter(images, jitter_parameters(images.shape[0], strength, generator),
+                               kornia_order)
 
 
 def blur_kernel_size(length: int) -> int:
@@ -297,15 +316,20 @@ def _gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 def strong_augment(images: torch.Tensor, generator: torch.Generator | None = None,
-                   jitter: float = 0.25, p_jitter: float = 0.8, p_blur: float = 0.5
-                   ) -> torch.Tensor:
+                   jitter: float = 0.25, p_jitter: float = 0.8, p_blur: float = 0.5,
+                   kornia_order: str = "bgr") -> torch.Tensor:
     """DACS's augmentation of the mixed images (raw RGB 0-255 ``(N, 3, H, W)`` floats): colour
     jitter, then blur. As trainUDA.py draws them: one coin for the batch per step
     (``ColorJitter`` drawn ``U(0, 1)``, jitter where above 0.2; ``GaussianBlur`` above 0.5),
     the jitter's parameters and order per image (kornia, one call per image), and per image a
-    blur sigma ``U(0.15, 1.15)`` (``np.random.uniform`` in each ``gaussian_blur`` call)."""
+    blur sigma ``U(0.15, 1.15)`` (``np.random.uniform`` in each ``gaussian_blur`` call).
+    DAFormer (mmseg/models/utils/dacs_transforms.py, configs/_base_/uda/dacs.py) draws the same
+    way with ``color_jitter_strength=0.2``, ``color_jitter_probability=0.2`` (jitter where the
+    coin is above 0.2: ``p_jitter=0.8``) and RGB channels (``kornia_order="rgb"``)."""
     if float(torch.rand((), generator=generator)) < p_jitter:
-        images = colour_jitter(images, jitter, generator)
+        # DACS's call keeps its three arguments (the form tests substitute)
+        extra = {} if kornia_order == "bgr" else {"kornia_order": kornia_order}
+        images = colour_jitter(images, jitter, generator, **extra)
     if float(torch.rand((), generator=generator)) < p_blur:
         sigma = 0.15 + torch.rand(images.shape[0], generator=generator)
         images = gaussian_blur(images, sigma)

@@ -82,8 +82,10 @@ class DeepLabV2(nn.Module):
         return self.alignment.upsample(logits, x.shape[-2:], self.output_stride)
 
     # -- optimisation ------------------------------------------------------------------------
-    def param_groups(self, lr: float, weight_decay: float = 5e-4) -> list[dict]:
-        """SGD parameter groups by module ownership (cf. the Caffe solver's lr_mult/decay_mult).
+    def param_groups(self, lr: float, weight_decay: float = 5e-4,
+                     style: str = "deeplab") -> list[dict]:
+        """Parameter groups; ``style="mmseg"``: :meth:`mmseg_param_groups`. ``"deeplab"``: SGD
+        parameter groups by module ownership (cf. the Caffe solver's lr_mult/decay_mult).
 
         * ``backbone``: pretrained weights at 1x lr with weight decay (the backbone, and VGG's
           fc6/fc7, which DeepLab initialises from ImageNet);
@@ -95,6 +97,10 @@ class DeepLabV2(nn.Module):
         Every trainable parameter is in exactly one group; frozen ones are in none. Each group
         carries ``lr_mult`` so that a schedule can set ``group["lr"] = lr_mult * base_lr``.
         """
+        if style == "mmseg":
+            return self.mmseg_param_groups(lr, weight_decay)
+        if style != "deeplab":
+            raise ValueError(f"param_groups style={style!r}; valid: deeplab, mmseg")
         norm_types = (nn.BatchNorm2d, nn.GroupNorm, nn.SyncBatchNorm)
         norm_params = {id(p) for m in self.backbone.modules() if isinstance(m, norm_types)
                        for p in m.parameters(recurse=False)}
@@ -125,6 +131,26 @@ class DeepLabV2(nn.Module):
                 mult, wd = settings[name]
                 groups.append({"name": name, "params": params, "lr": lr * mult,
                                "lr_mult": mult, "weight_decay": wd})
+        return groups
+
+    def mmseg_param_groups(self, lr: float, weight_decay: float, head_mult: float = 10.0
+                           ) -> list[dict]:
+        """DAFormer's groups (experiments.py: ``paramwise_cfg=dict(custom_keys={'head':
+        dict(lr_mult=10.)})``, built by mmcv's ``DefaultOptimizerConstructor``): a parameter
+        whose name contains ``head`` (the decode head, here ``head.`` and ``aux_head.``) gets
+        ``head_mult`` x lr, every other 1x; every parameter, biases and norms included, is
+        decayed by ``weight_decay`` (no ``decay_mult``, ``bias_decay_mult`` or
+        ``norm_decay_mult`` is set for their ResNet runs). Frozen parameters are left out (mmcv
+        puts them in a group, where they never get a gradient)."""
+        backbone, head = [], []
+        for name, p in self.named_parameters():
+            if p.requires_grad:
+                (head if "head" in name else backbone).append(p)
+        groups = []
+        for name, params, mult in (("backbone", backbone, 1.0), ("head", head, head_mult)):
+            if params:
+                groups.append({"name": name, "params": params, "lr": lr * mult,
+                               "lr_mult": mult, "weight_decay": weight_decay})
         return groups
 
 

@@ -66,8 +66,9 @@ class MSC(NetworkWrapper):
     def layout(self) -> str:
         return self.model.layout
 
-    def param_groups(self, lr: float, weight_decay: float = 5e-4) -> list[dict]:
-        return self.model.param_groups(lr, weight_decay)
+    def param_groups(self, lr: float, weight_decay: float = 5e-4,
+                     style: str = "deeplab") -> list[dict]:
+        return self.model.param_groups(lr, weight_decay, style)
 
     # -- forward -------------------------------------------------------------------------------
     def input_sizes(self, height: int, width: int) -> list[tuple[int, int]]:
