@@ -36,7 +36,7 @@ RUN_SETTINGS = {
     "model": ("backbone", "blocks", "width", "num_classes", "atrous_rates", "bn",
               "head_mode", "alignment"),
     "data": ("dataset", "train_split", "crop_size", "scale_range", "scales", "flip",
-             "batch_size", "options", "resize", "resize_filter"),
+             "batch_size", "options", "resize", "resize_filter", "rare_class_sampling"),
     "train": ("iterations", "lr", "momentum", "weight_decay", "poly_power", "accumulate",
               "loss_at", "msc_scales", "amp", "tf32", "channels_last", "seed"),
     "adapt": ("method", "target_dataset", "target_split", "target_options", "target_crop_size",

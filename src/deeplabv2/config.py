@@ -67,6 +67,9 @@ class DataConfig:
     num_workers: int = 2
     check: str = "all"  # read every sample before training: "all", "none" or a number
     options: dict[str, Any] = field(default_factory=dict)  # extra dataset arguments
+    # DAFormer's rare-class sampling of the training (source) images (deeplabv2.data.rcs):
+    # {temperature: 0.01, min_pixels: 3000, min_crop_ratio: 0.5, cache: null}; null: off
+    rare_class_sampling: dict[str, Any] | None = None
 
 
 @dataclass
@@ -309,6 +312,12 @@ def validate(cfg: Config) -> None:
         if getattr(t, key) < 0:
             raise ConfigError(f"train.{key} must be >= 0, got {getattr(t, key)}")
     _check_resize("data", data.resize, data.resize_filter)
+    if data.rare_class_sampling is not None:
+        from .data.rcs import RCSSettings
+        try:
+            RCSSettings.from_dict(data.rare_class_sampling)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(str(e)) from None
     if len(data.crop_size) != 2 or min(data.crop_size) < 1:
         raise ConfigError(f"data.crop_size must be [height, width], got {data.crop_size}")
     lo, hi = data.scale_range

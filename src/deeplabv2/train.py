@@ -42,6 +42,8 @@ from .checkpoint import (TrainingError, changed_settings, load_checkpoint,
                          newest_finite_checkpoint, prepare_run_folder, save_checkpoint)
 from .config import Config, save_config
 from .data import IGNORE_INDEX, build_dataset
+from .data.rcs import (RareClassBatchSampler, RareClassCrops, RCSSettings,
+                       build_rare_class_sampling)
 from .data.sampler import EpochIndexed, IterationBatchSampler
 from .data.transforms import TrainTransform
 from .utils.digest import all_finite
@@ -434,9 +436,17 @@ def _batches(cfg: Config, train_ds, target_ds, preprocessing, start: int, info,
     transform = TrainTransform(crop_size=tuple(d.crop_size), scale_range=tuple(d.scale_range),
                                scales=d.scales, flip=d.flip, preprocessing=preprocessing,
                                resize=d.resize or None, resize_filter=d.resize_filter)
+    if d.rare_class_sampling is not None:  # DAFormer's rare-class sampling of the source
+        rcs = build_rare_class_sampling(
+            train_ds, RCSSettings.from_dict(d.rare_class_sampling),
+            log=(lambda line: print(line, file=sys.stderr)) if info.is_main else None)
+        source, sampler = RareClassCrops(train_ds, transform, rcs), RareClassBatchSampler(
+            rcs, d.batch_size, t.seed, **steps)
+    else:
+        source = EpochIndexed(train_ds, transform)
+        sampler = IterationBatchSampler(len(train_ds), d.batch_size, t.seed, **steps)
     batches = iter(torch.utils.data.DataLoader(
-        EpochIndexed(train_ds, transform),
-        batch_sampler=IterationBatchSampler(len(train_ds), d.batch_size, t.seed, **steps),
+        source, batch_sampler=sampler,
         num_workers=d.num_workers, pin_memory=device.type == "cuda", persistent_workers=False,
         worker_init_fn=_ignore_sigint if d.num_workers else None))
     if target_ds is None:
