@@ -437,9 +437,8 @@ def _batches(cfg: Config, train_ds, target_ds, preprocessing, start: int, info,
                                scales=d.scales, flip=d.flip, preprocessing=preprocessing,
                                resize=d.resize or None, resize_filter=d.resize_filter)
     if d.rare_class_sampling is not None:  # DAFormer's rare-class sampling of the source
-        rcs = build_rare_class_sampling(
-            train_ds, RCSSettings.from_dict(d.rare_class_sampling),
-            log=(lambda line: print(line, file=sys.stderr)) if info.is_main else None)
+        rcs = _rare_class_sampling(train_ds, RCSSettings.from_dict(d.rare_class_sampling),
+                                   info, t.progress)
         source, sampler = RareClassCrops(train_ds, transform, rcs), RareClassBatchSampler(
             rcs, d.batch_size, t.seed, **steps)
     else:
@@ -461,6 +460,23 @@ def _batches(cfg: Config, train_ds, target_ds, preprocessing, start: int, info,
         num_workers=d.num_workers, pin_memory=device.type == "cuda", persistent_workers=False,
         worker_init_fn=_ignore_sigint if d.num_workers else None))
     return batches, target_batches
+
+
+def _rare_class_sampling(train_ds, settings: RCSSettings, info, progress: bool):
+    """The source's :class:`~deeplabv2.data.rcs.RareClassSampling`. Under DDP rank 0 counts
+    the class pixels (or reads its cache) first and the other ranks then read its cache, so
+    the labels are read once, not once per rank."""
+    log = (lambda line: print(line, file=sys.stderr)) if info.is_main else None
+    if info.enabled and not info.is_main:
+        dist_utils.barrier()
+    rcs = build_rare_class_sampling(train_ds, settings, log=log)
+    if info.enabled and info.is_main:
+        dist_utils.barrier()
+    if info.is_main and progress:  # as the released code logs "RCS Classes / ClassProb"
+        names = list(train_ds.classes)
+        print("rare-class sampling: " + ", ".join(
+            f"{names[c]} {p:.4g}" for c, p in zip(rcs.classes, rcs.probs)))
+    return rcs
 
 
 def _shut_down_loaders(run: _Run) -> None:

@@ -181,6 +181,9 @@ def class_stats(dataset, cache: str | Path | None = None, log=None) -> np.ndarra
         if log:
             log(f"{path}: class statistics of other label files or classes; recomputing")
     counts = count_classes(dataset)
+    if log:
+        log(f"rare-class sampling: counted the class pixels of {len(dataset)} labels"
+            + (f" (cached in {path})" if path is not None else ""))
     if path is not None:
         record = {"version": CACHE_VERSION, "fingerprint": fingerprint,
                   "dataset": identity["dataset"], "split": identity["split"],
