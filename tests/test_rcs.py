@@ -301,3 +301,63 @@ def test_torchrun_two_processes_with_rcs_match_one_process(tmp_path):
                                       f"train.out_dir={tmp_path / 'one'}"])).model
     for k, v in single.state_dict().items():
         assert torch.allclose(v, ddp.state_dict()[k], rtol=1e-4, atol=1e-6), k
+
+
+# -- mmseg RandomCrop's cat_max_ratio (DAFormer's/HRDA's source pipeline) -----------------------
+def _mmseg_accepts(crop, ratio, ignore=255):
+    """mmseg RandomCrop's test, written out: np.unique counts without the ignore value."""
+    labels, cnt = np.unique(crop, return_counts=True)
+    cnt = cnt[labels != ignore]
+    return len(cnt) > 1 and np.max(cnt) / np.sum(cnt) < ratio
+
+
+def _expected_window(label, seed, ratio, crop=32):
+    """The window the transform should keep, replaying its generator: scale (one uniform
+    draw), no flip draw (flip off), then offsets, re-drawn up to 10 times."""
+    rng = np.random.default_rng(seed)
+    rng.uniform(1, 1)
+    span = label.shape[0] - crop + 1
+    u = rng.random(2)
+    y0, x0 = int(u[0] * span), int(u[1] * span)
+    for _ in range(10):
+        if _mmseg_accepts(label[y0:y0 + crop, x0:x0 + crop], ratio):
+            break
+        u = rng.random(2)
+        y0, x0 = int(u[0] * span), int(u[1] * span)
+    return label[y0:y0 + crop, x0:x0 + crop]
+
+
+@pytest.mark.parametrize("case", ["square", "one_class", "ignored"])
+def test_cat_max_ratio_redraws_the_window_as_mmseg(case):
+    label = np.zeros((64, 64), np.uint8)
+    if case == "square":
+        label[:32, :32] = 1
+    elif case == "ignored":  # class 1 is the minority of labelled pixels only without 255s
+        label[:, 20:] = 255
+        label[:, :6] = 1
+    t = TrainTransform(crop_size=32, scale_range=(1, 1), flip=False, cat_max_ratio=0.75)
+    plain = TrainTransform(crop_size=32, scale_range=(1, 1), flip=False)
+    image = np.zeros((64, 64, 3), np.uint8)
+    accepted = moved = 0
+    for seed in range(40):
+        out = t(image, label, np.random.default_rng(seed))["label"].numpy()
+        want = _expected_window(label, seed, 0.75)
+        assert np.array_equal(out, want), seed
+        accepted += _mmseg_accepts(out, 0.75)
+        # the first window is the plain transform's: nothing else changes
+        first = plain(image, label, np.random.default_rng(seed))["label"].numpy()
+        if _mmseg_accepts(first, 0.75):
+            assert np.array_equal(out, first)
+        moved += not np.array_equal(out, first)
+    if case == "one_class":
+        assert accepted == 0  # never acceptable: the 11th window is kept
+    else:
+        assert accepted > 0 and moved > 0  # re-draws happened and found acceptable windows
+
+
+def test_cat_max_ratio_is_validated():
+    with pytest.raises(ValueError, match="cat_max_ratio"):
+        TrainTransform(crop_size=32, cat_max_ratio=0)
+    with pytest.raises(ConfigError, match=r"data\.cat_max_ratio"):
+        load_config(None, ["data.cat_max_ratio=1.5"])
+    assert load_config(None, []).data.cat_max_ratio == 1.0

@@ -70,6 +70,9 @@ class DataConfig:
     # DAFormer's rare-class sampling of the training (source) images (deeplabv2.data.rcs):
     # {temperature: 0.01, min_pixels: 3000, min_crop_ratio: 0.5, cache: null}; null: off
     rare_class_sampling: dict[str, Any] | None = None
+    # re-draw a training crop where one class covers this share or more of its labelled
+    # pixels (mmseg RandomCrop; DAFormer/HRDA source: 0.75); 1: off
+    cat_max_ratio: float = 1.0
 
 
 @dataclass
@@ -312,6 +315,9 @@ def validate(cfg: Config) -> None:
         if getattr(t, key) < 0:
             raise ConfigError(f"train.{key} must be >= 0, got {getattr(t, key)}")
     _check_resize("data", data.resize, data.resize_filter)
+    if not 0 < data.cat_max_ratio <= 1:
+        raise ConfigError(f"data.cat_max_ratio must be in (0, 1] (1: off), got "
+                          f"{data.cat_max_ratio!r}")
     if data.rare_class_sampling is not None:
         from .data.rcs import RCSSettings
         try:

@@ -435,7 +435,8 @@ def _batches(cfg: Config, train_ds, target_ds, preprocessing, start: int, info,
                  rank=info.rank, world_size=info.world_size)
     transform = TrainTransform(crop_size=tuple(d.crop_size), scale_range=tuple(d.scale_range),
                                scales=d.scales, flip=d.flip, preprocessing=preprocessing,
-                               resize=d.resize or None, resize_filter=d.resize_filter)
+                               resize=d.resize or None, resize_filter=d.resize_filter,
+                               cat_max_ratio=d.cat_max_ratio)
     if d.rare_class_sampling is not None:  # DAFormer's rare-class sampling of the source
         rcs = _rare_class_sampling(train_ds, RCSSettings.from_dict(d.rare_class_sampling),
                                    info, t.progress)
