@@ -327,7 +327,7 @@ def _expected_window(label, seed, ratio, crop=32):
     return label[y0:y0 + crop, x0:x0 + crop]
 
 
-@pytest.mark.parametrize("case", ["square", "one_class", "ignored"])
+@pytest.mark.parametrize("case", ["square", "one_class", "ignored", "exactly_075"])
 def test_cat_max_ratio_redraws_the_window_as_mmseg(case):
     label = np.zeros((64, 64), np.uint8)
     if case == "square":
@@ -335,6 +335,8 @@ def test_cat_max_ratio_redraws_the_window_as_mmseg(case):
     elif case == "ignored":  # class 1 is the minority of labelled pixels only without 255s
         label[:, 20:] = 255
         label[:, :6] = 1
+    elif case == "exactly_075":  # every window: class 0 covers exactly 0.75, not less
+        label[:, ::4] = 1
     t = TrainTransform(crop_size=32, scale_range=(1, 1), flip=False, cat_max_ratio=0.75)
     plain = TrainTransform(crop_size=32, scale_range=(1, 1), flip=False)
     image = np.zeros((64, 64, 3), np.uint8)
@@ -349,7 +351,7 @@ def test_cat_max_ratio_redraws_the_window_as_mmseg(case):
         if _mmseg_accepts(first, 0.75):
             assert np.array_equal(out, first)
         moved += not np.array_equal(out, first)
-    if case == "one_class":
+    if case in ("one_class", "exactly_075"):
         assert accepted == 0  # never acceptable: the 11th window is kept
     else:
         assert accepted > 0 and moved > 0  # re-draws happened and found acceptable windows
