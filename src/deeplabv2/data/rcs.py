@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,10 +112,10 @@ def _identity(dataset) -> dict:
     (paths relative to the root, with their byte sizes); a root-less (generated) dataset by its
     description and sample names."""
     root = getattr(dataset, "root", None)
+    samples = getattr(dataset, "samples", None) if root is not None else None
     files, sizes = [], []
     for i in range(len(dataset)):
-        samples = getattr(dataset, "samples", None)
-        label = samples[i][1] if samples and root is not None else None
+        label = samples[i][1] if samples else None
         if label is None:
             files.append(dataset.source(i))
             sizes.append(None)
@@ -152,14 +154,25 @@ def _label(dataset, index: int) -> np.ndarray:
     return dataset.load(index)[1]
 
 
-def count_classes(dataset) -> np.ndarray:
+def count_classes(dataset, threads: int | None = None) -> np.ndarray:
     """``(len(dataset), num_classes)`` int64: the pixels of every class in every label (the
-    released ``sample_class_stats``; ignored pixels not counted)."""
+    released ``sample_class_stats``; ignored pixels not counted). Labels are read by
+    ``threads`` threads (PNG decoding releases the GIL; None: up to 8, one per core)."""
     c = dataset.num_classes
-    counts = np.zeros((len(dataset), c), dtype=np.int64)
-    for i in range(len(dataset)):
+
+    def count(i):
         label = np.asarray(_label(dataset, i))
-        counts[i] = np.bincount(label.ravel(), minlength=256)[:c]
+        return np.bincount(label.ravel(), minlength=256)[:c]
+
+    threads = threads or min(8, os.cpu_count() or 1)
+    counts = np.zeros((len(dataset), c), dtype=np.int64)
+    if threads > 1 and len(dataset) > 1:
+        with ThreadPoolExecutor(threads) as pool:
+            for i, row in enumerate(pool.map(count, range(len(dataset)))):
+                counts[i] = row
+    else:
+        for i in range(len(dataset)):
+            counts[i] = count(i)
     return counts
 
 
