@@ -143,6 +143,30 @@ def test_an_explicit_cache_file_and_clear_errors(tmp_path):
         class_stats(ds, cache)
 
 
+def test_threads_count_as_one_and_an_unwritable_cache_is_reported(tmp_path):
+    ds = _synthetic()
+    assert count_classes(ds, threads=3).tolist() == count_classes(ds, threads=1).tolist()
+    folder = _folder(tmp_path / "data", _labels())
+    (tmp_path / "a_file").write_text("")
+    lines = []
+    counts = class_stats(folder, tmp_path / "a_file" / "stats.json", log=lines.append)
+    assert counts.tolist() == [[56, 20, 0], [1, 0, 79]]
+    assert "cannot cache the class statistics" in lines[-1]
+    assert "data.rare_class_sampling.cache" in lines[-1]
+
+
+def test_runs_saved_before_these_keys_resume_without_a_change():
+    from deeplabv2.checkpoint import changed_settings
+    new = load_config(None, []).to_dict()
+    old = {**new, "data": {k: v for k, v in new["data"].items()
+                           if k not in ("rare_class_sampling", "cat_max_ratio")}}
+    assert changed_settings(old, new) == []
+    on = load_config(None, [RCS]).to_dict()
+    assert changed_settings(new, on) == [
+        "data.rare_class_sampling None -> {'temperature': 0.1, 'min_pixels': 300, "
+        "'min_crop_ratio': 0.5}"]
+
+
 def test_a_class_in_no_image_with_enough_pixels_is_named():
     counts = np.array([[100, 5000], [200, 4000]])
     with pytest.raises(DatasetError, match=r"min_pixels=3000 pixels of class 0 \(road\) "
