@@ -387,3 +387,9 @@ def test_cat_max_ratio_is_validated():
     with pytest.raises(ConfigError, match=r"data\.cat_max_ratio"):
         load_config(None, ["data.cat_max_ratio=1.5"])
     assert load_config(None, []).data.cat_max_ratio == 1.0
+
+
+def test_a_run_without_images_of_a_class_fails_before_writing_anything(tmp_path):
+    with pytest.raises(DatasetError, match=r"min_pixels=3000 pixels of class 0 \(road\)"):
+        train(tiny_config(tmp_path / "run", "data.rare_class_sampling={min_pixels: 3000}"))
+    assert not (tmp_path / "run" / "config.yaml").exists()

@@ -312,6 +312,10 @@ def _set_up(cfg: Config, resume: str | None, allow_changes: bool) -> _Run:
     torch.manual_seed(t.seed + info.rank)
 
     train_ds, val_ds, target_ds = _datasets(cfg)
+    rcs = None  # before anything is written: a class without images fails the run here
+    if cfg.data.rare_class_sampling is not None:
+        rcs = _rare_class_sampling(train_ds, RCSSettings.from_dict(cfg.data.rare_class_sampling),
+                                   info, t.progress)
     if info.is_main:
         for line in crop_warnings(cfg, train_ds, target_ds):
             print(line, file=sys.stderr)
@@ -346,7 +350,7 @@ def _set_up(cfg: Config, resume: str | None, allow_changes: bool) -> _Run:
                 print(memory_line)
 
     batches, target_batches = _batches(cfg, train_ds, target_ds if method.needs_target else None,
-                                       model.preprocessing, start, info, device)
+                                       model.preprocessing, start, info, device, rcs)
     stop = t.stop_at or t.iterations  # the poly schedule runs over t.iterations regardless
     history = read_history(out_dir / "history.json") if (resume and info.is_main) else []
     log = TrainLog(start, stop, t.log_every, history, progress=t.progress and info.is_main,
@@ -427,9 +431,11 @@ def _network(cfg: Config, model: DeepLabV2, info, device: torch.device):
 
 
 def _batches(cfg: Config, train_ds, target_ds, preprocessing, start: int, info,
-             device: torch.device):
+             device: torch.device, rcs=None):
     """Iterators over this rank's source batch, and target batch (when ``target_ds``), of every
-    micro-step from iteration ``start`` on; the order is a pure function of the step."""
+    micro-step from iteration ``start`` on; the order is a pure function of the step. With
+    ``rcs`` (a :class:`~deeplabv2.data.rcs.RareClassSampling`) the source images and crops
+    are drawn by rare-class sampling."""
     d, a, t = cfg.data, cfg.adapt, cfg.train
     steps = dict(total_steps=t.iterations * t.accumulate, start_step=start * t.accumulate,
                  rank=info.rank, world_size=info.world_size)
@@ -437,9 +443,7 @@ def _batches(cfg: Config, train_ds, target_ds, preprocessing, start: int, info,
                                scales=d.scales, flip=d.flip, preprocessing=preprocessing,
                                resize=d.resize or None, resize_filter=d.resize_filter,
                                cat_max_ratio=d.cat_max_ratio)
-    if d.rare_class_sampling is not None:  # DAFormer's rare-class sampling of the source
-        rcs = _rare_class_sampling(train_ds, RCSSettings.from_dict(d.rare_class_sampling),
-                                   info, t.progress)
+    if rcs is not None:  # DAFormer's rare-class sampling of the source
         source, sampler = RareClassCrops(train_ds, transform, rcs), RareClassBatchSampler(
             rcs, d.batch_size, t.seed, **steps)
     else:
