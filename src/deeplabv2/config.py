@@ -67,6 +67,12 @@ class DataConfig:
     num_workers: int = 2
     check: str = "all"  # read every sample before training: "all", "none" or a number
     options: dict[str, Any] = field(default_factory=dict)  # extra dataset arguments
+    # DAFormer's rare-class sampling of the training (source) images (deeplabv2.data.rcs):
+    # {temperature: 0.01, min_pixels: 3000, min_crop_ratio: 0.5, cache: null}; null: off
+    rare_class_sampling: dict[str, Any] | None = None
+    # re-draw a training crop where one class covers this share or more of its labelled
+    # pixels (mmseg RandomCrop; DAFormer/HRDA source: 0.75); 1: off
+    cat_max_ratio: float = 1.0
 
 
 @dataclass
@@ -338,6 +344,15 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.warmup_ratio must be in (0, 1] (mmcv's), got "
                           f"{t.warmup_ratio!r}")
     _check_resize("data", data.resize, data.resize_filter)
+    if not 0 < data.cat_max_ratio <= 1:
+        raise ConfigError(f"data.cat_max_ratio must be in (0, 1] (1: off), got "
+                          f"{data.cat_max_ratio!r}")
+    if data.rare_class_sampling is not None:
+        from .data.rcs import RCSSettings
+        try:
+            RCSSettings.from_dict(data.rare_class_sampling)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(str(e)) from None
     if len(data.crop_size) != 2 or min(data.crop_size) < 1:
         raise ConfigError(f"data.crop_size must be [height, width], got {data.crop_size}")
     lo, hi = data.scale_range

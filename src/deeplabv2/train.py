@@ -42,6 +42,8 @@ from .checkpoint import (TrainingError, changed_settings, load_checkpoint,
                          newest_finite_checkpoint, prepare_run_folder, save_checkpoint)
 from .config import Config, save_config
 from .data import IGNORE_INDEX, build_dataset
+from .data.rcs import (RareClassBatchSampler, RareClassCrops, RCSSettings,
+                       build_rare_class_sampling)
 from .data.sampler import EpochIndexed, IterationBatchSampler
 from .data.transforms import TrainTransform
 from .utils.digest import all_finite
@@ -334,6 +336,10 @@ def _set_up(cfg: Config, resume: str | None, allow_changes: bool) -> _Run:
     torch.manual_seed(t.seed + info.rank)
 
     train_ds, val_ds, target_ds = _datasets(cfg)
+    rcs = None  # before anything is written: a class without images fails the run here
+    if cfg.data.rare_class_sampling is not None:
+        rcs = _rare_class_sampling(train_ds, RCSSettings.from_dict(cfg.data.rare_class_sampling),
+                                   info, t.progress)
     if info.is_main:
         for line in crop_warnings(cfg, train_ds, target_ds):
             print(line, file=sys.stderr)
@@ -367,7 +373,7 @@ def _set_up(cfg: Config, resume: str | None, allow_changes: bool) -> _Run:
                 print(memory_line)
 
     batches, target_batches = _batches(cfg, train_ds, target_ds if method.needs_target else None,
-                                       model.preprocessing, start, info, device)
+                                       model.preprocessing, start, info, device, rcs)
     stop = t.stop_at or t.iterations  # the poly schedule runs over t.iterations regardless
     history = read_history(out_dir / "history.json") if (resume and info.is_main) else []
     log = TrainLog(start, stop, t.log_every, history, progress=t.progress and info.is_main,
@@ -448,18 +454,26 @@ def _network(cfg: Config, model: DeepLabV2, info, device: torch.device):
 
 
 def _batches(cfg: Config, train_ds, target_ds, preprocessing, start: int, info,
-             device: torch.device):
+             device: torch.device, rcs=None):
     """Iterators over this rank's source batch, and target batch (when ``target_ds``), of every
-    micro-step from iteration ``start`` on; the order is a pure function of the step."""
+    micro-step from iteration ``start`` on; the order is a pure function of the step. With
+    ``rcs`` (a :class:`~deeplabv2.data.rcs.RareClassSampling`) the source images and crops
+    are drawn by rare-class sampling."""
     d, a, t = cfg.data, cfg.adapt, cfg.train
     steps = dict(total_steps=t.iterations * t.accumulate, start_step=start * t.accumulate,
                  rank=info.rank, world_size=info.world_size)
     transform = TrainTransform(crop_size=tuple(d.crop_size), scale_range=tuple(d.scale_range),
                                scales=d.scales, flip=d.flip, preprocessing=preprocessing,
-                               resize=d.resize or None, resize_filter=d.resize_filter)
+                               resize=d.resize or None, resize_filter=d.resize_filter,
+                               cat_max_ratio=d.cat_max_ratio)
+    if rcs is not None:  # DAFormer's rare-class sampling of the source
+        source, sampler = RareClassCrops(train_ds, transform, rcs), RareClassBatchSampler(
+            rcs, d.batch_size, t.seed, **steps)
+    else:
+        source = EpochIndexed(train_ds, transform)
+        sampler = IterationBatchSampler(len(train_ds), d.batch_size, t.seed, **steps)
     batches = iter(torch.utils.data.DataLoader(
-        EpochIndexed(train_ds, transform),
-        batch_sampler=IterationBatchSampler(len(train_ds), d.batch_size, t.seed, **steps),
+        source, batch_sampler=sampler,
         num_workers=d.num_workers, pin_memory=device.type == "cuda", persistent_workers=False,
         worker_init_fn=_ignore_sigint if d.num_workers else None))
     if target_ds is None:
@@ -474,6 +488,23 @@ def _batches(cfg: Config, train_ds, target_ds, preprocessing, start: int, info,
         num_workers=d.num_workers, pin_memory=device.type == "cuda", persistent_workers=False,
         worker_init_fn=_ignore_sigint if d.num_workers else None))
     return batches, target_batches
+
+
+def _rare_class_sampling(train_ds, settings: RCSSettings, info, progress: bool):
+    """The source's :class:`~deeplabv2.data.rcs.RareClassSampling`. Under DDP rank 0 counts
+    the class pixels (or reads its cache) first and the other ranks then read its cache, so
+    the labels are read once, not once per rank."""
+    log = (lambda line: print(line, file=sys.stderr)) if info.is_main else None
+    if info.enabled and not info.is_main:
+        dist_utils.barrier()
+    rcs = build_rare_class_sampling(train_ds, settings, log=log)
+    if info.enabled and info.is_main:
+        dist_utils.barrier()
+    if info.is_main and progress:  # as the released code logs "RCS Classes / ClassProb"
+        names = list(train_ds.classes)
+        print("rare-class sampling: " + ", ".join(
+            f"{names[c]} {p:.4g}" for c, p in zip(rcs.classes, rcs.probs)))
+    return rcs
 
 
 def _shut_down_loaders(run: _Run) -> None:

@@ -30,6 +30,9 @@ def _pair(size, name: str = "crop_size") -> tuple[int, int]:
     return h, w
 
 
+# mmseg RandomCrop: how many windows are checked against cat_max_ratio ("Repeat 10 times").
+CAT_MAX_CHECKS = 10
+
 # The image filters of a fixed resize (``TrainTransform(resize_filter=...)``); labels: NEAREST.
 RESIZE_FILTERS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
 
@@ -64,7 +67,13 @@ class TrainTransform:
     3. pad at the bottom/right up to ``crop_size`` where the scaled image is smaller: the
        image with the preprocessing's mean pixel (exactly 0 after normalisation), the label
        with ``ignore_index``;
-    4. take a random ``crop_size`` window.
+    4. take a random ``crop_size`` window; with ``cat_max_ratio`` < 1, draw the window again
+       while its label has fewer than two classes or one class covers ``cat_max_ratio`` or
+       more of its labelled pixels (ignored pixels not counted), at most
+       :data:`CAT_MAX_CHECKS` times, the last window kept unchecked: mmseg's ``RandomCrop``
+       (``cat_max_ratio``, 0.75 in DAFormer's and HRDA's source pipelines,
+       ``configs/_base_/datasets/uda_gta_to_cityscapes_512x512.py``; its re-draws move the
+       window only, as here). The default 1 draws nothing more, so the rest is unchanged.
 
     Cf. the DeepLab v2 Caffe ``ImageSegData`` layer (``crop_size``, ``mirror``, mean-value
     padding) and the random scaling of the paper (Sec. 4.1, scales 0.5 to 1.5).
@@ -74,8 +83,12 @@ class TrainTransform:
 
     def __init__(self, crop_size, scale_range=(0.5, 1.5), flip: bool = True,
                  preprocessing: Preprocessing = CAFFE_BGR, ignore_index: int = IGNORE_INDEX,
-                 scales=None, resize=None, resize_filter: str = "bilinear"):
+                 scales=None, resize=None, resize_filter: str = "bilinear",
+                 cat_max_ratio: float = 1.0):
         self.crop_size = _pair(crop_size)
+        if not 0 < float(cat_max_ratio) <= 1:
+            raise ValueError(f"cat_max_ratio must be in (0, 1] (1: off), got {cat_max_ratio}")
+        self.cat_max_ratio = float(cat_max_ratio)
         self.resize = None if resize is None or len(resize) == 0 else _pair(resize, "resize")
         if resize_filter not in RESIZE_FILTERS:
             raise ValueError(f"resize_filter must be one of {', '.join(RESIZE_FILTERS)}, got "
@@ -96,7 +109,9 @@ class TrainTransform:
         return (f"TrainTransform(crop_size={self.crop_size}, resize={self.resize}, "
                 f"resize_filter={self.resize_filter!r}, scale_range={self.scale_range}, "
                 f"scales={self.scales}, "
-                f"flip={self.flip}, preprocessing={self.preprocessing}, "
+                f"flip={self.flip}, "
+                + (f"cat_max_ratio={self.cat_max_ratio}, " if self.cat_max_ratio < 1 else "")
+                + f"preprocessing={self.preprocessing}, "
                 f"ignore_index={self.ignore_index})")
 
     def __call__(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> dict:
@@ -120,6 +135,13 @@ class TrainTransform:
         # the real image needs normalising, the rest stays 0 (= mean pixel) / ignore.
         y0 = int(u_y * (max(sh, ch) - ch + 1))
         x0 = int(u_x * (max(sw, cw) - cw + 1))
+        if self.cat_max_ratio < 1:  # mmseg RandomCrop's re-draws
+            for _ in range(CAT_MAX_CHECKS):
+                if self._mixed(label[y0:y0 + ch, x0:x0 + cw]):
+                    break
+                u_y, u_x = rng.random(2)
+                y0 = int(u_y * (max(sh, ch) - ch + 1))
+                x0 = int(u_x * (max(sw, cw) - cw + 1))
         img_crop = np.array(image[y0:y0 + ch, x0:x0 + cw])  # a writable copy for torch
         lbl_crop = label[y0:y0 + ch, x0:x0 + cw]
         vh, vw = lbl_crop.shape
@@ -129,6 +151,14 @@ class TrainTransform:
         out_label = torch.full((ch, cw), self.ignore_index, dtype=torch.int64)
         out_label[:vh, :vw] = torch.from_numpy(lbl_crop.astype(np.int64))
         return {"image": out_image, "label": out_label}
+
+
+    def _mixed(self, label: np.ndarray) -> bool:
+        """At least two classes, none covering ``cat_max_ratio`` of the labelled pixels."""
+        counts = np.bincount(label.ravel(), minlength=256)
+        counts[self.ignore_index] = 0
+        counts = counts[counts > 0]
+        return len(counts) > 1 and counts.max() / counts.sum() < self.cat_max_ratio
 
 
 class EvalTransform:
