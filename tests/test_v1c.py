@@ -394,3 +394,16 @@ def test_hub_builder_is_their_deeplab_v2(tmp_path):
                        src.backbone.layer3[22].bn3.running_var)
     bare = deeplabv2.deeplabv2_resnet101_v1c(19)
     assert bare.config == model.config and bare.alignment.name == "pytorch"
+
+
+def test_info_command_counts_their_network(capsys):
+    """ResNet-101 without fc: 42,500,160 parameters (torchvision's 44,549,160 less the
+    2,049,000 of fc); the deep stem (864 + 9,216 + 18,432 conv, 64 + 64 + 128 BN) instead of
+    the 7x7 conv1 (9,408) and bn1 (128): +19,232; the dlv2red head: 2 x (2048 x 19 x 9 + 19) =
+    700,454. All trainable (BN included). 512 -> 256 (stem) -> 128 (pool) -> 64 (layer2)."""
+    from deeplabv2.cli import main
+    assert main(["info", "--model", "resnet101_v1c", "--height", "512", "--width", "1024"]) == 0
+    out = capsys.readouterr().out
+    total = 42_500_160 + 19_232 + 700_454
+    assert f"{total:,} total, {total:,} trainable" in out
+    assert "(1, 19, 64, 128)" in out and "backbone layout torchvision, RGB input" in out
