@@ -407,3 +407,31 @@ def test_info_command_counts_their_network(capsys):
     total = 42_500_160 + 19_232 + 700_454
     assert f"{total:,} total, {total:,} trainable" in out
     assert "(1, 19, 64, 128)" in out and "backbone layout torchvision, RGB input" in out
+
+
+def test_the_training_loop_runs_their_network_from_the_mmcv_init_file(tmp_path):
+    """model.stem=v1c with the ImageNet V1c file as model.weights: the backbone starts from the
+    file, trains (BN included), and the run's model.pth records the architecture."""
+    from deeplabv2.train import train
+    blocks = (1, 1, 1, 1)
+    init = randomize(v1c(blocks, num_classes=7), seed=8)
+    path = tmp_path / "resnet_v1c.pth"
+    torch.save(_imagenet_file(init, blocks), path)
+    cfg = load_config(None, [
+        "model.blocks=[1, 1, 1, 1]", "model.width=8", "model.stem=v1c", "model.bn=train",
+        "model.atrous_rates=[6, 12]", "model.alignment=pytorch", f"model.weights={path}",
+        "data.dataset=synthetic", "data.crop_size=[48, 64]", "data.batch_size=2",
+        "data.num_workers=0", "data.options={num_samples: 8, size: [48, 64]}",
+        "train.iterations=2", "train.lr=0.01", "train.tensorboard=false",
+        "train.progress=false", "train.val_limit=2", "train.threads=1",
+        f"train.out_dir={tmp_path / 'run'}"])
+    result = train(cfg)
+    assert result.model.load_report.layout == "mmcv_v1c"
+    saved = load_model(tmp_path / "run" / "model.pth")
+    assert saved.config["stem"] == "v1c" and saved.config["contract_dilation"] is True
+    assert saved.layout == "torchvision" and saved.preprocessing == MMSEG_RGB
+    assert saved.alignment.name == "pytorch"
+    start, end = init.state_dict(), saved.state_dict()
+    assert not torch.equal(start["backbone.stem.1.weight"], end["backbone.stem.1.weight"])
+    assert not torch.equal(start["backbone.stem.1.running_mean"],
+                           end["backbone.stem.1.running_mean"])

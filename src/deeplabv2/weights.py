@@ -496,10 +496,10 @@ def load_state(model, raw: dict[str, torch.Tensor], metadata: dict[str, Any], *,
         chosen = _choose_mmseg_member(members, member, path)
         prefix = chosen + "." if chosen else ""
         if chosen:
-            report.notes.append(f"loaded {chosen}.* ({_MMSEG_MEMBER_ROLE.get(chosen, 'chosen')}"
-                                f"); the file also holds "
-                                + ", ".join(f"{m}.* ({len(k)} tensors)"
-                                            for m, k in members.items() if m != chosen))
+            others = ", ".join(f"{m or '(no prefix)'}.* ({len(k)} tensors)"
+                               for m, k in members.items() if m != chosen)
+            report.notes.append(f"loaded {chosen}.* ({_MMSEG_MEMBER_ROLE.get(chosen, 'chosen')})"
+                                + (f"; the file also holds {others}" if others else ""))
         file_branches = _mmseg_head_branches(state, prefix)
         model_branches = len(getattr(model.head, "convs", ()))
         if head != "skip" and file_branches and file_branches != model_branches:
