@@ -176,6 +176,23 @@ def test_v1c_dlv2red_forward_equals_the_released_chain(training):
     assert not torch.allclose(other, expected, atol=1e-3)
 
 
+def test_v1c_with_frozen_bn_is_the_chain_with_running_statistics():
+    """bn=frozen: the running statistics in training too (the stem's conv+BN pairs run as one
+    convolution under autograd: the same function), gradients reaching the stem's convs."""
+    model = randomize(v1c(bn="frozen"), seed=9)
+    model.alignment = deeplabv2.model.get_alignment("pytorch")
+    x = torch.randn(2, 3, 56, 64)
+    sd = {k: v.detach() for k, v in as_mmseg(model).items()}
+    for k in [k for k in sd if "num_batches_tracked" in k]:
+        del sd[k]
+    expected = mmseg_forward(sd, x, SMALL, training=False)
+    got = model.train()(x)
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+    got.square().mean().backward()
+    assert model.backbone.stem[0].weight.grad is not None
+    assert model.backbone.stem[1].weight.grad is None  # frozen scale
+
+
 def test_contract_dilation_can_be_turned_off_and_old_configs_are_unchanged():
     m = v1c(contract_dilation=False)
     assert [blk.conv2.dilation[0] for blk in m.backbone.layer4] == [4, 4]
@@ -258,6 +275,14 @@ def test_mmcv_resnet101_v1c_imagenet_file_loads_strictly(tmp_path, wrapped):
 def test_mmcv_file_missing_or_unexpected_key_is_named(tmp_path):
     src = randomize(v1c())
     state = _imagenet_file(src, SMALL)
+    path = tmp_path / "good.pth"
+    torch.save(state, path)
+    frozen = v1c(bn="frozen")  # FrozenBatchNorm2d has no step counter: those are dropped
+    report = load_weights(frozen, path)
+    counters = {k for k in state if k.endswith("num_batches_tracked")}
+    assert set(report.dropped) == counters | {"fc.weight", "fc.bias"}
+    assert all("step counter" in report.dropped[k] for k in counters)
+    assert torch.equal(frozen.backbone.stem[7].running_var, src.backbone.stem[7].running_var)
     del state["layer3.1.bn2.running_var"]
     path = tmp_path / "missing.pth"
     torch.save(state, path)
@@ -321,6 +346,11 @@ def test_released_uda_checkpoint_student_teacher_and_imagenet_copy(tmp_path):
             got = model.eval()(x)
         expected = mmseg_forward(mine, x, SMALL)
         assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+    # the class names and colours of mmcv's meta come with the head
+    assert model.classes == [f"c{i}" for i in range(5)] and model.palette[3] == [3, 3, 3]
+    out = tmp_path / "converted.pth"
+    save_weights(model, out, classes=model.classes, palette=model.palette)
+    assert load_model(out).classes == model.classes
     with pytest.raises(WeightsError, match=r"member='ema'.*model\.\*, ema_model\.\*, imnet_model\.\*"):
         load_weights(v1c(), path, member="ema")
 

@@ -187,6 +187,8 @@ def _unwrap(obj, path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     else:
         for key in _CONTAINER_KEYS:
             if isinstance(obj.get(key), dict) and not isinstance(obj.get(key), torch.Tensor):
+                if key == "state_dict" and isinstance(obj.get("meta"), dict):
+                    metadata["mmcv_meta"] = obj["meta"]  # mmcv's save_checkpoint: CLASSES...
                 obj = obj[key]
                 break
     bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
@@ -473,6 +475,8 @@ def load_state(model, raw: dict[str, torch.Tensor], metadata: dict[str, Any], *,
     if head not in ("auto", "require", "skip"):
         raise ValueError(f"head must be 'auto', 'require' or 'skip', got {head!r}")
     path = source
+    mmcv_meta = metadata.get("mmcv_meta") or {}
+    metadata = {k: v for k, v in metadata.items() if k != "mmcv_meta"}
     state = _strip_wrappers(raw)
     try:
         detected = detect_layout(state)
@@ -607,6 +611,8 @@ def load_state(model, raw: dict[str, torch.Tensor], metadata: dict[str, Any], *,
         report.notes += _foreign_notes(layout, model, align.name, report.head_loaded)
     report.alignment = align.name
     model.alignment = align
+    if layout == "mmseg" and report.head_loaded:
+        _classes_from_meta(model, mmcv_meta, report)
     if backbone_layout and hasattr(model.backbone, "set_layout"):
         model.backbone.set_layout(backbone_layout)
     report.backbone_layout = backbone_layout
@@ -617,6 +623,23 @@ def load_state(model, raw: dict[str, torch.Tensor], metadata: dict[str, Any], *,
     assert len(report.loaded) + len(report.dropped) == len(state)
     model.load_report = report
     return report
+
+
+def _classes_from_meta(model, meta: dict, report: LoadReport) -> None:
+    """Class names and colours of an mmseg checkpoint (``meta['CLASSES']``/``['PALETTE']``,
+    written by mmseg's ``train.py``) onto ``model.classes``/``model.palette`` when they count
+    the model's classes, so that ``save_weights(model, path, model.classes, model.palette)``
+    keeps them."""
+    classes, palette = meta.get("CLASSES"), meta.get("PALETTE")
+    n = model.num_classes
+    if isinstance(classes, (list, tuple)) and len(classes) == n and \
+            all(isinstance(c, str) for c in classes):
+        model.classes = list(classes)
+        report.notes.append(f"classes from the file's meta: {', '.join(classes[:4])}"
+                            + (" ..." if n > 4 else ""))
+    if isinstance(palette, (list, tuple)) and len(palette) == n and \
+            all(isinstance(c, (list, tuple)) and len(c) == 3 for c in palette):
+        model.palette = [[int(v) for v in c] for c in palette]
 
 
 def _describe(model) -> str:
