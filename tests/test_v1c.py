@@ -465,3 +465,20 @@ def test_the_training_loop_runs_their_network_from_the_mmcv_init_file(tmp_path):
     assert not torch.equal(start["backbone.stem.1.weight"], end["backbone.stem.1.weight"])
     assert not torch.equal(start["backbone.stem.1.running_mean"],
                            end["backbone.stem.1.running_mean"])
+
+
+def test_mmseg_param_groups_follow_mmcv_custom_keys():
+    """mmcv's DefaultOptimizerConstructor with custom_keys {'head': lr_mult 10}, written out:
+    a parameter whose mmseg name contains 'head' gets 10x lr, every parameter weight decay
+    0.01 (no bias/norm multipliers)."""
+    from deeplabv2.model.param_groups import mmseg_param_groups
+    model = v1c()
+    groups = mmseg_param_groups(model, lr=6e-5, weight_decay=0.01)
+    got = {id(p): (g["lr"], g["weight_decay"]) for g in groups for p in g["params"]}
+    assert sum(len(g["params"]) for g in groups) == len(got)  # each parameter once
+    params = dict(model.named_parameters())
+    for name, p in params.items():
+        mm_name = name.replace("head.convs.", "decode_head.aspp_modules.")
+        lr = 6e-5 * (10.0 if "head" in mm_name else 1.0)
+        assert got[id(p)] == pytest.approx((lr, 0.01)), name
+    assert len(got) == len(params)  # bn=train: BN scale/shift included, with decay
