@@ -24,6 +24,7 @@ _moved.install(__name__, {
 })
 
 __all__ = ["DeepLabV2", "FrozenBatchNorm2d", "build_model", "deeplabv2_resnet50",
-           "deeplabv2_resnet101", "deeplabv2_resnet101_v1c", "deeplabv2_vgg16", "deeplabv2_vgg16_largefov", "Preprocessing", "CAFFE_BGR",
-           "TORCHVISION_RGB", "MMSEG_RGB", "LoadReport", "WeightsError", "load_model", "load_weights",
+           "deeplabv2_resnet101", "deeplabv2_resnet101_v1c", "deeplabv2_vgg16",
+           "deeplabv2_vgg16_largefov", "Preprocessing", "CAFFE_BGR", "TORCHVISION_RGB",
+           "MMSEG_RGB", "LoadReport", "WeightsError", "load_model", "load_weights",
            "save_weights"]
