@@ -34,7 +34,7 @@ RUN_FILES = ("last.pth", "best.pth", "model.pth", "history.json", "metrics.json"
 # Settings that change what a run computes: a resume that changes one is refused unless asked.
 RUN_SETTINGS = {
     "model": ("backbone", "blocks", "width", "num_classes", "atrous_rates", "bn",
-              "head_mode", "alignment"),
+              "head_mode", "alignment", "stem", "contract_dilation"),
     "data": ("dataset", "train_split", "crop_size", "scale_range", "scales", "flip",
              "batch_size", "options", "resize", "resize_filter", "rare_class_sampling",
              "cat_max_ratio"),

@@ -13,7 +13,7 @@ import sys
 
 from .config import load_config
 
-ARCHS = ("resnet101", "resnet50", "vgg16")
+ARCHS = ("resnet101", "resnet50", "vgg16", "resnet101_v1c")
 #: the help of every command's ``checkpoint`` argument
 CHECKPOINT_HELP = "a deeplabv2 checkpoint (.pth or .safetensors), e.g. RUN/model.pth"
 

@@ -21,7 +21,7 @@ from .adapt.methods import METHODS
 from .data.transforms import RESIZE_FILTERS
 from .inference.crf import DenseCRF, crf_preset
 from .inference.front import InferenceConfig
-from .model.resnet import BN_MODES
+from .model.resnet import BN_MODES, STEMS
 from .utils.fileio import atomic_write_text
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -47,6 +47,12 @@ class ModelConfig:
     init_head: bool = False  # also load the init file's classifier (the paper: a fresh head)
     head_mode: str = "aspp"  # "aspp": 4 branches summed; "adaptsegnet": branches 0+1 only
     alignment: str = "caffe"  # resizing convention: "caffe" (the paper's) or "pytorch"
+    # "caffe": the DeepLab 7x7 stem; "v1c": mmseg's ResNetV1c deep stem (three 3x3 convs) of
+    # DAFormer/HRDA/MIC's DeepLab v2, stride on the 3x3 convs (model/resnet.py)
+    stem: str = "caffe"
+    # first block of layer3/layer4 at half dilation (mmseg's ResLayer); None: true with the
+    # v1c stem, false otherwise
+    contract_dilation: bool | None = None
 
 
 @dataclass
@@ -310,11 +316,18 @@ def validate(cfg: Config) -> None:
                ("model", "backbone"): (m.backbone, ("resnet", "vgg16")),
                ("model", "head_mode"): (m.head_mode, ("aspp", "adaptsegnet")),
                ("model", "alignment"): (m.alignment, ("caffe", "pytorch")),
+               ("model", "stem"): (m.stem, STEMS),
                ("eval", "selection"): (cfg.eval.selection, ("final", "best"))}
     for (sec, key), (value, valid) in choices.items():
         if value not in valid:
             raise ConfigError(f"{sec}.{key}={value!r}; valid values: {', '.join(valid)}")
     _resolve_bn(m)
+    if m.contract_dilation not in (None, True, False):
+        raise ConfigError(f"model.contract_dilation={m.contract_dilation!r}; valid values: "
+                          "true, false, null (true with model.stem=v1c)")
+    if m.backbone != "resnet" and (m.stem != "caffe" or m.contract_dilation):
+        raise ConfigError("model.stem and model.contract_dilation apply to the ResNet backbone "
+                          f"only (model.backbone={m.backbone!r})")
     positive = {"train.iterations": t.iterations, "train.accumulate": t.accumulate,
                 "data.batch_size": data.batch_size, "train.checkpoint_every": t.checkpoint_every,
                 "train.log_every": t.log_every}

@@ -10,6 +10,7 @@ user.
 from __future__ import annotations
 
 from .model.alignment import get_alignment
+from .model.preprocessing import MMSEG_RGB
 from .model.deeplab import DEFAULT_RATES, LARGEFOV_RATES, RESNET_DEPTHS, DeepLabV2, build_model
 from .weights import load_weights
 
@@ -52,6 +53,29 @@ def deeplabv2_resnet50(num_classes: int = 19, *, weights=None,
                          "num_classes": num_classes, "frozen_bn": frozen_bn, "bn": bn,
                          "atrous_rates": atrous_rates, "head_mode": head_mode})
     return _with_weights(model, weights, head, alignment)
+
+
+def deeplabv2_resnet101_v1c(num_classes: int = 19, *, weights=None, atrous_rates=(6, 12),
+                            head: str = "auto", alignment=None, bn: str = "train",
+                            member: str | None = None) -> DeepLabV2:
+    """The DeepLab v2 of DAFormer, HRDA and MIC: ResNet-101 V1c (mmseg's deep stem of three 3x3
+    convolutions, stride on the 3x3, ``contract_dilation``), trainable BN, and their "dlv2red"
+    head (``DLV2Head`` with dilations 6 and 12, two biased 3x3 convolutions summed: lhoyer/DAFormer
+    ``configs/_base_/models/deeplabv2red_r50-d8.py``). ``atrous_rates=(6, 12, 18, 24)`` gives
+    their full "dlv2" head.
+
+    ``weights``: mmcv's ImageNet ``resnet101_v1c`` file (backbone only) or one of their released
+    checkpoints (``member``: "student", the default and what they evaluate, or "teacher" for
+    the EMA teacher); the file's preprocessing (RGB, mmseg mean/std) and, for a checkpoint,
+    ``alignment="pytorch"`` (their ``align_corners=False``) come with it.
+    """
+    model = build_model({"backbone": "resnet", "blocks": RESNET_DEPTHS[101],
+                         "num_classes": num_classes, "bn": bn, "stem": "v1c",
+                         "atrous_rates": atrous_rates}, preprocessing=MMSEG_RGB)
+    model.alignment = get_alignment(alignment or "pytorch")  # mmseg: align_corners=False
+    if weights is not None:
+        load_weights(model, weights, head=head, alignment=alignment, member=member)
+    return model
 
 
 def deeplabv2_vgg16(num_classes: int = 21, *, weights=None, atrous_rates=DEFAULT_RATES,

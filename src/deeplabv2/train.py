@@ -159,7 +159,8 @@ def _build_model(cfg: Config, num_classes: int) -> DeepLabV2:
               "atrous_rates": m.atrous_rates}
     if m.backbone == "resnet":
         config.update(blocks=m.blocks, width=m.width, bn=m.bn, frozen_bn=m.frozen_bn,
-                      head_mode=m.head_mode, aux_head=cfg.adapt.multi_level)
+                      head_mode=m.head_mode, aux_head=cfg.adapt.multi_level, stem=m.stem,
+                      contract_dilation=m.contract_dilation)
     elif m.head_mode != "aspp":
         raise ValueError(f"model.head_mode={m.head_mode!r} applies to the ResNet backbone only")
     if config["num_classes"] != num_classes:

@@ -21,6 +21,18 @@ layout                 what it is                                               
                        ``fc.*`` classifier)                                         mean/std
 ``torchvision_vgg``    torchvision VGG-16 (``features.*``, ``classifier.*``; fc6/  RGB [0,1]
                        fc7 decimated into every branch's fc6/fc7)
+``mmcv_v1c``           mmcv's ImageNet ResNetV1c (``open-mmlab://resnet101_v1c``:   RGB 0-255
+                       ``stem.{0,1,3,4,6,7}.*``, ``layerN.M.{conv,bn}K.*``,        mmseg
+                       ``layerN.0.downsample.{0,1}.*``, ``fc.*``); needs a model    mean/std
+                       with ``stem="v1c"``
+``mmseg``              mmsegmentation segmentors and the DAFormer/HRDA/MIC UDA      RGB 0-255
+                       checkpoints (``state_dict`` of ``{meta, state_dict,          mmseg
+                       optimizer}``): ``[member.]backbone.*`` (ResNetV1c) and      mean/std
+                       ``[member.]decode_head.aspp_modules.K.conv.*`` (DLV2Head);
+                       ``member`` is ``model`` (student), ``ema_model`` (EMA
+                       teacher), ``imnet_model`` (frozen ImageNet copy of the
+                       feature distance), ...: one is loaded (``member=``), the
+                       others are dropped and counted
 ``deeplabv2``          this project's ``.pth`` / ``.safetensors`` checkpoints      recorded
 =====================  ==========================================================  =========
 
@@ -47,7 +59,7 @@ import torch
 
 from .model import build_model
 from .model.alignment import get_alignment
-from .model.preprocessing import CAFFE_BGR, TORCHVISION_RGB, Preprocessing
+from .model.preprocessing import CAFFE_BGR, MMSEG_RGB, TORCHVISION_RGB, Preprocessing
 from .utils.digest import DIGEST_KEY, content_digest, digest_of_checkpoint, non_finite_keys
 from .utils.fileio import atomic_write
 
@@ -175,6 +187,8 @@ def _unwrap(obj, path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     else:
         for key in _CONTAINER_KEYS:
             if isinstance(obj.get(key), dict) and not isinstance(obj.get(key), torch.Tensor):
+                if key == "state_dict" and isinstance(obj.get("meta"), dict):
+                    metadata["mmcv_meta"] = obj["meta"]  # mmcv's save_checkpoint: CLASSES...
                 obj = obj[key]
                 break
     bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
@@ -200,8 +214,12 @@ def _strip_wrappers(state: dict) -> dict:
 def detect_layout(state: dict[str, torch.Tensor]) -> str:
     """Name the layout of a (wrapper-stripped) state dict; see the module docstring."""
     keys = list(state)
+    if any(k.startswith("decode_head.") or ".decode_head." in k for k in keys):
+        return "mmseg"
     if any(k.startswith(("backbone.", "head.")) for k in keys):
         return "deeplabv2"
+    if any(k.startswith("stem.") for k in keys):
+        return "mmcv_v1c"
     if any(k.startswith("Scale.") for k in keys):
         return "deeplab_caffe"
     if any(k.startswith("features.") for k in keys):
@@ -271,6 +289,90 @@ def _map_resnet_key(key: str, layout: str, has_layer6: bool,
     return None, None  # unknown: an error for the caller to raise
 
 
+# -- mmcv / mmsegmentation (DAFormer, HRDA, MIC) -------------------------------------------------
+#: ``member=`` name -> the attribute of the released UDA module whose weights it loads
+#: (lhoyer/DAFormer ``mmseg/models/uda/uda_decorator.py``: ``self.model``, the student that
+#: their ``test.py`` evaluates; ``mmseg/models/uda/dacs.py``: ``self.ema_model``, the EMA
+#: teacher, and ``self.imnet_model``, the frozen ImageNet copy of the feature distance).
+MMSEG_MEMBERS = {"student": "model", "teacher": "ema_model", "imnet": "imnet_model"}
+_MMSEG_MEMBER_ROLE = {"model": "the student", "ema_model": "the EMA teacher",
+                      "imnet_model": "the frozen ImageNet copy (feature distance)",
+                      "mic.teacher.ema_model": "MIC's separate EMA teacher"}
+_MMSEG_PART = re.compile(r"^(?:(.+?)\.)?(backbone|decode_head)\.(.+)$")
+_MMSEG_ASPP = re.compile(r"^aspp_modules\.(\d+)\.conv\.(weight|bias)$")
+
+
+def _mmseg_members(state: dict, path) -> dict[str, list[str]]:
+    """The file's keys grouped by the module that holds them: ``""`` for a plain segmentor's
+    ``backbone.*``/``decode_head.*``, ``"model"``, ``"ema_model"``, ... for a UDA module."""
+    members: dict[str, list[str]] = {}
+    for key in state:
+        m = _MMSEG_PART.match(key)
+        if not m:
+            raise WeightsError(f"{path}: key {key!r} has no counterpart in the model (mmseg "
+                               "layout: every key is [member.]backbone.* or "
+                               "[member.]decode_head.*)")
+        members.setdefault(m.group(1) or "", []).append(key)
+    return members
+
+
+def _choose_mmseg_member(members: dict, member: str | None, path) -> str:
+    if list(members) == [""]:  # a plain segmentor: nothing to choose
+        if member not in (None, "student"):
+            raise WeightsError(f"{path}: member={member!r}, but the file is one segmentor "
+                               "(backbone.*, decode_head.*) without a UDA teacher")
+        return ""
+    name = MMSEG_MEMBERS.get(member or "student", member)
+    if name not in members:
+        have = ", ".join(f"{m}.*" for m in members)
+        raise WeightsError(f"{path}: member={member!r} ({name}.*) is not in the file; it holds "
+                           f"{have} (member: {', '.join(MMSEG_MEMBERS)} or a prefix)")
+    return name
+
+
+def _map_mmseg_key(rest: str, part: str, target: dict, path,
+                   key: str) -> tuple[str | None, str | None]:
+    """One key of the chosen member (``part`` "backbone" or "decode_head", ``rest`` after it)."""
+    if rest.endswith("num_batches_tracked"):
+        dst = f"backbone.{rest}"
+        return (dst, None) if part == "backbone" and dst in target else \
+            (None, "BatchNorm step counter (not used: momentum 0.1; frozen BN has none)")
+    if part == "backbone":
+        if rest.startswith("stem.") and "backbone.stem.0.weight" not in target:
+            raise WeightsError(f"{path}: key {key!r}: the file's ResNet has mmcv's V1c deep stem "
+                               "(stem.0 ... stem.8): build the model with stem='v1c' "
+                               "(model.stem=v1c)")
+        return f"backbone.{rest}", None
+    m = _MMSEG_ASPP.match(rest)
+    if not m:
+        raise WeightsError(f"{path}: key {key!r} has no counterpart in the model: only "
+                           "DeepLab v2's DLV2Head (decode_head.aspp_modules.K.conv.*) is read "
+                           "(HRDA's multi-resolution head and other decoders are not this "
+                           "network)")
+    return f"head.convs.{m.group(1)}.{m.group(2)}", None
+
+
+def _map_mmcv_v1c_key(key: str, target: dict, path) -> tuple[str | None, str | None]:
+    """mmcv's ImageNet ResNetV1c file (``open-mmlab://resnet101_v1c``) -> ours."""
+    if key.startswith("fc."):
+        return None, "ImageNet classifier fc.* (no counterpart in DeepLab v2)"
+    if key.split(".")[0] not in ("stem", "layer1", "layer2", "layer3", "layer4"):
+        return None, None
+    if key.endswith("num_batches_tracked") and "backbone." + key not in target:
+        return None, "BatchNorm step counter (not used: momentum 0.1; frozen BN has none)"
+    if key.startswith("stem.") and "backbone.stem.0.weight" not in target:
+        raise WeightsError(f"{path}: key {key!r}: the file is mmcv's ResNetV1c with the deep "
+                           "stem (stem.0 ... stem.8): build the model with stem='v1c' "
+                           "(model.stem=v1c)")
+    return "backbone." + key, None
+
+
+def _mmseg_head_branches(state: dict, prefix: str) -> int:
+    found = {int(m.group(1)) for k in state if k.startswith(prefix + "decode_head.")
+             for m in [_MMSEG_ASPP.match(k[len(prefix + "decode_head."):])] if m}
+    return len(found)
+
+
 _VGG_FC = {"classifier.0": "fc6", "classifier.3": "fc7"}
 _VGG_SOURCES = ("classifier.0.weight", "classifier.0.bias", "classifier.3.weight",
                 "classifier.3.bias")
@@ -304,9 +406,13 @@ def _decimated_vgg_head(state: dict, model, path) -> dict[str, torch.Tensor]:
 
 
 _PREPROCESSING = {"deeplab_caffe": CAFFE_BGR, "deeplab_pytorch": CAFFE_BGR, "kazuto": CAFFE_BGR,
-                  "torchvision_resnet": TORCHVISION_RGB, "torchvision_vgg": TORCHVISION_RGB}
+                  "torchvision_resnet": TORCHVISION_RGB, "torchvision_vgg": TORCHVISION_RGB,
+                  "mmcv_v1c": MMSEG_RGB, "mmseg": MMSEG_RGB}
+# mmseg's ResNet style='pytorch' (stride on the 3x3 conv, max-pool without ceil_mode) is the
+# torchvision layout
 _BACKBONE_LAYOUT = {"deeplab_caffe": "caffe", "deeplab_pytorch": "caffe", "kazuto": "caffe",
-                    "torchvision_resnet": "torchvision"}
+                    "torchvision_resnet": "torchvision", "mmcv_v1c": "torchvision",
+                    "mmseg": "torchvision"}
 
 
 def _foreign_notes(layout: str, model, alignment: str, head_loaded: bool) -> list[str]:
@@ -321,6 +427,14 @@ def _foreign_notes(layout: str, model, alignment: str, head_loaded: bool) -> lis
             "(branches 2-3 keep their random init), ADVENT sums all four. Build the model with "
             "head_mode='adaptsegnet' (config model.head_mode) for an AdaptSegNet file, "
             "'aspp' (default) for ADVENT")
+    if layout == "mmseg" and not model.config.get("contract_dilation", False):
+        notes.append("mmseg DeepLab v2 configs (DAFormer/HRDA/MIC deeplabv2_r50-d8.py) build "
+                     "the ResNet with contract_dilation=True (the first block of layer3/layer4 "
+                     "at dilation 1/2): this model has it off, so it computes another function "
+                     "(build with contract_dilation=True, the default of stem='v1c')")
+    if layout == "mmseg" and alignment != "pytorch" and head_loaded:
+        notes.append("mmseg resizes the logits with align_corners=False: alignment='pytorch' "
+                     "reproduces its outputs; running with " + repr(alignment) + " as asked")
     if layout == "kazuto" and alignment != "pytorch" and head_loaded:
         notes.append("kazuto1011/deeplab-pytorch trains and evaluates with "
                      "align_corners=False and floor-rounded MSC sizes: pass "
@@ -330,7 +444,7 @@ def _foreign_notes(layout: str, model, alignment: str, head_loaded: bool) -> lis
 
 
 def load_weights(model, path, *, head: str = "auto", layout: str | None = None,
-                 alignment=None) -> LoadReport:
+                 alignment=None, member: str | None = None) -> LoadReport:
     """Load ``path`` into ``model`` strictly and return a :class:`LoadReport`.
 
     ``head``: ``"auto"`` loads the ASPP head when the file has one of matching shape and
@@ -341,18 +455,28 @@ def load_weights(model, path, *, head: str = "auto", layout: str | None = None,
     takes the one this project's checkpoints record, and for other files keeps the model's
     (``"caffe"`` unless set). Raises :class:`WeightsError` naming the file and key on any other
     mismatch.
+
+    ``member`` chooses which network of an mmseg UDA checkpoint (DAFormer, HRDA, MIC) is
+    loaded: ``"student"`` (default; ``model.*``, the one their ``test.py`` evaluates),
+    ``"teacher"`` (``ema_model.*``), ``"imnet"`` (``imnet_model.*``) or another prefix of the
+    file (e.g. ``"mic.teacher.ema_model"``); the other members' keys are dropped, each counted in
+    the report. mmseg files get ``alignment="pytorch"`` unless ``alignment`` says otherwise
+    (their logits are resized with ``align_corners=False``).
     """
     raw, metadata = read_file(path)
     return load_state(model, raw, metadata, source=path, head=head, layout=layout,
-                      alignment=alignment)
+                      alignment=alignment, member=member)
 
 
 def load_state(model, raw: dict[str, torch.Tensor], metadata: dict[str, Any], *, source,
-               head: str = "auto", layout: str | None = None, alignment=None) -> LoadReport:
+               head: str = "auto", layout: str | None = None, alignment=None,
+               member: str | None = None) -> LoadReport:
     """:func:`load_weights` on a state dict already read (``source`` names it in messages)."""
     if head not in ("auto", "require", "skip"):
         raise ValueError(f"head must be 'auto', 'require' or 'skip', got {head!r}")
     path = source
+    mmcv_meta = metadata.get("mmcv_meta") or {}
+    metadata = {k: v for k, v in metadata.items() if k != "mmcv_meta"}
     state = _strip_wrappers(raw)
     try:
         detected = detect_layout(state)
@@ -365,11 +489,41 @@ def load_state(model, raw: dict[str, torch.Tensor], metadata: dict[str, Any], *,
             layout != "deeplabv2" and kind == "vgg16":
         raise WeightsError(f"{path}: holds {layout} weights, but the model's backbone is {kind}")
 
+    if member is not None and layout != "mmseg":
+        raise WeightsError(f"{path}: member={member!r} applies to mmseg UDA checkpoints; this "
+                           f"file is {layout}")
     target = model.state_dict()
     mapped: dict[str, torch.Tensor] = {}
     has_layer6 = any(k.startswith("layer6.") for k in state)
+    if layout == "mmseg":
+        members = _mmseg_members(state, path)
+        chosen = _choose_mmseg_member(members, member, path)
+        prefix = chosen + "." if chosen else ""
+        if chosen:
+            others = ", ".join(f"{m or '(no prefix)'}.* ({len(k)} tensors)"
+                               for m, k in members.items() if m != chosen)
+            report.notes.append(f"loaded {chosen}.* ({_MMSEG_MEMBER_ROLE.get(chosen, 'chosen')})"
+                                + (f"; the file also holds {others}" if others else ""))
+        file_branches = _mmseg_head_branches(state, prefix)
+        model_branches = len(getattr(model.head, "convs", ()))
+        if head != "skip" and file_branches and file_branches != model_branches:
+            raise WeightsError(
+                f"{path}: the file's decode_head has {file_branches} ASPP branches "
+                f"(aspp_modules.0-{file_branches - 1}), the model's head {model_branches}: "
+                "DAFormer/HRDA/MIC's 'dlv2red' head has 2 (dilations 6, 12): build the model "
+                "with atrous_rates=[6, 12] (model.atrous_rates=[6,12]), or head='skip'")
     for key, tensor in state.items():
-        if layout == "deeplabv2":
+        if layout == "mmseg":
+            m = _MMSEG_PART.match(key)
+            if (m.group(1) or "") != chosen:
+                other = m.group(1) or "(no prefix)"
+                role = _MMSEG_MEMBER_ROLE.get(other, "another network of the file")
+                report.dropped[key] = f"{other}.* ({role}), not the member loaded ({chosen}.*)"
+                continue
+            dst, reason = _map_mmseg_key(m.group(3), m.group(2), target, path, key)
+        elif layout == "mmcv_v1c":
+            dst, reason = _map_mmcv_v1c_key(key, target, path)
+        elif layout == "deeplabv2":
             dst, reason = key, None
             if key.endswith("num_batches_tracked") and key not in target:
                 dst, reason = None, "BatchNorm step counter (not used by frozen BN)"
@@ -431,8 +585,12 @@ def load_state(model, raw: dict[str, torch.Tensor], metadata: dict[str, Any], *,
         elif key.startswith(("head.", "aux_head.")) or key.endswith("num_batches_tracked"):
             report.not_in_file.append(key)
         else:
+            hint = ""
+            if key.startswith("backbone.stem."):
+                hint = ("; the model has mmcv's V1c deep stem, the file the 7x7 conv1: build it "
+                        "with stem='caffe'")
             raise WeightsError(f"{path}: missing backbone key {key!r} (the file's {layout} "
-                               f"weights do not fit this {_describe(model)})")
+                               f"weights do not fit this {_describe(model)}{hint})")
 
     # Follow the weights' layout, preprocessing and resizing convention before copying.
     if layout == "deeplabv2":
@@ -448,10 +606,13 @@ def load_state(model, raw: dict[str, torch.Tensor], metadata: dict[str, Any], *,
     else:
         backbone_layout = _BACKBONE_LAYOUT.get(layout)
         report.preprocessing = _PREPROCESSING[layout]
-        align = get_alignment(alignment or getattr(model, "alignment", None))
+        default = "pytorch" if layout == "mmseg" and report.head_loaded else None
+        align = get_alignment(alignment or default or getattr(model, "alignment", None))
         report.notes += _foreign_notes(layout, model, align.name, report.head_loaded)
     report.alignment = align.name
     model.alignment = align
+    if layout == "mmseg" and report.head_loaded:
+        _classes_from_meta(model, mmcv_meta, report)
     if backbone_layout and hasattr(model.backbone, "set_layout"):
         model.backbone.set_layout(backbone_layout)
     report.backbone_layout = backbone_layout
@@ -464,10 +625,28 @@ def load_state(model, raw: dict[str, torch.Tensor], metadata: dict[str, Any], *,
     return report
 
 
+def _classes_from_meta(model, meta: dict, report: LoadReport) -> None:
+    """Class names and colours of an mmseg checkpoint (``meta['CLASSES']``/``['PALETTE']``,
+    written by mmseg's ``train.py``) onto ``model.classes``/``model.palette`` when they count
+    the model's classes, so that ``save_weights(model, path, model.classes, model.palette)``
+    keeps them."""
+    classes, palette = meta.get("CLASSES"), meta.get("PALETTE")
+    n = model.num_classes
+    if isinstance(classes, (list, tuple)) and len(classes) == n and \
+            all(isinstance(c, str) for c in classes):
+        model.classes = list(classes)
+        report.notes.append(f"classes from the file's meta: {', '.join(classes[:4])}"
+                            + (" ..." if n > 4 else ""))
+    if isinstance(palette, (list, tuple)) and len(palette) == n and \
+            all(isinstance(c, (list, tuple)) and len(c) == 3 for c in palette):
+        model.palette = [[int(v) for v in c] for c in palette]
+
+
 def _describe(model) -> str:
     c = model.config
     if c["backbone"] == "resnet":
-        return f"ResNet with blocks {tuple(c['blocks'])} and width {c['width']}"
+        stem = " and the v1c stem" if c.get("stem") == "v1c" else ""
+        return f"ResNet with blocks {tuple(c['blocks'])} and width {c['width']}{stem}"
     return "VGG-16"
 
 

@@ -15,7 +15,10 @@ from torch import nn
 #: only, the function AdaptSegNet's ``Classifier_Module`` computes (its ``return`` sits inside
 #: the summing loop), so that checkpoints trained with it are reproduced and it is trained as
 #: AdaptSegNet (``model/deeplab_multi.py``) and DACS (``model/deeplabv2.py``) train it; ADVENT
-#: and FDA sum all four. Branches 2 and 3 stay in the state dict either way; in
+#: and FDA sum all four. DAFormer/HRDA/MIC's "dlv2red" head (``DLV2Head`` with
+#: ``dilations=(6, 12)``, ``configs/_base_/models/deeplabv2red_r50-d8.py``) computes the same
+#: function with only those two convolutions in its state dict: ``"aspp"`` with
+#: ``atrous_rates=(6, 12)``. Branches 2 and 3 stay in the state dict either way; in
 #: ``"adaptsegnet"`` mode they get ``requires_grad=False``: they receive no gradient in the
 #: released code, whose SGD skips a parameter whose ``grad`` is None (no update, no weight
 #: decay), and DDP then sees no unused parameter.

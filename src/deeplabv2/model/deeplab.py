@@ -10,7 +10,7 @@ from torch import nn
 from .preprocessing import CAFFE_BGR, Preprocessing
 from .alignment import CAFFE, Alignment, get_alignment
 from .aspp import ASPP
-from .resnet import BN_MODES, ResNet
+from .resnet import BN_MODES, STEMS, ResNet
 from .vgg import VGG16, VGGASPP
 
 RESNET_DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
@@ -164,11 +164,25 @@ def build_model(config: dict[str, Any], preprocessing: Preprocessing | None = No
     ``frozen_bn``: true is "frozen", false "train"), ``layout`` ("caffe" or "torchvision")
     and ``head_mode`` ("aspp", or "adaptsegnet" for AdaptSegNet-trained files: see
     :data:`deeplabv2.model.aspp.HEAD_MODES`), ``aux_head`` (True: the multi-level auxiliary
-    ASPP on layer3 of AdaptSegNet/ADVENT, same rates and head mode).
+    ASPP on layer3 of AdaptSegNet/ADVENT, same rates and head mode), ``stem`` ("caffe", the
+    default: the 7x7 DeepLab stem; "v1c": mmseg's ResNetV1c deep stem, see
+    :mod:`deeplabv2.model.resnet`) and ``contract_dilation`` (the first block of layer3/layer4
+    at half dilation, as mmseg's ``ResLayer``; default: true with the v1c stem, false
+    otherwise). With ``stem: v1c`` the layout defaults to "torchvision" (mmseg's
+    ``style='pytorch'``: the stride on the 3x3 convolution, max-pool without ``ceil_mode``).
+
+    The DeepLab v2 of DAFormer/HRDA/MIC ("dlv2red" with ResNet-101 V1c) is
+    ``{"stem": "v1c", "bn": "train", "atrous_rates": [6, 12]}``: their ``DLV2Head`` with
+    ``dilations=(6, 12)`` has exactly two 3x3 convolutions with bias, summed, which is this
+    ASPP with two rates (``head_mode`` "aspp"), not the four-branch "adaptsegnet" head whose
+    branches 2-3 are kept in the state dict.
+
+    Keys at their default (``stem`` caffe, ``contract_dilation`` false, ``head_mode`` aspp) are
+    not written into the returned config, so the configs of older checkpoints stay as they were.
     """
     cfg = dict(config)
     known = {"backbone", "num_classes", "atrous_rates", "blocks", "width", "frozen_bn", "bn",
-             "layout", "head_mode", "aux_head"}
+             "layout", "head_mode", "aux_head", "stem", "contract_dilation"}
     unknown = set(cfg) - known
     if unknown:
         raise ValueError(f"unknown model config keys {sorted(unknown)}; valid: {sorted(known)}")
@@ -183,7 +197,15 @@ def build_model(config: dict[str, Any], preprocessing: Preprocessing | None = No
         blocks = tuple(int(b) for b in cfg.get("blocks", RESNET_DEPTHS[101]))
         width = int(cfg.get("width", 64))
         bn = bn_mode(cfg)
-        layout = cfg.get("layout", "caffe")
+        stem = cfg.pop("stem", None) or "caffe"
+        if stem not in STEMS:
+            raise ValueError(f"model config stem={stem!r}; valid values: {', '.join(STEMS)}")
+        contract = cfg.pop("contract_dilation", None)
+        if contract is None:
+            contract = stem == "v1c"
+        if contract not in (True, False):
+            raise ValueError(f"model config contract_dilation={contract!r} must be true or false")
+        layout = cfg.get("layout") or ("torchvision" if stem == "v1c" else "caffe")
         head_mode = cfg.get("head_mode", "aspp")
         # Recorded as the files written before "batch" existed record it (frozen_bn, same key
         # order), so that their configs and bytes stay what they were; "batch" as bn (which an
@@ -196,7 +218,14 @@ def build_model(config: dict[str, Any], preprocessing: Preprocessing | None = No
             cfg.update(blocks=list(blocks), width=width, frozen_bn=bn == "frozen", layout=layout)
         if head_mode != "aspp":
             cfg["head_mode"] = head_mode
-        backbone = ResNet(blocks, layout=layout, width=width, bn=bn)
+        if stem != "caffe":
+            cfg["stem"] = stem
+        if contract:
+            cfg["contract_dilation"] = True
+        elif stem != "caffe":
+            cfg["contract_dilation"] = False  # not this stem's default: say so
+        backbone = ResNet(blocks, layout=layout, width=width, bn=bn, stem=stem,
+                          contract_dilation=contract)
         head = ASPP(backbone.out_channels, num_classes, rates, head_mode=head_mode)
         if cfg.get("aux_head"):
             cfg["aux_head"] = True
@@ -204,7 +233,8 @@ def build_model(config: dict[str, Any], preprocessing: Preprocessing | None = No
         else:
             cfg.pop("aux_head", None)
     elif kind == "vgg16":
-        for k in ("blocks", "width", "frozen_bn", "bn", "layout", "head_mode", "aux_head"):
+        for k in ("blocks", "width", "frozen_bn", "bn", "layout", "head_mode", "aux_head", "stem",
+                  "contract_dilation"):
             if k in cfg:
                 raise ValueError(f"model config key {k!r} does not apply to the vgg16 backbone")
         backbone = VGG16()

@@ -2,7 +2,8 @@
 
 The Caffe-converted DeepLab files expect BGR in 0-255 minus the ImageNet mean pixel
 (104.008, 116.669, 122.675) and no std (cf. DeepLab-v2 ``train.prototxt``, ``mean_value``);
-torchvision/timm ResNets expect RGB in [0, 1] normalised by the ImageNet mean/std.
+torchvision/timm ResNets expect RGB in [0, 1] normalised by the ImageNet mean/std; mmcv/mmseg
+weights (ResNetV1c, DAFormer/HRDA/MIC checkpoints) the same mean/std scaled to 0-255.
 """
 
 from __future__ import annotations
@@ -79,6 +80,12 @@ def normalize(x: torch.Tensor, p: Preprocessing) -> torch.Tensor:
 
 CAFFE_BGR = Preprocessing("BGR", 1.0, (104.008, 116.669, 122.675))
 TORCHVISION_RGB = Preprocessing("RGB", 255.0, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+#: mmcv/mmseg's ``img_norm_cfg`` (``mean=[123.675, 116.28, 103.53], std=[58.395, 57.12,
+#: 57.375], to_rgb=True``, e.g. lhoyer/DAFormer ``configs/_base_/datasets/
+#: uda_gta_to_cityscapes_512x512.py``): the ImageNet mean/std of :data:`TORCHVISION_RGB` times
+#: 255, applied to 0-255 RGB as ``mmcv.imnormalize`` does (the same function; this form rounds
+#: as theirs).
+MMSEG_RGB = Preprocessing("RGB", 1.0, (123.675, 116.28, 103.53), (58.395, 57.12, 57.375))
 
 
 def to_rgb(x: torch.Tensor, p: Preprocessing) -> torch.Tensor:

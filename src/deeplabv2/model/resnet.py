@@ -10,6 +10,22 @@ The layout follows the Caffe MSRA ResNet that the DeepLab init files were conver
 
 Weights trained with the torchvision layout (stride on the 3x3 convolution, ``ceil_mode=False``)
 are supported by switching :attr:`ResNet.layout`; the parameters are the same either way.
+
+``stem="v1c"`` builds the ResNet-101 V1c of mmcv/mmsegmentation that DAFormer, HRDA and MIC run
+as their DeepLab v2 backbone (``ResNetV1c`` in ``mmseg/models/backbones/resnet.py`` of
+lhoyer/DAFormer, identical in lhoyer/HRDA and lhoyer/MIC; their config
+``configs/_base_/models/deeplabv2_r50-d8.py`` with depth 101):
+
+* the "deep stem" ``stem``: three 3x3 convolutions ``3 -> width/2`` (stride 2), ``width/2 ->
+  width/2``, ``width/2 -> width`` (padding 1, no bias), each followed by BN and ReLU, held as one
+  ``nn.Sequential`` whose indices 0-8 are mmseg's (conv 0/3/6, BN 1/4/7, ReLU 2/5/8); then the
+  3x3/2 max-pool with padding 1 and ``ceil_mode=False``;
+* ``style='pytorch'``: the stride of a stage sits on the 3x3 convolution (our ``"torchvision"``
+  layout, the default with this stem);
+* ``strides=(1, 2, 1, 1)``, ``dilations=(1, 1, 2, 4)`` with ``contract_dilation=True``: the
+  first block of a dilated stage runs at half its dilation (``ResLayer`` in
+  ``mmseg/models/utils/res_layer.py``: layer3 block 0 at 1, layer4 block 0 at 2), every other
+  block at the stage's 2 or 4.
 """
 
 from __future__ import annotations
@@ -20,6 +36,10 @@ from torch import nn
 
 #: layout name -> (stride on the first 1x1 conv?, max-pool ceil_mode)
 LAYOUTS = {"caffe": (True, True), "torchvision": (False, False)}
+
+#: ``"caffe"``: the 7x7/2 convolution ``conv1`` + ``bn1`` of the DeepLab (MSRA) ResNet;
+#: ``"v1c"``: mmseg's ResNetV1c deep stem (three 3x3 convolutions, ``stem.0`` ... ``stem.8``).
+STEMS = ("caffe", "v1c")
 
 
 class FrozenBatchNorm2d(nn.Module):
@@ -146,12 +166,29 @@ class ResNet(nn.Module):
     """Dilated ResNet returning the stride-8 ``(N, 2048, H/8, W/8)`` features of layer4."""
 
     def __init__(self, blocks: tuple[int, int, int, int], frozen_bn: bool = True,
-                 layout: str = "caffe", width: int = 64, bn: str | None = None):
+                 layout: str = "caffe", width: int = 64, bn: str | None = None,
+                 stem: str = "caffe", contract_dilation: bool = False):
         super().__init__()
+        if stem not in STEMS:
+            raise ValueError(f"unknown ResNet stem {stem!r}; expected one of {', '.join(STEMS)}")
+        if stem == "v1c" and width % 2:
+            raise ValueError(f"the v1c stem halves the width: width must be even, got {width}")
         norm = make_norm(bn if bn is not None else frozen_bn)  # bn: one of BN_MODES
         self.blocks = tuple(blocks)
-        self.conv1 = nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False)
-        self.bn1 = norm(width)
+        self.stem_kind = stem
+        self.contract_dilation = bool(contract_dilation)
+        if stem == "caffe":
+            self.conv1 = nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False)
+            self.bn1 = norm(width)
+        else:  # mmseg ResNet._make_stem_layer with deep_stem=True (stem_channels = width)
+            half = width // 2
+            self.stem = nn.Sequential(
+                nn.Conv2d(3, half, 3, stride=2, padding=1, bias=False), norm(half),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(half, half, 3, stride=1, padding=1, bias=False), norm(half),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(half, width, 3, stride=1, padding=1, bias=False), norm(width),
+                nn.ReLU(inplace=True))
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True)
         self.inplanes = width
@@ -169,7 +206,9 @@ class ResNet(nn.Module):
             downsample = nn.Sequential(
                 nn.Conv2d(self.inplanes, planes * 4, 1, stride=stride, bias=False),
                 norm(planes * 4))
-        layers = [Bottleneck(self.inplanes, planes, stride, dilation, downsample, norm)]
+        # contract_dilation (mmseg ResLayer): the first block of a dilated stage at half rate
+        first = dilation // 2 if self.contract_dilation and dilation > 1 else dilation
+        layers = [Bottleneck(self.inplanes, planes, stride, first, downsample, norm)]
         self.inplanes = planes * 4
         layers += [Bottleneck(self.inplanes, planes, 1, dilation, None, norm) for _ in range(1, n)]
         return nn.Sequential(*layers)
@@ -188,9 +227,18 @@ class ResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)[1]
 
+    def stem_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The stem before the max-pool: 7x7/2 conv + BN + ReLU, or the v1c deep stem."""
+        if self.stem_kind == "caffe":
+            return self.relu(conv_bn(self.conv1, self.bn1, x))
+        s = self.stem
+        for i in (0, 3, 6):
+            x = s[i + 2](conv_bn(s[i], s[i + 1], x))
+        return x
+
     def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(layer3, layer4)`` stride-8 features: ``(N, 1024, h, w)`` and ``(N, 2048, h, w)``
         for ResNet-101 (layer3 feeds the multi-level auxiliary head of AdaptSegNet/ADVENT)."""
-        x = self.maxpool(self.relu(conv_bn(self.conv1, self.bn1, x)))
+        x = self.maxpool(self.stem_features(x))
         x3 = self.layer3(self.layer2(self.layer1(x)))
         return x3, self.layer4(x3)
