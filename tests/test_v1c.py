@@ -475,9 +475,8 @@ def test_mmseg_param_groups_follow_mmcv_custom_keys():
     """mmcv's DefaultOptimizerConstructor with custom_keys {'head': lr_mult 10}, written out:
     a parameter whose mmseg name contains 'head' gets 10x lr, every parameter weight decay
     0.01 (no bias/norm multipliers)."""
-    from deeplabv2.model.param_groups import mmseg_param_groups
     model = v1c()
-    groups = mmseg_param_groups(model, lr=6e-5, weight_decay=0.01)
+    groups = model.param_groups(6e-5, 0.01, style="mmseg")
     got = {id(p): (g["lr"], g["weight_decay"]) for g in groups for p in g["params"]}
     assert sum(len(g["params"]) for g in groups) == len(got)  # each parameter once
     params = dict(model.named_parameters())
