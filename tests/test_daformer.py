@@ -335,7 +335,7 @@ def test_packaged_daformer_configs_carry_the_released_settings(name):
     assert a.pseudo_margins == [15, 120, 0, 0] and a.fdist_lambda == 0.005
     assert a.fdist_min_ratio == 0.75 and m.bn == "train"
     assert (m.stem, m.atrous_rates, m.head_mode, m.alignment) == ("v1c", [6, 12], "aspp", "pytorch")
-    assert m.weights == "resnet101_v1c-e67eebb6.pth"
+    assert m.weights == "resnet101_v1c-e67eebb6.pth" and cfg.eval.protocol == "mmseg"
     things19 = [6, 7, 11, 12, 13, 14, 15, 16, 17, 18]
     if m.num_classes == 19:
         assert a.fdist_classes == things19

@@ -193,12 +193,18 @@ def test_named_protocols_carry_the_released_settings():
     assert (d.image_size, d.image_filter, d.label_size, d.label_filter) == (
         (512, 1024), "bilinear", (512, 1024), "nearest")
     assert all(p.source for p in PROTOCOLS.values())
-    assert NAMES == ("none", "adaptsegnet", "advent", "fda", "dacs")
+    assert NAMES == ("none", "adaptsegnet", "advent", "fda", "dacs", "mmseg")
+    # DAFormer configs/_base_/datasets/uda_gta_to_cityscapes_512x512.py: Resize to (1024, 512)
+    # keeping the ratio (cv2), logits to the input then to 2048x1024 with align_corners False
+    m = PROTOCOLS["mmseg"]
+    assert (m.image_size, m.image_filter, m.label_size) == ((512, 1024), "cv2_bilinear",
+                                                           (1024, 2048))
+    assert m.via_input and not m.align_corners and m.upsample == "scores"
 
 
 def test_unknown_protocol_is_an_error_listing_the_valid_ones():
     with pytest.raises(ConfigError, match="eval.protocol must be one of none, adaptsegnet, "
-                                          "advent, fda, dacs, got 'fdaa'"):
+                                          "advent, fda, dacs, mmseg, got 'fdaa'"):
         load_config("configs/gta5_to_cityscapes_fda.yaml", ["eval.protocol=fdaa"])
     with pytest.raises(ValueError, match="valid: none, adaptsegnet"):
         get_protocol("deeplab")
@@ -277,3 +283,33 @@ def test_evaluate_command_takes_protocol(tmp_path, capsys):
     assert "<th>protocol</th><td>advent" in (tmp_path / "report" / "index.html").read_text()
     assert main(["evaluate", ckpt, "-c", str(cfg_path), "--protocol", "nope"]) == 2
     assert "valid: none, adaptsegnet, advent, fda, dacs" in capsys.readouterr().err
+
+
+def test_mmseg_protocol_is_their_test_pipeline():
+    """mmseg's whole-image test of DAFormer/HRDA/MIC: the image halved by cv2's INTER_LINEAR (at
+    0.5 the rounded-half-up mean of each 2x2 block), the stride-8 logits resized
+    (align_corners False) to the input, then to the labels, argmax."""
+    model = stub(0)
+    ds = Tiny(44, 76)
+    protocol = PROTOCOLS["mmseg"].with_sizes((22, 38), (44, 76))
+    hist = np.zeros((C, C))
+    mean = np.asarray(_mean(model), np.float32)
+    for image, label in (ds.load(i) for i in range(len(ds))):
+        blocks = image.astype(np.int64).reshape(22, 2, 38, 2, 3).sum((1, 3))
+        half = ((blocks + 2) // 4).astype(np.uint8)  # round half up of the 2x2 mean
+        arr = half.astype(np.float32)[:, :, ::-1] - mean
+        x = torch.from_numpy(arr.transpose(2, 0, 1).copy())[None]
+        out = F.interpolate(known_scores(x, 0), size=(22, 38), mode="bilinear",
+                            align_corners=False)
+        out = F.interpolate(out, size=(44, 76), mode="bilinear", align_corners=False)
+        pred = out[0].argmax(0).numpy()
+        a, b = label.flatten().astype(int), pred.flatten()
+        k = a < C
+        hist += np.bincount(C * a[k] + b[k], minlength=C * C).reshape(C, C)
+    results = evaluate(model, ds, protocol=protocol)
+    assert np.array_equal(np.asarray(results["confusion"]), hist)
+    assert results["protocol"]["name"] == "mmseg" and results["protocol"]["via_input"]
+    # the direct upsampling (no stop at the input size) scores otherwise on these scores
+    direct = evaluate(model, ds, protocol=protocol.__class__(**{
+        **{k: getattr(protocol, k) for k in protocol.__dataclass_fields__}, "via_input": False}))
+    assert not np.array_equal(np.asarray(direct["confusion"]), hist)

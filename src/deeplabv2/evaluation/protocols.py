@@ -41,7 +41,10 @@ from torch.nn import functional as F
 from ..data.cityscapes_labels import SYNTHIA13_TRAIN_IDS, SYNTHIA16_TRAIN_IDS
 from ..model.alignment import get_alignment
 
-FILTERS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
+FILTERS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST,
+           # OpenCV's INTER_LINEAR (mmcv.imresize's default): half-pixel bilinear without
+           # antialiasing, rounded half up to uint8 (see _cv2_bilinear)
+           "cv2_bilinear": None}
 UPSAMPLE = ("scores", "probs")
 
 
@@ -60,6 +63,9 @@ class Protocol:
     ensemble: str = "scores"
     class_subsets: dict = field(default_factory=dict)  # {name: 19-class train ids}
     source: str = ""  # the released files it follows
+    # mmseg: the logits are first resized to the network's input (encode_decode), then to the
+    # labels (whole_inference's rescale), both bilinear with align_corners
+    via_input: bool = False
 
     def __post_init__(self):
         for key in ("image_filter", "label_filter"):
@@ -124,6 +130,8 @@ class Protocol:
             scores = F.softmax(scores, dim=1)
         # Alignment.resize: bilinear F.interpolate to a size, corners aligned for "caffe"
         resize = get_alignment("caffe" if self.align_corners else "pytorch").resize
+        if self.via_input:
+            scores = resize(scores, x.shape[-2:])
         return resize(scores, label_size).argmax(1)[0]
 
     def _stride8(self, net, x) -> torch.Tensor:
@@ -161,8 +169,23 @@ def _pil_resize(array: np.ndarray, size, filter_name: str) -> np.ndarray:
         return array
     if array.dtype != np.uint8:
         raise ValueError(f"PIL resizing needs uint8 arrays, got {array.dtype}")
+    if filter_name == "cv2_bilinear":
+        return _cv2_bilinear(array, size)
     img = Image.fromarray(array)
     return np.array(img.resize((size[1], size[0]), FILTERS[filter_name]))
+
+
+def _cv2_bilinear(image: np.ndarray, size) -> np.ndarray:
+    """``cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)`` of a uint8 image: each
+    output pixel samples the input at ``(i + 0.5) * scale - 0.5`` bilinearly, with no
+    antialiasing (PyTorch's ``align_corners=False`` bilinear, the same sampling), rounded half
+    up. OpenCV computes in 11-bit fixed point: exact for Cityscapes' 0.5 scale (weights 1/2),
+    possibly one grey level apart at other scales."""
+    x = torch.from_numpy(np.ascontiguousarray(image)).float()
+    x = x.permute(2, 0, 1)[None] if x.dim() == 3 else x[None, None]
+    y = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+    y = torch.floor(y + 0.5).clamp(0, 255).to(torch.uint8)
+    return (y[0].permute(1, 2, 0) if image.ndim == 3 else y[0, 0]).numpy()
 
 
 CITYSCAPES_LABELS = (1024, 2048)
@@ -202,6 +225,16 @@ PROTOCOLS = {
         "dacs", image_size=(512, 1024), image_filter="bilinear",
         label_size=(512, 1024), align_corners=True, upsample="scores",
         source="vikolss/DACS evaluateUDA.py, data/cityscapes_loader.py"),
+    # DAFormer/HRDA/MIC's DeepLab v2 through mmseg: test_pipeline Resize(img_scale (1024, 512),
+    # keep_ratio) by mmcv.imresize (cv2 INTER_LINEAR), EncoderDecoder.encode_decode resizes the
+    # logits to the input, whole_inference to the original 2048x1024 (align_corners False, the
+    # DLV2Head's), argmax against the full-size labels
+    "mmseg": Protocol(
+        "mmseg", image_size=(512, 1024), image_filter="cv2_bilinear",
+        label_size=CITYSCAPES_LABELS, align_corners=False, upsample="scores",
+        ensemble="scores", via_input=True,
+        source="lhoyer/DAFormer configs/_base_/datasets/uda_gta_to_cityscapes_512x512.py "
+               "(test_pipeline), mmseg/models/segmentors/encoder_decoder.py"),
 }
 
 NAMES = ("none", *PROTOCOLS)
