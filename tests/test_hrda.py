@@ -209,3 +209,56 @@ def test_model_errors():
         model.forward_train(torch.zeros(1, 3, 60, 64))
     with pytest.raises(RuntimeError, match="forward_train"):
         model.train()(torch.zeros(1, 3, 64, 64))
+
+
+# -- (4) full-resolution sliding inference ------------------------------------------------------
+def released_starts(length, crop, stride):
+    """extract_slide_feat / slide_inference: grids = max(L - c + s - 1, 0) // s + 1, window at
+    i * s, moved back to end at the border."""
+    grids = max(length - crop + stride - 1, 0) // stride + 1
+    return [max(min(i * stride + crop, length) - crop, 0) for i in range(grids)]
+
+
+def test_detail_sliding_averages_half_overlapping_detail_windows_on_the_grid():
+    net = tiny_network()
+    model = HRDA(net, detail_crop=32).eval()
+    x = torch.randn(1, 3, 48, 80)
+    with torch.no_grad():
+        got = model.detail_sliding(x)
+        total = torch.zeros(1, 3, 6, 10)
+        count = torch.zeros(1, 1, 6, 10)
+        rows, cols = released_starts(48, 32, 16), released_starts(80, 32, 16)
+        assert rows == [0, 16] and cols == [0, 16, 32, 48]
+        for t in rows:
+            for left in cols:
+                total[..., t // 8:t // 8 + 4, left // 8:left // 8 + 4] += \
+                    net.logits(x[..., t:t + 32, left:left + 32])[..., :4, :4]
+                count[..., t // 8:t // 8 + 4, left // 8:left // 8 + 4] += 1
+    torch.testing.assert_close(got, total / count)
+
+
+def test_eval_forward_fuses_unmasked_and_runs_in_the_fronts_sliding_mode():
+    from deeplabv2.inference.front import infer
+
+    net = tiny_network()
+    model = HRDA(net, detail_crop=32).eval()
+    x = torch.randn(1, 3, 64, 128)
+    with torch.no_grad():
+        context, att = model.context(x)
+        detail = model.detail_sliding(x)
+        expected = up(att, 8, 16) * detail.double() + up((1 - att) * context, 8, 16)
+        torch.testing.assert_close(model(x, upsample=False).double(), expected,
+                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model(x).double(), up(expected, 64, 128),
+                                   rtol=1e-5, atol=1e-5)
+        # the test protocol: windows of the context-crop size (here 64, stride 32) over the
+        # full image, probabilities averaged by the front
+        probs = infer(model, x, mode="sliding", crop_size=64, stride=32)
+        total = torch.zeros(1, 3, 64, 128)
+        count = torch.zeros(1, 1, 64, 128)
+        for left in released_starts(128, 64, 32):
+            total[..., left:left + 64] += F.softmax(model(x[..., left:left + 64]), dim=1)
+            count[..., left:left + 64] += 1
+    torch.testing.assert_close(probs, total / count)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        model(torch.zeros(1, 3, 40, 64))
