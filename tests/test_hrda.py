@@ -138,6 +138,7 @@ def test_forward_train_runs_one_network_on_both_crops(layout):
                                torch.sigmoid(model.scale_attention(feats))[..., :4, :4],
                                atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(out["detail"], net.logits(x[..., y1:y2, x1:x2])[..., :4, :4])
+    torch.testing.assert_close(out["context_features"], feats, atol=1e-4, rtol=1e-4)
     assert out["fused"].shape == (2, 3, 8, 8)
     # the attention head has the network head's form and a class-wise output
     assert [c.dilation for c in model.scale_attention.convs] == [(6, 6), (12, 12)]

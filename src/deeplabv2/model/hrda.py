@@ -35,6 +35,12 @@ Written from the released code (lhoyer/HRDA), not copied from it:
   ``extract_slide_feat``) at full resolution averaged on the detail grid, and the attention is
   not masked. The outer 1024-window / 512-stride sliding of the test protocol is the inference
   front's ``mode: sliding`` (:mod:`deeplabv2.inference.front`) around this forward.
+  The teacher's pseudo-labels of a target training crop are this same forward on the whole
+  crop (uda/dacs.py ``generate_pseudo_label`` -> ``encode_decode``).
+* DAFormer's feature distance on HRDA (``feature_scale = 0.5`` in experiments.py): on the
+  context pass's backbone features (``forward_train``'s ``"context_features"``), against the
+  frozen ImageNet backbone on the same half-size image, the crop's labels downscaled by
+  ``crop width // feature width`` (16) (uda/dacs.py ``calc_feat_dist``).
 
 Grid convention. mmseg's ResNet gives ``H / 8`` cells for an ``H`` input; this project's caffe
 layout gives ``H // 8 + 1`` (cell ``i`` on pixel ``8 i``). The score maps are trimmed to their
@@ -232,14 +238,21 @@ class HRDA(nn.Module):
         feats = self.network.backbone(x)
         return feats, self._grid(self.network.head(feats), x.shape[-2:])
 
-    def context(self, x: torch.Tensor):
-        """Context scores and sigmoid attention of the full-resolution ``x`` at the context
-        scale (bilinear, ``align_corners=False``, as mmseg's ``resize``)."""
+    def context_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The full-resolution ``x`` at the context scale (bilinear, ``align_corners=False``,
+        as mmseg's ``resize``)."""
+        if self.context_scale == 1:
+            return x
         size = (int(x.shape[-2] * self.context_scale), int(x.shape[-1] * self.context_scale))
-        small = _resize(x, size) if self.context_scale != 1 else x
+        return _resize(x, size)
+
+    def context(self, x: torch.Tensor, features: bool = False):
+        """Context scores and sigmoid attention of the full-resolution ``x`` (and the context
+        backbone features with ``features=True``)."""
+        small = self.context_input(x)
         feats, scores = self._scores(small)
-        attention = torch.sigmoid(self._grid(self.scale_attention(feats), size))
-        return scores, attention
+        attention = torch.sigmoid(self._grid(self.scale_attention(feats), small.shape[-2:]))
+        return (scores, attention, feats) if features else (scores, attention)
 
     def forward_train(self, x: torch.Tensor, generator: torch.Generator | None = None,
                       box=None) -> dict:
@@ -250,12 +263,12 @@ class HRDA(nn.Module):
             raise ValueError(f"hrda crop {height}x{width} is not a multiple of 8")
         if box is None:
             box = detail_crop_box(height, width, self.detail_crop, self.divisible, generator)
-        context, attention = self.context(x)
+        context, attention, feats = self.context(x, features=True)
         _, detail = self._scores(crop_box(x, box))
         fused = fuse_scales(context, detail, attention, box, self.output_stride,
                             self.context_scale)
         return {"fused": fused, "context": context, "detail": detail, "attention": attention,
-                "box": tuple(box)}
+                "box": tuple(box), "context_features": feats}
 
     def detail_sliding(self, x: torch.Tensor) -> torch.Tensor:
         """Detail scores of the whole ``x`` on its ``/ 8`` grid: detail-crop windows every half
