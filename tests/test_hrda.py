@@ -263,3 +263,19 @@ def test_eval_forward_fuses_unmasked_and_runs_in_the_fronts_sliding_mode():
     torch.testing.assert_close(probs, total / count)
     with pytest.raises(ValueError, match="multiple of 16"):
         model(torch.zeros(1, 3, 40, 64))
+
+
+def test_released_geometry_1024_context_512_detail():
+    # experiments.py hrda1-512-0.1 on a 1024x1024 crop: context 512 px -> 64 cells, detail
+    # 512 px -> 64 cells at box / 8, fused grid 128 cells; defaults are the released values
+    model = HRDA(tiny_network(classes=2))
+    assert (model.detail_crop, model.context_scale, model.divisible) == ((512, 512), 0.5, 8)
+    with torch.no_grad():
+        out = model.forward_train(torch.randn(1, 3, 1024, 1024), box=(504, 1016, 0, 512))
+    assert out["context"].shape[-2:] == (64, 64) and out["attention"].shape[-2:] == (64, 64)
+    assert out["detail"].shape[-2:] == (64, 64) and out["fused"].shape[-2:] == (128, 128)
+    # the attention mask starts at context row int(504 / 16) = 31; upsampled x2 with half-pixel
+    # centres, fused row i reads context rows around (i + 0.5) / 2 - 0.5, so rows 0..59 (<= 29.25
+    # -> rows 29, 30) see no attention: there the fused scores are the upsampled context alone
+    torch.testing.assert_close(out["fused"][..., :60, :].double(),
+                               up(out["context"], 128, 128)[..., :60, :], rtol=1e-5, atol=1e-5)
