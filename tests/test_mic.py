@@ -245,3 +245,25 @@ def test_training_with_mic_resumes_exactly(tmp_path, method, more):
     cut = torch.load(tmp_path / "cut" / "last.pth", weights_only=True)["adapt_state"]["modules"]
     for k, v in modules.items():
         assert torch.equal(v, cut[k]), k
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_daformer_with_mic(tmp_path):
+    """DAFormer + MIC as 2 gloo processes (three passes, the last one synchronising the
+    gradients): the replicas agree, and so do the teachers."""
+    import json
+
+    from deeplabv2.config import save_config
+    from torchrun import run_torchrun
+    cfg_path = tmp_path / "uda.yaml"
+    save_config(uda_config(tmp_path / "run", "daformer", "train.iterations=2",
+                           "train.checkpoint_every=2", "data.scale_range=[1, 1]",
+                           "adapt.pseudo_threshold=0.2", "adapt.mic={block_size: 16}",
+                           *DAFORMER), cfg_path)
+    code, _, stderr = run_torchrun(["train", "-c", cfg_path], tmp_path)
+    assert code == 0, stderr[-3000:]
+    assert '"world_size": 2' in (tmp_path / "run" / "replicas.json").read_text()
+    adapt = json.loads((tmp_path / "run" / "replicas_adapt.json").read_text())
+    assert adapt["world_size"] == 2 and adapt["sha256"][0] == adapt["sha256"][1]
+    assert all(math.isfinite(h["loss"]) for h in
+               json.loads((tmp_path / "run" / "history.json").read_text()))
