@@ -215,6 +215,33 @@ def test_packaged_mic_config_is_the_daformer_row_plus_mic():
     assert mic == base
 
 
+def test_packaged_mic_dacs_config_is_daformer_with_its_additions_off():
+    """MIC experiments.py id 81, ('dlv2red', 'r101v1c', uda_dacs): their mmseg DACS (alpha
+    0.99, no feature distance, no margins, no rare-class sampling), the same optimizer and
+    data; adapt.method daformer without its additions, plus MIC."""
+    cfg = load_config("gta5_to_cityscapes_mic_dacs_dlv2")
+    model = _build_model(load_config("gta5_to_cityscapes_mic_dacs_dlv2",
+                                     ["model.blocks=[1, 1, 1, 1]", "model.width=8",
+                                      "model.weights=null"]), 19)
+    method = build_method(cfg.adapt, model)
+    assert isinstance(method, DAFormer) and method.imagenet is None
+    assert method.teacher.alpha == 0.99 and method.pseudo_margins == (0, 0, 0, 0)
+    assert method.mic == MICSettings(0.7, 32, 1.0, True) and method.passes(0) == 3
+    mic = cfg.to_dict()
+    base = load_config("gta5_to_cityscapes_daformer_dlv2").to_dict()
+    changed = {("adapt", "ema_alpha"): (0.999, 0.99),
+               ("adapt", "pseudo_margins"): ([15, 120, 0, 0], [0, 0, 0, 0]),
+               ("adapt", "fdist_lambda"): (0.005, 0.0),
+               ("adapt", "mic"): (None, {"mask_ratio": 0.7, "block_size": 32, "lambda": 1.0,
+                                         "augment": True}),
+               ("data", "rare_class_sampling"): (base["data"]["rare_class_sampling"], None),
+               ("train", "out_dir"): ("runs/gta5_to_cityscapes_daformer_dlv2",
+                                      "runs/gta5_to_cityscapes_mic_dacs_dlv2")}
+    for (section, key), (before, after) in changed.items():
+        assert (base[section].pop(key), mic[section].pop(key)) == (before, after), key
+    assert base["data"]["cat_max_ratio"] == 0.75 and mic == base
+
+
 # -- end to end --------------------------------------------------------------------------------
 @pytest.mark.parametrize("method,more", [("daformer", DAFORMER), ("dacs", [])])
 def test_training_with_mic_resumes_exactly(tmp_path, method, more):
