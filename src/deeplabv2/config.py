@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from .adapt.methods import METHODS
+from .adapt.mic import block_grid, mic_settings
 from .data.transforms import RESIZE_FILTERS
 from .inference.crf import DenseCRF, crf_preset
 from .inference.front import InferenceConfig
@@ -196,6 +197,10 @@ class AdaptConfig:
     fdist_classes: list[int] | None = field(
         default_factory=lambda: [6, 7, 11, 12, 13, 14, 15, 16, 17, 18])  # null: every cell
     fdist_min_ratio: float = 0.75
+    # MIC's masked image consistency on top of dacs or daformer (deeplabv2.adapt.mic): null
+    # off; a mapping {mask_ratio: 0.7, block_size: 64, lambda: 1.0, augment: true} (missing
+    # keys take these values; MIC's DeepLab v2 rows on 512x512 crops use block_size 32)
+    mic: dict[str, Any] | None = None
 
 
 @dataclass
@@ -426,6 +431,7 @@ def _validate_adapt(cfg: Config) -> None:
     if a.method not in METHODS:
         raise ConfigError(f"adapt.method={a.method!r}; valid values: {', '.join(METHODS)}")
     _check_resize("adapt", a.target_resize, a.target_resize_filter, prefix="target_")
+    _validate_mic(cfg)
     if a.method in ("none", "source_only"):
         return
     if not a.target_dataset:
@@ -473,6 +479,24 @@ def _validate_self_training(cfg: Config) -> None:
     if cfg.train.msc_scales or a.multi_level:
         raise ConfigError("adapt.method=daformer takes no train.msc_scales or adapt.multi_level "
                           "(its feature distance reads the single-scale backbone output)")
+
+
+def _validate_mic(cfg: Config) -> None:
+    """``adapt.mic``: read by the self-training methods only, its keys and values checked, the
+    mask grid at least one cell on the crop; written back in full (defaults filled in), so the
+    saved config says what ran."""
+    a = cfg.adapt
+    if a.mic is None:
+        return
+    if a.method not in ("dacs", "daformer"):
+        raise ConfigError(f"adapt.mic (MIC) is an option of the self-training methods (dacs, "
+                          f"daformer), not of adapt.method={a.method}")
+    try:
+        mic = mic_settings(a.mic)
+        block_grid(*cfg.data.crop_size, mic.block_size)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    a.mic = mic.as_config()
 
 
 def _check_resize(section: str, size, image_filter, prefix: str = "") -> None:

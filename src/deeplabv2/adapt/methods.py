@@ -35,6 +35,8 @@ dacs           DACS: ClassMix of source onto target, EMA-teacher pseudo-labels w
                confidence, colour jitter and blur of the mixed images
 daformer       DAFormer's strategy: DACS's self-training (:class:`SelfTraining`) with EMA
                0.999, pseudo-label margins, and the thing-class ImageNet feature distance
+(adapt.mic)    MIC, an option of dacs and daformer: the block-masked, colour-augmented
+               target trained against the teacher's pseudo-labels (:mod:`.mic`)
 =============  ============================================================================
 """
 
@@ -53,6 +55,7 @@ from ..utils.distributed import average_gradients
 from .discriminator import FCDiscriminator, adversarial_loss, discriminator_loss
 from .entropy import FDA_ENTROPY_DIVISOR, charbonnier_entropy, entropy_loss, self_information
 from .fda import fda_source_to_target
+from .mic import augment_batch, block_mask, mic_settings
 from .mix import EMATeacher, classmix_masks, mix, strong_augment, weighted_cross_entropy
 from .self_training import (DAFORMER_MARGINS, FrozenBackbone, downscale_labels_by_majority,
                             feature_distance, pseudo_labels, thing_mask)
@@ -341,7 +344,12 @@ class SelfTraining(Method):
     pseudo-labels) weighted per pixel (1 on source pixels, the confidence share on pseudo-labelled
     ones, 0 in the pseudo-label margins). A subclass sets the released values below; the config
     keys ``ema_alpha``, ``pseudo_threshold`` and ``pseudo_margins`` (None: :attr:`margins`) are
-    read here."""
+    read here.
+
+    With ``adapt.mic`` (:mod:`.mic`) a third pass: MIC's masked image consistency, the
+    colour-augmented, block-masked target batch trained against pass 1's pseudo-labels of the
+    unmasked target and their weights, times ``lambda`` (lhoyer/MIC ``dacs.py``: the masked loss
+    is a backward of its own after the mixed one)."""
 
     needs_target = True
     #: the strong augmentation: kornia ColorJitter strength, channel order kornia gets
@@ -361,6 +369,8 @@ class SelfTraining(Method):
                                   batch_stats=self.teacher_batch_stats(model))
         given = getattr(settings, "pseudo_margins", None)
         self.pseudo_margins = tuple(given) if given is not None else self.margins
+        self.mic = mic_settings(getattr(settings, "mic", None))
+        self._pseudo = None  # pass 1's pseudo-labels and weights, for the MIC pass
 
     @staticmethod
     def teacher_batch_stats(model: nn.Module) -> bool:
@@ -368,7 +378,7 @@ class SelfTraining(Method):
         return getattr(model, "config", {}).get("bn") == "batch"
 
     def passes(self, iteration: int) -> int:
-        return 2
+        return 3 if self.mic is not None else 2
 
     def source_extra(self, step: Step) -> torch.Tensor | None:
         """A term added to pass 0's loss (DAFormer: the feature distance); None: nothing."""
@@ -379,6 +389,8 @@ class SelfTraining(Method):
             loss = self.source_loss(step, step.images)
             extra = self.source_extra(step)
             return loss if extra is None else loss + extra
+        if k == 2:
+            return self.masked_loss(step)
         self.require_one_crop_size(step)
         pre, size = step.model.preprocessing, step.target.shape[-2:]
         with torch.no_grad():
@@ -395,6 +407,33 @@ class SelfTraining(Method):
         logits = step.model.alignment.upsample(main, size)
         loss = weighted_cross_entropy(logits, labels, weights)
         self.logs.update(mix=loss.detach(), pseudo_weight=weight)
+        if self.mic is not None:
+            self._pseudo = (pseudo, pseudo_weights)
+        return loss
+
+    def masked_loss(self, step: Step) -> torch.Tensor:
+        """MIC's pass (see :mod:`.mic`): the target batch colour-augmented as this method
+        augments (:func:`~.mic.augment_batch`), multiplied by a block mask
+        (:func:`~.mic.block_mask`) in the network's input space, through the student; the
+        weighted cross-entropy against pass 1's pseudo-labels and weights, times ``lambda``."""
+        if self._pseudo is None:
+            raise RuntimeError(f"{self.name}: the MIC pass (2) needs the pseudo-labels of "
+                               "pass 1 of the same micro-step")
+        pseudo, weights = self._pseudo
+        self._pseudo = None
+        mic, pre = self.mic, step.model.preprocessing
+        n, _, height, width = step.target.shape
+        with torch.no_grad():
+            x = step.target
+            if mic.augment:
+                x = from_rgb(augment_batch(to_rgb(x, pre), self.jitter_strength,
+                                           self.kornia_order), pre).to(x.dtype)
+            mask = block_mask(n, height, width, mic.block_size, mic.mask_ratio, device=x.device)
+            x = x * mask.to(x.dtype)
+        main, _ = self.scores(step, x)
+        logits = step.model.alignment.upsample(main, (height, width))
+        loss = mic.weight * weighted_cross_entropy(logits, pseudo, weights)
+        self.logs.update(mic=loss.detach(), mic_kept=mask.mean())
         return loss
 
     def after_step(self, model: nn.Module, iteration: int) -> None:
