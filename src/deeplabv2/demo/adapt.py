@@ -16,8 +16,12 @@ loop and evaluated on the *target* validation scenes:
 3. ``target_supervised``: from the same weights, the same iterations on *labelled* target
    scenes: the upper bound of what adaptation can reach.
 
-Writes ``summary.json``, ``table.md``, ``curves.png`` (target-val mIoU during training) and
-``examples.png`` (target image | ground truth | each run's prediction).
+Writes ``summary.json``, ``table.md``, ``curves.png`` (target-val mIoU during training),
+``examples.png`` (target image | ground truth | each run's prediction), and the per-class
+table of :mod:`deeplabv2.evaluation.table` (``deeplabv2 adapt-table``'s): ``per_class.md`` and
+``index.html`` (with table.md's numbers); each run's folder gets its target-val metrics
+(``target_val_metrics.json``), so ``deeplabv2 adapt-table OUT/*/target_val_metrics.json``
+tabulates them again.
 """
 
 from __future__ import annotations
@@ -34,6 +38,9 @@ import torch
 from ..config import load_config
 from ..data import build_dataset
 from ..evaluation.evaluate import evaluate
+from ..evaluation.metrics import save_json
+from ..evaluation.table import Row, build_table, markdown, write_markdown
+from ..app.report import write_table_page
 from ..deploy.fast import optimize_for_inference
 from ..utils.fileio import atomic_write_buffered, atomic_write_text
 from ..train import train
@@ -51,6 +58,8 @@ SOURCE = {"num_samples": 400, "size": SIZE}
 TARGET = {"num_samples": 400, "size": SIZE, "style": "target"}
 TARGET_VAL = {"num_samples": 100, "size": SIZE, "style": "target"}
 SOURCE_VAL = {"num_samples": 100, "size": SIZE}
+#: each run's target-val metrics in its folder (``deeplabv2 adapt-table RUN/FILE ...``)
+TARGET_METRICS = "target_val_metrics.json"
 #: per-method settings for the small demo network (the papers' weights are for ResNet-101 on
 #: 1280x720 crops; the adversarial weight in particular scales with the map size)
 METHOD_SETTINGS = {
@@ -117,12 +126,18 @@ def run_adapt_demo(out_dir="reports/demo_adapt", methods=DEFAULT_METHODS, source
           f"{', '.join(methods)}; evaluated on {len(target_val)} target validation scenes")
 
     runs: dict[str, dict] = {}
+    rows: list = []  # each run's target-val metrics, for the per-class table
 
     def run(name, cfg, t0=None):
         t0 = t0 or time.perf_counter()
         result = train(cfg)
         net = optimize_for_inference(load_model(result.out_dir / "model.pth"))
-        target_miou = evaluate(net, target_val)["miou"]
+        metrics = evaluate(net, target_val)
+        target_miou = metrics["miou"]
+        # the run's target-val evaluation, as `evaluate --out` writes it (adapt-table reads it)
+        save_json(metrics, list(target_val.classes), result.out_dir / TARGET_METRICS)
+        rows.append(Row.from_metrics(name, metrics, list(target_val.classes),
+                                     source=str(result.out_dir / TARGET_METRICS)))
         runs[name] = {"target_val_miou": target_miou, "seconds": round(time.perf_counter() - t0, 1),
                       "iterations": result.iterations,
                       "curve": [(h["iteration"], h["val_miou"]) for h in
@@ -174,10 +189,17 @@ def run_adapt_demo(out_dir="reports/demo_adapt", methods=DEFAULT_METHODS, source
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     atomic_write_text(out / "table.md", _table(runs, summary))
+    table = build_table(rows)
+    write_markdown(table, out / "per_class.md",
+                   title="deeplabv2 demo --adapt: per-class IoU on the target validation scenes")
+    write_table_page(out, table, title="deeplabv2 demo --adapt: synthetic source -> restyled "
+                     "target", palette=target_val.palette, sections=[_html_summary(runs, summary)])
     _curves(runs, out / "curves.png")
     _examples(target_val, {k: out / k / "model.pth" for k in runs}, out / "examples.png")
     print(_table(runs, summary))
-    print(f"report: {out.resolve()} (summary.json, table.md, curves.png, examples.png); "
+    print(markdown(table), end="")
+    print(f"report: {out.resolve()} (index.html, summary.json, table.md, per_class.md, "
+          f"curves.png, examples.png); "
           f"{summary['total_seconds']:.0f} s in all")
     print(_next_steps(out, list(runs), best or "source_only"))
     return summary
@@ -225,6 +247,22 @@ def _table(runs: dict, summary: dict) -> str:
     lines.append(f"\nsource only on source-val: {100 * summary['source_only_source_val_miou']:.1f}"
                  f" mIoU; domain gap {100 * summary['domain_gap']:.1f} points")
     return "\n".join(lines) + "\n"
+
+
+def _html_summary(runs: dict, summary: dict) -> str:
+    """table.md's numbers as a section of the HTML page."""
+    import html
+    base = runs["source_only"]["target_val_miou"]
+    body = "".join(
+        f"<tr><th>{html.escape(name)}</th><td class=\"num\">{100 * r['target_val_miou']:.1f}</td>"
+        f"<td class=\"num\">{100 * (r['target_val_miou'] - base):+.1f}</td>"
+        f"<td class=\"num\">{r['seconds']:.0f}</td></tr>" for name, r in runs.items())
+    return ('<section id="demo-summary"><h2>Target mIoU, gain and time</h2><table id="runs">'
+            "<tr><th>run</th><th>target-val mIoU %</th><th>vs source only</th><th>seconds"
+            f"</th></tr>{body}</table><p class=\"note\">Source only on source-val: "
+            f"{100 * summary['source_only_source_val_miou']:.1f} mIoU; domain gap "
+            f"{100 * summary['domain_gap']:.1f} points; the bound (target_supervised): "
+            f"{100 * summary['target_supervised_miou']:.1f}.</p></section>")
 
 
 def _curves(runs: dict, path: Path) -> None:
