@@ -164,3 +164,38 @@ def test_cli_writes_markdown_and_html_and_reports_bad_inputs(tmp_path, capsys):
     c = _write(tmp_path, "other", _metrics(B, protocol="advent"))
     assert main(["adapt-table", str(a), str(c), "--strict"]) == 2
     assert "rows not comparable" in capsys.readouterr().err
+
+
+def test_adapt_demo_daformer_row_and_its_per_class_table(tmp_path, monkeypatch, capsys):
+    """``demo --adapt --methods daformer`` on a few scenes and iterations: the row runs
+    DAFormer's strategy with the demo's settings, and the demo writes adapt-table's table, the
+    same one the command makes from the runs' files."""
+    from deeplabv2.config import load_config
+    from deeplabv2.demo import adapt as demo
+    for name in ("SOURCE", "TARGET", "TARGET_VAL", "SOURCE_VAL"):
+        monkeypatch.setattr(demo, name, {**getattr(demo, name), "num_samples": 6})
+    summary = demo.run_adapt_demo(
+        tmp_path, methods=("daformer",), source_iterations=4, method_iterations=2,
+        overrides=["model.width=8", "data.batch_size=2", "data.num_workers=0",
+                   "train.threads=1", "train.progress=false", "train.tensorboard=false"])
+    names = ["warm_up", "source_only", "daformer", "target_supervised"]
+    assert list(summary["runs"]) == names
+    cfg = load_config(str(tmp_path / "daformer" / "config.yaml"))
+    assert cfg.adapt.method == "daformer" and cfg.adapt.ema_alpha == 0.999
+    assert cfg.adapt.fdist_classes == [5] and cfg.adapt.pseudo_margins == [3, 22, 0, 0]
+    assert cfg.data.rare_class_sampling["min_pixels"] == 176 and cfg.train.warmup_iters == 11
+    assert cfg.train.optimizer == "sgd" and cfg.model.bn == "batch"
+    rows = [line for line in (tmp_path / "per_class.md").read_text().splitlines()
+            if line.startswith("| ") and not line.startswith("| method")]
+    assert [r.split(" | ")[0][2:] for r in rows[1:]] == names
+    for row, name in zip(rows[1:], names):  # mIoU last, as the summary's
+        miou = summary["runs"][name]["target_val_miou"]
+        assert row.rstrip(" |").split(" | ")[-1].strip("*") == f"{100 * miou:.1f}"
+        assert row.split(" | ")[1] == "[1]"  # one evaluation for all
+    page = (tmp_path / "index.html").read_text()
+    assert '<table id="adapt-table">' in page and '<section id="demo-summary">' in page
+    capsys.readouterr()
+    files = [str(tmp_path / n / demo.TARGET_METRICS) for n in names]
+    assert main(["adapt-table", *files]) == 0
+    printed = capsys.readouterr().out
+    assert all(r in printed for r in rows)
