@@ -101,8 +101,8 @@ def read_row(spec: str) -> Row:
 
 
 def _default_label(path: Path) -> str:
-    return path.parent.name if path.stem in ("metrics", "snapshots", "target_val_metrics") and path.parent.name \
-        else path.stem
+    generic = path.stem in ("metrics", "snapshots", "target_val_metrics")
+    return path.parent.name if generic and path.parent.name else path.stem
 
 
 def _read_json(path: Path):
