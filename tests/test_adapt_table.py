@@ -51,7 +51,7 @@ def test_table_of_metrics_files_has_the_papers_layout_and_values(tmp_path):
     # the highest value of each column in bold
     assert lines[2] == "| dacs | [1] | 66.7 | 42.9 | 50.0 | 53.2 |"
     assert lines[3] == "| daformer | [1] | **87.5** | **100.0** | **66.7** | **84.7** |"
-    assert "[1] none: this project's test-time mode" in text
+    assert "[1] none: this project's front, its test-time mode not recorded" in text
     assert "final model" in text and "Not comparable" not in text
     assert table.flagged == [False, False]
     two = markdown(table, decimals=2).splitlines()
@@ -131,7 +131,33 @@ def test_run_folders_read_snapshots_with_their_selection_else_metrics(tmp_path):
         {"adapt": {"method": "dacs"}, "train": {"val_limit": 5}}))
     row = read_row(str(run_b))
     assert row.label == "dacs" and row.protocol["images"] == "first 5"
-    assert "validation on the first 5 images only" in build_table([row]).footnotes[0]
+    assert "on the first 5 images only" in build_table([row]).footnotes[0]
+    assert "none: this project's front, whole image, one scale" in build_table([row]).footnotes[0]
+
+
+def test_the_test_time_mode_of_a_series_is_part_of_its_evaluation(tmp_path):
+    """Under protocol none, MSC, flip or the CRF change the numbers: a series evaluated with
+    them (config or evaluate's flags) is another evaluation than one without, and --limit
+    counts fewer images."""
+    def series(folder, eval_section, flags):
+        run = tmp_path / folder
+        run.mkdir()
+        (run / "snapshots.json").write_text(json.dumps({
+            "settings": {"eval": eval_section, "flags": flags}, "classes": CLASSES,
+            "snapshots": [{"iteration": 1, "file": "model.pth", "final": True, "miou": 0.5,
+                           "iou": {c: 0.5 for c in CLASSES}, "pixels": 10}]}))
+        return read_row(str(run))
+    plain = series("plain", {"protocol": "none", "avg_scales": [1.0]}, {"msc": None})
+    msc = series("msc", {"protocol": "none", "flip": True}, {"msc": [1, 0.75, 0.5],
+                                                            "crf": True})
+    part = series("part", {"protocol": "none"}, {"limit": 3})
+    assert plain.protocol["test_time"] == "whole image, one scale"
+    assert msc.protocol["test_time"] == "MSC [1, 0.75, 0.5], flip, dense CRF"
+    table = build_table([plain, msc, part])
+    assert table.marks == [0, 1, 2] and table.flagged == [False, True, True]
+    assert table.footnotes[1].startswith("none: this project's front, MSC [1, 0.75, 0.5], "
+                                         "flip, dense CRF; final model")
+    assert "on the first 3 images only" in table.footnotes[2]
 
 
 def test_cli_writes_markdown_and_html_and_reports_bad_inputs(tmp_path, capsys):

@@ -128,16 +128,38 @@ def _from_run(run: Path, label: str | None) -> Row:
         return _from_series(path, _read_json(path), label, selection)
     if (run / "metrics.json").is_file():
         row = _from_metrics_json(run / "metrics.json", _read_json(run / "metrics.json"), label)
-        limit = (cfg.get("train") or {}).get("val_limit") or 0
-        if limit:  # the training's validation counted only the first images
-            row.protocol = {**row.protocol, "images": f"first {limit}"}
         if not row.recorded and cfg:  # older runs: the config says which protocol validated
             row.protocol = describe(get_protocol((cfg.get("eval") or {}).get("protocol")
                                                  or "none"))
             row.recorded = True
+        if row.protocol.get("name") == "none" and cfg:  # training validates with eval's mode
+            row.protocol = {**row.protocol, "test_time": _test_time(cfg.get("eval"))}
+        limit = (cfg.get("train") or {}).get("val_limit") or 0
+        if limit:  # the training's validation counted only the first images
+            row.protocol = {**row.protocol, "images": f"first {limit}"}
         return row
     raise TableError(f"{run}: neither snapshots.json (deeplabv2 evaluate {run}) nor "
                      "metrics.json (a finished training run) in this folder")
+
+
+def _test_time(eval_section: dict | None, flags: dict | None = None) -> str:
+    """The test-time mode of protocol ``none`` (the config's ``eval`` section, overridden by
+    ``evaluate``'s flags): it changes the numbers too."""
+    e, f = dict(eval_section or {}), dict(flags or {})
+    parts = []
+    if f.get("sliding") or e.get("mode") == "sliding":
+        parts.append(f"sliding {f.get('sliding') or e.get('crop_size')}")
+    msc = f.get("msc") if f.get("msc") is not None else e.get("msc_scales")
+    if msc is not None:
+        parts.append(f"MSC {msc or 'paper scales'}")
+    avg = f.get("avg_scales") or e.get("avg_scales")
+    if avg and list(avg) != [1.0]:
+        parts.append(f"averaged scales {avg}")
+    if f.get("flip") or e.get("flip"):
+        parts.append("flip")
+    if f.get("crf") or e.get("crf"):
+        parts.append("dense CRF")
+    return ", ".join(parts) or "whole image, one scale"
 
 
 def _from_metrics_json(path: Path, data, label: str) -> Row:
@@ -183,6 +205,11 @@ def _from_series(path: Path, data: dict, label: str, selection: str) -> Row:
     metrics = {k: v for k, v in chosen.items() if k == "miou" or k.startswith("miou_")}
     metrics["iou"] = [chosen["iou"].get(c) for c in classes]
     metrics["pixels"] = chosen.get("pixels")
+    flags = settings.get("flags") or {}
+    if name == "none":
+        protocol["test_time"] = _test_time(settings.get("eval"), flags)
+    if flags.get("limit"):
+        protocol["images"] = f"first {flags['limit']}"
     metrics["protocol"] = protocol
     row = Row.from_metrics(label, metrics, classes, source=f"{path} ({chosen.get('file')})",
                            selection=selection)
@@ -265,8 +292,10 @@ def _evaluation_text(row: Row) -> str:
     if not row.recorded:
         text = "protocol not recorded in the file"
     elif p.get("name") == "none":
-        text = "none: this project's test-time mode (whole image, no test-time scales, flip " \
-               "or CRF unless the run's eval section says so)"
+        text = "none: this project's front, " + (
+            p.get("test_time") or "its test-time mode not recorded in the file (the whole image "
+            "at one scale unless evaluate was given --msc, --avg-scales, --flip, --sliding or "
+            "--crf)")
     else:
         size = lambda s: "as loaded" if s is None else f"{s[1]}x{s[0]}"  # noqa: E731
         text = (f"{p.get('name')}: image {p.get('image_filter')} to "
@@ -274,7 +303,7 @@ def _evaluation_text(row: Row) -> str:
                 f"labels {size(p.get('label_size'))}"
                 + (f" ({p['source']})" if p.get("source") else ""))
     if p.get("images"):
-        text += f"; validation on the {p['images']} images only"
+        text += f"; on the {p['images']} images only"
     text += "; " + ("best snapshot, " + BEST_LABEL if row.selection == "best"
                     else "final model")
     return text
