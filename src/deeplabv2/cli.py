@@ -480,6 +480,22 @@ def cmd_pseudo_label(args) -> int:
     return 0
 
 
+def cmd_adapt_table(args) -> int:
+    from .evaluation.table import build_table, markdown, read_row, write_markdown
+    if args.decimals < 0 or args.decimals > 4:
+        raise ValueError(f"--decimals must be 0..4, got {args.decimals}")
+    table = build_table([read_row(spec) for spec in args.runs], strict=args.strict)
+    print(markdown(table, decimals=args.decimals), end="")
+    if args.out:
+        path = write_markdown(table, args.out, decimals=args.decimals, title=args.title)
+        print(f"table written to {path}")
+    if args.report:
+        from .app.report import write_table_page
+        page = write_table_page(args.report, table, title=args.title, decimals=args.decimals)
+        print(f"report written to {page}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     if args.adapt:
         from .demo.adapt import ALL_METHODS, run_adapt_demo
@@ -647,6 +663,32 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("overrides", nargs="*", help="section.key=value")
     pl.set_defaults(func=cmd_pseudo_label)
 
+    at = sub.add_parser(
+        "adapt-table", help="per-class IoU and mIoU of several runs in one table",
+        description="Collect the evaluations of several runs into one table as the adaptation "
+                    "papers print them: rows methods, columns the classes' IoU, mIoU last, "
+                    "then the subset mIoUs (16 / 13 classes) when present, and the evaluation "
+                    "(protocol, final or best model) of every row as a footnote. Rows "
+                    "evaluated otherwise than the first are flagged (refused with --strict); "
+                    "rows of other classes are refused. Prints markdown; -o writes it, "
+                    "--report an HTML page.")
+    at.add_argument("runs", nargs="+", metavar="RUN_OR_METRICS",
+                    help="a run folder (its snapshots.json from `evaluate RUN_DIR`, else its "
+                         "metrics.json), a metrics JSON of `evaluate --out` or a "
+                         "snapshots.json; LABEL=PATH names the row (default: the run's "
+                         "adapt.method, or the file's folder)")
+    at.add_argument("-o", "--out", default=None, metavar="FILE.md",
+                    help="write the markdown table here")
+    at.add_argument("--report", default=None, metavar="DIR",
+                    help="write the table as an HTML page, DIR/index.html")
+    at.add_argument("--title", default="Adaptation results", help="the table's title")
+    at.add_argument("--decimals", type=int, default=1,
+                    help="decimals of the percentages (the papers print 1)")
+    at.add_argument("--strict", action="store_true",
+                    help="refuse rows evaluated otherwise (protocol, selection, pixels) "
+                         "instead of flagging them")
+    at.set_defaults(func=cmd_adapt_table)
+
     de = sub.add_parser(
         "demo", help="synthetic data: train -> evaluate -> predict -> report",
         description="The whole pipeline on embedded synthetic street scenes, with a reduced "
@@ -660,7 +702,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "source-only vs adaptation methods vs target-supervised (about "
                          "6 min on 2 cores; all methods about 20)")
     de.add_argument("--methods", nargs="+", default=["fda"],
-                    help="with --adapt: adaptsegnet advent minent fda fda_ssl dacs, or all "
+                    help="with --adapt: adaptsegnet advent minent fda fda_ssl dacs daformer, "
+                         "or all "
                          "(fda_ssl: FDA's self-training round on the fda run's pseudo-labels; "
                          "default: fda)")
     de.add_argument("overrides", nargs="*", help="section.key=value for the demo config")

@@ -486,3 +486,66 @@ def compare_report(out_dir, run, baseline, *, run_name: str | None = None,
 
 def _default_palette(n: int) -> np.ndarray:
     return np.asarray(voc_palette(max(n, 1)))[:n]
+
+
+# -- the adaptation table (deeplabv2 adapt-table --report, the adaptation demo) ------------------
+def write_table_page(out_dir, table, *, title: str = "Adaptation results", decimals: int = 1,
+                     palette=None, sections: Sequence[str] = ()) -> Path:
+    """``out_dir/index.html``: the per-class IoU table of
+    :class:`deeplabv2.evaluation.table.Table` (rows methods, columns classes, mIoU last, the
+    highest of each column in bold), each row's evaluation as a footnote, the rows that are not
+    comparable flagged and listed; ``palette`` (one colour per class) puts a swatch over each
+    class column. ``sections``: more HTML after the table (e.g. the demo's)."""
+    from ..evaluation.table import FLAG, _best, _columns
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    columns = _columns(table)
+    best = _best(table, columns, decimals) if len(table.rows) > 1 else [set()] * len(columns)
+    n = len(table.classes)
+    head = ['<th>method</th><th>eval.</th>']
+    for j, (h, _) in enumerate(columns):
+        swatch = (f'<span class="swatch" style="background:{_hex(palette[j])}"></span>'
+                  if palette is not None and j < n else "")
+        cls = "col class" if j < n else "col summary"
+        head.append(f'<th class="{cls}"><div>{swatch}{html.escape(h)}</div></th>')
+    body = []
+    for i, (r, m, f) in enumerate(zip(table.rows, table.marks, table.flagged)):
+        cells = []
+        for j, (h, get) in enumerate(columns):
+            v = get(r)
+            text = "-" if v is None or math.isnan(v) else f"{100 * v:.{decimals}f}"
+            cells.append(f'<td class="num{" best" if i in best[j] else ""}" '
+                         f'data-column="{html.escape(h)}">'
+                         f'{f"<b>{text}</b>" if i in best[j] else text}</td>')
+        flag = f'<span class="flag" title="not comparable">{FLAG}</span>' if f else ""
+        body.append(f'<tr data-row="{html.escape(r.label)}"{" class=flagged" if f else ""}>'
+                    f'<th title="{html.escape(r.source)}">{html.escape(r.label)}</th>'
+                    f'<td><a href="#eval-{m + 1}">[{m + 1}]</a>{flag}</td>{"".join(cells)}</tr>')
+    notes = "".join(f'<li id="eval-{k + 1}">[{k + 1}] {html.escape(t)}</li>'
+                    for k, t in enumerate(table.footnotes))
+    flagged = ""
+    if table.notes:
+        flagged = ('<section id="not-comparable"><h2>Not comparable</h2><ul>'
+                   + "".join(f"<li>{html.escape(t)}</li>" for t in table.notes)
+                   + "</ul></section>")
+    sources = "".join(f"<tr><th>{html.escape(r.label)}</th><td>{html.escape(r.source)}</td>"
+                      f"</tr>" for r in table.rows)
+    style = ("#adapt-table th.col { height: 120px; vertical-align: bottom; padding: 0 2px; "
+             "font-weight: normal; } #adapt-table th.col div { writing-mode: vertical-rl; "
+             "transform: rotate(180deg); white-space: nowrap; margin: 0 auto; } "
+             "#adapt-table th.summary div { font-weight: 600; } "
+             "#adapt-table tr.flagged { background: #fff4e5; } .flag { color: #c60; }")
+    page = (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f"<title>{html.escape(title)}</title><style>{asset('report.css')}{style}</style>"
+            f"</head><body><header><h1>{html.escape(title)}</h1></header><main>"
+            f'<section id="table"><h2>Per-class IoU (%)</h2><p class="note">Rows are methods, '
+            f"columns classes, mIoU last; the highest of each column in bold; "
+            f"{FLAG}: evaluated otherwise than the first row.</p>"
+            f'<table id="adapt-table"><tr>{"".join(head)}</tr>{"".join(body)}</table>'
+            f'<h3>Evaluations</h3><ul id="evaluations">{notes}</ul></section>{flagged}'
+            f"{''.join(sections)}"
+            f'<section id="sources"><h2>Rows</h2><table>{sources}</table></section>'
+            f"</main></body></html>\n")
+    atomic_write_text(out / "index.html", page)
+    return out / "index.html"
