@@ -26,13 +26,12 @@ runs (device, precision, runtime) is chosen before, by
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import asdict, dataclass, fields
 
 import torch
 from torch.nn import functional as F
 
-from ..model.alignment import get_alignment
+from ..model.alignment import get_alignment, window_starts
 from ..model.msc import MSC, check_scales
 from ..precision import autocast_context
 
@@ -76,15 +75,6 @@ def _window(mode: str, crop_size, stride) -> tuple[tuple[int, int] | None, tuple
         raise ValueError(f"stride {list(step)} is larger than crop_size {list(crop)}: the "
                          f"windows would leave pixels unseen")
     return crop, step
-
-
-def window_starts(length: int, crop: int, stride: int) -> list[int]:
-    """Offsets of the windows along one side: every ``stride`` pixels, the last one moved back
-    to end exactly at the border (``length`` >= ``crop``; 10, 4, 3 -> [0, 3, 6])."""
-    if length <= crop:
-        return [0]
-    count = math.ceil((length - crop) / stride) + 1
-    return [min(i * stride, length - crop) for i in range(count)]
 
 
 # -- the passes ---------------------------------------------------------------------------------

@@ -161,3 +161,12 @@ def get_alignment(value) -> Alignment:
     if isinstance(value, Alignment):
         return value
     return Alignment(str(value))
+
+
+def window_starts(length: int, crop: int, stride: int) -> list[int]:
+    """Offsets of the windows along one side: every ``stride`` pixels, the last one moved back
+    to end exactly at the border (``length`` >= ``crop``; 10, 4, 3 -> [0, 3, 6])."""
+    if length <= crop:
+        return [0]
+    count = math.ceil((length - crop) / stride) + 1
+    return [min(i * stride, length - crop) for i in range(count)]

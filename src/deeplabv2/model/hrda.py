@@ -56,6 +56,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .alignment import window_starts
 from .aspp import ASPP
 
 IGNORE_INDEX = 255
@@ -273,7 +274,6 @@ class HRDA(nn.Module):
     def detail_sliding(self, x: torch.Tensor) -> torch.Tensor:
         """Detail scores of the whole ``x`` on its ``/ 8`` grid: detail-crop windows every half
         crop (``extract_slide_feat`` with ``hr_slide_overlapping``), averaged per cell."""
-        from ..inference.front import window_starts
 
         height, width = x.shape[-2:]
         ch, cw = self.detail_crop
