@@ -161,7 +161,8 @@ class EvalConfig:
 class AdaptConfig:
     """Unsupervised domain adaptation (:mod:`deeplabv2.adapt`): ``data`` is the labelled
     source, these keys the unlabelled target and the method's weights (papers' defaults)."""
-    method: str = "none"  # none, source_only, adaptsegnet, advent, minent, fda, dacs, daformer
+    # none, source_only, adaptsegnet, advent, minent, fda, dacs, daformer, hrda
+    method: str = "none"
     target_dataset: str | None = None
     target_root: str | None = None
     target_split: str = "train"
@@ -201,6 +202,12 @@ class AdaptConfig:
     # off; a mapping {mask_ratio: 0.7, block_size: 64, lambda: 1.0, augment: true} (missing
     # keys take these values; MIC's DeepLab v2 rows on 512x512 crops use block_size 32)
     mic: dict[str, Any] | None = None
+    # HRDA (adapt.method hrda, deeplabv2.model.hrda): null takes the released value (HRDA
+    # experiments.py 'hrda1-512-0.1'): the detail crop [512, 512] inside the training crop, its
+    # loss weight 0.1 (the fused prediction's 0.9), the context crop at scale 0.5
+    hrda_detail_crop: list[int] | None = None
+    hrda_detail_weight: float | None = None
+    hrda_context_scale: float | None = None
 
 
 @dataclass
@@ -432,6 +439,7 @@ def _validate_adapt(cfg: Config) -> None:
         raise ConfigError(f"adapt.method={a.method!r}; valid values: {', '.join(METHODS)}")
     _check_resize("adapt", a.target_resize, a.target_resize_filter, prefix="target_")
     _validate_mic(cfg)
+    _validate_hrda(cfg)
     if a.method in ("none", "source_only"):
         return
     if not a.target_dataset:
@@ -443,7 +451,7 @@ def _validate_adapt(cfg: Config) -> None:
         raise ConfigError(f"adapt.target_labels is read by adapt.method=fda only (its "
                           f"self-training round), not by {a.method}")
     _validate_self_training(cfg)
-    if a.method in ("fda", "dacs", "daformer") and \
+    if a.method in ("fda", "dacs", "daformer", "hrda") and \
             a.target_crop_size not in (None, cfg.data.crop_size):
         raise ConfigError(f"adapt.method={a.method} mixes source and target crops: "
                           f"adapt.target_crop_size must equal data.crop_size")
@@ -460,10 +468,10 @@ def _validate_self_training(cfg: Config) -> None:
             isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in m)):
         raise ConfigError(f"adapt.pseudo_margins must be [top, bottom, left, right] "
                           f"(non-negative integers) or null, got {m!r}")
-    if m is not None and a.method not in ("dacs", "daformer"):
+    if m is not None and a.method not in ("dacs", "daformer", "hrda"):
         raise ConfigError(f"adapt.pseudo_margins is read by the self-training methods (dacs, "
-                          f"daformer), not by {a.method}")
-    if a.method != "daformer":
+                          f"daformer, hrda), not by {a.method}")
+    if a.method not in ("daformer", "hrda"):
         return
     if a.fdist_lambda < 0:
         raise ConfigError(f"adapt.fdist_lambda must be >= 0, got {a.fdist_lambda!r}")
@@ -477,7 +485,8 @@ def _validate_self_training(cfg: Config) -> None:
                           f"{f' below model.num_classes ({n})' if n else ''}, got "
                           f"{a.fdist_classes!r}")
     if cfg.train.msc_scales or a.multi_level:
-        raise ConfigError("adapt.method=daformer takes no train.msc_scales or adapt.multi_level "
+        raise ConfigError(f"adapt.method={a.method} takes no train.msc_scales or "
+                          "adapt.multi_level "
                           "(its feature distance reads the single-scale backbone output)")
 
 
@@ -488,15 +497,62 @@ def _validate_mic(cfg: Config) -> None:
     a = cfg.adapt
     if a.mic is None:
         return
-    if a.method not in ("dacs", "daformer"):
+    if a.method not in ("dacs", "daformer", "hrda"):
         raise ConfigError(f"adapt.mic (MIC) is an option of the self-training methods (dacs, "
-                          f"daformer), not of adapt.method={a.method}")
+                          f"daformer, hrda), not of adapt.method={a.method}")
     try:
         mic = mic_settings(a.mic)
         block_grid(*cfg.data.crop_size, mic.block_size)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     a.mic = mic.as_config()
+
+
+def _validate_hrda(cfg: Config) -> None:
+    """``adapt.hrda_*``: read by ``adapt.method: hrda`` only; null filled in with the released
+    values (so the saved config says what ran); the detail crop inside the training crop on
+    the 8-pixel grid, the context crop on it too; the ResNet backbone (an ASPP head)."""
+    a = cfg.adapt
+    keys = ("hrda_detail_crop", "hrda_detail_weight", "hrda_context_scale")
+    if a.method != "hrda":
+        given = [k for k in keys if getattr(a, k) is not None]
+        if given:
+            raise ConfigError(f"adapt.{given[0]} is read by adapt.method=hrda only, not by "
+                              f"{a.method}")
+        return
+    from .model.hrda import CONTEXT_SCALE, DETAIL_CROP, DETAIL_LOSS_WEIGHT
+    if cfg.model.backbone != "resnet":
+        raise ConfigError(f"adapt.method=hrda needs the ResNet backbone (an ASPP head for its "
+                          f"scale attention), got model.backbone={cfg.model.backbone!r}")
+    crop = a.hrda_detail_crop if a.hrda_detail_crop is not None else [DETAIL_CROP] * 2
+    if isinstance(crop, int) and not isinstance(crop, bool):
+        crop = [crop, crop]
+    if not isinstance(crop, (list, tuple)) or len(crop) != 2 or any(
+            isinstance(v, bool) or not isinstance(v, int) or v < 8 or v % 8 for v in crop):
+        raise ConfigError(f"adapt.hrda_detail_crop must be [height, width] (positive "
+                          f"multiples of 8) or null, got {a.hrda_detail_crop!r}")
+    weight = DETAIL_LOSS_WEIGHT if a.hrda_detail_weight is None else \
+        _number("adapt.hrda_detail_weight", a.hrda_detail_weight)
+    if not 0 <= weight < 1:
+        raise ConfigError(f"adapt.hrda_detail_weight must be in [0, 1), got "
+                          f"{a.hrda_detail_weight!r}")
+    scale = CONTEXT_SCALE if a.hrda_context_scale is None else \
+        _number("adapt.hrda_context_scale", a.hrda_context_scale)
+    if not 0 < scale <= 1:
+        raise ConfigError(f"adapt.hrda_context_scale must be in (0, 1], got "
+                          f"{a.hrda_context_scale!r}")
+    size = list(cfg.data.crop_size)
+    for name, c, d in (("height", size[0], crop[0]), ("width", size[1], crop[1])):
+        context = c * scale
+        if c % 8 or context != int(context) or int(context) % 8:
+            raise ConfigError(f"adapt.method=hrda: data.crop_size {name} {c} must be a "
+                              f"multiple of 8 that is one again at adapt.hrda_context_scale "
+                              f"{scale} (the context crop on the stride-8 grid)")
+        if d > c:
+            raise ConfigError(f"adapt.hrda_detail_crop {list(crop)} is larger than "
+                              f"data.crop_size {size}")
+    a.hrda_detail_crop, a.hrda_detail_weight, a.hrda_context_scale = \
+        [int(v) for v in crop], float(weight), float(scale)
 
 
 def _check_resize(section: str, size, image_filter, prefix: str = "") -> None:

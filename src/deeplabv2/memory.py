@@ -142,10 +142,20 @@ def held_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     return sum(seen.values())
 
 
-def _probe_sizes(size) -> list[tuple[int, int]]:
-    """Two small crops of ``size``'s aspect (each side at least 33 pixels, at most the crop's)."""
+def _probe_sizes(size, model=None) -> list[tuple[int, int]]:
+    """Two small crops of ``size``'s aspect (each side at least 33 pixels, at most the crop's).
+    An HRDA wrapper (:mod:`deeplabv2.model.hrda`) runs crops on its grid only: each side a
+    multiple of ``8 / context scale`` pixels and at least the detail crop (its detail pass is
+    of fixed size: the probes' linear fit keeps it in the constant term)."""
     h, w = size
     big = min(1.0, math.sqrt(PROBE_PIXELS / (h * w)))
+    if getattr(model, "is_hrda", False):
+        m = int(round(8 / model.context_scale))
+        dh, dw = model.detail_crop
+
+        def fit(v, low, top):
+            return min(top, max(low, -(-v // m) * m))
+        return [(fit(round(h * f), dh, h), fit(round(w * f), dw, w)) for f in (0.6 * big, big)]
     return [(min(h, max(33, round(h * f))), min(w, max(33, round(w * f))))
             for f in (0.6 * big, big)]
 
@@ -216,7 +226,7 @@ def estimate_step(cfg, model, optimizer, method, make_step, net, device: torch.d
     crop = tuple(d.crop_size)
     target_crop = tuple(a.target_crop_size or d.crop_size)
     probes = []
-    for size, target_size in zip(_probe_sizes(crop), _probe_sizes(target_crop)):
+    for size, target_size in zip(_probe_sizes(crop, model), _probe_sizes(target_crop, model)):
         probes.append((size[0] * size[1],
                        measure_saved(method, make_step, net, device, cfg, iteration, size,
                                      target_size)))

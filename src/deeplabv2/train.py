@@ -174,6 +174,15 @@ def _build_model(cfg: Config, num_classes: int) -> DeepLabV2:
         # bias) is loaded only when asked for (model.init_head).
         load_weights(model, m.weights, head="auto" if m.init_head else "skip",
                      alignment=m.alignment)  # sets model.load_report
+    a = cfg.adapt
+    if a.method == "hrda":
+        # HRDA's wrapper around the network as initialised (the init file is the network's):
+        # its scale-attention head is new, drawn from the seed as the classifier is
+        from .model.hrda import HRDA
+        report = model.load_report
+        model = HRDA(model, detail_crop=list(a.hrda_detail_crop),
+                     context_scale=a.hrda_context_scale)
+        model.load_report = report
     return model
 
 

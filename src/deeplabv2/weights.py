@@ -474,6 +474,9 @@ def load_state(model, raw: dict[str, torch.Tensor], metadata: dict[str, Any], *,
     """:func:`load_weights` on a state dict already read (``source`` names it in messages)."""
     if head not in ("auto", "require", "skip"):
         raise ValueError(f"head must be 'auto', 'require' or 'skip', got {head!r}")
+    if getattr(model, "is_hrda", False):
+        return _load_hrda(model, raw, metadata, source=source, head=head, layout=layout,
+                          alignment=alignment, member=member)
     path = source
     mmcv_meta = metadata.get("mmcv_meta") or {}
     metadata = {k: v for k, v in metadata.items() if k != "mmcv_meta"}
@@ -621,6 +624,48 @@ def load_state(model, raw: dict[str, torch.Tensor], metadata: dict[str, Any], *,
         for key, tensor in mapped.items():
             target[key].copy_(tensor)
     assert len(report.loaded) + len(report.dropped) == len(state)
+    model.load_report = report
+    return report
+
+
+def _load_hrda(model, raw, metadata, *, source, head, layout, alignment, member) -> LoadReport:
+    """An HRDA wrapper (:class:`~deeplabv2.model.hrda.HRDA`) from one of this project's files
+    saved from a wrapper: ``network.*`` into the network (by :func:`load_state`, with every
+    check and fact of a plain model), ``scale_attention.*`` strictly into the attention head
+    (a head: loaded unless ``head='skip'``, required with ``'require'``). Another file goes
+    into ``model.network`` (e.g. an ImageNet init file before wrapping)."""
+    state = _strip_wrappers(raw)
+    net = {k[len("network."):]: v for k, v in state.items() if k.startswith("network.")}
+    att = {k[len("scale_attention."):]: v for k, v in state.items()
+           if k.startswith("scale_attention.")}
+    other = [k for k in state if not k.startswith(("network.", "scale_attention."))]
+    if other or not net:
+        raise WeightsError(f"{source}: not a file saved from an HRDA model (e.g. key "
+                           f"{(other or list(state) or ['(none)'])[0]!r}; expected network.* "
+                           "and scale_attention.*): load it into model.network, the wrapped "
+                           "DeepLab v2")
+    report = load_state(model.network, net, metadata, source=source, head=head, layout=layout,
+                        alignment=alignment, member=member)
+    if head == "require" and not att:
+        raise WeightsError(f"{source}: has no scale_attention.* (the HRDA attention head)")
+    if att and head != "skip":
+        target = model.scale_attention.state_dict()
+        missing = sorted(set(target) - set(att))
+        extra = sorted(set(att) - set(target))
+        bad = [k for k in target if k in att and att[k].shape != target[k].shape]
+        if missing or extra or bad:
+            what = (f"missing scale_attention.{missing[0]}" if missing else
+                    f"unexpected scale_attention.{extra[0]}" if extra else
+                    f"shape mismatch for scale_attention.{bad[0]}: file "
+                    f"{tuple(att[bad[0]].shape)}, model {tuple(target[bad[0]].shape)}")
+            raise WeightsError(f"{source}: {what}")
+        with torch.no_grad():
+            for k, v in att.items():
+                target[k].copy_(v)
+        report.loaded.update({f"scale_attention.{k}": f"scale_attention.{k}" for k in att})
+    else:
+        report.dropped.update({f"scale_attention.{k}": "head not requested (head='skip')"
+                               for k in att})
     model.load_report = report
     return report
 

@@ -35,8 +35,11 @@ dacs           DACS: ClassMix of source onto target, EMA-teacher pseudo-labels w
                confidence, colour jitter and blur of the mixed images
 daformer       DAFormer's strategy: DACS's self-training (:class:`SelfTraining`) with EMA
                0.999, pseudo-label margins, and the thing-class ImageNet feature distance
-(adapt.mic)    MIC, an option of dacs and daformer: the block-masked, colour-augmented
-               target trained against the teacher's pseudo-labels (:mod:`.mic`)
+hrda           HRDA: daformer's self-training with the network in HRDA's wrapper (context
+               and detail crops, scale attention; :class:`HRDA`)
+(adapt.mic)    MIC, an option of dacs, daformer and hrda: the block-masked,
+               colour-augmented target trained against the teacher's pseudo-labels
+               (:mod:`.mic`)
 =============  ============================================================================
 """
 
@@ -50,6 +53,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..model.deeplab import bn_mode
+from ..model.hrda import hrda_losses
 from ..model.preprocessing import from_rgb, to_rgb
 from ..utils.distributed import average_gradients
 from .discriminator import FCDiscriminator, adversarial_loss, discriminator_loss
@@ -60,7 +64,8 @@ from .mix import EMATeacher, classmix_masks, mix, strong_augment, weighted_cross
 from .self_training import (DAFORMER_MARGINS, FrozenBackbone, downscale_labels_by_majority,
                             feature_distance, pseudo_labels, thing_mask)
 
-METHODS = ("none", "source_only", "adaptsegnet", "advent", "minent", "fda", "dacs", "daformer")
+METHODS = ("none", "source_only", "adaptsegnet", "advent", "minent", "fda", "dacs", "daformer",
+           "hrda")
 
 
 @dataclass
@@ -396,20 +401,31 @@ class SelfTraining(Method):
         with torch.no_grad():
             # upsampled; eval mode, or train mode under batch statistics (see EMATeacher)
             pseudo, pseudo_weights, weight = pseudo_labels(
-                self.teacher(step.target), self.settings.pseudo_threshold, self.pseudo_margins)
+                self.teacher_logits(step.target), self.settings.pseudo_threshold,
+                self.pseudo_margins)
             masks = classmix_masks(step.labels, classes_of_batch=self.classes_of_batch)
             mixed = strong_augment(mix(masks, to_rgb(step.images, pre), to_rgb(step.target, pre)),
                                    jitter=self.jitter_strength, kornia_order=self.kornia_order)
             x = from_rgb(mixed, pre).to(step.images.dtype)
             labels = mix(masks, step.labels, pseudo)
             weights = mix(masks, torch.ones_like(pseudo_weights), pseudo_weights)
-        main, _ = self.scores(step, x)
-        logits = step.model.alignment.upsample(main, size)
-        loss = weighted_cross_entropy(logits, labels, weights)
+        loss = self.student_loss(step, x, labels, weights)
         self.logs.update(mix=loss.detach(), pseudo_weight=weight)
         if self.mic is not None:
             self._pseudo = (pseudo, pseudo_weights)
         return loss
+
+    def teacher_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The teacher's logits of ``x`` at its size, for the pseudo-labels."""
+        return self.teacher(x)
+
+    def student_loss(self, step: Step, x: torch.Tensor, labels: torch.Tensor,
+                     weights: torch.Tensor) -> torch.Tensor:
+        """The student's weighted cross-entropy of ``x`` (mixed or masked) against ``labels``
+        with per-pixel ``weights``: its scores upsampled to the crop."""
+        main, _ = self.scores(step, x)
+        logits = step.model.alignment.upsample(main, x.shape[-2:])
+        return weighted_cross_entropy(logits, labels, weights)
 
     def masked_loss(self, step: Step) -> torch.Tensor:
         """MIC's pass (see :mod:`.mic`): the target batch colour-augmented as this method
@@ -430,9 +446,7 @@ class SelfTraining(Method):
                                            self.kornia_order), pre).to(x.dtype)
             mask = block_mask(n, height, width, mic.block_size, mic.mask_ratio, device=x.device)
             x = x * mask.to(x.dtype)
-        main, _ = self.scores(step, x)
-        logits = step.model.alignment.upsample(main, (height, width))
-        loss = mic.weight * weighted_cross_entropy(logits, pseudo, weights)
+        loss = mic.weight * self.student_loss(step, x, pseudo, weights)
         self.logs.update(mic=loss.detach(), mic_kept=mask.mean())
         return loss
 
@@ -483,7 +497,13 @@ class DAFormer(SelfTraining):
     def __init__(self, settings, model: nn.Module):
         super().__init__(settings, model)
         self.fdist_lambda = float(settings.fdist_lambda)
-        self.imagenet = FrozenBackbone(model.backbone) if self.fdist_lambda > 0 else None
+        self.imagenet = FrozenBackbone(self.student_network(model).backbone) \
+            if self.fdist_lambda > 0 else None
+
+    @staticmethod
+    def student_network(model: nn.Module) -> nn.Module:
+        """The DeepLab v2 whose backbone the feature distance reads."""
+        return model
 
     @staticmethod
     def teacher_batch_stats(model: nn.Module) -> bool:
@@ -522,8 +542,82 @@ class DAFormer(SelfTraining):
         return feature_distance(features, reference, mask)
 
 
+class HRDA(DAFormer):
+    """HRDA's training (Hoyer et al., ECCV 2022; lhoyer/HRDA mmseg/models/uda/dacs.py with
+    segmentors/hrda_encoder_decoder.py, decode_heads/hrda_head.py; experiments.py id 41,
+    ``('dlv2red', 'r101v1c', 'dacs_a999_fdthings')`` with ``hrda1-512-0.1``) on DAFormer's
+    self-training, with the network wrapped in :class:`~deeplabv2.model.hrda.HRDA`:
+
+    * every student pass (source, mixed, MIC's masked) is the wrapper's two-crop forward
+      (``forward_train``: the context crop at ``adapt.hrda_context_scale``, a detail crop of
+      ``adapt.hrda_detail_crop`` drawn on the 8-pixel grid, fused by the scale attention),
+      called through the network as the loop holds it (DDP: one forward, two network passes
+      inside), and its loss :func:`~deeplabv2.model.hrda.hrda_losses`: the fused scores
+      ``1 - w`` and the detail scores ``w`` (``adapt.hrda_detail_weight``, 0.1) against the
+      labels (and per-pixel weights) of the crop and of the detail box. The detail box is drawn
+      from the global generator, which the loop seeds per (seed, iteration, rank): a resume
+      draws the same boxes. (Released: numpy's ``randint`` in ``get_crop_bbox``.)
+    * the teacher's pseudo-labels of the target crop are the wrapper's inference forward on it
+      (:meth:`~deeplabv2.model.hrda.HRDA.predict`: context at 0.5, detail by half-overlapping
+      detail windows, unmasked attention; ``generate_pseudo_label`` -> ``encode_decode``), in
+      the teacher's BN mode; the EMA runs over the whole wrapper, scale attention included.
+    * the feature distance (``adapt.fdist_lambda``) reads the context pass's backbone features
+      (experiments.py ``feature_scale = 0.5`` for HRDA): the frozen ImageNet backbone on the
+      same half-size crop, the labels downscaled by majority in blocks of ``8 / context
+      scale`` (16) pixels to the feature grid."""
+
+    name = "hrda"
+
+    def __init__(self, settings, model: nn.Module):
+        if not getattr(model, "is_hrda", False):
+            raise ValueError("adapt.method=hrda needs the network wrapped in "
+                             "deeplabv2.model.hrda.HRDA (train.py builds it so)")
+        super().__init__(settings, model)
+        self.detail_weight = float(settings.hrda_detail_weight)
+
+    @staticmethod
+    def student_network(model: nn.Module) -> nn.Module:
+        return model.network
+
+    def teacher_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.teacher.model.predict(x)
+
+    def _hrda_loss(self, step: Step, x: torch.Tensor, labels: torch.Tensor,
+                   weights: torch.Tensor | None):
+        out = step.net(x, hrda_train=True)
+        losses = hrda_losses(out, labels, weights, self.detail_weight)
+        return sum(losses.values()), out
+
+    def student_loss(self, step: Step, x: torch.Tensor, labels: torch.Tensor,
+                     weights: torch.Tensor) -> torch.Tensor:
+        return self._hrda_loss(step, x, labels, weights)[0]
+
+    def loss(self, step: Step, k: int) -> torch.Tensor:
+        if k != 0:
+            return SelfTraining.loss(self, step, k)
+        loss, out = self._hrda_loss(step, step.images, step.labels, None)
+        self.logs["seg"] = loss.detach()
+        if self.imagenet is None:
+            return loss
+        features = out["context_features"]
+        with torch.no_grad():
+            reference = self.imagenet(step.model.context_input(step.images))
+        mask = None
+        if self.settings.fdist_classes is not None:
+            factor = int(round(step.model.output_stride / step.model.context_scale))
+            cells = downscale_labels_by_majority(step.labels, factor,
+                                                 self.settings.fdist_min_ratio,
+                                                 step.model.num_classes,
+                                                 size=features.shape[-2:])
+            mask = thing_mask(cells, self.settings.fdist_classes)
+        fdist = self.fdist_lambda * feature_distance(features, reference, mask)
+        self.logs["fdist"] = fdist.detach()
+        return loss + fdist
+
+
 _CLASSES = {"none": Method, "source_only": Method, "adaptsegnet": AdaptSegNet,
-            "advent": AdvEnt, "minent": MinEnt, "fda": FDA, "dacs": DACS, "daformer": DAFormer}
+            "advent": AdvEnt, "minent": MinEnt, "fda": FDA, "dacs": DACS, "daformer": DAFormer,
+            "hrda": HRDA}
 
 
 def build_method(settings, model: nn.Module) -> Method:

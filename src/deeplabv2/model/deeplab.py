@@ -157,6 +157,9 @@ class DeepLabV2(nn.Module):
 def build_model(config: dict[str, Any], preprocessing: Preprocessing | None = None) -> DeepLabV2:
     """Build the architecture described by ``config`` (the dict stored as ``model.config``).
 
+    A config with an ``hrda`` mapping (``detail_crop``, ``context_scale``, ``divisible``)
+    builds the network of the other keys wrapped in :class:`~deeplabv2.model.hrda.HRDA`.
+
     Keys: ``backbone`` ("resnet" or "vgg16"), ``num_classes``, ``atrous_rates`` (VGG-16 with
     ``[12]``: DeepLab-LargeFOV), and for a ResNet ``blocks`` (blocks per stage), ``width`` (stem
     channels, 64 for the real network), ``bn`` (one of
@@ -181,6 +184,16 @@ def build_model(config: dict[str, Any], preprocessing: Preprocessing | None = No
     not written into the returned config, so the configs of older checkpoints stay as they were.
     """
     cfg = dict(config)
+    if "hrda" in cfg:  # HRDA's wrapper around the network (deeplabv2.model.hrda)
+        hrda = cfg.pop("hrda")
+        if not isinstance(hrda, dict):
+            raise ValueError(f"model config hrda must be a mapping, got {hrda!r}")
+        unknown = set(hrda) - {"detail_crop", "context_scale", "divisible"}
+        if unknown:
+            raise ValueError(f"unknown model config hrda keys {sorted(unknown)}; valid: "
+                             "context_scale, detail_crop, divisible")
+        from .hrda import HRDA
+        return HRDA(build_model(cfg, preprocessing), **hrda)
     known = {"backbone", "num_classes", "atrous_rates", "blocks", "width", "frozen_bn", "bn",
              "layout", "head_mode", "aux_head", "stem", "contract_dilation"}
     unknown = set(cfg) - known

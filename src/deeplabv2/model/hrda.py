@@ -89,8 +89,10 @@ def detail_crop_box(height: int, width: int, crop, divisible: int = CROP_DIVISIB
                          f"{height}x{width}")
     if (ch, cw) == (height, width):
         return 0, height, 0, width
-    n_h = (height - ch + 1) // divisible
-    n_w = (width - cw + 1) // divisible
+    # A side the crop fills has the one position 0 (numpy's randint(0, 0) would fail there);
+    # still one draw per side, so that the draws that follow do not shift.
+    n_h = (height - ch + 1) // divisible if ch < height else 1
+    n_w = (width - cw + 1) // divisible if cw < width else 1
     if n_h < 1 or n_w < 1:
         raise ValueError(f"no detail crop position on the {divisible}-pixel grid: context "
                          f"{height}x{width}, detail {ch}x{cw}")
@@ -211,6 +213,9 @@ class HRDA(nn.Module):
             if d % self.output_stride:
                 raise ValueError(f"hrda detail crop {d} is not a multiple of the output stride 8")
 
+    #: what the loaders, the weights code and the methods test for (no import of this class)
+    is_hrda = True
+
     # -- facts the rest of the toolkit reads from a model --------------------------------------
     @property
     def num_classes(self) -> int:
@@ -220,12 +225,58 @@ class HRDA(nn.Module):
     def alignment(self):
         return self.network.alignment
 
+    @alignment.setter
+    def alignment(self, value):
+        self.network.alignment = value
+
     @property
     def preprocessing(self):
         return self.network.preprocessing
 
+    @preprocessing.setter
+    def preprocessing(self, value):
+        self.network.preprocessing = value
+
+    @property
+    def layout(self) -> str:
+        return self.network.layout
+
+    def hrda_config(self) -> dict:
+        """The wrapper's own settings, as :func:`~deeplabv2.model.deeplab.build_model` reads
+        them under the model config's ``hrda`` key."""
+        return {"detail_crop": list(self.detail_crop), "context_scale": self.context_scale,
+                "divisible": self.divisible}
+
+    @property
+    def config(self) -> dict:
+        """The network's model config plus ``hrda``: what a checkpoint records, so that
+        :func:`~deeplabv2.weights.load_model` rebuilds this wrapper."""
+        return {**self.network.config, "hrda": self.hrda_config()}
+
     def preprocess(self, images):
         return self.network.preprocess(images)
+
+    def param_groups(self, lr: float, weight_decay: float = 5e-4,
+                     style: str = "deeplab") -> list[dict]:
+        """The network's groups (:meth:`DeepLabV2.param_groups`) with the scale-attention head
+        in the head's: ``mmseg`` style puts every parameter whose name holds ``head`` at the
+        head's lr (HRDA's ``decode_head.scale_attention.*``, so all of it); ``deeplab`` style
+        its weights in ``head`` (10x) and biases in ``head_bias`` (20x, no decay), as the ASPP
+        classifier's."""
+        groups = self.network.param_groups(lr, weight_decay, style=style)
+        by_name = {g["name"]: g for g in groups}
+        settings = {"head": (10.0, weight_decay), "head_bias": (20.0, 0.0)}
+        for p in self.scale_attention.parameters():
+            if not p.requires_grad:
+                continue
+            name = "head" if style == "mmseg" or p.ndim > 1 else "head_bias"
+            if name not in by_name:
+                mult, wd = settings[name]
+                by_name[name] = {"name": name, "params": [], "lr": lr * mult, "lr_mult": mult,
+                                 "weight_decay": wd}
+                groups.append(by_name[name])
+            by_name[name]["params"].append(p)
+        return groups
 
     # -- pieces ---------------------------------------------------------------------------------
     def _grid(self, scores: torch.Tensor, size) -> torch.Tensor:
@@ -300,10 +351,26 @@ class HRDA(nn.Module):
         return fuse_scales(context, self.detail_sliding(x), attention, None,
                            self.output_stride, self.context_scale)
 
-    def forward(self, x: torch.Tensor, upsample: bool = True) -> torch.Tensor:
+    def predict(self, x: torch.Tensor, upsample: bool = True) -> torch.Tensor:
+        """The inference pass whatever the mode (a teacher predicting with batch statistics
+        runs it in train mode): fused logits at the input size, or on the ``/ 8`` grid."""
+        scores = self.fused_logits(x)
+        if not upsample:
+            return scores
+        return _resize(scores, x.shape[-2:])
+
+    def forward(self, x: torch.Tensor, upsample: bool = True, *, hrda_train: bool = False,
+                box=None, generator: torch.Generator | None = None):
+        """Eval mode: :meth:`predict`. Train mode with ``hrda_train=True``:
+        :meth:`forward_train` (how the training methods call it, through DDP's forward);
+        plain ``model(x)`` in train mode is an error, so that no caller gets the dict by
+        mistake."""
         if self.training:
-            raise RuntimeError("HRDA trains through forward_train(x, generator); forward(x) is "
-                               "the inference pass (model.eval())")
+            if hrda_train:
+                return self.forward_train(x, generator, box)
+            raise RuntimeError("HRDA trains through forward_train(x, generator) (or "
+                               "model(x, hrda_train=True)); forward(x) is the inference pass "
+                               "(model.eval())")
         scores = self.fused_logits(x)
         if not upsample:
             return scores
