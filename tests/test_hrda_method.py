@@ -118,6 +118,18 @@ def test_loop_builds_the_wrapper_and_its_param_groups_hold_the_attention_head(tm
     assert attention <= {id(p) for g in opt.param_groups for p in g["params"]}
 
 
+def test_a_detail_crop_filling_one_side_has_offset_zero_there_and_still_two_draws():
+    # a 32x48 crop with a 32x32 detail crop: the rows have the one position 0 (numpy's
+    # randint(0, (0 + 1) // 8) would fail), the columns (48 - 32 + 1) // 8 = 2 positions
+    g = torch.Generator().manual_seed(3)
+    box = detail_crop_box(32, 48, 32, 8, g)
+    g2 = torch.Generator().manual_seed(3)
+    assert int(torch.randint(0, 1, (1,), generator=g2)) == 0
+    left = 8 * int(torch.randint(0, 2, (1,), generator=g2))
+    assert box == (0, 32, left, left + 32)
+    assert torch.equal(g.get_state(), g2.get_state()), "one draw per side"
+
+
 def test_memory_probes_run_on_the_hrda_grid(tmp_path):
     model = _build_model(hrda_config(tmp_path), 7)
     for h, w in _probe_sizes((48, 64), model):
@@ -241,6 +253,11 @@ def test_saved_wrapper_reloads_as_the_wrapper_and_evaluates(tmp_path):
     ds = build_dataset("synthetic", None, "val", num_samples=2, size=[48, 64], style="target")
     metrics = evaluate(loaded, ds)
     assert 0 <= metrics["miou"] <= 1
+    # MIC's HRDA protocol shape: the front's sliding windows around the HRDA forward
+    from deeplabv2.inference.front import InferenceConfig
+    sliding = InferenceConfig.from_dict({"mode": "sliding", "crop_size": [48, 48],
+                                         "stride": [16, 16]})
+    assert 0 <= evaluate(loaded, ds, inference=sliding)["miou"] <= 1
     # .safetensors too
     save_weights(model, tmp_path / "model.safetensors")
     assert isinstance(load_model(tmp_path / "model.safetensors"), HRDA)
