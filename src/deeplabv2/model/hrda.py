@@ -9,7 +9,8 @@ Written from the released code (lhoyer/HRDA), not copied from it:
   upper end, so with 1024/512/8 the offsets are 0, 8, ..., 504: the last position 512 is never
   drawn, as released). ``crop_coord_divisible = 8`` in experiments.py for every HRDA row. Here
   the draw comes from a ``torch.Generator``, so the box is a pure function of the generator's
-  state.
+  state. A side the detail crop fills (a crop as high as the context crop) has offset 0 there
+  (the released ``randint(0, 0)`` would fail), still one draw per side.
 * :func:`scale_box`: ``scale_box`` of mmseg/models/decode_heads/hrda_head.py (integer
   truncation of every coordinate divided by the factor).
 * :func:`fuse_scales`: ``HRDAHead.forward``: the attention ``a = sigmoid(attention head(context
@@ -41,6 +42,11 @@ Written from the released code (lhoyer/HRDA), not copied from it:
   context pass's backbone features (``forward_train``'s ``"context_features"``), against the
   frozen ImageNet backbone on the same half-size image, the crop's labels downscaled by
   ``crop width // feature width`` (16) (uda/dacs.py ``calc_feat_dist``).
+
+Training: :class:`deeplabv2.adapt.methods.HRDA` (``adapt.method: hrda``) wraps the run's
+network in :class:`HRDA` and calls ``net(x, hrda_train=True)`` (:meth:`HRDA.forward_train`
+through DDP's forward); checkpoints record the wrapper's settings under the model config's
+``hrda`` key, so :func:`deeplabv2.weights.load_model` rebuilds it.
 
 Grid convention. mmseg's ResNet gives ``H / 8`` cells for an ``H`` input; this project's caffe
 layout gives ``H // 8 + 1`` (cell ``i`` on pixel ``8 i``). The score maps are trimmed to their
