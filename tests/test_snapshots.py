@@ -235,6 +235,18 @@ def test_adaptation_run_dir_is_evaluated_on_its_target_validation_set(tmp_path):
     assert main(["evaluate", str(run / "model.pth"), "-c", str(tmp_path / "target.yaml"),
                  "--out", str(single)]) == 0
     assert data["final"]["miou"] == pytest.approx(json.loads(single.read_text())["miou"])
+    # one checkpoint with the run's own config is scored on the same target set, not the
+    # source its data section names
+    own = tmp_path / "own.json"
+    assert main(["evaluate", str(run / "model.pth"), "-c", str(run / "config.yaml"),
+                 "--out", str(own)]) == 0
+    assert json.loads(own.read_text())["miou"] == pytest.approx(data["final"]["miou"])
+    source = tmp_path / "source.json"
+    cfg = load_config(str(run / "config.yaml"), ["adapt.method=none"])
+    save_config(cfg, tmp_path / "source.yaml")
+    assert main(["evaluate", str(run / "model.pth"), "-c", str(tmp_path / "source.yaml"),
+                 "--out", str(source)]) == 0
+    assert json.loads(source.read_text())["miou"] != pytest.approx(data["final"]["miou"])
 
 
 def test_evaluate_run_dir_report_has_the_series(run, tmp_path):

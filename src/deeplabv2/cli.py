@@ -235,13 +235,16 @@ def cmd_evaluate(args) -> int:
     from .utils.distributed import pick_device
     device = pick_device(cfg.train.device)
     model = _load(args, device)
-    ds = _eval_dataset(cfg, args.split)
+    # the set the config's run validates on: an adaptation config's target (as evaluate
+    # RUN_DIR and training do), else its data section
+    ds, which = _run_eval_dataset(cfg, args.split)
     ds.check(limit=0 if len(ds) else None)
     from .app.commands import finish_report, report_collector
     report = report_collector(args, ds)  # None without --report
-    results, settings = _evaluate_loaded(args, cfg, device, args.checkpoint, model, ds, report)
+    results, settings = _evaluate_loaded(args, cfg, device, args.checkpoint, model, ds, report,
+                                         which["dataset"])
     _print_metrics(results, list(ds.classes), args.out)
-    finish_report(args, report, results, title=f"{args.checkpoint} on {cfg.data.dataset} "
+    finish_report(args, report, results, title=f"{args.checkpoint} on {which['dataset']} "
                   f"{ds.split}", settings=settings)
     return 0
 
