@@ -44,6 +44,7 @@ import torch
 
 from ..utils.fileio import atomic_write_text
 from .base import DatasetError, check_label_values
+from .sampler import StepBatchSampler
 
 CACHE_VERSION = 1
 # The number of crop checks of the released loop (``for j in range(10)``).
@@ -291,7 +292,7 @@ class RareClassSampling:
         return c, int(images[min(int(u_image * len(images)), len(images) - 1)])
 
 
-class RareClassBatchSampler:
+class RareClassBatchSampler(StepBatchSampler):
     """This rank's ``(position, class, image)`` keys for every micro-step from ``start_step``
     on, in the layout of :class:`~deeplabv2.data.sampler.IterationBatchSampler`: micro-step
     ``s`` takes global positions ``s * batch_size * world_size ...`` and rank ``r`` its
@@ -299,19 +300,11 @@ class RareClassBatchSampler:
 
     def __init__(self, rcs: RareClassSampling, batch_size: int, seed: int, total_steps: int,
                  start_step: int = 0, rank: int = 0, world_size: int = 1):
-        self.rcs, self.batch_size, self.seed = rcs, batch_size, seed
-        self.total_steps, self.start_step = total_steps, start_step
-        self.rank, self.world_size = rank, world_size
+        super().__init__(batch_size, seed, total_steps, start_step, rank, world_size)
+        self.rcs = rcs
 
-    def __len__(self) -> int:
-        return self.total_steps - self.start_step
-
-    def __iter__(self):
-        global_batch = self.batch_size * self.world_size
-        for step in range(self.start_step, self.total_steps):
-            first = step * global_batch + self.rank * self.batch_size
-            yield [(pos, *self.rcs.choose(self.seed, pos))
-                   for pos in range(first, first + self.batch_size)]
+    def key(self, position: int) -> tuple[int, int, int]:
+        return (position, *self.rcs.choose(self.seed, position))
 
 
 class RareClassCrops(torch.utils.data.Dataset):

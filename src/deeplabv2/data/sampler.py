@@ -7,7 +7,32 @@ import numpy as np
 import torch
 
 
-class IterationBatchSampler:
+class StepBatchSampler:
+    """The layout every training sampler shares: micro-step ``s`` takes the global positions
+    ``s * batch_size * world_size ...``, rank ``r`` its ``r``-th slice of them, from
+    ``start_step`` to ``total_steps``; a subclass says what a position is (:meth:`key`), a
+    pure function of it, so a resume and every rank see what one uninterrupted process would."""
+
+    def __init__(self, batch_size: int, seed: int, total_steps: int, start_step: int = 0,
+                 rank: int = 0, world_size: int = 1):
+        self.batch_size, self.seed = batch_size, seed
+        self.total_steps, self.start_step = total_steps, start_step
+        self.rank, self.world_size = rank, world_size
+
+    def key(self, position: int):
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return self.total_steps - self.start_step
+
+    def __iter__(self):
+        global_batch = self.batch_size * self.world_size
+        for step in range(self.start_step, self.total_steps):
+            first = step * global_batch + self.rank * self.batch_size
+            yield [self.key(pos) for pos in range(first, first + self.batch_size)]
+
+
+class IterationBatchSampler(StepBatchSampler):
     """This rank's ``(epoch, index)`` pairs for every micro-step from ``start_step`` on.
 
     The global sample stream is the concatenation of one permutation of the dataset per epoch,
@@ -22,9 +47,8 @@ class IterationBatchSampler:
                  start_step: int = 0, rank: int = 0, world_size: int = 1):
         if num_samples < 1:
             raise ValueError("cannot sample from an empty dataset")
-        self.n, self.batch_size, self.seed = num_samples, batch_size, seed
-        self.total_steps, self.start_step = total_steps, start_step
-        self.rank, self.world_size = rank, world_size
+        super().__init__(batch_size, seed, total_steps, start_step, rank, world_size)
+        self.n = num_samples
         self._perms: dict[int, np.ndarray] = {}
 
     def _permutation(self, epoch: int) -> np.ndarray:
@@ -32,18 +56,9 @@ class IterationBatchSampler:
             self._perms = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.n)}
         return self._perms[epoch]
 
-    def __len__(self) -> int:
-        return self.total_steps - self.start_step
-
-    def __iter__(self):
-        global_batch = self.batch_size * self.world_size
-        for step in range(self.start_step, self.total_steps):
-            first = step * global_batch + self.rank * self.batch_size
-            batch = []
-            for pos in range(first, first + self.batch_size):
-                epoch, i = divmod(pos, self.n)
-                batch.append((epoch, int(self._permutation(epoch)[i])))
-            yield batch
+    def key(self, position: int) -> tuple[int, int]:
+        epoch, i = divmod(position, self.n)
+        return epoch, int(self._permutation(epoch)[i])
 
 
 class EpochIndexed(torch.utils.data.Dataset):
