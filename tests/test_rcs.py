@@ -310,21 +310,10 @@ def test_training_with_rcs_resumes_exactly(tmp_path):
 def test_torchrun_two_processes_with_rcs_match_one_process(tmp_path):
     """2 CPU processes x batch 2 with rare-class sampling == 1 process x batch 4: the ranks
     take the two halves of one global batch of draws (frozen BN, scale 1)."""
-    from deeplabv2.config import save_config
     from test_train import TINY
-    from torchrun import run_torchrun
-    common = [*TINY, RCS, "data.scale_range=[1, 1]", "train.iterations=3",
-              "train.checkpoint_every=3"]
-    cfg_path = tmp_path / "ddp.yaml"
-    save_config(load_config(None, [*common, f"train.out_dir={tmp_path / 'ddp'}"]), cfg_path)
-    code, _, stderr = run_torchrun(["train", "-c", cfg_path, "train.progress=false"], tmp_path)
-    assert code == 0, stderr[-3000:]
-    from deeplabv2 import load_model
-    ddp = load_model(tmp_path / "ddp" / "model.pth")
-    single = train(load_config(None, [*common, "data.batch_size=4",
-                                      f"train.out_dir={tmp_path / 'one'}"])).model
-    for k, v in single.state_dict().items():
-        assert torch.allclose(v, ddp.state_dict()[k], rtol=1e-4, atol=1e-6), k
+    from torchrun import train_two_processes_and_one
+    train_two_processes_and_one(tmp_path, [*TINY, RCS, "data.scale_range=[1, 1]",
+                                           "train.iterations=3", "train.checkpoint_every=3"])
 
 
 # -- mmseg RandomCrop's cat_max_ratio (DAFormer's/HRDA's source pipeline) -----------------------

@@ -11,7 +11,7 @@ from deeplabv2.data.sampler import IterationBatchSampler
 from deeplabv2.train import TrainingError, poly_lr, segmentation_loss, train
 from deeplabv2.utils.digest import weights_digest
 
-from torchrun import run_torchrun
+from torchrun import run_torchrun, train_two_processes_and_one
 
 TINY = ["model.blocks=[1, 1, 1, 1]", "model.width=8", "data.dataset=synthetic",
         "data.crop_size=[48, 64]", "data.scale_range=[0.75, 1.25]", "data.batch_size=2",
@@ -161,17 +161,9 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     """2 CPU processes (gloo) x batch 2 == 1 process x batch 4: identical weights on both
     ranks, equal to the single-process result within float tolerance. Frozen BN and no
     ignored pixels (scale 1, crop inside the image), so the averages are the same."""
-    common = [*TINY, "data.scale_range=[1, 1]", "train.iterations=3",
-              "train.checkpoint_every=3"]
-    cfg_path = tmp_path / "ddp.yaml"
-    save_config(load_config(None, [*common, f"train.out_dir={tmp_path / 'ddp'}"]), cfg_path)
-    code, _, stderr = run_torchrun(["train", "-c", cfg_path, "train.progress=false"], tmp_path)
-    assert code == 0, stderr[-3000:]
-    ddp = load_model(tmp_path / "ddp" / "model.pth")
-    single = train(load_config(None, [*common, "data.batch_size=4",
-                                      f"train.out_dir={tmp_path / 'one'}"])).model
-    for k, v in single.state_dict().items():
-        assert torch.allclose(v, ddp.state_dict()[k], rtol=1e-4, atol=1e-6), k
+    ddp = train_two_processes_and_one(tmp_path, [*TINY, "data.scale_range=[1, 1]",
+                                                 "train.iterations=3",
+                                                 "train.checkpoint_every=3"])
     replicas = json.loads((tmp_path / "ddp" / "replicas.json").read_text())
     assert replicas["world_size"] == 2
     assert replicas["sha256"][0] == replicas["sha256"][1] == weights_digest(ddp)
