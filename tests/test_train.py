@@ -11,7 +11,7 @@ from deeplabv2.data.sampler import IterationBatchSampler
 from deeplabv2.train import TrainingError, poly_lr, segmentation_loss, train
 from deeplabv2.utils.digest import weights_digest
 
-from torchrun import run_torchrun, train_two_processes_and_one
+from torchrun import train_two_processes_and_one
 
 TINY = ["model.blocks=[1, 1, 1, 1]", "model.width=8", "data.dataset=synthetic",
         "data.crop_size=[48, 64]", "data.scale_range=[0.75, 1.25]", "data.batch_size=2",
