@@ -1,8 +1,6 @@
 """train.amp: auto and predict --precision auto: the decision rule, with the CPU and the probe
 mocked (the speed itself is measured in benchmarks/, not here)."""
 
-import contextlib
-
 import pytest
 import torch
 
@@ -198,14 +196,7 @@ def test_the_inference_probe_times_the_inference_networks(monkeypatch):
     assert seconds == {"fp32": [], "bf16": []}  # every timed call ran
 
 
-@contextlib.contextmanager
-def _caller_threads(n):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+_caller_threads = precision._threads  # the caller's thread count, restored after
 
 
 def test_the_inference_probe_runs_and_leaves_the_random_state(monkeypatch):
