@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -29,29 +27,11 @@ from deeplabv2 import build_model
 from deeplabv2.adapt.methods import build_method
 from deeplabv2.checkpoint import save_checkpoint
 from deeplabv2.config import AdaptConfig
+from deeplabv2.deploy.machine import cpu_model
 from deeplabv2.snapshots import save_snapshot
+from safety_overhead import median_time  # the same warmed median of repeats
 
 CLASSES = [f"class {i}" for i in range(19)]
-
-
-def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up (page cache, allocator)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 def setup(kind: str):
@@ -107,7 +87,7 @@ def main() -> None:
             del model, opt, adapt_state
 
     print(f"* command: `python benchmarks/snapshot_cost.py --repeats {args.repeats}`")
-    print(f"* CPU: {cpu_name()} (/proc/cpuinfo), {os.cpu_count()} cores, "
+    print(f"* CPU: {cpu_model()}, {os.cpu_count()} cores, "
           f"{torch.get_num_threads()} threads; torch {torch.__version__}")
     print(f"* load average {load:.2f} at the start, {os.getloadavg()[0]:.2f} at the end\n")
     print("| run (last.pth holds) | parameters | snapshot s | last.pth s | time ratio | "
