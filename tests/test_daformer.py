@@ -19,7 +19,7 @@ from deeplabv2.config import ConfigError, load_config, save_config
 from deeplabv2.train import _build_model, build_optimizer, train, warmup_poly_lr
 
 from test_train import TINY
-from test_uda_train import TARGET, Crash, uda_config
+from test_uda_train import TARGET, crash_and_resume, uda_config
 from torchrun import run_torchrun
 
 # what the tiny runs need of DAFormer: margins that fit a 48x64 crop, thing classes of the
@@ -362,19 +362,8 @@ def test_daformer_trains_and_resumes_exactly(tmp_path):
     assert any(k.startswith("imagenet.") for k in modules), "the ImageNet copy is checkpointed"
     assert raw["optimizer_state"]["state"], "AdamW's moments saved for an exact resume"
 
-    def crash(iteration, logs):
-        if iteration == 3:
-            raise Crash
-
     cfg = uda_config(tmp_path / "cut", "daformer", *more)
-    with pytest.raises(Crash):
-        train(cfg, on_iteration=crash)
-    resumed = train(cfg, resume=str(tmp_path / "cut" / "last.pth"))
-    for k, v in full.model.state_dict().items():
-        assert torch.equal(v, resumed.model.state_dict()[k]), k
-    b = torch.load(tmp_path / "cut" / "last.pth", weights_only=True)["adapt_state"]["modules"]
-    for k, v in modules.items():
-        assert torch.equal(v, b[k]), k
+    crash_and_resume(cfg, full)
     # the ImageNet copy is the network as initialised (set-up: seed, datasets, network),
     # untouched by training
     from deeplabv2.train import _datasets

@@ -18,7 +18,7 @@ from deeplabv2.train import _build_model, train
 
 from test_daformer import DAFORMER
 from test_train import TINY
-from test_uda_train import TARGET, Crash, uda_config
+from test_uda_train import TARGET, crash_and_resume, uda_config
 
 
 # -- the block mask ----------------------------------------------------------------------------
@@ -256,22 +256,9 @@ def test_training_with_mic_resumes_exactly(tmp_path, method, more):
     assert len(logs) == 4 and all(e["adapt/mic"] > 0 for e in logs)
     assert all(0 <= e["adapt/mic_kept"] <= 1 for e in logs)
     assert len({e["adapt/mic_kept"] for e in logs}) > 1, "a new mask each iteration"
-    modules = torch.load(tmp_path / "full" / "last.pth", weights_only=True)["adapt_state"][
-        "modules"]
-
-    def crash(iteration, logs):
-        if iteration == 3:
-            raise Crash
 
     cfg = uda_config(tmp_path / "cut", method, *more)
-    with pytest.raises(Crash):
-        train(cfg, on_iteration=crash)
-    resumed = train(cfg, resume=str(tmp_path / "cut" / "last.pth"))
-    for k, v in full.model.state_dict().items():
-        assert torch.equal(v, resumed.model.state_dict()[k]), k
-    cut = torch.load(tmp_path / "cut" / "last.pth", weights_only=True)["adapt_state"]["modules"]
-    for k, v in modules.items():
-        assert torch.equal(v, cut[k]), k
+    crash_and_resume(cfg, full)
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 exactly, keeps its modules in the checkpoint, and runs as 2 processes under torchrun."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,28 @@ from torchrun import run_torchrun
 
 class Crash(Exception):
     pass
+
+
+def crash_and_resume(cfg, full, at: int = 3):
+    """Train ``cfg`` until a crash during iteration ``at``, then resume from its ``last.pth``:
+    the weights equal ``full``'s (the same config run without a crash) bit for bit, and so
+    do the method's modules (discriminators, teacher...) in the two ``last.pth``. Returns the
+    resumed run."""
+    def crash(iteration, logs):
+        if iteration == at:
+            raise Crash
+
+    with pytest.raises(Crash):
+        train(cfg, on_iteration=crash)
+    cut = Path(cfg.train.out_dir) / "last.pth"
+    resumed = train(cfg, resume=str(cut))
+    for k, v in full.model.state_dict().items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k
+    a = torch.load(Path(full.out_dir) / "last.pth", weights_only=True)["adapt_state"]
+    b = torch.load(cut, weights_only=True)["adapt_state"]
+    for k, v in (a or {}).get("modules", {}).items():
+        assert torch.equal(v, b["modules"][k]), k
+    return resumed
 
 
 TARGET = ["adapt.target_dataset=synthetic",
@@ -40,22 +63,8 @@ def test_every_method_trains_and_resumes_exactly(tmp_path, method):
         assert raw["adapt_state"]["modules"], "the method's modules are checkpointed"
     # a crash during iteration 3, a resume to 4: the same weights, bit for bit (and the same
     # discriminator / teacher)
-    def crash(iteration, logs):
-        if iteration == 3:
-            raise Crash
-
-    cfg = uda_config(tmp_path / "cut", method, "train.iterations=4", "train.checkpoint_every=2",
-                     *more)
-    with pytest.raises(Crash):
-        train(cfg, on_iteration=crash)
-    resumed = train(cfg, resume=str(tmp_path / "cut" / "last.pth"))
-    for k, v in full.model.state_dict().items():
-        assert torch.equal(v, resumed.model.state_dict()[k]), k
-    a = torch.load(tmp_path / "full" / "last.pth", weights_only=True)
-    b = torch.load(tmp_path / "cut" / "last.pth", weights_only=True)
-    if method != "source_only":
-        for k, v in a["adapt_state"]["modules"].items():
-            assert torch.equal(v, b["adapt_state"]["modules"][k]), k
+    crash_and_resume(uda_config(tmp_path / "cut", method, "train.iterations=4",
+                                "train.checkpoint_every=2", *more), full)
     if method in ("adaptsegnet", "minent"):
         assert load_model(tmp_path / "full" / "model.pth").aux_head is not None
 
