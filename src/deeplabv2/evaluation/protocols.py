@@ -139,18 +139,9 @@ class Protocol:
         with the ensemble's weights: ``"scores"`` the weighted sum of the members' logits
         (ADVENT's ``MODEL_WEIGHT``), ``"probs"`` the log of their weighted softmax average
         (FDA), whatever ``fuse`` the ensemble was built with."""
-        members = getattr(net, "members", None)
-        if members is None:
+        if getattr(net, "members", None) is None:
             return net(x, upsample=False).float()
-        weights = list(getattr(net, "weights", None) or [1.0 / len(members)] * len(members))
-        total = None
-        for member, w in zip(members, weights):
-            out = member(x, upsample=False).float()
-            term = w * (out if self.ensemble == "scores" else F.softmax(out, dim=1))
-            total = term if total is None else total + term
-        if self.ensemble == "scores":
-            return total
-        return (total / sum(weights)).clamp_min(1e-30).log()
+        return net(x, upsample=False, fuse="logits" if self.ensemble == "scores" else "probs")
 
     def subset_mious(self, results: dict, num_classes: int) -> dict:
         """``miou_<name>`` for each of ``class_subsets`` (on a 19-class network); the mean

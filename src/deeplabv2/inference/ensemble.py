@@ -82,13 +82,20 @@ class Ensemble(NetworkWrapper):
         self.fuse = fuse
         self.weights = weights
 
-    def forward(self, x: torch.Tensor, upsample: bool = True) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, upsample: bool = True,
+                fuse: str | None = None) -> torch.Tensor:
+        """The fused output of the members on ``x``; ``fuse`` ("probs" or "logits") overrides
+        the ensemble's own for this call (an evaluation protocol fixes where its script
+        fuses)."""
+        fuse = fuse or self.fuse
+        if fuse not in FUSES:
+            raise ValueError(f"ensemble fuse={fuse!r}; valid: {', '.join(FUSES)}")
         total = None
         for member, w in zip(self.members, self.weights):
             out = member(x, upsample=upsample).float()
-            term = w * (out if self.fuse == "logits" else F.softmax(out, dim=1))
+            term = w * (out if fuse == "logits" else F.softmax(out, dim=1))
             total = term if total is None else total + term
-        if self.fuse == "logits":
+        if fuse == "logits":
             return total
         return (total / sum(self.weights)).clamp_min(FLOOR).log()
 
