@@ -107,3 +107,19 @@ def test_16_class_evaluation_also_reports_the_13_class_miou(tmp_path):
                           "pixel_accuracy": 0.4, "mean_class_accuracy": 0.4, "pixels": 10,
                           "miou_13": 0.5}, real.classes)
     assert "mIoU over 13" in table and "50.00" in table
+
+
+def test_synthia_miou_mmseg_converts_the_19_class_miou_as_the_daformer_family(tmp_path):
+    from deeplabv2.evaluation.metrics import add_subset_mious
+    cityscapes_tree(tmp_path, [[7, 12]])
+    ds = CityscapesDataset(tmp_path, "val", synthia_miou="mmseg")
+    assert ds.num_classes == 19
+    # 16 classes at 0.6, terrain/truck/train (never labelled in SYNTHIA) at 0: mIoU19 = 9.6/19
+    iou = [0.6] * 19
+    iou[9] = iou[14] = iou[16] = 0.0
+    results = add_subset_mious({"iou": iou, "miou": 9.6 / 19}, ds)
+    assert results["miou_16"] == pytest.approx(0.6)  # = mIoU19 * 19 / 16
+    with pytest.raises(ValueError, match="synthia_miou must be 'mmseg'.*num_classes 16"):
+        CityscapesDataset(tmp_path, "val", num_classes=16, synthia_miou="mmseg")
+    with pytest.raises(ValueError, match="synthia_miou must be 'mmseg'.*'mean'"):
+        CityscapesDataset(tmp_path, "val", synthia_miou="mean")

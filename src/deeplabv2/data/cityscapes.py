@@ -13,6 +13,8 @@ Split ``test`` has no public labels: its samples load with an all-255 label, for
 ``annotation=None`` reads any split that way (unlabelled target images for domain adaptation).
 ``num_classes=16`` or ``13`` evaluates the SYNTHIA -> Cityscapes protocols (the 16 classes
 SYNTHIA labels; 13 without wall, fence, pole), the other classes ignored.
+``synthia_miou="mmseg"`` adds the 16-class number of the DAFormer/HRDA/MIC SYNTHIA runs to a
+19-class evaluation: ``miou_16 = miou * 19 / 16``, as their READMEs convert it.
 :func:`train_to_label_ids` turns predictions back into label ids, the submission format.
 """
 
@@ -70,7 +72,8 @@ class CityscapesDataset(SegmentationDataset):
     palette = PALETTE
 
     def __init__(self, root, split: str = "train", transform=None, seed: int = 0,
-                 annotation: str | None = "gtFine", num_classes: int = 19):
+                 annotation: str | None = "gtFine", num_classes: int = 19,
+                 synthia_miou: str | None = None):
         if num_classes not in PROTOCOLS:
             raise ValueError(f"Cityscapes num_classes must be 19, 16 or 13 (the SYNTHIA "
                              f"protocols), got {num_classes!r}")
@@ -81,6 +84,14 @@ class CityscapesDataset(SegmentationDataset):
             self.palette = PALETTE[list(self.kept)]
         if num_classes == 16:  # SYNTHIA papers report mIoU over 16 and over 13 ("mIoU*")
             self.miou_subsets = {"13": [self.kept.index(t) for t in SYNTHIA13_TRAIN_IDS]}
+        if synthia_miou is not None:
+            # DAFormer/HRDA/MIC train SYNTHIA -> Cityscapes with a 19-class head and convert
+            # the printed 19-class mIoU: mIoU16 = mIoU19 * 19 / 16 (their READMEs)
+            if synthia_miou != "mmseg" or num_classes != 19:
+                raise ValueError(f"Cityscapes synthia_miou must be 'mmseg' (mIoU16 = mIoU19 * "
+                                 f"19 / 16) with num_classes 19, got {synthia_miou!r} with "
+                                 f"num_classes {num_classes}")
+            self.miou_scaled = {"16": len(SYNTHIA16_TRAIN_IDS)}
         root = require_root(root)
         super().__init__(root, split, transform, seed)
         image_dir = require_dir(root / "leftImg8bit" / split, f"Cityscapes {split!r} image")

@@ -188,6 +188,10 @@ def add_subset_mious(results: dict, dataset) -> dict:
     for name, indices in getattr(dataset, "miou_subsets", {}).items():
         values = [results["iou"][i] for i in indices if not math.isnan(results["iou"][i])]
         results[f"miou_{name}"] = sum(values) / len(values) if values else float("nan")
+    # ``dataset.miou_scaled``: {name: n}, the mIoU over all classes rescaled to n of them (the
+    # DAFormer family's SYNTHIA number: mIoU16 = mIoU19 * 19 / 16, absent classes counted 0)
+    for name, n in getattr(dataset, "miou_scaled", {}).items():
+        results[f"miou_{name}"] = results["miou"] * len(results["iou"]) / n
     return results
 
 
