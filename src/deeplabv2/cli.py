@@ -762,6 +762,8 @@ def build_parser() -> argparse.ArgumentParser:
     register_app(sub)
     from .deploy.bench import register as register_bench  # adds "bench" and "export"
     register_bench(sub)
+    from .deploy.model_folder import register as register_model_folder  # adds "export-hub"
+    register_model_folder(sub)
     for sp in sub.choices.values():  # every option's help says its default
         sp.formatter_class = _HelpWithDefaults
         for action in sp._actions:
