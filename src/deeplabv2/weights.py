@@ -33,7 +33,9 @@ layout                 what it is                                               
                        teacher), ``imnet_model`` (frozen ImageNet copy of the
                        feature distance), ...: one is loaded (``member=``), the
                        others are dropped and counted
-``deeplabv2``          this project's ``.pth`` / ``.safetensors`` checkpoints      recorded
+``deeplabv2``          this project's ``.pth`` / ``.safetensors`` checkpoints, and  recorded
+                       model folders in the Hugging Face layout (``deeplabv2
+                       export-hub``: ``model.safetensors`` + ``config.json``)
 =====================  ==========================================================  =========
 
 Each file also fixes how the model resizes (:mod:`deeplabv2.model.alignment`): this project's
