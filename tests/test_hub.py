@@ -188,6 +188,22 @@ def test_export_hub_refuses_to_overwrite_and_takes_a_run_folder(exported, tmp_pa
         (exported / "out" / "model.safetensors").read_bytes()
 
 
+def test_export_hub_without_a_run_says_so(exported, tmp_path):
+    hf = require("huggingface_hub", "the model card is read back with huggingface_hub")
+    model = load_model(exported / "run" / "model.pth")
+    deeplabv2.save_weights(model, tmp_path / "alone.safetensors", model.classes, model.palette)
+    from deeplabv2.deploy.model_folder import export_hub
+    export_hub(tmp_path / "alone.safetensors", tmp_path / "out")
+    card = hf.ModelCard.load(tmp_path / "out" / "README.md")
+    meta = card.data.to_dict()
+    assert meta["library_name"] == "deeplabv2" and meta["license"] == "unknown"
+    assert "model-index" not in meta and "datasets" not in meta and "metrics" not in meta
+    assert card.text.count("Not recorded") == 2
+    assert torch.equal(_logits(load_model(tmp_path / "out")), _logits(model))
+    with pytest.raises(ValueError, match="not a folder"):
+        export_hub(tmp_path / "alone.safetensors", tmp_path / "x", run=tmp_path / "nowhere")
+
+
 def test_export_hub_without_huggingface_hub_says_what_to_install(exported, tmp_path,
                                                                  monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import raises ImportError

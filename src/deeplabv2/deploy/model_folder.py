@@ -172,7 +172,7 @@ def model_card(config: dict, run: RunInfo, *, repo_id: str | None, license: str,
             metric_config=f"protocol {protocol}"))
     data = ModelCardData(
         library_name=FORMAT, pipeline_tag="image-segmentation", license=license,
-        tags=tags, datasets=datasets or None, metrics=["mean_iou"],
+        tags=tags, datasets=datasets or None, metrics=["mean_iou"] if results else None,
         model_name=title if results else None, eval_results=results or None)
     where = repo_id or "USER/REPO"
     lines = [f"# {title}", "",
