@@ -322,3 +322,13 @@ def test_hubconf_builder_weights_folder_resnet101(tmp_path):
     out = _hub_subprocess(tmp_path, script, str(REPO), str(tmp_path / "folder")).split(maxsplit=1)
     assert float(out[0]) == float(model.head.convs[0].weight.detach().double().sum())
     assert out[1].strip() == "[3, 4, 23, 3]"
+
+
+def test_hubconf_with_the_package_installed(exported, tmp_path, monkeypatch):
+    """The installed (here: already imported) package serves hubconf's entry points."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    model = torch.hub.load(str(REPO), "from_pretrained", str(exported / "out"), source="local")
+    assert type(model) is deeplabv2.DeepLabV2  # the class of the package in sys.modules
+    assert torch.equal(_logits(model), _logits(load_model(exported / "out")))
+    net = torch.hub.load(str(REPO), "deeplabv2_vgg16_largefov", source="local", num_classes=2)
+    assert tuple(net.config["atrous_rates"]) == (12,)
