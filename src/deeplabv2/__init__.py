@@ -1,6 +1,6 @@
 """DeepLab v2 (Chen et al., TPAMI 2018): atrous ResNet-101/VGG-16, ASPP, frozen BN, strict weights."""
 
-from .hub import (deeplabv2_resnet50, deeplabv2_resnet101, deeplabv2_resnet101_v1c,
+from .hub import (from_pretrained, deeplabv2_resnet50, deeplabv2_resnet101, deeplabv2_resnet101_v1c,
                   deeplabv2_vgg16, deeplabv2_vgg16_largefov)
 from .model import DeepLabV2, FrozenBatchNorm2d, build_model
 from .model.preprocessing import CAFFE_BGR, MMSEG_RGB, TORCHVISION_RGB, Preprocessing
@@ -27,4 +27,4 @@ __all__ = ["DeepLabV2", "FrozenBatchNorm2d", "build_model", "deeplabv2_resnet50"
            "deeplabv2_resnet101", "deeplabv2_resnet101_v1c", "deeplabv2_vgg16",
            "deeplabv2_vgg16_largefov", "Preprocessing", "CAFFE_BGR", "TORCHVISION_RGB",
            "MMSEG_RGB", "LoadReport", "WeightsError", "load_model", "load_weights",
-           "save_weights"]
+           "save_weights", "from_pretrained"]

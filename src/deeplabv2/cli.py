@@ -15,7 +15,8 @@ from .config import load_config
 
 ARCHS = ("resnet101", "resnet50", "vgg16", "resnet101_v1c")
 #: the help of every command's ``checkpoint`` argument
-CHECKPOINT_HELP = "a deeplabv2 checkpoint (.pth or .safetensors), e.g. RUN/model.pth"
+CHECKPOINT_HELP = ("a deeplabv2 checkpoint (.pth or .safetensors, e.g. RUN/model.pth) or a model "
+                   "folder of `deeplabv2 export-hub` (model.safetensors + config.json)")
 
 
 def _build(name: str, num_classes: int, weights):
@@ -226,7 +227,7 @@ def cmd_crf_search(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from pathlib import Path
-    if Path(args.checkpoint).is_dir():  # a run folder: its snapshot series and final model
+    if _is_run_folder(args.checkpoint):  # its snapshot series and final model
         return _evaluate_run(args)
     if not args.config:
         raise ValueError(f"{args.checkpoint}: -c/--config CONFIG is needed to evaluate a "
@@ -247,6 +248,16 @@ def cmd_evaluate(args) -> int:
     finish_report(args, report, results, title=f"{args.checkpoint} on {which['dataset']} "
                   f"{ds.split}", settings=settings)
     return 0
+
+
+def _is_run_folder(path) -> bool:
+    """A training run folder (``model.pth``, ``snapshots/``, ``config.yaml``), not a model
+    folder of ``export-hub`` (``model.safetensors`` + ``config.json``, or a broken one that
+    :func:`deeplabv2.load_model` then names)."""
+    from pathlib import Path
+    p = Path(path)
+    return p.is_dir() and not ((p / "model.safetensors").is_file() or
+                               (p / "config.json").is_file())
 
 
 def _evaluate_loaded(args, cfg, device, checkpoint, model, ds, report=None, dataset=None):
@@ -751,6 +762,8 @@ def build_parser() -> argparse.ArgumentParser:
     register_app(sub)
     from .deploy.bench import register as register_bench  # adds "bench" and "export"
     register_bench(sub)
+    from .deploy.model_folder import register as register_model_folder  # adds "export-hub"
+    register_model_folder(sub)
     for sp in sub.choices.values():  # every option's help says its default
         sp.formatter_class = _HelpWithDefaults
         for action in sp._actions:

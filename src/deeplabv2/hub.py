@@ -4,15 +4,19 @@
 builds the architecture (:func:`deeplabv2.model.build_model`) and loads any file
 :func:`deeplabv2.load_weights` accepts. They live above both the network (:mod:`.model`) and
 the loader (:mod:`.weights`), which builds networks itself, so neither imports the other's
-user.
+user. :func:`from_pretrained` rebuilds a model from a model folder (``deeplabv2 export-hub``)
+on disk or on the Hugging Face Hub.
 """
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 from .model.alignment import get_alignment
 from .model.preprocessing import MMSEG_RGB
 from .model.deeplab import DEFAULT_RATES, LARGEFOV_RATES, RESNET_DEPTHS, DeepLabV2, build_model
-from .weights import load_weights
+from .weights import load_model, load_weights
 
 
 def _with_weights(model: DeepLabV2, weights, head: str, alignment) -> DeepLabV2:
@@ -93,3 +97,37 @@ def deeplabv2_vgg16_largefov(num_classes: int = 21, *, weights=None, head: str =
     """DeepLab-LargeFOV: VGG-16 with one fc6 (3x3, rate 12, 1024) -> fc7 -> fc8 branch."""
     return deeplabv2_vgg16(num_classes, weights=weights, atrous_rates=LARGEFOV_RATES, head=head,
                            alignment=alignment)
+
+
+#: what :func:`from_pretrained` downloads of a Hub repository: the weights and their config
+#: (the card too, small, so that the snapshot is the folder as exported)
+HUB_FILES = ("model.safetensors", "config.json", "README.md")
+
+
+def from_pretrained(name_or_path, *, revision: str | None = None, cache_dir=None,
+                    token=None, device="cpu") -> DeepLabV2:
+    """The model of a model folder (``deeplabv2 export-hub``): a local folder, read by
+    :func:`deeplabv2.load_model`, or a Hugging Face Hub repository ``"user/repo"`` downloaded
+    (``revision``: a branch, tag or commit) into the Hugging Face cache first; with
+    ``HF_HUB_OFFLINE=1`` a repository is read from that cache. The model carries the folder's
+    classes, palette, preprocessing and resizing convention.
+
+    We do not use ``huggingface_hub.PyTorchModelHubMixin``: it rebuilds a model class from the
+    keyword arguments in ``config.json`` and loads the state dict itself, around our strict
+    loader, the header's digest, preprocessing and alignment.
+    """
+    path = Path(name_or_path)
+    if path.exists():  # a model folder, or any checkpoint file of ours
+        return load_model(path, device=device)
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(name_or_path)):
+        raise ValueError(f"{name_or_path}: neither a model folder on disk nor a Hub repository "
+                         "id (user/repo)")
+    try:  # optional dependency, only for the Hub
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise ImportError(f"{name_or_path}: downloading from the Hugging Face Hub needs "
+                          "huggingface_hub: pip install 'deeplabv2[hub]'") from None
+    folder = snapshot_download(repo_id=str(name_or_path), revision=revision,
+                               cache_dir=cache_dir, token=token,
+                               allow_patterns=list(HUB_FILES))
+    return load_model(folder, device=device)  # names what the repository lacks, if anything

@@ -33,7 +33,9 @@ layout                 what it is                                               
                        teacher), ``imnet_model`` (frozen ImageNet copy of the
                        feature distance), ...: one is loaded (``member=``), the
                        others are dropped and counted
-``deeplabv2``          this project's ``.pth`` / ``.safetensors`` checkpoints      recorded
+``deeplabv2``          this project's ``.pth`` / ``.safetensors`` checkpoints, and  recorded
+                       model folders in the Hugging Face layout (``deeplabv2
+                       export-hub``: ``model.safetensors`` + ``config.json``)
 =====================  ==========================================================  =========
 
 Each file also fixes how the model resizes (:mod:`deeplabv2.model.alignment`): this project's
@@ -117,10 +119,74 @@ def read_file(path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     ``preprocessing``, ``layout``, ``classes``) when present, else is empty.
     """
     path = Path(path)
+    if path.is_dir():  # a model folder of ``deeplabv2 export-hub`` (the Hugging Face layout)
+        weights, config = model_folder_files(path)
+        state, metadata = _read_safetensors(weights)
+        _check_folder_config(config, metadata)
+        return state, metadata
     _require_file(path)
     if path.suffix == ".safetensors":
         return _read_safetensors(path)
     return _unwrap(torch_load(path), path)
+
+
+# -- model folders in the Hugging Face layout ---------------------------------------------------
+#: the files of a model folder (``deeplabv2 export-hub``): the weights with this project's
+#: metadata in their header, and the same metadata as JSON for the Hub and for people
+MODEL_FOLDER_WEIGHTS = "model.safetensors"
+MODEL_FOLDER_CONFIG = "config.json"
+#: the fields of ``config.json`` that repeat the weights' header and must agree with it
+_FOLDER_FIELDS = ("model_config", "classes", "palette", "preprocessing", "alignment", "layout")
+
+
+def is_model_folder(path) -> bool:
+    """True when ``path`` is a folder holding ``model.safetensors`` and ``config.json`` (a
+    model folder in the Hugging Face layout; a training run folder holds ``model.pth``)."""
+    path = Path(path)
+    return (path / MODEL_FOLDER_WEIGHTS).is_file() and (path / MODEL_FOLDER_CONFIG).is_file()
+
+
+def model_folder_files(folder) -> tuple[Path, Path]:
+    """``(weights, config)`` paths of a model folder, or a :class:`WeightsError` naming what is
+    missing (and pointing a training run folder at its ``model.pth``)."""
+    folder = Path(folder)
+    missing = [n for n in (MODEL_FOLDER_WEIGHTS, MODEL_FOLDER_CONFIG)
+               if not (folder / n).is_file()]
+    if missing:
+        hint = (f"; a training run folder: give {folder / 'model.pth'}"
+                if (folder / "model.pth").is_file() else "")
+        raise WeightsError(f"{folder}: a folder without {' and '.join(missing)}, not a model "
+                           f"folder (deeplabv2 export-hub writes one){hint}")
+    return folder / MODEL_FOLDER_WEIGHTS, folder / MODEL_FOLDER_CONFIG
+
+
+def weights_file(path) -> Path:
+    """The file that holds the weights of ``path``: ``model.safetensors`` of a model folder,
+    else ``path`` itself (what a digest of "the checkpoint" reads)."""
+    path = Path(path)
+    return model_folder_files(path)[0] if path.is_dir() else path
+
+
+def _check_folder_config(path: Path, metadata: dict) -> None:
+    """``config.json`` must be this library's and repeat the weights' header: an edited copy
+    would otherwise describe a model other than the one loaded."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise WeightsError(f"{path}: not readable JSON ({' '.join(str(e).split())[:160]})") \
+            from None
+    if not isinstance(config, dict) or config.get("library_name") != FORMAT:
+        found = config.get("library_name") if isinstance(config, dict) else None
+        raise WeightsError(f"{path}: not a deeplabv2 model config (library_name {found!r}, "
+                           f"expected {FORMAT!r})")
+    if metadata.get("format") != FORMAT:
+        raise WeightsError(f"{path.parent / MODEL_FOLDER_WEIGHTS}: not a deeplabv2 checkpoint "
+                           "(no deeplabv2 metadata in its header)")
+    for key in _FOLDER_FIELDS:
+        if key in config and config[key] != metadata.get(key):
+            raise WeightsError(f"{path}: {key} {json.dumps(config[key])[:80]} differs from "
+                               f"the one recorded in {MODEL_FOLDER_WEIGHTS} "
+                               f"({json.dumps(metadata.get(key))[:80]}); export the folder again")
 
 
 def torch_load(path) -> Any:
@@ -765,7 +831,9 @@ def _safetensors_digest(state: dict, header: dict) -> str:
 
 
 def load_model(path, *, device="cpu"):
-    """Rebuild a model from one of this project's checkpoints and load it (head required).
+    """Rebuild a model from one of this project's checkpoints (``.pth``, ``.safetensors``, or a
+    model folder of ``deeplabv2 export-hub``: ``model.safetensors`` + ``config.json``) and load
+    it (head required).
 
     The returned model also carries the checkpoint's ``classes`` and ``palette`` (or None).
     """

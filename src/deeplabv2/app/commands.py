@@ -117,7 +117,8 @@ def register(sub) -> None:
                     "its segmentation. Uploads, image size, waiting requests and time per "
                     "request are bounded (413, 503, 504 beyond); the runtime and precision "
                     "flags are predict's.")
-    se.add_argument("checkpoint", help="a deeplabv2 checkpoint (.pth or .safetensors)")
+    se.add_argument("checkpoint", help="a deeplabv2 checkpoint (.pth or .safetensors) or a "
+                                       "model folder of export-hub")
     se.add_argument("--host", default="127.0.0.1",
                     help="address to bind (default 127.0.0.1: this machine only)")
     se.add_argument("--port", type=int, default=8000)

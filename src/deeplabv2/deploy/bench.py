@@ -373,8 +373,8 @@ def register(subparsers) -> None:
         "export", help="export a checkpoint to ONNX and/or TorchScript",
         description="Export a checkpoint to ONNX (input 'image' with dynamic height and "
                     "width, output 'logits') and/or to a traced TorchScript file.")
-    ex.add_argument("checkpoint", help="a deeplabv2 checkpoint (.pth or .safetensors), e.g. "
-                                       "RUN/model.pth")
+    ex.add_argument("checkpoint", help="a deeplabv2 checkpoint (.pth or .safetensors, e.g. "
+                                       "RUN/model.pth) or a model folder of export-hub")
     ex.add_argument("--onnx", default=None, help="write ONNX here (dynamic height and width)")
     ex.add_argument("--torchscript", default=None, help="write a traced TorchScript file here")
     ex.add_argument("--height", type=int, default=512, help="example input height")

@@ -28,6 +28,7 @@ from ..model.deeplab import NetworkWrapper
 from ..precision import bf16_pays
 from ..utils.fileio import atomic_write_text, write_failure
 from .fast import fold_batchnorm
+from ..weights import weights_file
 
 #: OpenVINO's ``INFERENCE_PRECISION_HINT`` per precision; for an INT8 model it sets what its
 #: non-quantized operations (the sums left in floating point, the last layers) run in.
@@ -58,8 +59,9 @@ def require_openvino():
 
 
 def file_digest(path) -> str:
+    """SHA-256 of a checkpoint file (of its ``model.safetensors`` for a model folder)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open(weights_file(path), "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
