@@ -206,6 +206,7 @@ def test_unpacked_and_double_blob_data_are_read():
 
 
 # -- VGG-16 ---------------------------------------------------------------------------------------
+@pytest.mark.slow  # the real VGG-16 (35M parameters for ASPP-L): a few seconds
 @pytest.mark.parametrize("largefov", [True, False], ids=["largefov", "aspp_l"])
 def test_vgg16_files_run_as_the_caffe_net(tmp_path, largefov):
     rates = (12,) if largefov else (6, 12, 18, 24)
@@ -322,6 +323,9 @@ def test_convert_then_evaluate_on_a_voc_tree(tmp_path, small_resnet, capsys):
     assert main(["convert", str(path), "-o", str(out), "--num-classes", "21"]) == 0
     printed = capsys.readouterr().out
     assert "layout caffemodel" in printed and f"wrote {out}" in printed
+    _, meta = read_file(out)
+    assert meta["provenance"] == {"source": path.name, "sha256": hashlib.sha256(data).hexdigest(),
+                                  "converter": "deeplabv2 convert", "arch": "resnet"}
     root = voc_tree(tmp_path / "data") / "VOCdevkit/VOC2012"
     metrics = tmp_path / "metrics.json"
     assert main(["evaluate", str(out), "-c", "voc12_aug", f"data.root={root}",
