@@ -89,8 +89,21 @@ def vgg_forward(layers, x):
 
 
 def logits(model, x):
+    """The converted model's stride-8 scores, in float64 (as the references below): what is
+    compared is the function, not float32's summation order over 100 layers."""
     with torch.no_grad():
-        return model.eval().logits(x)
+        return model.double().eval().logits(x.double())
+
+
+def close(actual, expected):
+    """Equal to 1e-5 (relative and absolute)."""
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+def ref(forward, layers, x, **kwargs):
+    """``forward`` (:func:`resnet_forward`, :func:`vgg_forward`) in float64."""
+    return forward([(n, t, [b.double() for b in blobs], g) for n, t, blobs, g in layers],
+                   x.double(), **kwargs)
 
 
 def write(tmp_path, name, data: bytes):
@@ -118,7 +131,7 @@ def test_resnet101_msc_voc_file_runs_as_the_caffe_net(tmp_path):
     path = write(tmp_path, "train_iter_20000.caffemodel", E.encode(layers, msc=True))
     model, report, out = convert_caffemodel(path)
     assert out == tmp_path / "train_iter_20000.pth"
-    torch.testing.assert_close(logits(model, X), resnet_forward(layers, X), rtol=1e-5, atol=1e-5)
+    close(logits(model, X), ref(resnet_forward, layers, X))
     n_blobs = sum(len(b) for _, _, b, _ in layers)
     n_bn = sum(t == "BatchNorm" for _, t, _, _ in layers)
     assert len(report.loaded) == n_blobs - n_bn
@@ -127,7 +140,7 @@ def test_resnet101_msc_voc_file_runs_as_the_caffe_net(tmp_path):
     assert sum("MSC branch copy" in r for r in reasons) == 2 * n_blobs
     # the written checkpoint: rebuilt from its own metadata, the same function
     reloaded = load_model(out)
-    torch.testing.assert_close(logits(reloaded, X), resnet_forward(layers, X), rtol=1e-5, atol=1e-5)
+    close(logits(reloaded, X), ref(resnet_forward, layers, X))
     _, meta = read_file(out)
     assert meta["model_config"]["blocks"] == [3, 4, 23, 3]
     assert meta["model_config"]["atrous_rates"] == [6, 12, 18, 24]
@@ -137,13 +150,24 @@ def test_resnet101_msc_voc_file_runs_as_the_caffe_net(tmp_path):
     assert meta["provenance"]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.mark.slow  # the real ResNet-101 (width 64): a 170 MB caffemodel
+def test_real_size_resnet101_file_runs_as_the_caffe_net(tmp_path):
+    layers = E.resnet_layers(width=64, seed=10)
+    path = write(tmp_path, "train_iter_20000.caffemodel", E.encode(layers))
+    model, report, _ = convert_caffemodel(path, tmp_path / "voc12.safetensors")
+    assert model.config["width"] == 64 and len(report.loaded) == 528
+    x = X[..., :17, :17]
+    close(logits(model, x), ref(resnet_forward, layers, x))
+
+
 def test_bn_eps_recorded_in_the_file_is_folded_into_the_variance(tmp_path):
     layers = E.resnet_layers(width=2, blocks=(1, 2, 2, 1), seed=3)
     path = write(tmp_path, "m.caffemodel", E.encode(layers, bn_eps=1e-3))
     model, _, _ = convert_caffemodel(path, tmp_path / "m.safetensors")
-    expected = resnet_forward(layers, X, eps=1e-3)
-    torch.testing.assert_close(logits(model, X), expected, rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(resnet_forward(layers, X, eps=1e-5), expected, rtol=1e-5, atol=1e-5)
+    expected = ref(resnet_forward, layers, X, eps=1e-3)
+    close(logits(model, X), expected)
+    with pytest.raises(AssertionError):  # the eps matters at this tolerance
+        close(ref(resnet_forward, layers, X), expected)
 
 
 def test_batchnorm_scale_factor_zero_gives_zero_statistics_as_caffe(tmp_path):
@@ -155,7 +179,7 @@ def test_batchnorm_scale_factor_zero_gives_zero_statistics_as_caffe(tmp_path):
             blobs[0].mul_(1e-2)  # keeps the logits near 1 (the tolerance is absolute too)
     model, _, _ = convert_caffemodel(write(tmp_path, "m.caffemodel", E.encode(layers)))
     assert torch.equal(model.backbone.bn1.running_mean, torch.zeros(2))
-    torch.testing.assert_close(logits(model, X), resnet_forward(layers, X), rtol=1e-5, atol=1e-5)
+    close(logits(model, X), ref(resnet_forward, layers, X))
 
 
 def test_imagenet_init_file_gives_a_backbone_only_checkpoint(tmp_path):
@@ -218,7 +242,7 @@ def test_vgg16_files_run_as_the_caffe_net(tmp_path, largefov):
     assert model.config["atrous_rates"] == list(rates)
     assert len(report.loaded) == sum(len(b) for _, _, b, _ in layers) and not report.dropped
     x = X[..., :25, :25]
-    torch.testing.assert_close(logits(model, x), vgg_forward(layers, x), rtol=1e-5, atol=1e-5)
+    close(logits(model, x), ref(vgg_forward, layers, x))
     other = "vgg16" if largefov else "vgg16_largefov"
     assert "--arch" in one_line_error(convert_caffemodel, path, arch=other)
 

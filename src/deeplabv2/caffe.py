@@ -431,9 +431,13 @@ def caffe_to_state(layers: list[CaffeLayer], source: str = "caffemodel", arch: s
     found = detect_arch(layers)
     if arch in ("resnet101", "resnet"):
         arch = "resnet"
+    if arch not in ("auto", "resnet", "vgg16", "vgg16_largefov"):
+        raise ValueError(f"arch={arch!r}; valid: auto, resnet101, vgg16, vgg16_largefov")
     if arch != "auto" and arch != found:
-        raise WeightsError(f"{source}: --arch {arch} but the file's layers are those of "
-                           f"{found} (e.g. {next(l.name for l in layers if l.blobs)!r})")
+        what = {"resnet": "a ResNet's", "vgg16": "VGG-16 ASPP-L's (fc8_*_1..4)",
+                "vgg16_largefov": "VGG-16 LargeFOV's (one fc8)"}[found]
+        raise WeightsError(f"{source}: --arch {'resnet101' if arch == 'resnet' else arch}, but "
+                           f"the file's layers are {what}")
     report = LoadReport(path=str(source), layout="caffemodel")
     by_name: dict[str, CaffeLayer] = {}
     for layer in layers:
@@ -458,8 +462,9 @@ def caffe_to_state(layers: list[CaffeLayer], source: str = "caffemodel", arch: s
 
 
 def _same_blobs(source, copy: CaffeLayer, original: CaffeLayer) -> None:
+    pairs = zip(copy.blobs, original.blobs)
     if len(copy.blobs) != len(original.blobs) or any(
-            a.shape != b.shape or not torch.equal(a, b) for a, b in zip(copy.blobs, original.blobs)):
+            a.shape != b.shape or not torch.equal(a, b) for a, b in pairs):
         raise WeightsError(f"{source}: layer {copy.name!r} differs from {original.name!r}: the "
                            "MSC branches of a DeepLab net share their parameters, so these "
                            "should be equal copies")
@@ -675,7 +680,8 @@ def geometry_problems(convs: dict, conv_params: dict, model) -> list[str]:
 
 
 # -- text prototxt --------------------------------------------------------------------------------
-_TOKEN = re.compile(r'\s+|#[^\n]*|"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|[{}:;,\[\]]|[^\s{}:;,\[\]"\'#]+')
+_TOKEN = re.compile(r'\s+|#[^\n]*|"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\''
+                    r'|[{}:;,\[\]]|[^\s{}:;,\[\]"\'#]+')
 
 
 def parse_prototxt(text: str, source: str = "prototxt") -> dict:
@@ -812,14 +818,7 @@ def convert_caffemodel(path, out=None, *, arch: str = "auto", prototxt=None,
     from .weights import save_weights
     path = Path(path)
     layers = read_caffemodel(path)
-    if arch == "vgg16_largefov" or arch == "vgg16":
-        want = arch
-        conv = caffe_to_state(layers, str(path), "auto", num_classes)
-        if conv.arch != want:
-            raise WeightsError(f"{path}: --arch {want} but the file holds a "
-                               f"{conv.arch} head")
-    else:
-        conv = caffe_to_state(layers, str(path), arch, num_classes)
+    conv = caffe_to_state(layers, str(path), arch, num_classes)
     model = build_model(conv.config)
     problems = geometry_problems(conv.convs, {l.name: l.conv for l in layers if l.conv}, model)
     if problems:

@@ -529,8 +529,10 @@ def cmd_convert(args) -> int:
         raise WeightsError(first) from None
     print(report.summary())
     c = model.config
-    what = (f"ResNet blocks {tuple(c['blocks'])} width {c['width']}" if c["backbone"] == "resnet"
-            else "VGG-16")
+    depth = {(3, 4, 23, 3): "ResNet-101", (3, 4, 6, 3): "ResNet-50"}.get(tuple(c.get("blocks", ())),
+                                                                       "ResNet")
+    what = (f"{depth} (blocks {tuple(c['blocks'])}, width {c['width']})"
+            if c["backbone"] == "resnet" else "VGG-16")
     head = ("no head (backbone only)" if report.notes and "backbone-only" in report.notes[-1]
             else f"{model.num_classes} classes, rates {tuple(c['atrous_rates'])}")
     print(f"wrote {out}: {what}, {head}; preprocessing Caffe BGR 0-255 minus the mean pixel, "
