@@ -246,7 +246,6 @@ def _layer(w: _Wire, start: int, end: int, v1: bool, index: int, ctx: list) -> C
 
 def _layer_fields(inner: _Wire, layer: CaffeLayer, v1: bool, ctx: list, name_f, type_f,
                   blobs_f, conv_f) -> None:
-    w = inner
     for number, wt, value in inner.fields():
         if number == name_f and wt == 2:
             layer.name = inner.string(value)
@@ -262,7 +261,7 @@ def _layer_fields(inner: _Wire, layer: CaffeLayer, v1: bool, ctx: list, name_f, 
             layer.conv = _conv_param(inner, *value)
         elif number == 139 and not v1 and wt == 2:
             layer.bn_eps = CAFFE_BN_EPS
-            for n2, wt2, v2 in _Wire(w.buf, *value).fields():
+            for n2, wt2, v2 in _Wire(inner.buf, *value).fields():
                 if n2 == 3 and wt2 == 5:
                     layer.bn_eps = struct.unpack("<f", v2.to_bytes(4, "little"))[0]
 
@@ -620,9 +619,6 @@ def _check_classes(source, classes, num_classes) -> None:
                            f"--num-classes says {num_classes}")
 
 
-_CAFFE_NAME = {"conv1": "conv1", "bn1": "bn_conv1"}
-
-
 def _check_missing(source, state, target, backbone_only) -> None:
     for key in target:
         if key in state or (backbone_only and key.startswith("head.")):
@@ -812,7 +808,8 @@ def convert_caffemodel(path, out=None, *, arch: str = "auto", prototxt=None,
     with weights, each convolution's blobs and geometry); a disagreement raises
     :class:`WeightsError` listing one per line. ``classes``: the class names (default: VOC
     2012's for 21 classes). A file whose head is not DeepLab v2's (an init file) gives a
-    backbone-only checkpoint.
+    backbone-only checkpoint; its ``model_config`` then records ``num_classes`` (default 21),
+    which only a model built from that config uses.
     """
     from .model.preprocessing import CAFFE_BGR
     from .weights import save_weights
