@@ -325,6 +325,8 @@ def test_prototxt_check_reports_each_disagreement(tmp_path, small_resnet, capsys
     renamed = E.prototxt(layers).replace('"res4b7_branch2a"', '"res4b7_branch2x"')
     renamed = renamed.replace("kernel_size: 3 pad: 6 stride: 1 dilation: 6",
                               "kernel_size: 3 pad: 6 stride: 1 dilation: 3")
+    renamed += ('layer { name: "pool5a" type: "Pooling" '
+                'pooling_param { pool: AVE kernel_size: 3 } }\n')
     bad = write(tmp_path, "bad.prototxt", renamed.encode())
     capsys.readouterr()
     assert main(["convert", str(path), "-o", str(tmp_path / "n.pth"), "--prototxt",
@@ -334,7 +336,9 @@ def test_prototxt_check_reports_each_disagreement(tmp_path, small_resnet, capsys
     assert "  layer 'res4b7_branch2x' (Convolution) of the prototxt has no weights in the " \
            "caffemodel" in err
     assert "  layer 'fc1_voc12_c0': dilation 3 in Caffe, 6 in the model (head.convs.0)" in err
-    assert err[-1].startswith(f"deeplabv2 convert: error: {bad}: 3 disagreement(s)")
+    assert "  layer 'pool5a': AVE pooling, which the model does not have (its pools are max " \
+           "pools)" in err
+    assert err[-1].startswith(f"deeplabv2 convert: error: {bad}: 4 disagreement(s)")
     assert not (tmp_path / "n.pth").exists()
 
 

@@ -737,7 +737,8 @@ def _first(d: dict, key, default=None):
 
 def prototxt_problems(path, converted: Converted, model) -> list[str]:
     """One line per disagreement between a net prototxt and the caffemodel: a layer with weights
-    missing from either, a convolution's num_output/kernel/bias against its blobs, and each
+    missing from either, a convolution's num_output/kernel/bias against its blobs, a BN eps
+    other than the file's, a pooling other than max (e.g. an average ``pool5a``), and each
     convolution's geometry against the model."""
     out = []
     defs = {}
@@ -785,6 +786,11 @@ def prototxt_problems(path, converted: Converted, model) -> list[str]:
             if recorded is not None and abs(recorded - eps) > 1e-12 + 1e-6 * eps:
                 out.append(f"layer {name!r}: eps {eps} in the prototxt, {recorded} in the "
                            "caffemodel")
+    for name, d in defs.items():  # no blobs, so only a prototxt can show them
+        pp = _first(d, "pooling_param")
+        if pp is not None and str(_first(pp, "pool", "MAX")).upper() != "MAX":
+            out.append(f"layer {name!r}: {_first(pp, 'pool')} pooling, which the model does "
+                       "not have (its pools are max pools)")
     out += geometry_problems(converted.convs, params, model)
     return out
 
