@@ -521,6 +521,36 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from .caffe import convert_caffemodel
+    from .weights import WeightsError
+    classes = None
+    if args.classes:
+        from pathlib import Path
+        text = Path(args.classes).read_text(encoding="utf-8")
+        classes = [line.strip() for line in text.splitlines() if line.strip()]
+    try:
+        model, report, out = convert_caffemodel(
+            args.caffemodel, args.out, arch=args.arch, prototxt=args.prototxt,
+            num_classes=args.num_classes, classes=classes)
+    except WeightsError as e:  # a list of disagreements: one line each, then the error
+        first, *rest = str(e).splitlines()
+        for line in rest:
+            print(f"  {line}", file=sys.stderr)
+        raise WeightsError(first) from None
+    print(report.summary())
+    c = model.config
+    depth = {(3, 4, 23, 3): "ResNet-101", (3, 4, 6, 3): "ResNet-50"}.get(tuple(c.get("blocks", ())),
+                                                                       "ResNet")
+    what = (f"{depth} (blocks {tuple(c['blocks'])}, width {c['width']})"
+            if c["backbone"] == "resnet" else "VGG-16")
+    head = ("no head (backbone only)" if report.notes and "backbone-only" in report.notes[-1]
+            else f"{model.num_classes} classes, rates {tuple(c['atrous_rates'])}")
+    print(f"wrote {out}: {what}, {head}; preprocessing Caffe BGR 0-255 minus the mean pixel, "
+          "alignment caffe")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .deploy.runtime import add_runtime_args
     p = argparse.ArgumentParser(prog="deeplabv2", description=__doc__)
@@ -757,6 +787,27 @@ def build_parser() -> argparse.ArgumentParser:
                          "some inputs (use it with --bias-correction fast)")
     qu.add_argument("overrides", nargs="*", help="section.key=value")
     qu.set_defaults(func=cmd_quantize)
+
+    cv = sub.add_parser(
+        "convert", help="convert a DeepLab v2 Caffe .caffemodel into a checkpoint (no Caffe "
+                        "needed)",
+        description="Read a .caffemodel of the DeepLab v2 authors (ResNet-101 ImageNet/COCO "
+                    "init, VOC 2012 MSC, VGG-16 LargeFOV / ASPP-L) and write this project's "
+                    "checkpoint: every blob loaded or dropped with a reason, printed.")
+    cv.add_argument("caffemodel", help="the .caffemodel file")
+    cv.add_argument("-o", "--out", default=None,
+                    help="output .pth or .safetensors (default: the input with .pth)")
+    cv.add_argument("--arch", choices=("auto", "resnet101", "vgg16", "vgg16_largefov"),
+                    default="auto", help="architecture (default: from the layer names)")
+    cv.add_argument("--prototxt", default=None,
+                    help="a net prototxt to check the file against (layer names, blob shapes, "
+                         "convolution geometry)")
+    cv.add_argument("--num-classes", type=int, default=None,
+                    help="expected number of classes (checked against the classifier)")
+    cv.add_argument("--classes", default=None,
+                    help="a text file of class names, one a line (default: VOC 2012's for "
+                         "21 classes)")
+    cv.set_defaults(func=cmd_convert)
 
     from .app.commands import register as register_app  # adds "compare" and "serve"
     register_app(sub)

@@ -762,25 +762,35 @@ def _describe(model) -> str:
 
 
 # -- writing this project's checkpoints ---------------------------------------------------------
-def checkpoint_metadata(model, classes=None, palette=None) -> dict[str, Any]:
-    return {"format": FORMAT, "version": FORMAT_VERSION, "model_config": dict(model.config),
+def checkpoint_metadata(model, classes=None, palette=None, provenance=None,
+                        backbone_only: bool = False) -> dict[str, Any]:
+    meta = {"format": FORMAT, "version": FORMAT_VERSION, "model_config": dict(model.config),
             "layout": model.layout, "preprocessing": model.preprocessing.to_dict(),
             "alignment": get_alignment(getattr(model, "alignment", None)).name,
             "classes": list(classes) if classes is not None else None,
             "palette": [[int(c) for c in rgb] for rgb in palette] if palette is not None
             else None}
+    if provenance is not None:  # where converted weights came from (deeplabv2.caffe)
+        meta["provenance"] = dict(provenance)
+    if backbone_only:
+        meta["backbone_only"] = True
+    return meta
 
 
-def save_weights(model, path, classes=None, palette=None, **extra) -> None:
+def save_weights(model, path, classes=None, palette=None, *, provenance=None,
+                 backbone_only: bool = False, **extra) -> None:
     """Save ``model`` as this project's ``.pth`` (default) or ``.safetensors`` checkpoint.
 
     The file records the architecture config, backbone layout, preprocessing, class names and
     their colours, so
-    :func:`load_model` rebuilds the model from it alone. ``extra`` (``.pth`` only) adds plain
-    fields such as training state.
+    :func:`load_model` rebuilds the model from it alone. ``provenance`` (a plain dict: source
+    file, its SHA-256, ...) is recorded in both formats; ``backbone_only`` leaves the head out
+    (an init file's weights: loadable with ``head="auto"``, refused by :func:`load_model`).
+    ``extra`` (``.pth`` only) adds plain fields such as training state.
     """
-    meta = checkpoint_metadata(model, classes, palette)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    meta = checkpoint_metadata(model, classes, palette, provenance, backbone_only)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
+             if not (backbone_only and k.startswith(("head.", "aux_head.")))}
     bad = non_finite_keys(state)
     if bad:  # a NaN checkpoint would pass for a good one later: never write it
         raise WeightsError(f"{path}: not written: the weights hold NaN/inf ({bad[0]}"
@@ -841,6 +851,11 @@ def load_model(path, *, device="cpu"):
     if metadata.get("format") != FORMAT or "model_config" not in metadata:
         raise WeightsError(f"{path}: not a deeplabv2 checkpoint (no model_config recorded); "
                            "build the model and call load_weights instead")
+    if metadata.get("backbone_only"):
+        raise WeightsError(f"{path}: a backbone-only checkpoint (converted from "
+                           f"{(metadata.get('provenance') or {}).get('source', 'an init file')}"
+                           ", which has no DeepLab v2 head): train from it "
+                           "(model.weights=...), it has no classifier to run")
     model = build_model(metadata["model_config"])
     load_state(model, state, metadata, source=path, head="require")
     model.classes = metadata.get("classes")
