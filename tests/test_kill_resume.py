@@ -91,7 +91,9 @@ def _tensors(a, b, where=""):
         for i, (x, y) in enumerate(zip(a, b)):
             _tensors(x, y, f"{where}[{i}]")
     elif isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and torch.equal(a, b), where
+        if a.dtype != b.dtype or a.shape != b.shape or not torch.equal(a, b):
+            pytest.fail(f"{where} differs: {a.dtype} {tuple(a.shape)} vs {b.dtype} "
+                        f"{tuple(b.shape)}", pytrace=False)
     else:
         assert a == b, where
 
