@@ -42,9 +42,9 @@ RUN = ["train.iterations=5", "train.checkpoint_every=2", "adapt.pseudo_threshold
 
 def _run(folder: Path, cfg: Path, log: str, *extra, env=None, processes=1,
          wait_for_marker=None) -> int:
-    """``crash_after.py train -c cfg`` in ``folder`` (1 process, or 2 under torchrun); its step
-    log into ``folder/log``. With ``wait_for_marker`` the process (group) is sent SIGKILL once
-    every rank has written its marker. Returns the exit code."""
+    """``crash_after.py train -c cfg`` in ``folder`` (1 process, or 2 under torchrun), its
+    step log into ``folder / log``. With ``wait_for_marker`` (1 process) the process group is
+    sent SIGKILL once the process has written the marker. Returns the exit code."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "STEP_LOG": str(folder / log), **(env or {})}
     args = ["train", "-c", str(cfg), *extra]
     if processes == 2:
