@@ -207,6 +207,23 @@ def test_feature_distance_is_the_mean_l2_over_thing_cells():
     assert mask.tolist() == [[[True, False], [False, True]]]
     d = feature_distance(student, imagenet, mask)
     assert float(d.detach()) == pytest.approx((5 + 10) / 2)
+    # the mask from 16x16 labels in 8-pixel blocks: block (0, 0) class 6 on 48 of its 64
+    # pixels (0.75: kept), (1, 1) class 13 on 40 of 64 (0.625: ignored at min_ratio 0.75,
+    # kept at 0.5), the others class 0 (no thing)
+    labels = torch.zeros(1, 16, 16, dtype=torch.long)
+    labels[0, :8, :8] = 6
+    labels[0, :2, :8] = 3
+    labels[0, 8:, 8:] = 13
+    labels[0, 8:11, 8:] = 255
+    things = (6, 7, 11, 12, 13)
+    cells = downscale_labels_by_majority(labels, 8, 0.75, 19)
+    assert cells.tolist() == [[[6, 0], [0, 255]]]
+    d = feature_distance(student, imagenet, thing_mask(cells, things))
+    assert float(d.detach()) == pytest.approx(5.0)
+    cells = downscale_labels_by_majority(labels, 8, 0.5, 19)
+    assert cells.tolist() == [[[6, 0], [0, 13]]]
+    d = feature_distance(student, imagenet, thing_mask(cells, things))
+    assert float(d.detach()) == pytest.approx(7.5)
     everywhere = feature_distance(student, imagenet).detach()
     assert float(everywhere) == pytest.approx((5 + 1 + 0 + 10) / 4)
     none = feature_distance(student, imagenet, torch.zeros(1, 2, 2, dtype=torch.bool))
@@ -262,7 +279,11 @@ def test_daformer_feature_distance_against_the_frozen_initial_backbone():
 def test_warmup_then_poly_learning_rate_values():
     """mmcv LrUpdaterHook 'linear' warm-up over PolyLrUpdaterHook (DAFormer poly10warm.py):
     lr = poly(it) * (1 - (1 - it / 1500) * (1 - 1e-6)) before 1500, then poly(it) =
-    6e-5 * (1 - it / 40000)."""
+    6e-5 * (1 - it / 40000). mmcv v1.3.x (runner/hooks/lr_updater.py): before_train_iter
+    computes regular_lr = get_regular_lr (the poly value at runner.iter, 0-based) and, before
+    warmup_iters, get_warmup_lr multiplies *that* by 1 - k, k = (1 - it / warmup_iters) *
+    (1 - warmup_ratio); poly is (base - min_lr) * (1 - it / max_iters) ** power + min_lr,
+    min_lr 0."""
     def lr(it):
         return warmup_poly_lr(6e-5, it, 40000, 1.0, 1500, 1e-6)
     assert lr(0) == pytest.approx(6e-5 * 1e-6, rel=1e-9)
@@ -272,6 +293,8 @@ def test_warmup_then_poly_learning_rate_values():
     assert lr(1500) == pytest.approx(6e-5 * (1 - 1500 / 40000), rel=1e-12)
     assert lr(39999) == pytest.approx(6e-5 / 40000, rel=1e-9)
     assert warmup_poly_lr(2.5e-4, 10, 100, 0.9) == pytest.approx(2.5e-4 * 0.9 ** 0.9)
+    # numbers: at 750 the poly value 5.8875e-5 times 0.5000005
+    assert lr(750) == pytest.approx(2.94375294375e-05, rel=1e-12)
 
 
 def test_adamw_groups_are_head_x10_with_decay_on_every_parameter():
@@ -349,8 +372,11 @@ def test_daformer_trains_and_resumes_exactly(tmp_path):
     full = train(uda_config(tmp_path / "full", "daformer", *more),
                  on_iteration=lambda it, entry: logs.append(entry))
     assert all(math.isfinite(h["loss"]) for h in full.history)
+    # lr 6e-4, power 1 over 4 iterations, linear warm-up over 2 from ratio 1e-6, by hand:
+    # it 0: 6e-4 * 1e-6; it 1: the poly value 4.5e-4 times 1 - 0.5 * (1 - 1e-6) (mmcv warms up
+    # the poly value, not the base: 3.000003e-4 otherwise); then the poly value alone
     assert [h["lr"] for h in full.history] == pytest.approx(
-        [warmup_poly_lr(6e-4, i, 4, 1.0, 2, 1e-6) for i in range(4)], rel=1e-12)
+        [6e-10, 2.25000225e-4, 3e-4, 1.5e-4], rel=1e-12)
     assert len(logs) == 4 and all(math.isfinite(e["adapt/fdist"]) and e["adapt/mix"] > 0
                                   for e in logs)
     assert any(e["adapt/fdist"] > 0 for e in logs[1:]), "the backbone moved from its copy"

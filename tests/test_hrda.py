@@ -50,6 +50,19 @@ def test_crop_offsets_cover_the_grid_but_not_the_last_position_as_released():
     assert lefts == {0, 8, 16, 24, 32}  # (40 + 1) // 8 = 5
 
 
+def test_crop_box_where_the_grid_leaves_one_position_whatever_the_draw():
+    # a 40x48 context crop, a 32x32 detail crop, divisible 8: the rows have a margin of 8,
+    # (8 + 1) // 8 = 1 position (top 0); the columns a margin of 16, (16 + 1) // 8 = 2
+    # positions (left 0 or 8): the box is (0, 32, 0, 32) or (0, 32, 8, 40) for every seed
+    boxes = {detail_crop_box(40, 48, 32, 8, torch.Generator().manual_seed(s))
+             for s in range(40)}
+    assert boxes == {(0, 32, 0, 32), (0, 32, 8, 40)}
+    # 39 rows: a margin of 7, (7 + 1) // 8 = 1 position; 47 columns: (15 + 1) // 8 = 2
+    boxes = {detail_crop_box(39, 47, 32, 8, torch.Generator().manual_seed(s))
+             for s in range(40)}
+    assert boxes == {(0, 32, 0, 32), (0, 32, 8, 40)}
+
+
 def test_crop_box_edge_cases_and_errors():
     assert detail_crop_box(512, 512, 512) == (0, 512, 0, 512)
     with pytest.raises(ValueError, match="larger than the context"):

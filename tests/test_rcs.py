@@ -35,6 +35,11 @@ def test_probabilities_from_given_frequencies_by_hand():
     e = [math.exp(40 - 90), math.exp(70 - 90), 1.0]
     assert p.tolist() == pytest.approx([x / sum(e) for x in e], rel=1e-12)
     assert p[2] == pytest.approx(1 / (1 + math.exp(-20) + math.exp(-50)))
+    # f = 0.5, 0.3, 0.2 at T = 0.1: (1 - f) / T = 5, 7, 8, softmax written out as numbers
+    # (e^5 = 148.413, e^7 = 1096.633, e^8 = 2980.958 of a sum of 4226.004)
+    classes, p = class_probabilities([5000, 3000, 2000], temperature=0.1)
+    assert classes.tolist() == [0, 1, 2]
+    assert p.tolist() == pytest.approx([0.035119026959, 0.259496460342, 0.705384512698], rel=1e-10)
 
 
 def test_probabilities_match_the_released_definition():

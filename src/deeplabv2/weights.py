@@ -52,7 +52,8 @@ from __future__ import annotations
 import json
 import pickle
 import re
-from collections import Counter
+import sys
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -810,10 +811,29 @@ def save_weights(model, path, classes=None, palette=None, *, provenance=None,
 # The same contents give the same bytes, whatever the file's (temporary) name and the process:
 # a digest of the file identifies the weights.
 def _write_pth(path, obj: dict) -> None:
-    """``torch.save`` into an open file: given a name, it would store that name (the random
-    temporary one) as the archive's root folder inside the file."""
+    """``torch.save`` of :func:`_canonical` ``obj`` into an open file: given a name, it would
+    store that name (the random temporary one) as the archive's root folder inside the
+    file."""
     with open(path, "wb") as f:
-        torch.save(obj, f)
+        torch.save(_canonical(obj), f)
+
+
+def _canonical(obj):
+    """``obj`` with every string interned and its containers rebuilt (none shared), tensors
+    as they are. pickle writes an object it has written before as a reference to it, chosen by
+    identity: a resumed run's optimizer names its parameter groups with the strings read from
+    ``last.pth``, an uninterrupted run's with the code's own, which the config saved before
+    them holds too; without this their checkpoints differ in bytes, not in contents."""
+    if isinstance(obj, str):
+        return sys.intern(obj)
+    if type(obj) in (dict, OrderedDict):
+        out = type(obj)((_canonical(k), _canonical(v)) for k, v in obj.items())
+        if hasattr(obj, "_metadata"):  # a module state_dict's versions, read by its loader
+            out._metadata = _canonical(obj._metadata)
+        return out
+    if type(obj) in (list, tuple):
+        return type(obj)(_canonical(v) for v in obj)
+    return obj
 
 
 def _write_safetensors(path, state: dict, header: dict) -> None:
