@@ -262,7 +262,30 @@ def test_eval_forward_fuses_unmasked_and_runs_in_the_fronts_sliding_mode():
             count[..., left:left + 64] += 1
     torch.testing.assert_close(probs, total / count)
     with pytest.raises(ValueError, match="multiple of 16"):
-        model(torch.zeros(1, 3, 40, 64))
+        model.fused_logits(torch.zeros(1, 3, 40, 64))
+
+
+def test_eval_forward_at_any_size_pads_with_the_mean_pixel_and_crops_back():
+    model = HRDA(tiny_network(), detail_crop=32).eval()
+    assert model.input_multiple == 16 and HRDA(tiny_network(), 32, 0.75).input_multiple == 32
+    x = torch.randn(2, 3, 75, 100)
+    with torch.no_grad():
+        # by hand: zeros to 80x112 (the next multiples of 16) at the bottom/right, the padded
+        # input's fused scores (10x14 cells), resized to 80x112, the 75x100 corner kept
+        padded = torch.zeros(2, 3, 80, 112)
+        padded[..., :75, :100] = x
+        scores = model.fused_logits(padded)
+        assert scores.shape[-2:] == (10, 14)
+        expected = F.interpolate(scores, size=(80, 112), mode="bilinear",
+                                 align_corners=False)[..., :75, :100]
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+        torch.testing.assert_close(model.predict(x), expected, rtol=0, atol=0)
+        # the grid: ceil(75 / 8) x ceil(100 / 8) cells, the first of the padded input's
+        assert torch.equal(model(x, upsample=False), scores[..., :10, :13])
+        # a multiple of 16 is run as is
+        y = padded[:1]
+        assert torch.equal(model(y), F.interpolate(model.fused_logits(y), size=(80, 112),
+                                                   mode="bilinear", align_corners=False))
 
 
 def test_released_geometry_1024_context_512_detail():

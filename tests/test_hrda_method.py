@@ -254,6 +254,9 @@ def test_saved_wrapper_reloads_as_the_wrapper_and_evaluates(tmp_path):
     ds = build_dataset("synthetic", None, "val", num_samples=2, size=[48, 64], style="target")
     metrics = evaluate(loaded, ds)
     assert 0 <= metrics["miou"] <= 1
+    # any image size (no multiple of 16): padded inside the wrapper
+    odd = build_dataset("synthetic", None, "val", num_samples=2, size=[45, 70], style="target")
+    assert 0 <= evaluate(loaded, odd)["miou"] <= 1
     # MIC's HRDA protocol shape: the front's sliding windows around the HRDA forward
     from deeplabv2.inference.front import InferenceConfig
     sliding = InferenceConfig.from_dict({"mode": "sliding", "crop_size": [48, 48],
