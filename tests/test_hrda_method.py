@@ -41,7 +41,8 @@ def test_released_values_fill_in_and_the_packaged_configs_carry_them():
     assert (a.hrda_detail_crop, a.hrda_detail_weight, a.hrda_context_scale) == \
         ([512, 512], 0.1, 0.5)
     for name, mode, mic in (("gta5_to_cityscapes_hrda_dlv2", "whole", None),
-                            ("gta5_to_cityscapes_mic_hrda_dlv2", "sliding", 64)):
+                            ("gta5_to_cityscapes_mic_hrda_dlv2", "sliding", 64),
+                            ("synthia_to_cityscapes_hrda_dlv2", "sliding", None)):
         cfg = load_config(name)
         a, d, e = cfg.adapt, cfg.data, cfg.eval
         assert a.method == "hrda"
@@ -49,15 +50,26 @@ def test_released_values_fill_in_and_the_packaged_configs_carry_them():
             ([512, 512], 0.1, 0.5)
         assert d.crop_size == [1024, 1024] and a.target_crop_size == [1024, 1024]
         assert d.rare_class_sampling["min_crop_ratio"] == 2.0  # 0.5 * 2 ** 2
-        assert d.resize == [1407, 2560]  # 1914x1052 into 2560x1440 keeping the ratio
-        assert int(1052 * min(2560 / 1914, 1440 / 1052) + 0.5) == 1407  # mmcv rescale_size
+        assert d.rare_class_sampling["temperature"] == 0.01 and d.cat_max_ratio == 0.75
+        if d.dataset == "gta5":
+            assert d.resize == [1407, 2560]  # 1914x1052 into 2560x1440 keeping the ratio
+            assert int(1052 * min(2560 / 1914, 1440 / 1052) + 0.5) == 1407  # mmcv rescale_size
+            assert cfg.model.num_classes == 19
+        else:  # synthiaHR: 1280x760 into (2560, 1520) keeping the ratio: exactly twice
+            assert d.dataset == "synthia" and d.resize == [1520, 2560]
+            assert int(760 * min(2560 / 1280, 1520 / 760) + 0.5) == 1520
+            assert cfg.model.num_classes == 16 and d.options["num_classes"] == 16
+            assert a.target_val_options == {"num_classes": 16}
+            # the thing classes SYNTHIA has (train ids 6 7 11 12 13 15 17 18) in 16 indices
+            assert a.fdist_classes == [6, 7, 10, 11, 12, 13, 14, 15]
         assert a.ema_alpha == 0.999 and a.fdist_lambda == 0.005
         # plcrop v2: of the 2048x1024 image before the crop (cityscapes.py crop_pseudo_margins)
         assert a.pseudo_margins == [30, 240, 30, 30] and a.pseudo_margins_frame == "image"
         assert cfg.train.lr == 6e-5 and cfg.train.param_groups == "mmseg"
+        assert cfg.train.iterations == 40000 and cfg.data.batch_size == 2
         assert cfg.model.stem == "v1c" and cfg.model.atrous_rates == [6, 12]
         assert e.mode == mode and e.protocol == "none" and a.target_resize is None
-        if mode == "sliding":  # MIC id 81: test_cfg crop = the crop, stride half of it
+        if mode == "sliding":  # test_cfg 'slide': crop = the training crop, stride half of it
             assert e.crop_size == [1024, 1024] and e.stride == [512, 512]
         assert (a.mic or {}).get("block_size") == mic
 
