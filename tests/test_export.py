@@ -90,3 +90,45 @@ def test_export_subcommand_writes_both_files(model, tmp_path):
         assert listed == name
         assert digest == hashlib.sha256((tmp_path / name).read_bytes()).hexdigest()
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+# -- HRDA: exported at its traced size only ----------------------------------------------------
+@pytest.fixture(scope="module")
+def hrda_model():
+    from deeplabv2.model.hrda import HRDA
+    torch.manual_seed(1)
+    net = build_model({**TINY, "atrous_rates": [6, 12], "bn": "train"})
+    model = HRDA(net, detail_crop=64)  # 6 detail windows on 80x112: a small unrolled graph
+    with torch.no_grad():
+        for p in model.scale_attention.parameters():
+            p.normal_(0, 0.1)
+        for bn in model.modules():
+            if isinstance(bn, torch.nn.BatchNorm2d):
+                bn.running_mean.normal_(0, 0.3)
+                bn.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+def test_hrda_exports_at_one_size_not_a_multiple_of_16_and_refuses_others(hrda_model, tmp_path):
+    ort = require("onnxruntime", "onnxruntime not installed (extra 'export')")
+    x = torch.randn(2, 3, 75, 100)  # padded to 80x112 inside, as the PyTorch model does
+    with torch.no_grad():
+        ref = hrda_model(x)
+    assert ref.shape == (2, 5, 75, 100)
+    session = ort.InferenceSession(str(export_onnx(hrda_model, tmp_path / "h.onnx", 75, 100)),
+                                   providers=["CPUExecutionProvider"])
+    shape = session.get_inputs()[0].shape
+    assert shape[1:] == [3, 75, 100] and isinstance(shape[0], str)  # batch dynamic only
+    (out,) = session.run(["logits"], {"image": x.numpy()})
+    assert _close(torch.from_numpy(out), ref)
+    with pytest.raises(Exception, match="[Ii]nvalid dimensions"):
+        session.run(["logits"], {"image": torch.randn(1, 3, 48, 64).numpy()})
+
+    path = export_torchscript(hrda_model, tmp_path / "h.pt", height=75, width=100)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        traced = torch.jit.load(str(path))
+    with torch.no_grad():
+        assert _close(traced(x), ref)
+        with pytest.raises(Exception, match="runs at 75x100 only"):
+            traced(torch.randn(1, 3, 48, 64))

@@ -275,7 +275,30 @@ def test_eval_forward_fuses_unmasked_and_runs_in_the_fronts_sliding_mode():
             count[..., left:left + 64] += 1
     torch.testing.assert_close(probs, total / count)
     with pytest.raises(ValueError, match="multiple of 16"):
-        model(torch.zeros(1, 3, 40, 64))
+        model.fused_logits(torch.zeros(1, 3, 40, 64))
+
+
+def test_eval_forward_at_any_size_pads_with_the_mean_pixel_and_crops_back():
+    model = HRDA(tiny_network(), detail_crop=32).eval()
+    assert model.input_multiple == 16 and HRDA(tiny_network(), 32, 0.75).input_multiple == 32
+    x = torch.randn(2, 3, 75, 100)
+    with torch.no_grad():
+        # by hand: zeros to 80x112 (the next multiples of 16) at the bottom/right, the padded
+        # input's fused scores (10x14 cells), resized to 80x112, the 75x100 corner kept
+        padded = torch.zeros(2, 3, 80, 112)
+        padded[..., :75, :100] = x
+        scores = model.fused_logits(padded)
+        assert scores.shape[-2:] == (10, 14)
+        expected = F.interpolate(scores, size=(80, 112), mode="bilinear",
+                                 align_corners=False)[..., :75, :100]
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+        torch.testing.assert_close(model.predict(x), expected, rtol=0, atol=0)
+        # the grid: ceil(75 / 8) x ceil(100 / 8) cells, the first of the padded input's
+        assert torch.equal(model(x, upsample=False), scores[..., :10, :13])
+        # a multiple of 16 is run as is
+        y = padded[:1]
+        assert torch.equal(model(y), F.interpolate(model.fused_logits(y), size=(80, 112),
+                                                   mode="bilinear", align_corners=False))
 
 
 def test_released_geometry_1024_context_512_detail():
@@ -292,3 +315,101 @@ def test_released_geometry_1024_context_512_detail():
     # -> rows 29, 30) see no attention: there the fused scores are the upsampled context alone
     torch.testing.assert_close(out["fused"][..., :60, :].double(),
                                up(out["context"], 128, 128)[..., :60, :], rtol=1e-5, atol=1e-5)
+
+
+# -- a released HRDA checkpoint ------------------------------------------------------------------
+def released_hrda_inference(sd, x, blocks, detail=32):
+    """lhoyer/HRDA ``HRDAEncoderDecoder.encode_decode`` (scales [0.5, 1], hr_slide_inference,
+    overlapping) with ``HRDAHead.forward`` (no crop box: attention unmasked), written out from
+    one member's tensors ``sd`` under the released names (``backbone.*``,
+    ``decode_head.head.*``, ``decode_head.scale_attention.*``), eval-mode BN: logits at the
+    input size."""
+    from test_v1c import dlv2_head, mmseg_backbone
+    b = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
+    head = {k[len("decode_head.head."):]: v for k, v in sd.items()
+            if k.startswith("decode_head.head.")}
+    att_head = {k[len("decode_head.scale_attention."):]: v for k, v in sd.items()
+                if k.startswith("decode_head.scale_attention.")}
+    # the context: the image at 0.5 (mmseg resize, scale_factor, align_corners False)
+    lr_feats = mmseg_backbone(b, F.interpolate(x, scale_factor=0.5, mode="bilinear",
+                                               align_corners=False), blocks)
+    lr_seg = dlv2_head(head, lr_feats)
+    # extract_slide_feat + decode_hr: detail windows every half window, averaged per cell
+    h_img, w_img = x.shape[-2:]
+    stride = detail // 2
+    h_grids = max(h_img - detail + stride - 1, 0) // stride + 1
+    w_grids = max(w_img - detail + stride - 1, 0) // stride + 1
+    preds = torch.zeros(x.shape[0], lr_seg.shape[1], h_img // 8, w_img // 8)
+    count = torch.zeros(1, 1, h_img // 8, w_img // 8)
+    for i in range(h_grids):
+        for j in range(w_grids):
+            y2, x2 = min(i * stride + detail, h_img), min(j * stride + detail, w_img)
+            y1, x1 = max(y2 - detail, 0), max(x2 - detail, 0)
+            crop = dlv2_head(head, mmseg_backbone(b, x[..., y1:y2, x1:x2], blocks))
+            preds[..., y1 // 8:y2 // 8, x1 // 8:x2 // 8] += crop
+            count[..., y1 // 8:y2 // 8, x1 // 8:x2 // 8] += 1
+    hr_seg = preds / count
+    att = torch.sigmoid(dlv2_head(att_head, lr_feats))
+    up_lr = F.interpolate((1 - att) * lr_seg, scale_factor=2, mode="bilinear",
+                          align_corners=False)
+    att = F.interpolate(att, scale_factor=2, mode="bilinear", align_corners=False)
+    fused = att * hr_seg + up_lr
+    return F.interpolate(fused, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def test_released_hrda_checkpoint_loads_strictly_per_member_and_runs_the_released_forward(
+        tmp_path):
+    from deeplabv2.weights import WeightsError, load_weights
+    from test_v1c import SMALL, dlv2_head_names, mmcv_resnet_v1c_names, randomize, v1c
+    # a released HRDA DeepLab v2 latest.pth: three HRDA segmentors (dacs.py: model, ema_model,
+    # imnet_model), each backbone.* and decode_head.{head, scale_attention}.aspp_modules.K.*
+    names = ["backbone." + n for n in mmcv_resnet_v1c_names(SMALL)]
+    names += [f"decode_head.{part}.{n}" for part in ("head", "scale_attention")
+              for n in dlv2_head_names(2)]
+    nets = {m: randomize(v1c(), seed=s) for m, s in (("model", 1), ("ema_model", 2),
+                                                     ("imnet_model", 3))}
+    shapes = {"backbone." + k[len("backbone."):]: v.shape
+              for k, v in nets["model"].state_dict().items() if k.startswith("backbone.")}
+    g = torch.Generator().manual_seed(7)
+    state = {}
+    for member in nets:
+        for n in names:
+            if n.startswith("backbone."):
+                t = nets[member].state_dict()[n].clone()
+            else:  # DLV2Head: 3x3 convs, last-stage features (256 wide here) -> 5 classes
+                shape = (5, 256, 3, 3) if n.endswith("weight") else (5,)
+                t = (torch.rand(shape, generator=g) - 0.5) * 0.2
+            assert n.startswith("decode_head.") or t.shape == shapes[n]
+            state[f"{member}.{n}"] = t
+    torch.save({"meta": {"iter": 40000}, "state_dict": state, "optimizer": {}},
+               tmp_path / "latest.pth")
+    x = torch.randn(1, 3, 64, 96)
+    for member, prefix in ((None, "model."), ("teacher", "ema_model."),
+                           ("imnet", "imnet_model.")):
+        model = HRDA(v1c(), detail_crop=32)
+        report = load_weights(model, tmp_path / "latest.pth", head="require", member=member)
+        # every key of the file accounted for, under its own name
+        assert set(report.loaded) == {k for k in state if k.startswith(prefix)}
+        assert set(report.dropped) == {k for k in state if not k.startswith(prefix)}
+        assert report.loaded[prefix + "decode_head.head.aspp_modules.1.conv.bias"] == \
+            "head.convs.1.bias"
+        assert report.loaded[prefix + "decode_head.scale_attention.aspp_modules.0.conv.weight"] \
+            == "scale_attention.convs.0.weight"
+        assert model.alignment.name == "pytorch"
+        mine = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        with torch.no_grad():
+            got = model.eval()(x)
+            expected = released_hrda_inference(mine, x, SMALL)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        assert expected.abs().max() > 0.1  # not a comparison of zeros
+    # an attention head of another shape, or a foreign key under it: named
+    bad = dict(state)
+    bad["model.decode_head.scale_attention.aspp_modules.1.conv.bias"] = torch.zeros(4)
+    torch.save({"state_dict": bad}, tmp_path / "bad.pth")
+    with pytest.raises(WeightsError, match="shape mismatch for scale_attention.convs.1.bias"):
+        load_weights(HRDA(v1c(), detail_crop=32), tmp_path / "bad.pth")
+    bad = dict(state)
+    bad["model.decode_head.scale_attention.conv_seg.weight"] = torch.zeros(1)
+    torch.save({"state_dict": bad}, tmp_path / "bad.pth")
+    with pytest.raises(WeightsError, match="scale_attention.conv_seg.weight' has no counterpart"):
+        load_weights(HRDA(v1c(), detail_crop=32), tmp_path / "bad.pth")

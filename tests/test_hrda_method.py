@@ -41,7 +41,8 @@ def test_released_values_fill_in_and_the_packaged_configs_carry_them():
     assert (a.hrda_detail_crop, a.hrda_detail_weight, a.hrda_context_scale) == \
         ([512, 512], 0.1, 0.5)
     for name, mode, mic in (("gta5_to_cityscapes_hrda_dlv2", "whole", None),
-                            ("gta5_to_cityscapes_mic_hrda_dlv2", "sliding", 64)):
+                            ("gta5_to_cityscapes_mic_hrda_dlv2", "sliding", 64),
+                            ("synthia_to_cityscapes_hrda_dlv2", "sliding", None)):
         cfg = load_config(name)
         a, d, e = cfg.adapt, cfg.data, cfg.eval
         assert a.method == "hrda"
@@ -49,14 +50,26 @@ def test_released_values_fill_in_and_the_packaged_configs_carry_them():
             ([512, 512], 0.1, 0.5)
         assert d.crop_size == [1024, 1024] and a.target_crop_size == [1024, 1024]
         assert d.rare_class_sampling["min_crop_ratio"] == 2.0  # 0.5 * 2 ** 2
-        assert d.resize == [1407, 2560]  # 1914x1052 into 2560x1440 keeping the ratio
-        assert int(1052 * min(2560 / 1914, 1440 / 1052) + 0.5) == 1407  # mmcv rescale_size
+        assert d.rare_class_sampling["temperature"] == 0.01 and d.cat_max_ratio == 0.75
+        if d.dataset == "gta5":
+            assert d.resize == [1407, 2560]  # 1914x1052 into 2560x1440 keeping the ratio
+            assert int(1052 * min(2560 / 1914, 1440 / 1052) + 0.5) == 1407  # mmcv rescale_size
+            assert cfg.model.num_classes == 19
+        else:  # synthiaHR: 1280x760 into (2560, 1520) keeping the ratio: exactly twice
+            assert d.dataset == "synthia" and d.resize == [1520, 2560]
+            assert int(760 * min(2560 / 1280, 1520 / 760) + 0.5) == 1520
+            assert cfg.model.num_classes == 16 and d.options["num_classes"] == 16
+            assert a.target_val_options == {"num_classes": 16}
+            # the thing classes SYNTHIA has (train ids 6 7 11 12 13 15 17 18) in 16 indices
+            assert a.fdist_classes == [6, 7, 10, 11, 12, 13, 14, 15]
         assert a.ema_alpha == 0.999 and a.fdist_lambda == 0.005
-        assert a.pseudo_margins == [30, 240, 0, 0]
+        # plcrop v2: of the 2048x1024 image before the crop (cityscapes.py crop_pseudo_margins)
+        assert a.pseudo_margins == [30, 240, 30, 30] and a.pseudo_margins_frame == "image"
         assert cfg.train.lr == 6e-5 and cfg.train.param_groups == "mmseg"
+        assert cfg.train.iterations == 40000 and cfg.data.batch_size == 2
         assert cfg.model.stem == "v1c" and cfg.model.atrous_rates == [6, 12]
         assert e.mode == mode and e.protocol == "none" and a.target_resize is None
-        if mode == "sliding":  # MIC id 81: test_cfg crop = the crop, stride half of it
+        if mode == "sliding":  # test_cfg 'slide': crop = the training crop, stride half of it
             assert e.crop_size == [1024, 1024] and e.stride == [512, 512]
         assert (a.mic or {}).get("block_size") == mic
 
@@ -253,6 +266,9 @@ def test_saved_wrapper_reloads_as_the_wrapper_and_evaluates(tmp_path):
     ds = build_dataset("synthetic", None, "val", num_samples=2, size=[48, 64], style="target")
     metrics = evaluate(loaded, ds)
     assert 0 <= metrics["miou"] <= 1
+    # any image size (no multiple of 16): padded inside the wrapper
+    odd = build_dataset("synthetic", None, "val", num_samples=2, size=[45, 70], style="target")
+    assert 0 <= evaluate(loaded, odd)["miou"] <= 1
     # MIC's HRDA protocol shape: the front's sliding windows around the HRDA forward
     from deeplabv2.inference.front import InferenceConfig
     sliding = InferenceConfig.from_dict({"mode": "sliding", "crop_size": [48, 48],
@@ -300,12 +316,28 @@ def test_hrda_trains_and_resumes_exactly(tmp_path):
     crash_and_resume(cfg, full)
 
 
-def test_hrda_with_mic_trains(tmp_path):
+def test_hrda_with_mic_trains(tmp_path, monkeypatch):
+    # with the image-frame margins of the released configs: the loop hands the target crops'
+    # boxes to the pseudo-labels (every target image here is 48x64, the crop 48x64: the box is
+    # the whole image, unflipped or flipped)
+    import deeplabv2.adapt.methods as methods
+    seen = []
+    real = methods.pseudo_labels
+    monkeypatch.setattr(methods, "pseudo_labels", lambda *a, **kw: seen.append(
+        (kw["crop_boxes"], real(*a, **kw)[1])) or real(*a, **kw))
     logs = []
     train(hrda_config(tmp_path, "train.iterations=1", "adapt.mic={block_size: 16}",
-                      "adapt.pseudo_threshold=0"),  # every pixel confident: weight 1
+                      "adapt.pseudo_threshold=0",  # every pixel confident: weight 1
+                      "adapt.pseudo_margins=[2, 5, 3, 1]", "adapt.pseudo_margins_frame=image"),
           on_iteration=lambda it, entry: logs.append(entry))
     assert logs[0]["adapt/mic"] > 0 and 0 < logs[0]["adapt/mic_kept"] < 1
+    (boxes, weights), = [s for s in seen if len(s[0]) == 2]  # not the memory probes' batch of 1
+    assert boxes[:, :4].tolist() == [[0, 0, 48, 64]] * 2
+    for box, w in zip(boxes.tolist(), weights):
+        left, right = (1, 3) if box[4] else (3, 1)  # a flipped image has its margins swapped
+        expected = torch.zeros(48, 64)
+        expected[2:48 - 5, left:64 - right] = 1
+        assert torch.equal(w, expected)
 
 
 @pytest.mark.slow
@@ -320,3 +352,55 @@ def test_torchrun_two_processes_hrda(tmp_path):
     assert '"world_size": 2' in (tmp_path / "run" / "replicas.json").read_text()
     adapt = json.loads((tmp_path / "run" / "replicas_adapt.json").read_text())
     assert adapt["world_size"] == 2 and adapt["sha256"][0] == adapt["sha256"][1]
+
+
+# -- pseudo-label margins of the image (plcrop v2) -----------------------------------------------
+def test_image_margins_zero_the_crop_where_it_covers_the_images_margins_by_hand():
+    from deeplabv2.adapt.self_training import apply_image_margins
+    # a 10x20 image, margins top 1, bottom 2, left 3, right 4, a 6x8 crop
+    # crop at row 3, column 0, unflipped: image rows 3..8 (row 8 is in the bottom margin: crop
+    # row 5), columns 0..7 (0, 1, 2 in the left margin)
+    out = apply_image_margins(torch.ones(2, 6, 8), (1, 2, 3, 4),
+                              torch.tensor([[3, 0, 10, 20, 0], [0, 12, 10, 20, 1]]))
+    assert out[0].tolist() == [[0, 0, 0, 1, 1, 1, 1, 1]] * 5 + [[0] * 8]
+    # crop at row 0, column 12 of the flipped image: its columns 12..19; flipped, the image's
+    # left margin (3) is its last 3 columns 17..19 = crop columns 5..7; row 0 is the top margin
+    assert out[1].tolist() == [[0] * 8] + [[1, 1, 1, 1, 1, 0, 0, 0]] * 5
+    # a window past the image (padding) lies beyond its last row / column
+    pad = apply_image_margins(torch.ones(1, 3, 3), (0, 1, 0, 0), torch.tensor([[1, 0, 2, 2, 0]]))
+    assert pad[0].tolist() == [[0, 0, 0]] * 3
+    with pytest.raises(ValueError, match="crop boxes must be \\(N, 5\\) for 2 crops"):
+        apply_image_margins(torch.ones(2, 4, 4), (1, 1, 1, 1), torch.zeros(1, 5))
+
+
+def test_image_margins_match_a_mask_of_the_image_cropped_and_flipped_with_it():
+    """The release's way, independently: a mask of the whole image (0 in the margins) goes
+    through the same transform as the image (here: as its label), and must be 0 exactly where
+    the crop's box zeroes the weights."""
+    import numpy as np
+    from deeplabv2.adapt.self_training import apply_image_margins
+    from deeplabv2.data.transforms import TrainTransform
+    h, w, margins = 60, 90, (5, 12, 7, 3)
+    mask = np.zeros((h, w), np.uint8)
+    mask[5:h - 12, 7:w - 3] = 1
+    image = np.zeros((h, w, 3), np.uint8)
+    t = TrainTransform((32, 40), scale_range=(1.0, 1.0), flip=True, crop_box=True)
+    flips = set()
+    for seed in range(12):
+        out = t(image, mask, np.random.default_rng(seed))
+        box = out["crop_box"]
+        flips.add(int(box[4]))
+        assert box[2:4].tolist() == [h, w]
+        got = apply_image_margins(torch.ones(1, 32, 40), margins, box[None])
+        assert torch.equal(got[0], out["label"].float()), seed
+    assert flips == {0, 1}
+    # without crop_box the sample is as before: image and label only
+    assert set(TrainTransform((32, 40))(image, mask, np.random.default_rng(0))) == \
+        {"image", "label"}
+
+
+def test_image_margins_frame_is_checked():
+    with pytest.raises(ConfigError, match="pseudo_margins_frame must be crop or image"):
+        hrda_config("/tmp/unused", "adapt.pseudo_margins_frame=whole")
+    with pytest.raises(ConfigError, match="pseudo_margins_frame is read by the self-training"):
+        uda_config("/tmp/unused", "fda", "adapt.pseudo_margins_frame=image")

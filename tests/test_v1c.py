@@ -102,6 +102,13 @@ def mmseg_forward(sd, x, blocks, rates=RED_RATES, training=False, contract=True)
     (keys ``backbone.*``, ``decode_head.*``): logits at the input size."""
     b = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
     h = {k[len("decode_head."):]: v for k, v in sd.items() if k.startswith("decode_head.")}
+    logits = dlv2_head(h, mmseg_backbone(b, x, blocks, training, contract), rates)
+    return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def mmseg_backbone(b, x, blocks, training=False, contract=True):
+    """Their ``ResNetV1c`` (``deeplabv2_r50-d8.py`` settings) from its tensors ``b`` (keys
+    after ``backbone.``): the last stage's features."""
     y = x
     for conv, bn, stride in ((0, 1, 2), (3, 4, 1), (6, 7, 1)):  # 3x3 convs, padding 1
         y = F.relu(_bn(F.conv2d(y, b[f"stem.{conv}.weight"], stride=stride, padding=1), b,
@@ -123,11 +130,17 @@ def mmseg_forward(sd, x, blocks, rates=RED_RATES, training=False, contract=True)
             else:
                 identity = y
             y = F.relu(out + identity)
+    return y
+
+
+def dlv2_head(h, y, rates=RED_RATES):
+    """``DLV2Head.forward`` from its tensors ``h`` (keys ``aspp_modules.K.conv.*``):
+    ``aspp_outs[0] + aspp_outs[1] + ...`` on the features ``y``."""
     logits = 0
-    for k, r in enumerate(rates):  # DLV2Head: aspp_outs[0] + aspp_outs[1] + ...
+    for k, r in enumerate(rates):
         logits = logits + F.conv2d(y, h[f"aspp_modules.{k}.conv.weight"],
                                    h[f"aspp_modules.{k}.conv.bias"], padding=r, dilation=r)
-    return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+    return logits
 
 
 # -- the architecture -----------------------------------------------------------------------------

@@ -46,7 +46,7 @@ RUN_SETTINGS = {
               "lambda_adv_aux", "d_lr", "lambda_ent", "lambda_ent_aux", "fda_beta",
               "fda_lambda_ent", "fda_eta", "fda_ent_start", "ema_alpha", "pseudo_threshold",
               "target_resize", "target_resize_filter", "target_labels", "pseudo_margins",
-              "fdist_lambda", "fdist_classes", "fdist_min_ratio"),
+              "pseudo_margins_frame", "fdist_lambda", "fdist_classes", "fdist_min_ratio"),
 }
 
 

@@ -193,6 +193,9 @@ class AdaptConfig:
     # pseudo-label weight set to 0 in [top, bottom, left, right] rows/columns of the target
     # crop; null: the method's released value (dacs: none, daformer: [15, 120, 0, 0])
     pseudo_margins: list[int] | None = None
+    # where pseudo_margins are counted: crop (its rows/columns; DACS, DAFormer) or image (of
+    # the whole target image the crop was cut from, after target_resize; HRDA's plcrop v2)
+    pseudo_margins_frame: str = "crop"
     # DAFormer's thing-class ImageNet feature distance (adapt.method daformer; lambda 0: off)
     fdist_lambda: float = 0.005
     fdist_classes: list[int] | None = field(
@@ -471,6 +474,12 @@ def _validate_self_training(cfg: Config) -> None:
     if m is not None and a.method not in ("dacs", "daformer", "hrda"):
         raise ConfigError(f"adapt.pseudo_margins is read by the self-training methods (dacs, "
                           f"daformer, hrda), not by {a.method}")
+    if a.pseudo_margins_frame not in ("crop", "image"):
+        raise ConfigError(f"adapt.pseudo_margins_frame must be crop or image, got "
+                          f"{a.pseudo_margins_frame!r}")
+    if a.pseudo_margins_frame != "crop" and a.method not in ("dacs", "daformer", "hrda"):
+        raise ConfigError(f"adapt.pseudo_margins_frame is read by the self-training methods "
+                          f"(dacs, daformer, hrda), not by {a.method}")
     if a.method not in ("daformer", "hrda"):
         return
     if a.fdist_lambda < 0:

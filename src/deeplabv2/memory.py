@@ -203,6 +203,9 @@ def measure_saved(method, make_step, net: torch.nn.Module, device: torch.device,
                              iteration=iteration,
                              target_labels=torch.zeros(1, *target_size, dtype=torch.long,
                                                        device=device)
+                             if method.needs_target else None,
+                             # the crop as a whole image (adapt.pseudo_margins_frame: image)
+                             target_boxes=torch.tensor([[0, 0, *target_size, 0]])
                              if method.needs_target else None)
             for k in range(method.passes(iteration)):
                 with autocast_context(device, t.amp):

@@ -491,7 +491,8 @@ def _batches(cfg: Config, train_ds, target_ds, preprocessing, start: int, info,
     target_transform = TrainTransform(
         crop_size=tuple(a.target_crop_size or d.crop_size),
         scale_range=tuple(a.target_scale_range), flip=d.flip, preprocessing=preprocessing,
-        resize=a.target_resize or None, resize_filter=a.target_resize_filter)
+        resize=a.target_resize or None, resize_filter=a.target_resize_filter,
+        crop_box=a.pseudo_margins_frame == "image")  # HRDA's margins of the whole image
     target_batches = iter(torch.utils.data.DataLoader(  # its own order, a function of the step
         EpochIndexed(target_ds, target_transform),
         batch_sampler=IterationBatchSampler(len(target_ds), d.batch_size, t.seed + 1, **steps),
@@ -608,15 +609,16 @@ def _next_step(run: _Run, iteration: int, signals: _StopSignals) -> Step:
     labels = batch["label"].to(run.device, non_blocking=True)
     if t.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    target_labels = None
+    target_labels = target_boxes = None
     if target is not None:
         if run.cfg.adapt.target_labels:
             target_labels = target["label"].to(run.device, non_blocking=True)
+        target_boxes = target.get("crop_box")  # (N, 5) on the CPU: read by index only
         target = target["image"].to(run.device, non_blocking=True)
         if t.channels_last:
             target = target.contiguous(memory_format=torch.channels_last)
     return run.make_step(images=images, labels=labels, target=target, iteration=iteration,
-                         target_labels=target_labels)
+                         target_labels=target_labels, target_boxes=target_boxes)
 
 
 def _agree_to_go_on(run: _Run, loss_sum: torch.Tensor, iteration: int,

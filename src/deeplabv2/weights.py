@@ -695,13 +695,65 @@ def load_state(model, raw: dict[str, torch.Tensor], metadata: dict[str, Any], *,
     return report
 
 
+#: a released HRDA checkpoint's two heads (lhoyer/HRDA decode_heads/hrda_head.py: ``HRDAHead``
+#: builds its single-scale head as ``self.head`` and the attention as ``self.scale_attention``)
+_HRDA_HEADS = re.compile(r"^(?:(.+?)\.)?decode_head\.(head|scale_attention)\.(.+)$")
+
+
+def _released_hrda(state: dict, member: str | None, path):
+    """A released HRDA (mmseg) state dict -> ``(network state, attention state, renamed,
+    dropped)``: ``[m.]decode_head.head.*`` renamed to ``[m.]decode_head.*`` for the network's
+    mmseg loader (which chooses the member and checks the rest), the chosen member's
+    ``decode_head.scale_attention.aspp_modules.K.conv.*`` as ``convs.K.*`` of the attention
+    head; ``renamed`` maps the network keys back to the file's, ``dropped`` the other members'
+    attention keys with the reason."""
+    net, renamed, attention = {}, {}, {}
+    for key, tensor in state.items():
+        m = _HRDA_HEADS.match(key)
+        if m is None:
+            net[key] = tensor
+        elif m.group(2) == "head":
+            new = (m.group(1) + "." if m.group(1) else "") + "decode_head." + m.group(3)
+            net[new], renamed[new] = tensor, key
+        else:
+            attention.setdefault(m.group(1) or "", {})[m.group(3)] = (key, tensor)
+    chosen = _choose_mmseg_member(_mmseg_members(net, path), member, path)
+    att, dropped = {}, {}
+    for owner, keys in attention.items():
+        for rest, (key, tensor) in keys.items():
+            if owner != chosen:
+                role = _MMSEG_MEMBER_ROLE.get(owner, "another network of the file")
+                dropped[key] = f"{owner}.* ({role}), not the member loaded ({chosen}.*)"
+                continue
+            a = _MMSEG_ASPP.match(rest)
+            if a is None:
+                raise WeightsError(f"{path}: key {key!r} has no counterpart in the model: the "
+                                   "HRDA attention head is read as DLV2Head's "
+                                   "aspp_modules.K.conv.* only")
+            att[f"convs.{a.group(1)}.{a.group(2)}"] = (key, tensor)
+    return net, att, renamed, dropped
+
+
 def _load_hrda(model, raw, metadata, *, source, head, layout, alignment, member) -> LoadReport:
     """An HRDA wrapper (:class:`~deeplabv2.model.hrda.HRDA`) from one of this project's files
     saved from a wrapper: ``network.*`` into the network (by :func:`load_state`, with every
     check and fact of a plain model), ``scale_attention.*`` strictly into the attention head
-    (a head: loaded unless ``head='skip'``, required with ``'require'``). Another file goes
-    into ``model.network`` (e.g. an ImageNet init file before wrapping)."""
+    (a head: loaded unless ``head='skip'``, required with ``'require'``); or from a released
+    HRDA checkpoint (mmseg layout, :func:`_released_hrda`: ``[member.]backbone.*``,
+    ``[member.]decode_head.head.aspp_modules.K.conv.*`` and
+    ``[member.]decode_head.scale_attention.aspp_modules.K.conv.*``, ``member`` as for
+    :func:`load_weights`). Another file goes into ``model.network`` (e.g. an ImageNet init
+    file before wrapping)."""
     state = _strip_wrappers(raw)
+    if any(_HRDA_HEADS.match(k) for k in state):
+        net, att_named, renamed, dropped = _released_hrda(state, member, source)
+        report = load_state(model.network, net, metadata, source=source, head=head,
+                            layout=layout or "mmseg", alignment=alignment, member=member)
+        report.loaded = {renamed.get(k, k): v for k, v in report.loaded.items()}
+        report.dropped = {renamed.get(k, k): v for k, v in report.dropped.items()}
+        report.dropped.update(dropped)
+        return _load_attention(model, {k: t for k, (_, t) in att_named.items()}, report,
+                               source, head, names={k: n for k, (n, _) in att_named.items()})
     net = {k[len("network."):]: v for k, v in state.items() if k.startswith("network.")}
     att = {k[len("scale_attention."):]: v for k, v in state.items()
            if k.startswith("scale_attention.")}
@@ -709,10 +761,19 @@ def _load_hrda(model, raw, metadata, *, source, head, layout, alignment, member)
     if other or not net:
         raise WeightsError(f"{source}: not a file saved from an HRDA model (e.g. key "
                            f"{(other or list(state) or ['(none)'])[0]!r}; expected network.* "
-                           "and scale_attention.*): load it into model.network, the wrapped "
-                           "DeepLab v2")
+                           "and scale_attention.*, or a released HRDA checkpoint's "
+                           "decode_head.head.* and decode_head.scale_attention.*): load it "
+                           "into model.network, the wrapped DeepLab v2")
     report = load_state(model.network, net, metadata, source=source, head=head, layout=layout,
                         alignment=alignment, member=member)
+    return _load_attention(model, att, report, source, head)
+
+
+def _load_attention(model, att: dict, report: LoadReport, source, head: str,
+                    names: dict | None = None) -> LoadReport:
+    """``att`` (keys of ``model.scale_attention``) strictly into the HRDA attention head;
+    ``names``: the file's key of each (default ``scale_attention.KEY``), for the report."""
+    names = names or {k: f"scale_attention.{k}" for k in att}
     if head == "require" and not att:
         raise WeightsError(f"{source}: has no scale_attention.* (the HRDA attention head)")
     if att and head != "skip":
@@ -729,10 +790,9 @@ def _load_hrda(model, raw, metadata, *, source, head, layout, alignment, member)
         with torch.no_grad():
             for k, v in att.items():
                 target[k].copy_(v)
-        report.loaded.update({f"scale_attention.{k}": f"scale_attention.{k}" for k in att})
+        report.loaded.update({names[k]: f"scale_attention.{k}" for k in att})
     else:
-        report.dropped.update({f"scale_attention.{k}": "head not requested (head='skip')"
-                               for k in att})
+        report.dropped.update({names[k]: "head not requested (head='skip')" for k in att})
     model.load_report = report
     return report
 

@@ -89,6 +89,10 @@ class Step:
     #: ``(N, H, W)`` labels of ``target`` when the run reads them (``adapt.target_labels``:
     #: FDA's self-training round), else None
     target_labels: torch.Tensor | None = None
+    #: ``(N, 5)`` ``(top, left, height, width, flipped)`` of each ``target`` crop in its image
+    #: (:class:`~deeplabv2.data.transforms.TrainTransform` ``crop_box``) when the run reads them
+    #: (``adapt.pseudo_margins_frame: image``), else None
+    target_boxes: torch.Tensor | None = None
 
 
 class Method(nn.Module):
@@ -374,6 +378,7 @@ class SelfTraining(Method):
                                   batch_stats=self.teacher_batch_stats(model))
         given = getattr(settings, "pseudo_margins", None)
         self.pseudo_margins = tuple(given) if given is not None else self.margins
+        self.margins_frame = getattr(settings, "pseudo_margins_frame", "crop")
         self.mic = mic_settings(getattr(settings, "mic", None))
         self._pseudo = None  # pass 1's pseudo-labels and weights, for the MIC pass
 
@@ -398,11 +403,17 @@ class SelfTraining(Method):
             return self.masked_loss(step)
         self.require_one_crop_size(step)
         pre, size = step.model.preprocessing, step.target.shape[-2:]
+        boxes = None
+        if self.margins_frame == "image":
+            if step.target_boxes is None:
+                raise ValueError(f"{self.name}: adapt.pseudo_margins_frame=image needs the "
+                                 "target crops' boxes in the step (train.py passes them)")
+            boxes = step.target_boxes
         with torch.no_grad():
             # upsampled; eval mode, or train mode under batch statistics (see EMATeacher)
             pseudo, pseudo_weights, weight = pseudo_labels(
                 self.teacher_logits(step.target), self.settings.pseudo_threshold,
-                self.pseudo_margins)
+                self.pseudo_margins, crop_boxes=boxes)
             masks = classmix_masks(step.labels, classes_of_batch=self.classes_of_batch)
             mixed = strong_augment(mix(masks, to_rgb(step.images, pre), to_rgb(step.target, pre)),
                                    jitter=self.jitter_strength, kornia_order=self.kornia_order)

@@ -9,7 +9,11 @@ are in :mod:`.mix`; :class:`~deeplabv2.adapt.methods.SelfTraining` puts them on 
   with :func:`apply_margins`: zero in the crop's top/bottom rows and left/right columns
   (DAFormer experiments.py ``plcrop``: ``pseudo_weight_ignore_top=15``,
   ``pseudo_weight_ignore_bottom=120``: rectification artefacts at the top, the ego car at the
-  bottom of Cityscapes);
+  bottom of Cityscapes), or with :func:`apply_image_margins` in the rows/columns of the whole
+  target image the crop was cut from (HRDA's plcrop 'v2', ``crop_pseudo_margins``
+  [30, 240, 30, 30]: lhoyer/HRDA mmseg/datasets/cityscapes.py sets a ``valid_pseudo_mask`` of
+  the 1024x2048 image to 0 in its margins before the pipeline crops and flips it with the
+  image; uda/dacs.py multiplies the pseudo-weight by it);
 * :func:`downscale_labels_by_majority`: DAFormer's ``downscale_label_ratio``
   (mmseg/utils/utils.py): each cell of the feature grid takes the most frequent value of its
   ``s x s`` block of labels (255 counted as a value of its own), and 255 where that value covers
@@ -57,17 +61,52 @@ def apply_margins(weights: torch.Tensor, margins) -> torch.Tensor:
     return weights
 
 
+def apply_image_margins(weights: torch.Tensor, margins, crop_boxes: torch.Tensor
+                        ) -> torch.Tensor:
+    """Zero ``(N, H, W)`` crop ``weights`` where the crop covers the first ``top`` / last
+    ``bottom`` rows or the first ``left`` / last ``right`` columns of the whole image it was
+    cut from (in place; returned). ``crop_boxes`` ``(N, 5)``: per crop ``(top, left, height,
+    width, flipped)`` as :class:`~deeplabv2.data.transforms.TrainTransform` gives them, the
+    corner in the (flipped, when ``flipped``) image and that image's size; ``margins`` are of
+    the image before the flip, so a flipped image has its ``left`` margin on the right.
+    Crop pixels past the image (padding) count as outside it (> its last row/column)."""
+    if margins is None:
+        return weights
+    top, bottom, left, right = (int(v) for v in margins)
+    if min(top, bottom, left, right) < 0:
+        raise ValueError(f"pseudo-label margins must be >= 0, got {list(margins)}")
+    if crop_boxes.ndim != 2 or crop_boxes.shape != (weights.shape[0], 5):
+        raise ValueError(f"crop boxes must be (N, 5) for {weights.shape[0]} crops, got "
+                         f"{tuple(crop_boxes.shape)}")
+    h, w = weights.shape[-2:]
+    rows = torch.arange(h, device=weights.device)
+    cols = torch.arange(w, device=weights.device)
+    for i, (y0, x0, ih, iw, flipped) in enumerate(crop_boxes.tolist()):
+        lo, hi = (right, left) if flipped else (left, right)
+        y, x = rows + y0, cols + x0
+        out_rows = (y < top) | ((y >= ih - bottom) if bottom else torch.zeros_like(y, dtype=bool))
+        out_cols = (x < lo) | ((x >= iw - hi) if hi else torch.zeros_like(x, dtype=bool))
+        weights[i][out_rows[:, None] | out_cols[None, :]] = 0
+    return weights
+
+
 @torch.no_grad()
-def pseudo_labels(teacher_logits: torch.Tensor, threshold: float, margins=None
+def pseudo_labels(teacher_logits: torch.Tensor, threshold: float, margins=None,
+                  crop_boxes: torch.Tensor | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """``(N, C, H, W)`` teacher logits -> ``(labels, weights, share)``: the arg-max labels
     ``(N, H, W)``, the per-pixel weights ``(N, H, W)`` (``share`` everywhere, 0 in the margins)
     and ``share``, the fraction of the batch's pixels whose softmax maximum is at least
-    ``threshold``."""
+    ``threshold``. The margins are of the crop (:func:`apply_margins`), or with
+    ``crop_boxes`` of the image each crop was cut from (:func:`apply_image_margins`)."""
     probs = F.softmax(teacher_logits.float(), dim=1)
     confidence, labels = probs.max(1)
     share = confidence_weight(probs, threshold)
-    weights = apply_margins(torch.full_like(confidence, share), margins)
+    weights = torch.full_like(confidence, share)
+    if crop_boxes is None:
+        weights = apply_margins(weights, margins)
+    else:
+        weights = apply_image_margins(weights, margins, crop_boxes)
     return labels, weights, share
 
 

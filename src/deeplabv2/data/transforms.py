@@ -78,14 +78,18 @@ class TrainTransform:
     Cf. the DeepLab v2 Caffe ``ImageSegData`` layer (``crop_size``, ``mirror``, mean-value
     padding) and the random scaling of the paper (Sec. 4.1, scales 0.5 to 1.5).
     ``crop_size`` is ``(h, w)`` or an int; returns ``{"image": float32 (3, h, w),
-    "label": int64 (h, w)}``.
+    "label": int64 (h, w)}``, and with ``crop_box`` also ``"crop_box"``: an ``int64`` ``(5,)``
+    tensor ``(top, left, height, width, flipped)``, the window's corner in the scaled image it
+    was cut from (after the flip when ``flipped`` is 1) and that image's size, so that a region
+    of the whole image (HRDA's pseudo-label margins) can be found in the crop.
     """
 
     def __init__(self, crop_size, scale_range=(0.5, 1.5), flip: bool = True,
                  preprocessing: Preprocessing = CAFFE_BGR, ignore_index: int = IGNORE_INDEX,
                  scales=None, resize=None, resize_filter: str = "bilinear",
-                 cat_max_ratio: float = 1.0):
+                 cat_max_ratio: float = 1.0, crop_box: bool = False):
         self.crop_size = _pair(crop_size)
+        self.crop_box = bool(crop_box)
         if not 0 < float(cat_max_ratio) <= 1:
             raise ValueError(f"cat_max_ratio must be in (0, 1] (1: off), got {cat_max_ratio}")
         self.cat_max_ratio = float(cat_max_ratio)
@@ -111,6 +115,7 @@ class TrainTransform:
                 f"scales={self.scales}, "
                 f"flip={self.flip}, "
                 + (f"cat_max_ratio={self.cat_max_ratio}, " if self.cat_max_ratio < 1 else "")
+                + ("crop_box=True, " if self.crop_box else "")
                 + f"preprocessing={self.preprocessing}, "
                 f"ignore_index={self.ignore_index})")
 
@@ -150,6 +155,9 @@ class TrainTransform:
         out_image[:, :vh, :vw] = self.preprocessing(img_crop)[0]
         out_label = torch.full((ch, cw), self.ignore_index, dtype=torch.int64)
         out_label[:vh, :vw] = torch.from_numpy(lbl_crop.astype(np.int64))
+        if self.crop_box:
+            return {"image": out_image, "label": out_label,
+                    "crop_box": torch.tensor([y0, x0, sh, sw, int(do_flip)], dtype=torch.int64)}
         return {"image": out_image, "label": out_label}
 
 

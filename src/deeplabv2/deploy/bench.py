@@ -29,7 +29,7 @@ from ..model.info import forward_flops
 from ..precision import autocast_context, resolve_train_amp
 from ..utils.fileio import atomic_write_text
 from ..weights import load_model
-from .export import export_onnx, export_torchscript
+from .export import export_onnx, export_torchscript, fixed_size
 from .fast import _mkldnn_conv
 from .machine import machine
 from .memory import RSSSampler, settled_rss_mib
@@ -338,6 +338,9 @@ def cmd_export(args) -> int:
     if not (args.onnx or args.torchscript):
         raise ValueError("nothing to do: give --onnx PATH and/or --torchscript PATH")
     model = load_model(args.checkpoint).eval()
+    if fixed_size(model):
+        print(f"HRDA: the export runs at {args.height}x{args.width} only (--height/--width); "
+              "its detail windows are unrolled at the traced size")
     if args.onnx:
         export_onnx(model, args.onnx, args.height, args.width, opset=args.opset)
         print(f"ONNX written to {args.onnx} (input 'image' (N, 3, H, W), output 'logits')")

@@ -4,6 +4,12 @@ Both exports take the BN-folded fp32 network (:func:`deeplabv2.deploy.fast.fold_
 input is the preprocessed ``(N, 3, H, W)`` float32 image and whose output is the logits
 upsampled to the input size, ``(N, C, H, W)`` float32. Preprocessing (channel order, mean,
 scale) is *not* part of the graph: apply ``model.preprocessing`` first, as for the PyTorch model.
+
+An HRDA network (:class:`deeplabv2.model.hrda.HRDA`) is exported at the one ``height x width``
+it is traced at: its inference loops over detail windows whose number and places depend on the
+size, and the trace unrolls them. Its ONNX graph has fixed height and width (the batch stays
+dynamic), so a runtime refuses another size; its TorchScript file checks the size and raises.
+Any size can be the traced one (the padding to a multiple of 16 is traced with it).
 """
 
 from __future__ import annotations
@@ -45,6 +51,28 @@ def _deploy_copy(model: nn.Module) -> nn.Module:
     return _UpsampledLogits(net).eval()
 
 
+class _FixedSize(nn.Module):
+    """A traced network that runs at one input size only, and says so at any other."""
+
+    def __init__(self, traced: nn.Module, height: int, width: int):
+        super().__init__()
+        self.traced = traced
+        self.height, self.width = int(height), int(width)
+        self.message = (f"this HRDA export runs at {height}x{width} only (its detail windows "
+                        f"are unrolled at the traced size): export again with --height/--width "
+                        f"of your images")
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        if image.shape[2] != self.height or image.shape[3] != self.width:
+            raise RuntimeError(self.message)
+        return self.traced(image)
+
+
+def fixed_size(model: nn.Module) -> bool:
+    """Whether ``model`` exports at its traced size only (HRDA)."""
+    return bool(getattr(model, "is_hrda", False))
+
+
 def export_onnx(model: nn.Module, path, height: int, width: int, opset: int = 17,
                 dynamic: bool = True) -> Path:
     """Write ``model`` as ONNX to ``path`` and return the path.
@@ -54,13 +82,13 @@ def export_onnx(model: nn.Module, path, height: int, width: int, opset: int = 17
     height and width axes are dynamic (``dynamic=False``: fixed at ``1 x height x width``, as a
     runtime that plans for one size runs fastest); ``height``/``width`` size the example
     input used for tracing. Uses the TorchScript-based exporter (``dynamo=False``), which needs only
-    the ``onnx`` package.
+    the ``onnx`` package. HRDA: height and width fixed at the given ones (see the module notes).
     """
     net = _deploy_copy(model)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     example = torch.zeros(1, 3, int(height), int(width))
-    axes = {0: "batch", 2: "height", 3: "width"}
+    axes = {0: "batch"} if fixed_size(model) else {0: "batch", 2: "height", 3: "width"}
     with warnings.catch_warnings(), torch.no_grad():
         # The legacy exporter warns that it is deprecated; it is the simple, dependable path.
         warnings.simplefilter("ignore", category=DeprecationWarning)
@@ -79,7 +107,8 @@ def export_torchscript(model: nn.Module, path, height: int = 321, width: int = 3
 
     The traced module maps a preprocessed ``(N, 3, H, W)`` float32 input to ``(N, C, H, W)``
     logits at any input size (the upsampling size is read from the input's shape in the
-    graph); load it with ``torch.jit.load(path)``.
+    graph); load it with ``torch.jit.load(path)``. HRDA: at ``height x width`` only, any other
+    size raises (see the module notes).
     """
     net = _deploy_copy(model)
     path = Path(path)
@@ -89,6 +118,8 @@ def export_torchscript(model: nn.Module, path, height: int = 321, width: int = 3
         warnings.simplefilter("ignore", category=DeprecationWarning)
         warnings.simplefilter("ignore", category=FutureWarning)
         traced = torch.jit.trace(net, (example,), check_trace=False)
+        if fixed_size(model):
+            traced = torch.jit.script(_FixedSize(traced, height, width))
         # Into a file object: given a name, torch.jit.save's zip writer, when the write
         # fails, throws again in its destructor, which aborts the process.
         atomic_write(path, lambda tmp: _jit_save(traced, tmp), fsync=False)

@@ -38,6 +38,13 @@ Written from the released code (lhoyer/HRDA), not copied from it:
   front's ``mode: sliding`` (:mod:`deeplabv2.inference.front`) around this forward.
   The teacher's pseudo-labels of a target training crop are this same forward on the whole
   crop (uda/dacs.py ``generate_pseudo_label`` -> ``encode_decode``).
+  Any input size: the forward needs ``H`` and ``W`` multiples of 16 (8 / context scale: the
+  context grid at scale 0.5). The release never meets another size (its Cityscapes test
+  pipeline resizes every image to 2048x1024, and ``mode: slide`` windows are 1024x1024; at
+  other sizes its context and detail grids differ by a cell and the fusion fails), so here
+  :meth:`HRDA.predict` pads the input at the bottom/right with zeros (the mean pixel after
+  preprocessing: the front's sliding-window and the training crops' padding) to the next
+  multiple, and crops the logits back to the input: a multiple-of-16 input is run as is.
 * DAFormer's feature distance on HRDA (``feature_scale = 0.5`` in experiments.py): on the
   context pass's backbone features (``forward_train``'s ``"context_features"``), against the
   frozen ImageNet backbone on the same half-size image, the crop's labels downscaled by
@@ -57,6 +64,9 @@ bilinear ``align_corners=False``, whatever the wrapped network's own alignment.
 """
 
 from __future__ import annotations
+
+import math
+from fractions import Fraction
 
 import torch
 from torch import nn
@@ -357,13 +367,31 @@ class HRDA(nn.Module):
         return fuse_scales(context, self.detail_sliding(x), attention, None,
                            self.output_stride, self.context_scale)
 
+    @property
+    def input_multiple(self) -> int:
+        """What :meth:`fused_logits` needs ``H`` and ``W`` to be multiples of: the output
+        stride over the context scale, made whole (16 at scale 0.5, 32 at 0.75)."""
+        q = Fraction(self.context_scale).limit_denominator(1000).denominator
+        return self.output_stride * q
+
     def predict(self, x: torch.Tensor, upsample: bool = True) -> torch.Tensor:
         """The inference pass whatever the mode (a teacher predicting with batch statistics
-        runs it in train mode): fused logits at the input size, or on the ``/ 8`` grid."""
-        scores = self.fused_logits(x)
+        runs it in train mode) at any size: ``(N, C, H, W)`` fused logits, or with
+        ``upsample=False`` the first ``ceil(H / 8) x ceil(W / 8)`` cells of the ``/ 8`` grid.
+        An input that is no multiple of :attr:`input_multiple` is padded at the bottom/right
+        with zeros (the mean pixel) to one, and the logits (upsampled at the padded size)
+        cropped back to ``H x W``."""
+        height, width = x.shape[-2:]
+        m = self.input_multiple
+        pad_h, pad_w = (-height) % m, (-width) % m
+        padded = F.pad(x, (0, pad_w, 0, pad_h), value=0.0) if pad_h or pad_w else x
+        scores = self.fused_logits(padded)
         if not upsample:
-            return scores
-        return _resize(scores, x.shape[-2:])
+            s = self.output_stride
+            return scores[..., :math.ceil(height / s), :math.ceil(width / s)] \
+                if pad_h or pad_w else scores
+        logits = _resize(scores, padded.shape[-2:])
+        return logits[..., :height, :width] if pad_h or pad_w else logits
 
     def forward(self, x: torch.Tensor, upsample: bool = True, *, hrda_train: bool = False,
                 box=None, generator: torch.Generator | None = None):
@@ -377,7 +405,4 @@ class HRDA(nn.Module):
             raise RuntimeError("HRDA trains through forward_train(x, generator) (or "
                                "model(x, hrda_train=True)); forward(x) is the inference pass "
                                "(model.eval())")
-        scores = self.fused_logits(x)
-        if not upsample:
-            return scores
-        return _resize(scores, x.shape[-2:])
+        return self.predict(x, upsample)
