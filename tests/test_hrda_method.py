@@ -58,10 +58,11 @@ def test_released_values_fill_in_and_the_packaged_configs_carry_them():
         else:  # synthiaHR: 1280x760 into (2560, 1520) keeping the ratio: exactly twice
             assert d.dataset == "synthia" and d.resize == [1520, 2560]
             assert int(760 * min(2560 / 1280, 1520 / 760) + 0.5) == 1520
-            assert cfg.model.num_classes == 16 and d.options["num_classes"] == 16
-            assert a.target_val_options == {"num_classes": 16}
-            # the thing classes SYNTHIA has (train ids 6 7 11 12 13 15 17 18) in 16 indices
-            assert a.fdist_classes == [6, 7, 10, 11, 12, 13, 14, 15]
+            # a 19-class head on SYNTHIA as mmseg's SynthiaDataset; mIoU16 = mIoU19 * 19 / 16
+            assert cfg.model.num_classes == 19 and d.options["num_classes"] == 19
+            assert a.target_val_options == {"synthia_miou": "mmseg"}
+        # DAFormer's thing classes, Cityscapes train ids, on both sources
+        assert a.fdist_classes == [6, 7, 11, 12, 13, 14, 15, 16, 17, 18]
         assert a.ema_alpha == 0.999 and a.fdist_lambda == 0.005
         # plcrop v2: of the 2048x1024 image before the crop (cityscapes.py crop_pseudo_margins)
         assert a.pseudo_margins == [30, 240, 30, 30] and a.pseudo_margins_frame == "image"
@@ -69,8 +70,10 @@ def test_released_values_fill_in_and_the_packaged_configs_carry_them():
         assert cfg.train.iterations == 40000 and cfg.data.batch_size == 2
         assert cfg.model.stem == "v1c" and cfg.model.atrous_rates == [6, 12]
         assert e.mode == mode and e.protocol == "none" and a.target_resize is None
-        if mode == "sliding":  # test_cfg 'slide': crop = the training crop, stride half of it
+        if mode == "sliding":  # test_cfg 'slide': crop = the training crop, stride half of it,
+            # the windows' logits averaged (mmseg slide_inference), then one softmax
             assert e.crop_size == [1024, 1024] and e.stride == [512, 512]
+            assert e.window_fuse == "logits"
         assert (a.mic or {}).get("block_size") == mic
 
 

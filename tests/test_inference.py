@@ -182,3 +182,39 @@ def test_bf16_autocast_returns_float32_probabilities(tiny):
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, infer(tiny, x, mode="sliding", crop_size=16),
                                rtol=0, atol=0.05)
+
+
+class WindowLogits(nn.Module):
+    """Two classes; each window's scores are constant: ``(s, 0)`` with ``s`` the window's
+    top-left value of channel 0 (the test puts a window's score there)."""
+
+    def forward(self, x, upsample=True):
+        s = x[:, :1, :1, :1].expand(-1, 1, *x.shape[-2:])
+        return torch.cat([s, torch.zeros_like(s)], 1)
+
+
+def test_window_fuse_logits_averages_scores_before_one_softmax():
+    # one row of 6 pixels, windows of 4 every 2: [0, 4) and [2, 6); window scores 2 and -2
+    x = torch.zeros(1, 3, 1, 6)
+    x[0, 0, 0, 0], x[0, 0, 0, 2] = 2.0, -2.0
+    sig = lambda v: 1 / (1 + torch.exp(torch.tensor(-v)))  # softmax of (v, 0), class 0
+    p = infer(WindowLogits(), x, mode="sliding", crop_size=(1, 4), stride=(1, 2),
+              window_fuse="logits")
+    # the overlap [2, 4): mean score 0 -> 0.5; the rest one window each: sigmoid(+-2)
+    expected = torch.stack([sig(2.0)] * 2 + [torch.tensor(0.5)] * 2 + [sig(-2.0)] * 2)
+    torch.testing.assert_close(p[0, 0, 0], expected)
+    probs = infer(WindowLogits(), x, mode="sliding", crop_size=(1, 4), stride=(1, 2))
+    # averaged probabilities give the same here (sigmoid(2) + sigmoid(-2) = 1); with the second
+    # window at score 0 the two rules part in the overlap
+    torch.testing.assert_close(probs[0, 0, 0], expected)
+    x[0, 0, 0, 2] = 0.0
+    p = infer(WindowLogits(), x, mode="sliding", crop_size=(1, 4), stride=(1, 2),
+              window_fuse="logits")
+    probs = infer(WindowLogits(), x, mode="sliding", crop_size=(1, 4), stride=(1, 2))
+    torch.testing.assert_close(p[0, 0, 0, 2], sig(1.0))  # softmax of the mean scores (1, 0)
+    torch.testing.assert_close(probs[0, 0, 0, 2], (sig(2.0) + 0.5) / 2)  # mean of softmaxes
+    cfg = InferenceConfig(mode="sliding", crop_size=(1, 4), stride=(1, 2), window_fuse="logits")
+    torch.testing.assert_close(cfg(WindowLogits(), x), p)
+    assert "window logits averaged" in cfg.describe()
+    with pytest.raises(ValueError, match="window_fuse must be one of probs, logits; got 'max'"):
+        InferenceConfig(mode="sliding", crop_size=4, window_fuse="max")

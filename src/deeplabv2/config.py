@@ -137,6 +137,8 @@ class EvalConfig:
     flip: bool = False
     crop_size: list[int] | int | None = None  # sliding window [h, w]
     stride: list[int] | int | None = None  # default: 2/3 of crop_size
+    # what overlapping windows average: "probs", or "logits" (mmseg's slide_inference)
+    window_fuse: str = "probs"
     crf: bool = False  # refine with the dense CRF (paper Sec. 3.4)
     crf_params: dict[str, Any] = field(default_factory=dict)  # DenseCRF fields; {}: defaults
     # which model of a snapshot series the paper reports (evaluate RUN_DIR prints both):

@@ -4,7 +4,9 @@ One entry point, :func:`infer`, runs every test-time mode the paper reports (Sec
 
 * ``mode="whole"``: the image in one pass (``predict_probs``);
 * ``mode="sliding"``: overlapping ``crop_size`` windows every ``stride`` pixels, for images
-  too large for memory in one pass (the paper's Cityscapes runs, Sec. 4.4);
+  too large for memory in one pass (the paper's Cityscapes runs, Sec. 4.4); where windows
+  overlap, ``window_fuse="probs"`` averages their probabilities, ``"logits"`` their scores
+  before one softmax (mmseg's ``slide_inference``: HRDA and MIC);
 * ``msc_scales``: the paper's test-time multi-scale inputs (Sec. 3.3/4.1, "MSC"): the image
   at each scale (``(1, 0.75, 0.5)``) through the network, the stride-8 *scores* fused by
   element-wise max (``Eltwise MAX`` in the released test prototxt), one softmax;
@@ -36,6 +38,7 @@ from ..model.msc import MSC, check_scales
 from ..precision import autocast_context
 
 MODES = ("whole", "sliding")
+WINDOW_FUSES = ("probs", "logits")
 
 
 @torch.no_grad()
@@ -79,13 +82,14 @@ def _window(mode: str, crop_size, stride) -> tuple[tuple[int, int] | None, tuple
 
 # -- the passes ---------------------------------------------------------------------------------
 def _sliding_probs(model, x: torch.Tensor, crop: tuple[int, int], stride: tuple[int, int],
-                   amp: str, channels_last: bool) -> torch.Tensor:
+                   amp: str, channels_last: bool, fuse: str = "probs") -> torch.Tensor:
     """Window-averaged ``(N, C, H, W)`` probabilities of one preprocessed ``(N, 3, H, W)``.
 
     The input is padded at the bottom/right with zeros to at least one window: after
     preprocessing zero is the mean pixel, the value the network saw as "nothing" in training.
-    Each window's probabilities are added into a sum and a count map, whose ratio is returned
-    with the padding cropped off.
+    Each window's probabilities (``fuse="probs"``) or float32 scores (``"logits"``, then one
+    softmax of the average) are added into a sum and a count map, whose ratio is returned with
+    the padding cropped off.
     """
     n, _, height, width = x.shape
     pad_h, pad_w = max(crop[0] - height, 0), max(crop[1] - width, 0)
@@ -97,12 +101,29 @@ def _sliding_probs(model, x: torch.Tensor, crop: tuple[int, int], stride: tuple[
     for top in window_starts(padded_h, crop[0], stride[0]):
         for left in window_starts(padded_w, crop[1], stride[1]):
             window = x[:, :, top:top + crop[0], left:left + crop[1]]
-            probs = predict_probs(model, window, amp=amp, channels_last=channels_last)
+            if fuse == "logits":
+                probs = _window_logits(model, window, amp, channels_last)
+            else:
+                probs = predict_probs(model, window, amp=amp, channels_last=channels_last)
             if total is None:
                 total = torch.zeros(n, probs.shape[1], padded_h, padded_w, device=x.device)
             total[:, :, top:top + crop[0], left:left + crop[1]] += probs
             count[:, :, top:top + crop[0], left:left + crop[1]] += 1
-    return (total / count)[:, :, :height, :width]
+    mean = (total / count)[:, :, :height, :width]
+    return F.softmax(mean, dim=1) if fuse == "logits" else mean
+
+
+def _window_logits(model, window: torch.Tensor, amp: str, channels_last: bool) -> torch.Tensor:
+    if channels_last:
+        window = window.contiguous(memory_format=torch.channels_last)
+    with autocast_context(window.device, amp):
+        return model(window).float()
+
+
+def _check_fuse(window_fuse) -> None:
+    if window_fuse not in WINDOW_FUSES:
+        raise ValueError(f"window_fuse must be one of {', '.join(WINDOW_FUSES)}; got "
+                         f"{window_fuse!r}")
 
 
 def _alignment(model):
@@ -117,13 +138,14 @@ def msc_model(model, scales):
 
 @torch.no_grad()
 def infer(model, x: torch.Tensor, *, mode: str = "whole", msc_scales=None, avg_scales=(1.0,),
-          flip: bool = False, crop_size=None, stride=None, amp: str = "none",
-          channels_last: bool = False) -> torch.Tensor:
+          flip: bool = False, crop_size=None, stride=None, window_fuse: str = "probs",
+          amp: str = "none", channels_last: bool = False) -> torch.Tensor:
     """Class probabilities of a preprocessed ``(N, 3, H, W)`` batch: ``(N, C, H, W)`` float32.
 
     ``mode``: ``"whole"`` (one pass) or ``"sliding"`` (``crop_size`` windows every ``stride``
     pixels, an int or ``[height, width]`` each; ``stride`` defaults to 2/3 of the crop and must
-    not exceed it; ``crop_size``/``stride`` are not used by ``"whole"``). ``msc_scales``: every
+    not exceed it; ``crop_size``/``stride`` are not used by ``"whole"``; ``window_fuse``: what
+    overlapping windows average, ``"probs"`` or ``"logits"``). ``msc_scales``: every
     pass runs the paper's MSC (the scores of each scale fused by max; None or ``[]``: off).
     ``avg_scales``: the input is resized by each scale, run in ``mode``, and its probabilities
     resized back to ``H x W`` and averaged (scale 1 is run on ``x`` itself). ``flip``: each scale
@@ -131,6 +153,7 @@ def infer(model, x: torch.Tensor, *, mode: str = "whole", msc_scales=None, avg_s
     equal weight. The model is called as given: put it in eval mode first.
     """
     crop, step = _window(mode, crop_size, stride)
+    _check_fuse(window_fuse)
     avg_scales = check_scales(avg_scales)
     align = _alignment(model)
     if msc_scales:
@@ -143,7 +166,7 @@ def infer(model, x: torch.Tensor, *, mode: str = "whole", msc_scales=None, avg_s
         for mirrored in ((False, True) if flip else (False,)):
             xi = xs.flip(-1) if mirrored else xs
             if mode == "sliding":
-                probs = _sliding_probs(model, xi, crop, step, amp, channels_last)
+                probs = _sliding_probs(model, xi, crop, step, amp, channels_last, window_fuse)
             else:
                 probs = predict_probs(model, xi, amp=amp, channels_last=channels_last)
             if mirrored:
@@ -169,9 +192,11 @@ class InferenceConfig:
     flip: bool = False
     crop_size: tuple[int, int] | None = None
     stride: tuple[int, int] | None = None
+    window_fuse: str = "probs"
 
     def __post_init__(self):
         crop, step = _window(self.mode, self.crop_size, self.stride)
+        _check_fuse(self.window_fuse)
         object.__setattr__(self, "avg_scales", check_scales(self.avg_scales))
         object.__setattr__(self, "msc_scales",
                            check_scales(self.msc_scales) if self.msc_scales else None)
@@ -203,7 +228,8 @@ class InferenceConfig:
         """One line for logs and reports, e.g. ``sliding 513x513 / 342x342, scales 0.5,1, flip``."""
         text = "whole image" if self.mode == "whole" else (
             f"sliding {self.crop_size[0]}x{self.crop_size[1]} / "
-            f"{self.stride[0]}x{self.stride[1]}")
+            f"{self.stride[0]}x{self.stride[1]}"
+            + (", window logits averaged" if self.window_fuse == "logits" else ""))
         if self.msc_scales:
             text += ", MSC max-fused " + ",".join(f"{s:g}" for s in self.msc_scales)
         if self.avg_scales != (1.0,):
@@ -214,7 +240,8 @@ class InferenceConfig:
                  channels_last: bool = False) -> torch.Tensor:
         return infer(model, x, mode=self.mode, msc_scales=self.msc_scales,
                      avg_scales=self.avg_scales, flip=self.flip,
-                     crop_size=self.crop_size, stride=self.stride, amp=amp,
+                     crop_size=self.crop_size, stride=self.stride,
+                     window_fuse=self.window_fuse, amp=amp,
                      channels_last=channels_last)
 
 
