@@ -12,7 +12,10 @@ loop and evaluated on the *target* validation scenes:
    adaptation method (labelled source + unlabelled target); ``fda_ssl``, FDA's self-training
    round, labels the target training scenes with the ``fda`` run's network
    (:func:`deeplabv2.adapt.pseudo_labels.make_pseudo_labels`) and trains again from the same
-   weights with them as target labels (its seconds include the labelling);
+   weights with them as target labels (its seconds include the labelling); ``mic_dacs``,
+   ``mic_daformer``, ``hrda`` and ``mic_hrda`` are the MIC and HRDA rows on the ``dacs`` and
+   ``daformer`` rows' settings (an HRDA run is evaluated through HRDA's inference: its
+   checkpoint rebuilds the wrapper);
 3. ``target_supervised``: from the same weights, the same iterations on *labelled* target
    scenes: the upper bound of what adaptation can reach.
 
