@@ -84,3 +84,89 @@ def test_adapt_demo_says_where_the_best_checkpoint_is_and_evaluates_it_on_the_ta
     assert main([*commands["evaluate"], "--out", "m.json"]) == 0
     assert json.loads((tmp_path / "m.json").read_text())["miou"] == pytest.approx(
         summary["runs"]["fda"]["target_val_miou"], abs=1e-9)
+
+
+def test_adapt_demo_methods_all_runs_every_row(monkeypatch):
+    """``demo --adapt --methods all`` asks for every row of the demo, the HRDA and MIC rows of
+    issue 26 among them, and every row has its settings."""
+    from deeplabv2.cli import main
+    from deeplabv2.demo import adapt as demo
+    asked = {}
+    monkeypatch.setattr(demo, "run_adapt_demo",
+                        lambda out, methods, overrides=(): asked.update(methods=methods))
+    assert main(["demo", "--adapt", "--methods", "all"]) == 0
+    assert set(asked["methods"]) == set(demo.METHOD_SETTINGS) >= {
+        "adaptsegnet", "advent", "minent", "fda", "fda_ssl", "dacs", "daformer",
+        "mic_dacs", "mic_daformer", "hrda", "mic_hrda"}
+    assert len(asked["methods"]) == len(set(asked["methods"]))
+
+
+# each row's adapt.method and, for the rows of issue 26, the released settings as scaled by hand
+# to the 96x160 scene (32-pixel MIC blocks on 512 crops: 32 x 96 / 512 = 6; HRDA's 512 detail
+# crop in the 1024 context crop: half of each side)
+ROWS = {"adaptsegnet": "adaptsegnet", "advent": "advent", "minent": "minent", "fda": "fda",
+        "fda_ssl": "fda", "dacs": "dacs", "daformer": "daformer", "mic_dacs": "dacs",
+        "mic_daformer": "daformer", "hrda": "hrda", "mic_hrda": "hrda"}
+
+
+@pytest.mark.parametrize("row", sorted(ROWS))
+def test_adapt_demo_row_loads_as_a_valid_config(row, tmp_path):
+    from deeplabv2.demo import adapt as demo
+    assert set(ROWS) == set(demo.ALL_METHODS)
+    cfg = demo._config(tmp_path, row, 300, demo.method_overrides(row))
+    a = cfg.adapt
+    assert a.method == ROWS[row]
+    mic = {"mask_ratio": 0.7, "block_size": 6, "lambda": 1.0, "augment": True}
+    assert a.mic == (mic if row.startswith("mic_") else None)
+    if row in ("daformer", "mic_daformer", "hrda", "mic_hrda"):
+        assert a.ema_alpha == 0.999 and a.pseudo_margins == [3, 22, 0, 0]
+        assert a.fdist_lambda == 0.005 and a.fdist_classes == [5]
+        assert cfg.data.rare_class_sampling == {"temperature": 0.01, "min_pixels": 176,
+                                                "min_crop_ratio": 0.5}
+        assert cfg.train.warmup_iters == 11 and cfg.train.optimizer == "sgd"
+    if row in ("hrda", "mic_hrda"):
+        assert (a.hrda_detail_crop, a.hrda_context_scale, a.hrda_detail_weight) == \
+            ([48, 80], 0.5, 0.1)
+        assert list(cfg.data.crop_size) == [96, 160]
+    else:
+        assert a.hrda_detail_crop is None
+    if row == "mic_dacs":  # the dacs row's settings, MIC added
+        dacs = demo._config(tmp_path, "dacs", 300, demo.method_overrides("dacs")).to_dict()
+        mine = cfg.to_dict()
+        assert mine["adapt"].pop("mic") == mic and dacs["adapt"].pop("mic") is None
+        mine["train"]["out_dir"] = dacs["train"]["out_dir"]
+        assert mine == dacs
+
+
+def test_adapt_demo_rows_of_hrda_and_mic(tmp_path, monkeypatch):
+    """``demo --adapt --methods mic_dacs mic_daformer hrda mic_hrda`` on a few scenes and
+    iterations: each row trains with its settings, and the HRDA rows are evaluated through
+    HRDA's inference (the checkpoint rebuilds the wrapper with the demo's detail crop)."""
+    from deeplabv2.config import load_config
+    from deeplabv2.demo import adapt as demo
+    from deeplabv2.evaluation.evaluate import evaluate
+    from deeplabv2.weights import load_model
+    for name in ("SOURCE", "TARGET", "TARGET_VAL", "SOURCE_VAL"):
+        monkeypatch.setattr(demo, name, {**getattr(demo, name), "num_samples": 4})
+    rows = ["mic_dacs", "mic_daformer", "hrda", "mic_hrda"]
+    summary = demo.run_adapt_demo(
+        tmp_path, methods=rows, source_iterations=2, method_iterations=2,
+        overrides=["model.width=8", "data.batch_size=2", "data.num_workers=0",
+                   "train.threads=1", "train.progress=false", "train.tensorboard=false"])
+    assert list(summary["runs"]) == ["warm_up", "source_only", *rows, "target_supervised"]
+    for row in rows:
+        cfg = load_config(str(tmp_path / row / "config.yaml"))
+        assert cfg.adapt.method == {"mic_dacs": "dacs", "mic_daformer": "daformer"}.get(
+            row, "hrda")
+        assert (cfg.adapt.mic is not None) == row.startswith("mic_")
+    target_val = demo.build_dataset("synthetic", None, "val", **demo.TARGET_VAL)
+    for row in ("hrda", "mic_hrda"):
+        net = load_model(tmp_path / row / "model.pth")
+        assert getattr(net, "is_hrda", False)
+        assert net.hrda_config() == {"detail_crop": [48, 80], "context_scale": 0.5,
+                                     "divisible": 8}
+        # the row's number is the wrapper's evaluation (the demo's is of the BN-folded copy:
+        # a pixel or two may differ by rounding)
+        wrapped = evaluate(net.eval(), target_val)
+        assert summary["runs"][row]["target_val_miou"] == pytest.approx(wrapped["miou"],
+                                                                         abs=2e-3)

@@ -746,10 +746,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "source-only vs adaptation methods vs target-supervised (about "
                          "6 min on 2 cores; all methods about 20)")
     de.add_argument("--methods", nargs="+", default=["fda"],
-                    help="with --adapt: adaptsegnet advent minent fda fda_ssl dacs daformer, "
-                         "or all "
+                    help="with --adapt: adaptsegnet advent minent fda fda_ssl dacs mic_dacs "
+                         "daformer mic_daformer hrda mic_hrda, or all "
                          "(fda_ssl: FDA's self-training round on the fda run's pseudo-labels; "
-                         "default: fda)")
+                         "mic_*: MIC on the dacs, daformer or hrda row; default: fda)")
     de.add_argument("overrides", nargs="*", help="section.key=value for the demo config")
     de.set_defaults(func=cmd_demo)
 

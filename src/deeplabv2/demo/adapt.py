@@ -12,7 +12,10 @@ loop and evaluated on the *target* validation scenes:
    adaptation method (labelled source + unlabelled target); ``fda_ssl``, FDA's self-training
    round, labels the target training scenes with the ``fda`` run's network
    (:func:`deeplabv2.adapt.pseudo_labels.make_pseudo_labels`) and trains again from the same
-   weights with them as target labels (its seconds include the labelling);
+   weights with them as target labels (its seconds include the labelling); ``mic_dacs``,
+   ``mic_daformer``, ``hrda`` and ``mic_hrda`` are the MIC and HRDA rows on the ``dacs`` and
+   ``daformer`` rows' settings (an HRDA run is evaluated through HRDA's inference: its
+   checkpoint rebuilds the wrapper);
 3. ``target_supervised``: from the same weights, the same iterations on *labelled* target
    scenes: the upper bound of what adaptation can reach.
 
@@ -51,8 +54,11 @@ from .supervised import _titled
 
 DEFAULT_METHODS = ("fda",)
 #: ``fda_ssl`` is FDA's self-training round: pseudo-labels of the target training scenes from the
-#: ``fda`` run's network, then an FDA run on them (:mod:`deeplabv2.adapt.pseudo_labels`)
-ALL_METHODS = ("adaptsegnet", "advent", "minent", "fda", "fda_ssl", "dacs", "daformer")
+#: ``fda`` run's network, then an FDA run on them (:mod:`deeplabv2.adapt.pseudo_labels`);
+#: ``mic_dacs``, ``mic_daformer``, ``hrda`` and ``mic_hrda`` are the HRDA and MIC papers' DeepLab v2
+#: rows (issue 26), each on the demo's settings of the row it extends
+ALL_METHODS = ("adaptsegnet", "advent", "minent", "fda", "fda_ssl", "dacs", "mic_dacs",
+               "daformer", "mic_daformer", "hrda", "mic_hrda")
 SIZE = [96, 160]
 SOURCE = {"num_samples": 400, "size": SIZE}
 TARGET = {"num_samples": 400, "size": SIZE, "style": "target"}
@@ -60,6 +66,57 @@ TARGET_VAL = {"num_samples": 100, "size": SIZE, "style": "target"}
 SOURCE_VAL = {"num_samples": 100, "size": SIZE}
 #: each run's target-val metrics in its folder (``deeplabv2 adapt-table RUN/FILE ...``)
 TARGET_METRICS = "target_val_metrics.json"
+# DAFormer's strategy (adapt.method daformer), each part scaled to this network and crop
+# where its released value is tied to ResNet-101 on 512x512 crops for 40k iterations:
+# - the optimizer stays the demo's SGD lr 0.01 poly, as every other row's (their AdamW
+#   6e-5, head x10, is tuned for an ImageNet ResNet-101; a different optimizer would make
+#   the row differ from DACS by more than the strategy), with their linear warm-up scaled
+#   to the run: 1500 / 40000 x 300 = 11 iterations (ratio 1e-6);
+# - EMA 0.999, confidence-share weight 0.968 as released;
+# - pseudo-label margins [15, 120, 0, 0] rows of 512 scaled to the 96-row crop: [3, 22, 0, 0]
+#   (the synthetic scenes have no ego car; kept so the row runs the released masking);
+# - feature distance lambda 0.005, min ratio 0.75, on the thing class of the synthetic
+#   scenes: car (5); pole is stuff in DAFormer's list (Cityscapes pole 5 is not among its
+#   [6, 7, 11..18]). The frozen copy is of the warm-up's backbone: the demo has no ImageNet;
+# - rare-class sampling of the source at T 0.01 as released, min_pixels 3000 of a 512x512
+#   crop scaled to the 96x160 scene: 176 (then 0.5 x 176 in the crop), and mmseg's crop
+#   re-draw at cat_max_ratio 0.75.
+DAFORMER = ["train.warmup_iters=11", "adapt.ema_alpha=0.999",
+            "adapt.pseudo_margins=[3, 22, 0, 0]", "adapt.fdist_lambda=0.005",
+            "adapt.fdist_classes=[5]", "adapt.fdist_min_ratio=0.75",
+            "data.rare_class_sampling={temperature: 0.01, min_pixels: 176, min_crop_ratio: 0.5}",
+            "data.cat_max_ratio=0.75"]
+# MIC's masked image consistency (adapt.mic) on the demo's 96x160 crop:
+# - block size: released 32 pixels on the 512x512 crops of the DeepLab v2 rows (64 on HRDA's
+#   1024 crops: the same 1/16 of the crop side); the crop is the 96-row scene here, so 32 x
+#   96 / 512 = 6 pixels, a 16 x 27 grid of blocks (released 16 x 16 on a square crop);
+# - mask ratio 0.7, lambda 1 and the target's colour augmentation as released (no tie to the
+#   network, crop or iterations); the pseudo-labels and weights are the host row's.
+MIC = ["adapt.mic={mask_ratio: 0.7, block_size: 6, lambda: 1.0, augment: true}"]
+# HRDA (adapt.method hrda) on the daformer row's settings. Released: a 1024x1024 crop of images
+# at twice DAFormer's resolution (GTA5 2560x1407, Cityscapes 2048x1024), seen whole at scale 0.5
+# (the context: the 512x512 view DAFormer trains on) and a 512x512 detail crop inside it at full
+# resolution. The synthetic scenes have one resolution, 96x160: the scene is the context crop,
+# at scale 0.5 as released (48x80 into the network: multiples of 8, and the scene one of 16, as
+# the wrapper's context grid and inference need), and the detail crop is half of each side as
+# 512 of 1024: 48x80 (multiples of 8; its corner on the released 8-pixel grid: 6 x 10 positions).
+# So here HRDA's detail sees what every other row sees everywhere, and its context less: it
+# tests the two-scale training and the scale attention, not the extra resolution it was made
+# for (which needs scenes rendered larger than the other rows').
+# - detail loss weight 0.1 and EMA, feature distance (on the context features, labels in
+#   16-pixel blocks), optimizer and warm-up as the daformer row;
+# - pseudo-label margins: released rows 30 / 240 of the 1024-row crop (plcrop v2 on the 1024-row
+#   image) are 15 / 120 of 512, the daformer row's share: [3, 22, 0, 0] again (the side
+#   columns are not applied by adapt.method hrda, see gta5_to_cityscapes_hrda_dlv2.yaml);
+# - rare-class sampling: released min_crop_ratio 2.0 = 0.5 x (1024 / 512)^2, the same share of
+#   the crop as 0.5 on DAFormer's 512 crops at half the resolution; the demo's HRDA crop is the
+#   daformer row's (the whole scene at the same resolution), so the same share is 0.5 here:
+#   min_pixels 176 and ratio 0.5 as the daformer row.
+HRDA = [*DAFORMER, "adapt.hrda_detail_crop=[48, 80]", "adapt.hrda_detail_weight=0.1",
+        "adapt.hrda_context_scale=0.5"]
+#: the ``adapt.method`` of the rows named otherwise
+BASE_METHOD = {"fda_ssl": "fda", "mic_dacs": "dacs", "mic_daformer": "daformer",
+               "mic_hrda": "hrda"}
 #: per-method settings for the small demo network (the papers' weights are for ResNet-101 on
 #: 1280x720 crops; the adversarial weight in particular scales with the map size)
 METHOD_SETTINGS = {
@@ -68,34 +125,33 @@ METHOD_SETTINGS = {
     "minent": ["adapt.lambda_ent=0.01"],
     "fda": ["adapt.fda_beta=0.05", "adapt.fda_ent_start=100", "adapt.fda_lambda_ent=0.005"],
     "dacs": [],
-    # DAFormer's strategy (adapt.method daformer), each part scaled to this network and crop
-    # where its released value is tied to ResNet-101 on 512x512 crops for 40k iterations:
-    # - the optimizer stays the demo's SGD lr 0.01 poly, as every other row's (their AdamW
-    #   6e-5, head x10, is tuned for an ImageNet ResNet-101; a different optimizer would make
-    #   the row differ from DACS by more than the strategy), with their linear warm-up scaled
-    #   to the run: 1500 / 40000 x 300 = 11 iterations (ratio 1e-6);
-    # - EMA 0.999, confidence-share weight 0.968 as released;
-    # - pseudo-label margins [15, 120, 0, 0] rows of 512 scaled to the 96-row crop: [3, 22, 0, 0]
-    #   (the synthetic scenes have no ego car; kept so the row runs the released masking);
-    # - feature distance lambda 0.005, min ratio 0.75, on the thing class of the synthetic
-    #   scenes: car (5); pole is stuff in DAFormer's list (Cityscapes pole 5 is not among its
-    #   [6, 7, 11..18]). The frozen copy is of the warm-up's backbone: the demo has no ImageNet;
-    # - rare-class sampling of the source at T 0.01 as released, min_pixels 3000 of a 512x512
-    #   crop scaled to the 96x160 scene: 176 (then 0.5 x 176 in the crop), and mmseg's crop
-    #   re-draw at cat_max_ratio 0.75.
-    "daformer": ["train.warmup_iters=11", "adapt.ema_alpha=0.999",
-                 "adapt.pseudo_margins=[3, 22, 0, 0]", "adapt.fdist_lambda=0.005",
-                 "adapt.fdist_classes=[5]", "adapt.fdist_min_ratio=0.75",
-                 "data.rare_class_sampling={temperature: 0.01, min_pixels: 176, "
-                 "min_crop_ratio: 0.5}", "data.cat_max_ratio=0.75"],
+    # DAFormer's strategy: DAFORMER above
+    "daformer": DAFORMER,
+    # MIC (adapt.mic) on the demo's DACS row: what MIC adds to it alone. (MIC's own "DACS + MIC"
+    # row, gta5_to_cityscapes_mic_dacs_dlv2, hosts MIC on mmseg's DACS, i.e. DAFormer's strategy
+    # at EMA 0.99 without its additions; the demo's dacs row is DACS's own code.)
+    "mic_dacs": [*MIC],
+    # MIC on DAFormer's strategy: MIC's main DeepLab v2 comparison (its "DAFormer + MIC" row,
+    # gta5_to_cityscapes_mic_daformer_dlv2): the daformer row's settings plus MIC's
+    "mic_daformer": [*DAFORMER, *MIC],
+    "hrda": HRDA,
+    # HRDA + MIC (gta5_to_cityscapes_mic_hrda_dlv2): the hrda row plus MIC; the released 64-pixel
+    # blocks on the 1024 crops are the same share of the crop as 32 on 512: 6 here too
+    "mic_hrda": [*HRDA, *MIC],
     # as the released SStrain.py: entropy from the first step, weight-1 pseudo-label CE
-    "fda_ssl": ["adapt.method=fda", "adapt.fda_beta=0.05", "adapt.fda_ent_start=0",
+    "fda_ssl": ["adapt.fda_beta=0.05", "adapt.fda_ent_start=0",
                 "adapt.fda_lambda_ent=0.005"],
 }
 
 
 def _options(d: dict) -> str:
     return "{" + ", ".join(f"{k}: {v if not isinstance(v, str) else v}" for k, v in d.items()) + "}"
+
+
+def method_overrides(name: str, extra=()) -> list[str]:
+    """The demo row ``name``'s overrides: its ``adapt.method``, its :data:`METHOD_SETTINGS`,
+    then ``extra`` (the run's own: weights, the caller's overrides)."""
+    return [f"adapt.method={BASE_METHOD.get(name, name)}", *METHOD_SETTINGS[name], *extra]
 
 
 def _config(out: Path, name: str, iterations: int, extra=()):
@@ -163,11 +219,10 @@ def run_adapt_demo(out_dir="reports/demo_adapt", methods=DEFAULT_METHODS, source
             t0 = time.perf_counter()
             labels = _pseudo_labels(out, _config(out, "fda", method_iterations, overrides))
             run(m, _config(out, m, method_iterations,
-                           [f"adapt.target_labels={labels}", *warm, *METHOD_SETTINGS[m],
-                            *overrides]), t0)
+                           method_overrides(m, [f"adapt.target_labels={labels}", *warm,
+                                                *overrides])), t0)
             continue
-        run(m, _config(out, m, method_iterations,
-                       [f"adapt.method={m}", *warm, *METHOD_SETTINGS[m], *overrides]))
+        run(m, _config(out, m, method_iterations, method_overrides(m, [*warm, *overrides])))
     # 3. the upper bound: the same continuation on labelled target scenes
     run("target_supervised", _config(out, "target_supervised", method_iterations,
                                      ["adapt.method=source_only", f"data.options={_options(TARGET)}",
