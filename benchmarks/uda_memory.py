@@ -25,9 +25,19 @@ takes workspaces for its fastest convolutions, and the CUDA context takes 0.3-0.
 PyTorch counter shows; glibc's heap on the CPU returns large blocks to the kernel at once. So
 compare ``state + growth`` with a card's memory less about 1 GB.
 
-    python benchmarks/uda_memory.py                       # every case, writes the results file
-    python benchmarks/uda_memory.py --only hrda           # configs whose name contains "hrda"
-    python benchmarks/uda_memory.py --case gta5_to_cityscapes_dacs none false   # one, as JSON
+On a shared 2-core CPU a released-size step takes minutes (HRDA: far more), so ``--fit S1 S2``
+measures each case at two smaller crops (per side; HRDA's detail crop and the pseudo-label
+margins scaled alike) and extrapolates the growth linearly in the pixels to the released crops;
+its rows say so. ``--jobs`` measures that many cases at once (RSS is per process).
+
+    python benchmarks/uda_memory.py                          # every case at the released crops
+    python benchmarks/uda_memory.py --fit 0.25 0.5 --jobs 2  # every case, fitted
+    python benchmarks/uda_memory.py --only hrda              # configs whose name contains "hrda"
+    python benchmarks/uda_memory.py --cases gta5_to_cityscapes_dacs:bf16:true ...   # these
+    python benchmarks/uda_memory.py --case gta5_to_cityscapes_dacs none false  # one, as JSON
+
+Results accumulate in ``uda_memory_results.json`` (one row per case and way of measuring) and
+are written out as ``uda_memory_results.md``.
 """
 
 from __future__ import annotations
@@ -48,7 +58,6 @@ import torch
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "uda_memory_results.md"
 RAW = HERE / "uda_memory_results.json"
-ESTIMATES = HERE / "uda_memory_estimates.json"
 CONFIGS = ["gta5_to_cityscapes_dacs", "gta5_to_cityscapes_daformer_dlv2",
            "gta5_to_cityscapes_mic_daformer_dlv2", "gta5_to_cityscapes_hrda_dlv2",
            "gta5_to_cityscapes_mic_hrda_dlv2"]
@@ -71,8 +80,36 @@ def _reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
-def run_case(name: str, amp: str, checkpoint: bool, steps: int, threads: int) -> dict:
-    """One configuration in this process; returns its measurements (bytes, seconds)."""
+def scaled_overrides(name: str, scale: float) -> list[str]:
+    """Overrides that shrink a config's crops by ``scale`` per side, keeping what the method
+    needs of them: HRDA's grid (crops on multiples of 8 / context scale, the detail crop on 8),
+    the pseudo-label margins in proportion."""
+    from deeplabv2.config import CONFIG_DIR, load_config
+    if scale == 1:
+        return []
+    cfg = load_config(CONFIG_DIR / f"{name}.yaml", ["model.weights=null"])
+    d, a = cfg.data, cfg.adapt
+    grid = int(round(8 / a.hrda_context_scale)) if a.method == "hrda" else 8
+
+    def on(v, m):
+        return max(m, int(round(v * scale / m)) * m)
+
+    out = [f"data.crop_size=[{on(d.crop_size[0], grid)}, {on(d.crop_size[1], grid)}]"]
+    if a.target_crop_size:
+        out.append(f"adapt.target_crop_size=[{on(a.target_crop_size[0], grid)}, "
+                   f"{on(a.target_crop_size[1], grid)}]")
+    if a.method == "hrda":
+        out.append(f"adapt.hrda_detail_crop=[{on(a.hrda_detail_crop[0], 8)}, "
+                   f"{on(a.hrda_detail_crop[1], 8)}]")
+    if a.pseudo_margins:
+        out.append(f"adapt.pseudo_margins={[int(round(m * scale)) for m in a.pseudo_margins]}")
+    return out
+
+
+def run_case(name: str, amp: str, checkpoint: bool, steps: int, threads: int,
+             scale: float = 1.0) -> dict:
+    """One configuration in this process, its crops ``scale`` per side; returns its
+    measurements (bytes, seconds)."""
     from deeplabv2.adapt.methods import build_method
     from deeplabv2.config import CONFIG_DIR, load_config
     from deeplabv2.memory import _optimizer_slots, held_bytes
@@ -83,7 +120,8 @@ def run_case(name: str, amp: str, checkpoint: bool, steps: int, threads: int) ->
     torch.set_num_threads(threads)
     cfg = load_config(CONFIG_DIR / f"{name}.yaml",
                       ["model.weights=null", f"train.amp={amp}",
-                       f"train.checkpoint_backbone={str(checkpoint).lower()}"])
+                       f"train.checkpoint_backbone={str(checkpoint).lower()}",
+                       *scaled_overrides(name, scale)])
     d, a, t = cfg.data, cfg.adapt, cfg.train
     device = torch.device("cpu")
     torch.manual_seed(0)
@@ -136,37 +174,7 @@ def run_case(name: str, amp: str, checkpoint: bool, steps: int, threads: int) ->
                       "context_scale": a.hrda_context_scale} if a.method == "hrda" else None),
             "mic": bool(a.mic), "params": params, "state_bytes": state,
             "rss_before": before, "peak_rss": peak, "growth": peak - before,
-            "seconds": seconds, "steps": steps, "threads": threads}
-
-
-def estimate_case(name: str, amp: str, checkpoint: bool) -> dict:
-    """What ``deeplabv2.memory.estimate_step`` (the check ``train`` runs before its first
-    step) says of the case on a GPU: state (parameters, buffers, gradients, optimizer state,
-    the method's modules) + activations (saved tensors at two small probe crops, fitted and
-    evaluated at the case's crops, x BACKWARD_MARGIN) + one batch; seconds, not a step."""
-    from deeplabv2.adapt.methods import build_method
-    from deeplabv2.config import CONFIG_DIR, load_config
-    from deeplabv2.memory import PIXEL_BYTES, estimate_step
-    from deeplabv2.model.resnet import set_backbone_checkpointing
-    from deeplabv2.train import _build_model, _network, build_optimizer
-
-    cfg = load_config(CONFIG_DIR / f"{name}.yaml",
-                      ["model.weights=null", f"train.amp={amp}",
-                       f"train.checkpoint_backbone={str(checkpoint).lower()}"])
-    device = torch.device("cpu")
-    torch.manual_seed(0)
-    model = _build_model(cfg, cfg.model.num_classes or 19)
-    set_backbone_checkpointing(model, checkpoint)
-    optimizer = build_optimizer(model, cfg.train)
-    method = build_method(cfg.adapt, model)
-    net, make_step = _network(cfg, model, SimpleNamespace(enabled=False), device)
-    net.train()
-    est = estimate_step(cfg, model, optimizer, method, make_step, net, device)
-    d, a = cfg.data, cfg.adapt
-    crop, target = tuple(d.crop_size), tuple(a.target_crop_size or d.crop_size)
-    one_batch = d.batch_size * (crop[0] * crop[1] + target[0] * target[1]) * PIXEL_BYTES
-    return {"config": name, "amp": amp, "checkpoint_backbone": checkpoint,
-            "state": est.state, "activations": est.activations, "batch_bytes": one_batch}
+            "seconds": seconds, "steps": steps, "threads": threads, "scale": scale}
 
 
 def cpu_line() -> str:
@@ -192,64 +200,54 @@ def _fits(total: int) -> str:
     return " | ".join("yes" if total <= size else "no" for size in CARDS.values())
 
 
-def write_results(rows: list[dict], estimates: list[dict]) -> None:
-    """The results file: one row per config and variant, measured where measured."""
-    from deeplabv2.memory import BACKWARD_MARGIN
-    measured = {(r["config"], r["amp"], r["checkpoint_backbone"]): r for r in rows}
-    estimated = {(r["config"], r["amp"], r["checkpoint_backbone"]): r for r in estimates}
-    cards = " | ".join(f"{c}" for c in CARDS)
+def write_results(rows: list[dict]) -> None:
+    """The results file: one row per measurement (at the released crops, or fitted)."""
+    cards = " | ".join(f"fits {c}" for c in CARDS)
     lines = [
         "# Peak memory of one training step per self-training method (benchmarks/uda_memory.py)",
         "",
-        f"{datetime.date.today().isoformat()}, torch {torch.__version__}, CPU: {cpu_line()}. "
-        "The machine was shared with other work: the seconds are not the point, memory is.",
+        f"{datetime.date.today().isoformat()}, torch {torch.__version__}, CPU: {cpu_line()}; "
+        "the machine was shared with other work (load 8 on its 2 cores): the seconds are not "
+        "the point, memory is.",
         "",
-        "**Measured** (`python benchmarks/uda_memory.py --steps 1 --cases ...`): each case a "
-        "fresh process: the packaged config with `model.weights=null` (random weights of the "
-        "real ResNet-101: the same memory), synthetic batches of its crops and batch, full "
-        "training steps (every pass of the method with its backward, the optimizer step, the "
-        "EMA update), the last one measured: `growth` is the peak RSS during it (VmHWM, reset "
-        "just before) less the RSS before it; `state` the tensors held before it (parameters, "
-        "buffers, the EMA teacher and the ImageNet copy, counted exactly) plus the optimizer's "
-        "state (AdamW: two moments; counted, since with `--steps 1` it is made during the "
-        "step). `GPU` = state + growth + 1 GiB for the CUDA context, cuDNN workspaces and the "
-        "caching allocator (an allowance, not measured: the CPU's RSS is the closer to a lower "
-        "bound of what a GPU holds). **Estimated** (`--estimate`): `deeplabv2.memory`'s check "
-        "before the first step (saved tensors at two small probe crops, fitted, "
-        f"x{BACKWARD_MARGIN} for the backward; state with gradients and optimizer state; one batch) + the same 1 GiB. A "
-        "card fits a case when the figure is at most its 8 or 12 GiB.",
+        "Each measurement is a fresh process: the packaged config with `model.weights=null` "
+        "(random weights of the real ResNet-101 V1c or DeepLab ResNet-101: the same memory), "
+        "synthetic batches of its crops and batch, full training steps (every pass of the "
+        "method with its backward, the optimizer step, the EMA update), the last one measured. "
+        "`growth`: the peak RSS during that step (VmHWM, reset just before it through "
+        "/proc/self/clear_refs) less the RSS before it; `state`: the tensors held before it "
+        "(parameters, buffers, optimizer state, the EMA teacher and the frozen ImageNet copy), "
+        "counted exactly. `how`: `released` measured at the released crops; `fit a/b`: measured "
+        "at a and b times the released crops per side (HRDA's detail crop and the pseudo-label "
+        "margins scaled alike) and extrapolated, growth = c + d x scale^2 (what does not grow "
+        "with the crop, the weights' bf16 copies and the gradients, plus a term in the pixels), "
+        "because a released-size step takes 4-30 minutes on this shared machine. `GPU`: state "
+        "+ growth + 1 GiB for the CUDA context, cuDNN workspaces and the caching allocator's "
+        "rounding (an allowance, not measured; the CPU's RSS is the closer to a lower bound of "
+        "what a GPU holds: glibc gives large blocks back to the kernel at once, PyTorch's CUDA "
+        "allocator keeps them cached). A card fits when `GPU` is at most its 8 or 12 GiB.",
         "",
-        f"| config | amp | checkpointing | crops, batch | measured: state + growth GiB | "
-        f"GPU GiB | fits {cards} | s/step | estimated GPU GiB | fits {cards} |",
-        "| --- | --- | --- | --- | ---: | ---: | " + " | ".join(":---:" for _ in CARDS)
-        + " | ---: | ---: | " + " | ".join(":---:" for _ in CARDS) + " |"]
-    blank = " | ".join("" for _ in CARDS)
-    for name in CONFIGS:
-        for amp, ckpt in VARIANTS:
-            r, e = measured.get((name, amp, ckpt)), estimated.get((name, amp, ckpt))
-            if r is None and e is None:
-                continue
-            from deeplabv2.config import CONFIG_DIR, load_config
-            cfg = load_config(CONFIG_DIR / f"{name}.yaml", ["model.weights=null"])
-            crops = "x".join(map(str, cfg.data.crop_size))
-            if cfg.adapt.method == "hrda":
-                crops += (f" (context x{cfg.adapt.hrda_context_scale:g}, detail "
-                          f"{cfg.adapt.hrda_detail_crop[0]})")
-            crops += f", {cfg.data.batch_size}"
-            cells = [f"`{name.replace('gta5_to_cityscapes_', '')}`",
-                     "bf16" if amp == "bf16" else "fp32", "backbone" if ckpt else "none", crops]
-            if r is not None:
-                gpu = r["state_bytes"] + r["growth"] + GPU_OVERHEAD
-                cells += [f"{gb(r['state_bytes'])} + {gb(r['growth'])}", gb(gpu), _fits(gpu),
-                          f"{r['seconds']:.0f}"]
-            else:
-                cells += ["not run", "", blank, ""]
-            if e is not None:
-                gpu = e["state"] + e["activations"] + e["batch_bytes"] + GPU_OVERHEAD
-                cells += [gb(gpu), _fits(gpu)]
-            else:
-                cells += ["", blank]
-            lines.append("| " + " | ".join(cells) + " |")
+        f"| config | amp | checkpointing | crops, batch | how | state GiB | growth GiB | GPU GiB "
+        f"| {cards} |",
+        "| --- | --- | --- | --- | --- | ---: | ---: | ---: | "
+        + " | ".join(":---:" for _ in CARDS) + " |"]
+    for r in rows:
+        crops = "x".join(map(str, r["crop"] if not r.get("fitted_from") else
+                             [round(v / r["fitted_from"][-1]["scale"]) for v in r["crop"]]))
+        if r["hrda"]:
+            detail = r["hrda"]["detail_crop"][0]
+            if r.get("fitted_from"):
+                detail = round(detail / r["fitted_from"][-1]["scale"])
+            crops += f" (context x{r['hrda']['context_scale']:g}, detail {detail})"
+        crops += f", {r['batch']}"
+        how = ("fit " + "/".join(f"{p['scale']:g}" for p in r["fitted_from"])
+               if r.get("fitted_from") else f"released, {r['steps']} step(s)")
+        gpu = r["state_bytes"] + r["growth"] + GPU_OVERHEAD
+        marks = " | ".join("yes" if gpu <= size else "no" for size in CARDS.values())
+        lines.append(f"| `{r['config'].replace('gta5_to_cityscapes_', '')}` | "
+                     f"{'bf16' if r['amp'] == 'bf16' else 'fp32'} | "
+                     f"{'backbone' if r['checkpoint_backbone'] else 'none'} | {crops} | {how} | "
+                     f"{gb(r['state_bytes'])} | {gb(r['growth'])} | {gb(gpu)} | {marks} |")
     from deeplabv2.utils.fileio import atomic_write_text
     atomic_write_text(RESULTS, "\n".join(lines) + "\n")
 
@@ -260,44 +258,62 @@ def main() -> None:
     p.add_argument("--only", default="", help="run the configs whose name contains this")
     p.add_argument("--cases", nargs="*", metavar="CONFIG:AMP:CHECKPOINT",
                    help="these cases in this order, e.g. gta5_to_cityscapes_dacs:bf16:true")
-    p.add_argument("--estimate", action="store_true",
-                   help="deeplabv2.memory's estimate of every case instead (seconds each)")
     p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--scale", type=float, default=1.0,
+                   help="--case at crops this many times the released ones per side")
+    p.add_argument("--fit", type=float, nargs=2, metavar=("S1", "S2"),
+                   help="measure each case at these two scales and extrapolate to the released "
+                        "crops (growth = a + b * scale^2), instead of running them")
+    p.add_argument("--jobs", type=int, default=1, help="cases measured at the same time")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     if args.case:
         name, amp, ckpt = args.case
-        print(json.dumps(run_case(name, amp, ckpt == "true", args.steps, args.threads)))
+        print(json.dumps(run_case(name, amp, ckpt == "true", args.steps, args.threads,
+                                  args.scale)))
         return
     rows = json.loads(RAW.read_text()) if RAW.exists() else []
-    estimates = json.loads(ESTIMATES.read_text()) if ESTIMATES.exists() else []
     from deeplabv2.utils.fileio import atomic_write_text
-    if args.estimate:
-        torch.set_num_threads(args.threads)
-        estimates = [estimate_case(name, amp, ckpt) for name in CONFIGS if args.only in name
-                     for amp, ckpt in VARIANTS]
-        atomic_write_text(ESTIMATES, json.dumps(estimates, indent=1) + "\n")
-        write_results(rows, estimates)
-        return
     cases = [(name, amp, ckpt) for name in CONFIGS if args.only in name for amp, ckpt in VARIANTS]
     if args.cases:  # CONFIG:AMP:CHECKPOINT, in this order
         cases = [(c, amp, ckpt == "true") for c, amp, ckpt in (x.split(":") for x in args.cases)]
-    for name, amp, ckpt in cases:
-        if True:
+    from concurrent.futures import ThreadPoolExecutor
+
+    def measure(case):
+        name, amp, ckpt = case
+        scales = args.fit or [1.0]
+        points = []
+        for scale in scales:
             cmd = [sys.executable, __file__, "--case", name, amp, str(ckpt).lower(),
-                   "--steps", str(args.steps), "--threads", str(args.threads)]
+                   "--steps", str(args.steps), "--threads", str(args.threads),
+                   "--scale", str(scale)]
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode:
-                sys.exit(f"{name} amp={amp} checkpoint={ckpt} failed:\n{out.stderr[-3000:]}")
-            row = json.loads(out.stdout.strip().splitlines()[-1])
-            rows = [r for r in rows if (r["config"], r["amp"], r["checkpoint_backbone"])
-                    != (name, amp, ckpt)] + [row]
+                raise RuntimeError(f"{name} amp={amp} checkpoint={ckpt} scale={scale} "
+                                   f"failed:\n{out.stderr[-3000:]}")
+            points.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        row = dict(points[-1])
+        if args.fit:  # growth = a + b * scale^2 through the two, at scale 1
+            (s1, g1), (s2, g2) = [(p["scale"], p["growth"]) for p in points]
+            b = (g2 - g1) / (s2 ** 2 - s1 ** 2)
+            row.update(growth=int(g1 + b * (1 - s1 ** 2)), scale=1.0,
+                       fitted_from=[{k: p[k] for k in ("scale", "crop", "growth", "seconds")}
+                                    for p in points],
+                       seconds=sum(p["seconds"] for p in points))
+        return row
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        for row in pool.map(measure, cases):
+            key = (row["config"], row["amp"], row["checkpoint_backbone"])
+            rows = [r for r in rows if (r["config"], r["amp"], r["checkpoint_backbone"]) != key
+                    or bool(r.get("fitted_from")) != bool(row.get("fitted_from"))] + [row]
             rows.sort(key=lambda r: (CONFIGS.index(r["config"]),
-                                     VARIANTS.index((r["amp"], r["checkpoint_backbone"]))))
+                                     VARIANTS.index((r["amp"], r["checkpoint_backbone"])),
+                                     bool(r.get("fitted_from"))))
             atomic_write_text(RAW, json.dumps(rows, indent=1) + "\n")
-            write_results(rows, estimates)
-            print(f"{name} amp={amp} checkpoint={ckpt}: growth {gb(row['growth'])} GiB, "
-                  f"state {gb(row['state_bytes'])} GiB, {row['seconds']:.0f} s", flush=True)
+            write_results(rows)
+            print(f"{key}: growth {gb(row['growth'])} GiB, state {gb(row['state_bytes'])} GiB, "
+                  f"{row['seconds']:.0f} s", flush=True)
 
 
 if __name__ == "__main__":
