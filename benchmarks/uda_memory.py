@@ -11,7 +11,9 @@ and its backward, the optimizer step, the teacher's update), and measures the la
 kernel's peak resident set (``VmHWM``) is reset (``/proc/self/clear_refs``, 5) just before it,
 so ``growth`` = peak RSS during the step - RSS before it is what the step itself needed at its
 worst moment (activations, gradients, the teacher's and the mixing's tensors, oneDNN's
-scratch), whatever allocates it, with no hook on PyTorch's allocator. Why not ``ru_maxrss``:
+scratch), whatever allocates it, with no hook on PyTorch's allocator. The processes run with
+glibc's mmap threshold fixed at 64 KiB (:data:`MALLOC`), so that a freed tensor leaves the
+resident set at once, as it leaves a GPU allocator's ``memory_allocated``. Why not ``ru_maxrss``:
 it cannot be reset, so building the network would hide the step's own peak; why not
 ``torch.profiler``'s memory timeline: it records PyTorch's allocations only and slows the step
 several times. The first step also allocates the optimizer's state, hence ``--steps 2`` (the
@@ -63,6 +65,12 @@ CONFIGS = ["gta5_to_cityscapes_dacs", "gta5_to_cityscapes_daformer_dlv2",
            "gta5_to_cityscapes_mic_hrda_dlv2"]
 VARIANTS = [("none", False), ("none", True), ("bf16", False), ("bf16", True)]
 GiB = 1024 ** 3
+#: glibc's malloc for the measured processes: every block of 64 KiB or more its own mapping,
+#: given back to the kernel when freed. By default the mmap threshold grows (up to 32 MiB)
+#: after the first such free and the heap keeps what is freed below it: the first step's
+#: activations then stay resident and the measured step reuses them, so its RSS growth reads
+#: too low.
+MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 CARDS = {"8 GB": 8 * GiB, "12 GB": 12 * GiB}
 #: what a GPU holds beyond PyTorch's tensors: the CUDA context, cuDNN workspaces, the caching
 #: allocator's rounding (an allowance, not a measurement)
@@ -117,6 +125,8 @@ def run_case(name: str, amp: str, checkpoint: bool, steps: int, threads: int,
     from deeplabv2.precision import autocast_context
     from deeplabv2.train import _build_model, _network, build_optimizer, set_lr
 
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") != MALLOC["MALLOC_MMAP_THRESHOLD_"]:
+        raise SystemExit("run --case through the benchmark (or with the environment of MALLOC)")
     torch.set_num_threads(threads)
     cfg = load_config(CONFIG_DIR / f"{name}.yaml",
                       ["model.weights=null", f"train.amp={amp}",
@@ -287,7 +297,7 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--case", name, amp, str(ckpt).lower(),
                    "--steps", str(args.steps), "--threads", str(args.threads),
                    "--scale", str(scale)]
-            out = subprocess.run(cmd, capture_output=True, text=True)
+            out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **MALLOC})
             if out.returncode:
                 raise RuntimeError(f"{name} amp={amp} checkpoint={ckpt} scale={scale} "
                                    f"failed:\n{out.stderr[-3000:]}")
