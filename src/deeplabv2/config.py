@@ -110,6 +110,11 @@ class TrainConfig:
     # newer GPUs); false: true FP32, what the released adaptation runs computed (older GPUs)
     tf32: bool = True
     channels_last: bool = False
+    # activation checkpointing of the ResNet backbone while training: its stem and each
+    # bottleneck keep only their input and run again in the backward pass (about a third more
+    # compute per step, far less activation memory; benchmarks/uda_memory_results.md).
+    # Results, gradients and BN statistics are unchanged
+    checkpoint_backbone: bool = False
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1"
     seed: int = 0
     out_dir: str = "runs/experiment"
@@ -405,6 +410,12 @@ def validate(cfg: Config) -> None:
     _validate_adapt(cfg)
     if not isinstance(t.tf32, bool):
         raise ConfigError(f"train.tf32 must be true or false, got {t.tf32!r}")
+    if not isinstance(t.checkpoint_backbone, bool):
+        raise ConfigError(f"train.checkpoint_backbone must be true or false, got "
+                          f"{t.checkpoint_backbone!r}")
+    if t.checkpoint_backbone and cfg.model.backbone != "resnet":
+        raise ConfigError(f"train.checkpoint_backbone applies to the ResNet backbone only, "
+                          f"not model.backbone={cfg.model.backbone!r}")
     if not isinstance(t.check_memory, bool):
         raise ConfigError(f"train.check_memory must be true or false, got {t.check_memory!r}")
     if data.check not in ("all", "none") and not str(data.check).isdigit():

@@ -13,7 +13,9 @@ bytes, as the sum of
   the loop calls it: MSC's extra scales, ``train.loss_at: full``'s upsampled logits, the
   target forward, the teacher, the discriminators' inputs and own forward, under the run's
   autocast and memory format) at two small crops of the configured aspect, one image each,
-  counting each saved storage once (parameters excluded; bf16 saves half). Those bytes are
+  counting each saved storage once (parameters excluded; bf16 saves half; under
+  ``train.checkpoint_backbone`` the hooks see what the checkpoints keep: each segment's
+  input). Those bytes are
   ``a + b * pixels`` (``a``: what does not grow with the crop, e.g. the autocast weight
   copies), fitted per pass through the two probes and evaluated at ``data.batch_size`` crops
   of ``data.crop_size`` (one micro-step: ``train.accumulate`` does not change it); the largest

@@ -56,6 +56,7 @@ from .evaluation.metrics import save_json
 from .adapt.methods import Method, Step, build_method
 from .memory import check_training_memory, crop_warnings
 from .model import MSC, DeepLabV2, build_model, get_alignment, msc_loss
+from .model.resnet import set_backbone_checkpointing
 from .precision import autocast_context, resolve_train_amp
 from .weights import load_weights, save_weights
 
@@ -354,6 +355,7 @@ def _set_up(cfg: Config, resume: str | None, allow_changes: bool) -> _Run:
         for line in crop_warnings(cfg, train_ds, target_ds):
             print(line, file=sys.stderr)
     model = _build_model(cfg, train_ds.num_classes).to(device)
+    set_backbone_checkpointing(model, t.checkpoint_backbone)  # before the teachers copy it
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, t)

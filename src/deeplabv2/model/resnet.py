@@ -30,8 +30,11 @@ lhoyer/DAFormer, identical in lhoyer/HRDA and lhoyer/MIC; their config
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 #: layout name -> (stride on the first 1x1 conv?, max-pool ceil_mode)
@@ -162,8 +165,44 @@ class Bottleneck(nn.Module):
         return self.relu(out + identity)
 
 
+@contextlib.contextmanager
+def _keep_running_stats(module: nn.Module):
+    """The BN running statistics (``running_mean``, ``running_var``, ``num_batches_tracked``)
+    of ``module`` as they were on entry, whatever runs inside: a checkpointed block's forward
+    run again in the backward pass normalises by the same batch statistics, but must not move
+    the running averages a second time. Restored on any exit (the non-reentrant checkpoint
+    stops a recomputation early by raising once it has what the backward needs)."""
+    saved = [(b, b.clone()) for m in module.modules() if isinstance(m, nn.BatchNorm2d)
+             for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, before in saved:
+                b.copy_(before)
+
+
+def checkpointed(module: nn.Module, fn, x: torch.Tensor) -> torch.Tensor:
+    """``fn(x)`` (a function of ``module``) under activation checkpointing: only ``x`` is kept
+    for the backward pass, which runs ``fn`` again (``use_reentrant=False``: works with DDP,
+    inputs without gradient and frozen parameters) with ``module``'s BN running statistics
+    left as the first run made them (:func:`_keep_running_stats`)."""
+    return torch.utils.checkpoint.checkpoint(
+        fn, x, use_reentrant=False,
+        context_fn=lambda: (contextlib.nullcontext(), _keep_running_stats(module)))
+
+
 class ResNet(nn.Module):
-    """Dilated ResNet returning the stride-8 ``(N, 2048, H/8, W/8)`` features of layer4."""
+    """Dilated ResNet returning the stride-8 ``(N, 2048, H/8, W/8)`` features of layer4.
+
+    ``checkpoint_blocks = True`` (``train.checkpoint_backbone``) trades compute for memory
+    while gradients are recorded: the stem and each bottleneck keep only their input for the
+    backward pass and run their forward again there (about one more backbone forward per
+    step); the results, gradients and BN running statistics are those of the plain forward.
+    A forward without gradient (an EMA teacher, a frozen ImageNet copy, evaluation) is the
+    plain one."""
+
+    checkpoint_blocks = False
 
     def __init__(self, blocks: tuple[int, int, int, int], frozen_bn: bool = True,
                  layout: str = "caffe", width: int = 64, bn: str | None = None,
@@ -239,6 +278,32 @@ class ResNet(nn.Module):
     def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(layer3, layer4)`` stride-8 features: ``(N, 1024, h, w)`` and ``(N, 2048, h, w)``
         for ResNet-101 (layer3 feeds the multi-level auxiliary head of AdaptSegNet/ADVENT)."""
+        if self.checkpoint_blocks and torch.is_grad_enabled():
+            return self._checkpointed_features(x)
         x = self.maxpool(self.stem_features(x))
         x3 = self.layer3(self.layer2(self.layer1(x)))
         return x3, self.layer4(x3)
+
+    def _checkpointed_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`features` with the stem and every bottleneck checkpointed (one segment
+        each: what stays for the backward is the input of each, about 1/10 of what a
+        bottleneck saves)."""
+        x = checkpointed(self, lambda t: self.maxpool(self.stem_features(t)), x)
+        for stage in (self.layer1, self.layer2, self.layer3):
+            for block in stage:
+                x = checkpointed(block, block, x)
+        x3 = x
+        for block in self.layer4:
+            x = checkpointed(block, block, x)
+        return x3, x
+
+
+def set_backbone_checkpointing(model: nn.Module, enabled: bool) -> int:
+    """Turn :attr:`ResNet.checkpoint_blocks` on or off in every ResNet inside ``model`` (a
+    DeepLab v2, an HRDA wrapper, MSC); return how many were found (0: no ResNet, e.g. VGG)."""
+    found = 0
+    for m in model.modules():
+        if isinstance(m, ResNet):
+            m.checkpoint_blocks = bool(enabled)
+            found += 1
+    return found
