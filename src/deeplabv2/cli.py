@@ -744,7 +744,7 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--adapt", action="store_true",
                     help="domain adaptation demo: synthetic source -> restyled target, "
                          "source-only vs adaptation methods vs target-supervised (about "
-                         "6 min on 2 cores; all methods about 20)")
+                         "6 min on 2 cores; all 11 methods about 25)")
     de.add_argument("--methods", nargs="+", default=["fda"],
                     help="with --adapt: adaptsegnet advent minent fda fda_ssl dacs mic_dacs "
                          "daformer mic_daformer hrda mic_hrda, or all "
