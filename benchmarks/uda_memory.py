@@ -147,7 +147,11 @@ def run_case(name: str, amp: str, checkpoint: bool, steps: int, threads: int,
     def batch():
         return dict(images=torch.randn(d.batch_size, 3, *crop, generator=g) * 50,
                     labels=torch.randint(0, classes, (d.batch_size, *crop), generator=g),
-                    target=torch.randn(d.batch_size, 3, *target_crop, generator=g) * 50)
+                    target=torch.randn(d.batch_size, 3, *target_crop, generator=g) * 50,
+                    # each target crop at the top left of the released 2048x1024 frame, not
+                    # flipped (read by adapt.pseudo_margins_frame: image)
+                    target_boxes=torch.tensor([[0, 0, max(1024, target_crop[0]),
+                                                max(2048, target_crop[1]), 0]] * d.batch_size))
 
     def step(it: int) -> float:
         started = time.perf_counter()
