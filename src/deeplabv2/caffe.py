@@ -42,7 +42,6 @@ init file gives a backbone-only checkpoint (``backbone_only`` recorded), which t
 
 from __future__ import annotations
 
-import hashlib
 import re
 import struct
 from dataclasses import dataclass, field
@@ -53,6 +52,7 @@ import torch
 from .model import build_model
 from .model.deeplab import DEFAULT_RATES, LARGEFOV_RATES
 from .model.vgg import _CFG as VGG_CFG
+from .utils.digest import file_sha256
 from .weights import LoadReport, WeightsError
 
 #: V1LayerParameter.LayerType values of the layers that can hold blobs (caffe.proto)
@@ -796,14 +796,6 @@ def prototxt_problems(path, converted: Converted, model) -> list[str]:
 
 
 # -- the command ----------------------------------------------------------------------------------
-def sha256_of(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def convert_caffemodel(path, out=None, *, arch: str = "auto", prototxt=None,
                        num_classes: int | None = None, classes=None):
     """Convert ``path`` (a ``.caffemodel``) into this project's checkpoint ``out`` (``.pth`` or
@@ -853,7 +845,7 @@ def convert_caffemodel(path, out=None, *, arch: str = "auto", prototxt=None,
         report.notes.append("no DeepLab v2 head in the file: a backbone-only checkpoint "
                             "(train from it with model.weights=...; it cannot evaluate)")
     out = Path(out) if out is not None else path.with_suffix(".pth")
-    provenance = {"source": path.name, "sha256": sha256_of(path), "converter":
+    provenance = {"source": path.name, "sha256": file_sha256(path), "converter":
                   "deeplabv2 convert", "arch": conv.arch}
     save_weights(model, out, classes=classes, provenance=provenance,
                  backbone_only=conv.backbone_only)

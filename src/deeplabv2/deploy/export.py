@@ -14,7 +14,6 @@ Any size can be the traced one (the padding to a multiple of 16 is traced with i
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import torch
 from torch import nn
 
 from .fast import fold_batchnorm
+from ..utils.digest import file_sha256
 from ..utils.fileio import atomic_write, atomic_write_text
 
 
@@ -136,10 +136,6 @@ def write_sha256(path) -> Path:
     """``{path}.sha256`` in ``sha256sum`` format, so that a copy of an exported file (read by
     other runtimes, not by this project) can be checked with ``sha256sum -c``."""
     path = Path(path)
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
     sidecar = path.with_name(path.name + ".sha256")
-    atomic_write_text(sidecar, f"{h.hexdigest()}  {path.name}\n")
+    atomic_write_text(sidecar, f"{file_sha256(path)}  {path.name}\n")
     return sidecar

@@ -15,7 +15,6 @@ records the checkpoint's SHA-256 (a stale file is rebuilt, or for INT8 refused),
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import warnings
@@ -26,6 +25,7 @@ from torch import nn
 
 from ..model.deeplab import NetworkWrapper
 from ..precision import bf16_pays
+from ..utils.digest import file_sha256
 from ..utils.fileio import atomic_write_text, write_failure
 from .fast import fold_batchnorm
 from ..weights import weights_file
@@ -60,11 +60,7 @@ def require_openvino():
 
 def file_digest(path) -> str:
     """SHA-256 of a checkpoint file (of its ``model.safetensors`` for a model folder)."""
-    h = hashlib.sha256()
-    with open(weights_file(path), "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_sha256(weights_file(path))
 
 
 def artefact_dir(checkpoint) -> Path:

@@ -20,7 +20,6 @@ checkpoints not yet there; other settings start the series again.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ..snapshots import list_snapshots
+from ..utils.digest import file_sha256
 from ..utils.fileio import atomic_write_text
 
 CACHE_VERSION = 1
@@ -62,16 +62,8 @@ class SeriesResult:
     selection: str = "final"
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _same_file_contents(a: Path, b: Path) -> bool:
-    return a.stat().st_size == b.stat().st_size and _file_digest(a) == _file_digest(b)
+    return a.stat().st_size == b.stat().st_size and file_sha256(a) == file_sha256(b)
 
 
 def run_entries(run_dir, final_iteration: int | None = None) -> list[Entry]:

@@ -46,6 +46,15 @@ def _update(h, obj) -> None:
         h.update(f"{type(obj).__name__}:{obj!r};".encode())
 
 
+def file_sha256(path) -> str:
+    """Hex SHA-256 of a file's bytes, read in 4 MiB blocks (``sha256sum``'s value)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def content_digest(obj) -> str:
     """Hex SHA-256 of ``obj`` (see the module docstring); equal iff the contents are equal."""
     h = hashlib.sha256()
