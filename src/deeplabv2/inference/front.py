@@ -46,11 +46,15 @@ def predict_probs(model, images: torch.Tensor, *, amp: str = "none",
                   channels_last: bool = False) -> torch.Tensor:
     """Whole-image inference: ``(N, 3, H, W)`` preprocessed input -> ``(N, C, H, W)`` float32
     softmax probabilities at the input size (scores upsampled bilinearly before the softmax)."""
+    return F.softmax(_logits(model, images, amp, channels_last), dim=1)
+
+
+def _logits(model, images: torch.Tensor, amp: str, channels_last: bool) -> torch.Tensor:
+    """The model's float32 scores at the input size, in ``amp`` and the memory format asked."""
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     with autocast_context(images.device, amp):
-        logits = model(images)
-    return F.softmax(logits.float(), dim=1)
+        return model(images).float()
 
 
 # -- argument checks ----------------------------------------------------------------------------
@@ -101,23 +105,15 @@ def _sliding_probs(model, x: torch.Tensor, crop: tuple[int, int], stride: tuple[
     for top in window_starts(padded_h, crop[0], stride[0]):
         for left in window_starts(padded_w, crop[1], stride[1]):
             window = x[:, :, top:top + crop[0], left:left + crop[1]]
-            if fuse == "logits":
-                probs = _window_logits(model, window, amp, channels_last)
-            else:
-                probs = predict_probs(model, window, amp=amp, channels_last=channels_last)
+            out = _logits(model, window, amp, channels_last)
+            if fuse == "probs":
+                out = F.softmax(out, dim=1)
             if total is None:
-                total = torch.zeros(n, probs.shape[1], padded_h, padded_w, device=x.device)
-            total[:, :, top:top + crop[0], left:left + crop[1]] += probs
+                total = torch.zeros(n, out.shape[1], padded_h, padded_w, device=x.device)
+            total[:, :, top:top + crop[0], left:left + crop[1]] += out
             count[:, :, top:top + crop[0], left:left + crop[1]] += 1
     mean = (total / count)[:, :, :height, :width]
     return F.softmax(mean, dim=1) if fuse == "logits" else mean
-
-
-def _window_logits(model, window: torch.Tensor, amp: str, channels_last: bool) -> torch.Tensor:
-    if channels_last:
-        window = window.contiguous(memory_format=torch.channels_last)
-    with autocast_context(window.device, amp):
-        return model(window).float()
 
 
 def _check_fuse(window_fuse) -> None:
