@@ -513,9 +513,17 @@ def cmd_adapt_table(args) -> int:
 def cmd_demo(args) -> int:
     if args.adapt:
         from .demo.adapt import ALL_METHODS, run_adapt_demo
-        methods = ALL_METHODS if args.methods == ["all"] else tuple(args.methods)
-        run_adapt_demo(args.out or "reports/demo_adapt", methods, overrides=args.overrides)
+        # "--methods dacs hrda model.width=8": nargs="+" takes the overrides after the names
+        # too; a method's name never holds "=", an override always does
+        names = [m for m in args.methods if "=" not in m]
+        overrides = [*(m for m in args.methods if "=" in m), *args.overrides]
+        methods = ALL_METHODS if names == ["all"] else tuple(names)
+        run_adapt_demo(args.out or "reports/demo_adapt", methods, overrides=overrides,
+                       scene_scale=args.scene_scale, method_iterations=args.iterations)
         return 0
+    if args.scene_scale != 1 or args.iterations != 300:
+        raise SystemExit("deeplabv2 demo: --scene-scale and --iterations are options of "
+                         "--adapt (the supervised demo takes train.iterations=N)")
     from .demo.supervised import run_demo
     run_demo(args.out or "reports/demo", args.overrides)
     return 0
@@ -750,6 +758,14 @@ def build_parser() -> argparse.ArgumentParser:
                          "daformer mic_daformer hrda mic_hrda, or all "
                          "(fda_ssl: FDA's self-training round on the fda run's pseudo-labels; "
                          "mic_*: MIC on the dacs, daformer or hrda row; default: fda)")
+    de.add_argument("--scene-scale", type=int, default=1, metavar="S",
+                    help="with --adapt: render every scene at S times 160x96; HRDA's rows train "
+                         "on them at that size (context at 0.5, detail at full resolution), "
+                         "the others at 160x96, as the released codes split the resolutions "
+                         "(default 1)")
+    de.add_argument("--iterations", type=int, default=300, metavar="N",
+                    help="with --adapt: iterations of every run after the 400-iteration "
+                         "source warm-up (default 300; DAFormer's warm-up keeps its share)")
     de.add_argument("overrides", nargs="*", help="section.key=value for the demo config")
     de.set_defaults(func=cmd_demo)
 

@@ -42,7 +42,7 @@ from ..config import load_config
 from ..data import build_dataset
 from ..evaluation.evaluate import evaluate
 from ..evaluation.metrics import save_json
-from ..evaluation.table import Row, build_table, markdown, write_markdown
+from ..evaluation.table import Row, build_table, markdown, test_time, write_markdown
 from ..app.report import write_table_page
 from ..deploy.fast import optimize_for_inference
 from ..utils.fileio import atomic_write_buffered, atomic_write_text
@@ -81,10 +81,13 @@ TARGET_METRICS = "target_val_metrics.json"
 # - rare-class sampling of the source at T 0.01 as released, min_pixels 3000 of a 512x512
 #   crop scaled to the 96x160 scene: 176 (then 0.5 x 176 in the crop), and mmseg's crop
 #   re-draw at cat_max_ratio 0.75.
-DAFORMER = ["train.warmup_iters=11", "adapt.ema_alpha=0.999",
-            "adapt.pseudo_margins=[3, 22, 0, 0]", "adapt.fdist_lambda=0.005",
+PSEUDO_MARGINS = [3, 22, 0, 0]
+RCS_MIN_PIXELS = 176
+DAFORMER = ["train.warmup_iters=11", "adapt.ema_alpha=0.999",  # 11: see warmup_iterations
+            f"adapt.pseudo_margins={PSEUDO_MARGINS}", "adapt.fdist_lambda=0.005",
             "adapt.fdist_classes=[5]", "adapt.fdist_min_ratio=0.75",
-            "data.rare_class_sampling={temperature: 0.01, min_pixels: 176, min_crop_ratio: 0.5}",
+            f"data.rare_class_sampling={{temperature: 0.01, min_pixels: {RCS_MIN_PIXELS}, "
+            f"min_crop_ratio: 0.5}}",
             "data.cat_max_ratio=0.75"]
 # MIC's masked image consistency (adapt.mic) on the demo's 96x160 crop:
 # - block size: released 32 pixels on the 512x512 crops of the DeepLab v2 rows (64 on HRDA's
@@ -92,7 +95,8 @@ DAFORMER = ["train.warmup_iters=11", "adapt.ema_alpha=0.999",
 #   96 / 512 = 6 pixels, a 16 x 27 grid of blocks (released 16 x 16 on a square crop);
 # - mask ratio 0.7, lambda 1 and the target's colour augmentation as released (no tie to the
 #   network, crop or iterations); the pseudo-labels and weights are the host row's.
-MIC = ["adapt.mic={mask_ratio: 0.7, block_size: 6, lambda: 1.0, augment: true}"]
+MIC_BLOCK = 6
+MIC = [f"adapt.mic={{mask_ratio: 0.7, block_size: {MIC_BLOCK}, lambda: 1.0, augment: true}}"]
 # HRDA (adapt.method hrda) on the daformer row's settings. Released: a 1024x1024 crop of images
 # at twice DAFormer's resolution (GTA5 2560x1407, Cityscapes 2048x1024), seen whole at scale 0.5
 # (the context: the 512x512 view DAFormer trains on) and a 512x512 detail crop inside it at full
@@ -148,25 +152,105 @@ def _options(d: dict) -> str:
     return "{" + ", ".join(f"{k}: {v if not isinstance(v, str) else v}" for k, v in d.items()) + "}"
 
 
-def method_overrides(name: str, extra=()) -> list[str]:
+def scenes(scale: int = 1) -> dict:
+    """The four scene sets (``source``, ``target``, ``target_val``, ``source_val``: the
+    :data:`SOURCE`... options) rendered at ``scale`` times their size."""
+    sets = {"source": SOURCE, "target": TARGET, "target_val": TARGET_VAL,
+            "source_val": SOURCE_VAL}
+    return {k: {**v, "size": [int(s) * scale for s in v["size"]]} for k, v in sets.items()}
+
+
+def is_hrda(name: str) -> bool:
+    return BASE_METHOD.get(name, name) == "hrda"
+
+
+def scale_overrides(name: str, scale: int) -> list[str]:
+    """The row ``name``'s settings on scenes rendered at ``scale`` times :data:`SIZE`
+    (``--scene-scale``), as the released codes split the work between resolutions:
+
+    - every row but HRDA's trains on the scenes resized to :data:`SIZE` (DAFormer's strategy
+      and the rows before it train on GTA5 and Cityscapes at half their size) and is
+      evaluated at that size, its scores upsampled to the full-size labels
+      (``eval.avg_scales [1 / scale]``; mmseg's test pipeline for the DeepLab v2 rows of
+      DAFormer);
+    - HRDA's rows train on the full-size scenes: the context crop is the whole scene, seen at
+      0.5 (at ``scale`` 2: what the other rows see), the detail crop half of each side at full
+      resolution (512 of 1024, released), and are evaluated at full resolution (their own
+      sliding-window inference). Their pixel settings are counted at that size: pseudo-label
+      margins and MIC blocks times ``scale``;
+    - rare-class sampling keeps its share of the scene: ``min_pixels`` times ``scale`` squared
+      on the full-size labels the statistics count; the crop check at the size the row's crop
+      has (``min_crop_ratio`` 0.5 on HRDA's full-size crop, 0.5 / ``scale`` squared on the
+      others' resized one: released 2.0 for HRDA's 1024 crops of full-size images against
+      DAFormer's 0.5, the same relation turned around).
+
+    ``scale`` 1 adds nothing: the demo as it is."""
+    if scale == 1:
+        return []
+    settings = METHOD_SETTINGS.get(name, [])  # warm_up, source_only, target_supervised: none
+    rcs = any(s.startswith("data.rare_class_sampling=") for s in settings)
+    mic = any(s.startswith("adapt.mic=") for s in settings)
+    min_pixels = RCS_MIN_PIXELS * scale * scale
+    if not is_hrda(name):
+        out = [f"data.resize={list(SIZE)}", f"adapt.target_resize={list(SIZE)}",
+               f"eval.avg_scales=[{1 / scale}]"]
+        if rcs:
+            out.append(f"data.rare_class_sampling={{temperature: 0.01, min_pixels: {min_pixels}, "
+                       f"min_crop_ratio: {0.5 / scale ** 2}}}")
+        return out
+    crop = [s * scale for s in SIZE]
+    out = [f"data.crop_size={crop}", f"adapt.hrda_detail_crop={[c // 2 for c in crop]}",
+           f"adapt.pseudo_margins={[m * scale for m in PSEUDO_MARGINS]}",
+           f"data.rare_class_sampling={{temperature: 0.01, min_pixels: {min_pixels}, "
+           f"min_crop_ratio: 0.5}}"]
+    if mic:
+        out.append(f"adapt.mic={{mask_ratio: 0.7, block_size: {MIC_BLOCK * scale}, "
+                   f"lambda: 1.0, augment: true}}")
+    return out
+
+
+def warmup_iterations(iterations: int) -> int:
+    """DAFormer's linear warm-up, 1500 of its 40k iterations, as the same share of a run of
+    ``iterations`` (11 of the demo's 300)."""
+    return max(1, round(1500 / 40000 * iterations))
+
+
+def method_overrides(name: str, extra=(), scale: int = 1, iterations: int = 300) -> list[str]:
     """The demo row ``name``'s overrides: its ``adapt.method``, its :data:`METHOD_SETTINGS`,
-    then ``extra`` (the run's own: weights, the caller's overrides)."""
-    return [f"adapt.method={BASE_METHOD.get(name, name)}", *METHOD_SETTINGS[name], *extra]
+    its settings at the scene ``scale`` (:func:`scale_overrides`) and, for a run of other than
+    300 ``iterations``, its warm-up's share of them, then ``extra`` (the run's own: weights,
+    the caller's overrides)."""
+    settings = METHOD_SETTINGS[name]
+    warmup = [f"train.warmup_iters={warmup_iterations(iterations)}"] if any(
+        s.startswith("train.warmup_iters=") for s in settings) else []
+    return [f"adapt.method={BASE_METHOD.get(name, name)}", *settings, *warmup,
+            *scale_overrides(name, scale), *extra]
 
 
-def _config(out: Path, name: str, iterations: int, extra=()):
+def _config(out: Path, name: str, iterations: int, extra=(), scale: int = 1):
+    sets = scenes(scale)
     base = [f"train.out_dir={out / name}", f"train.iterations={iterations}",
             "train.checkpoint_every=100000", f"train.val_every={max(10, iterations // 40 * 10)}",
-            "train.val_limit=0", f"data.options={_options(SOURCE)}",
+            "train.val_limit=0", f"data.options={_options(sets['source'])}",
             "adapt.target_dataset=synthetic", "adapt.target_split=train",
-            f"adapt.target_options={_options(TARGET)}", "adapt.target_val_split=val",
-            f"adapt.target_val_options={_options(TARGET_VAL)}"]
+            f"adapt.target_options={_options(sets['target'])}", "adapt.target_val_split=val",
+            f"adapt.target_val_options={_options(sets['target_val'])}"]
     return load_config("demo", [*base, *extra])
 
 
 def run_adapt_demo(out_dir="reports/demo_adapt", methods=DEFAULT_METHODS, source_iterations=400,
-                   method_iterations=300, overrides=()) -> dict:
-    """Run source-only, ``methods`` and the target-supervised bound; return the summary."""
+                   method_iterations=300, overrides=(), scene_scale: int = 1) -> dict:
+    """Run source-only, ``methods`` and the target-supervised bound; return the summary.
+
+    ``scene_scale`` renders every scene (source and target, training and validation) at that
+    many times :data:`SIZE`, HRDA's rows training on them at full size and the others at
+    :data:`SIZE` (:func:`scale_overrides`): the setting HRDA was made for."""
+    if not isinstance(scene_scale, int) or scene_scale < 1:
+        raise ValueError(f"scene_scale must be a whole number >= 1, got {scene_scale!r}")
+    if not isinstance(method_iterations, int) or method_iterations < 1:
+        raise ValueError(f"method_iterations must be a whole number >= 1, got "
+                         f"{method_iterations!r}")
+    scale = scene_scale
     out = Path(out_dir)
     started = time.perf_counter()
     unknown = [m for m in methods if m not in ALL_METHODS]
@@ -176,19 +260,31 @@ def run_adapt_demo(out_dir="reports/demo_adapt", methods=DEFAULT_METHODS, source
         raise ValueError("fda_ssl (FDA's self-training round) starts from the fda run's "
                          "network: list fda too (--methods fda fda_ssl)")
     methods = tuple(sorted(methods, key=lambda m: m == "fda_ssl"))  # after fda
-    target_val = build_dataset("synthetic", None, "val", **TARGET_VAL)
-    source_val = build_dataset("synthetic", None, "val", **SOURCE_VAL)
+    sets = scenes(scale)
+    target_val = build_dataset("synthetic", None, "val", **sets["target_val"])
+    source_val = build_dataset("synthetic", None, "val", **sets["source_val"])
+    h, w = sets["target_val"]["size"]
     print(f"deeplabv2 demo --adapt: synthetic source -> restyled target, methods "
-          f"{', '.join(methods)}; evaluated on {len(target_val)} target validation scenes")
+          f"{', '.join(methods)}; evaluated on {len(target_val)} target validation scenes of "
+          f"{w}x{h}" + (f" (--scene-scale {scale}: HRDA's rows train on them at that size, "
+                        f"the others at {SIZE[1]}x{SIZE[0]})" if scale > 1 else ""))
 
     runs: dict[str, dict] = {}
     rows: list = []  # each run's target-val metrics, for the per-class table
+    settings: dict = {}  # each run's test-time mode (eval.avg_scales [1 / scale] at a scale)
+    plain = scale_overrides("source_only", scale)  # the rows without a method's settings
 
     def run(name, cfg, t0=None):
         t0 = t0 or time.perf_counter()
         result = train(cfg)
         net = optimize_for_inference(load_model(result.out_dir / "model.pth"))
-        metrics = evaluate(net, target_val)
+        settings[name] = cfg.eval.inference()
+        metrics = evaluate(net, target_val, inference=settings[name])
+        # the test-time mode, which differs between rows at a scene scale, in the file and table
+        mode = test_time(cfg.to_dict()["eval"])
+        metrics["protocol"] = {**metrics["protocol"], "test_time": (
+            f"HRDA's inference (context at 0.5, detail windows), {mode}" if is_hrda(name)
+            else mode)}
         target_miou = metrics["miou"]
         # the run's target-val evaluation, as `evaluate --out` writes it (adapt-table reads it)
         save_json(metrics, list(target_val.classes), result.out_dir / TARGET_METRICS)
@@ -203,7 +299,7 @@ def run_adapt_demo(out_dir="reports/demo_adapt", methods=DEFAULT_METHODS, source
 
     # 1. the source warm-up (its validation during training is on the target, as every run's)
     run("warm_up", _config(out, "warm_up", source_iterations,
-                           ["adapt.method=source_only", *overrides]))
+                           ["adapt.method=source_only", *plain, *overrides], scale))
     # every continuation as the released adaptation codes train: BN scale and shift frozen at
     # the warm-up's, batch statistics, running averages updated (model.bn batch); the head
     # stays the warm-up's four summed branches (the two-branch head of AdaptSegNet and DACS
@@ -212,32 +308,41 @@ def run_adapt_demo(out_dir="reports/demo_adapt", methods=DEFAULT_METHODS, source
             "model.bn=batch"]
     # 2. from there: more source training (the baseline), and each method
     _, source_net = run("source_only", _config(out, "source_only", method_iterations,
-                                               ["adapt.method=source_only", *warm, *overrides]))
-    runs["source_only"]["source_val_miou"] = evaluate(source_net, source_val)["miou"]
+                                               ["adapt.method=source_only", *plain, *warm,
+                                                *overrides], scale))
+    runs["source_only"]["source_val_miou"] = evaluate(
+        source_net, source_val, inference=settings["source_only"])["miou"]
     for m in methods:
         if m == "fda_ssl":  # the row's seconds count the pseudo-labelling too
             t0 = time.perf_counter()
-            labels = _pseudo_labels(out, _config(out, "fda", method_iterations, overrides))
+            labels = _pseudo_labels(out, _config(out, "fda", method_iterations,
+                                                 [*plain, *overrides], scale))
             run(m, _config(out, m, method_iterations,
                            method_overrides(m, [f"adapt.target_labels={labels}", *warm,
-                                                *overrides])), t0)
+                                                *overrides], scale, method_iterations), scale),
+                t0)
             continue
-        run(m, _config(out, m, method_iterations, method_overrides(m, [*warm, *overrides])))
+        run(m, _config(out, m, method_iterations,
+                       method_overrides(m, [*warm, *overrides], scale, method_iterations), scale))
     # 3. the upper bound: the same continuation on labelled target scenes
     run("target_supervised", _config(out, "target_supervised", method_iterations,
-                                     ["adapt.method=source_only", f"data.options={_options(TARGET)}",
-                                      *warm, *overrides]))
+                                     ["adapt.method=source_only",
+                                      f"data.options={_options(sets['target'])}", *plain,
+                                      *warm, *overrides], scale))
 
     src = runs["source_only"]
     gap = src["source_val_miou"] - src["target_val_miou"]
     best = max(methods, key=lambda m: runs[m]["target_val_miou"]) if methods else None
     summary = {
+        "scene_scale": scale,
+        "scene_size": sets["target_val"]["size"],
         "source_only_source_val_miou": src["source_val_miou"],
         "source_only_target_val_miou": src["target_val_miou"],
         "domain_gap": gap,
         "best_method": best,
         "best_method_gain": (runs[best]["target_val_miou"] - src["target_val_miou"]) if best else None,
         "target_supervised_miou": runs["target_supervised"]["target_val_miou"],
+        "method_iterations": method_iterations,
         "runs": {k: {kk: vv for kk, vv in v.items() if kk != "curve"} for k, v in runs.items()},
         "total_seconds": round(time.perf_counter() - started, 1),
     }
@@ -250,35 +355,38 @@ def run_adapt_demo(out_dir="reports/demo_adapt", methods=DEFAULT_METHODS, source
     write_table_page(out, table, title="deeplabv2 demo --adapt: synthetic source -> restyled "
                      "target", palette=target_val.palette, sections=[_html_summary(runs, summary)])
     _curves(runs, out / "curves.png")
-    _examples(target_val, {k: out / k / "model.pth" for k in runs}, out / "examples.png")
+    _examples(target_val, {k: out / k / "model.pth" for k in runs}, out / "examples.png",
+              settings)
     print(_table(runs, summary))
     print(markdown(table), end="")
     print(f"report: {out.resolve()} (index.html, summary.json, table.md, per_class.md, "
           f"curves.png, examples.png); "
           f"{summary['total_seconds']:.0f} s in all")
-    print(_next_steps(out, list(runs), best or "source_only"))
+    print(_next_steps(out, list(runs), best or "source_only", sets["target_val"]))
     return summary
 
 
 def _pseudo_labels(out: Path, cfg) -> Path:
     """FDA's pseudo-labels of the target training scenes (the ones ``cfg``'s training reads)
-    from the ``fda`` run's network, at their own size, in ``out/fda_ssl_labels``."""
+    from the ``fda`` run's network, predicted at the size the row trains at
+    (``adapt.target_resize``), written at the scenes' own size, in ``out/fda_ssl_labels``."""
     from ..adapt.pseudo_labels import make_pseudo_labels, summary_line, target_dataset
     folder = out / "fda_ssl_labels"
     if folder.exists():  # this demo's own output of an earlier run
         shutil.rmtree(folder)
     net = load_model(out / "fda" / "model.pth").eval()
-    meta = make_pseudo_labels(net, target_dataset(cfg), folder, scale=1.0, progress=False)
+    meta = make_pseudo_labels(net, target_dataset(cfg), folder, size=cfg.adapt.target_resize,
+                              resize_filter=cfg.adapt.target_resize_filter, progress=False)
     print(f"{'':>18}  {summary_line(meta, folder)}")
     return folder
 
 
-def _next_steps(out: Path, names: list, chosen: str) -> str:
+def _next_steps(out: Path, names: list, chosen: str, target_val: dict = TARGET_VAL) -> str:
     """Where the runs' checkpoints are, and the commands that use ``chosen``'s: evaluate on
     the target validation scenes (the table's number), serve it."""
     from .supervised import shown
     ckpt, cfg = shown(out / chosen / "model.pth"), shown(out / chosen / "config.yaml")
-    target = shlex.quote(f"data.options={_options(TARGET_VAL)}")
+    target = shlex.quote(f"data.options={_options(target_val)}")
     return "\n".join([
         f"checkpoints: {shown(out / 'RUN' / 'model.pth')}, RUN one of {', '.join(names)}",
         f"next, with {chosen}'s:",
@@ -339,17 +447,21 @@ def _curves(runs: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _examples(dataset, checkpoints: dict, path: Path, count: int = 4) -> None:
-    """Rows of target image | ground truth | each run's prediction, under column titles, with
-    the class legend beside them."""
+def _examples(dataset, checkpoints: dict, path: Path, settings: dict | None = None,
+              count: int = 4) -> None:
+    """Rows of target image | ground truth | each run's prediction (in its test-time mode
+    ``settings[run]``, default whole image), under column titles, with the class legend
+    beside them."""
+    from ..inference.front import segment
+    settings = settings or {}
     nets = {k: optimize_for_inference(load_model(p)) for k, p in checkpoints.items()}
     rows = []
-    for i in range(count):
+    for i in range(min(count, len(dataset))):
         image, label = dataset.load(i)
         cells = [image, colorize(label, dataset.palette)]
-        for net in nets.values():
+        for name, net in nets.items():
             with torch.no_grad():
-                pred = net(net.preprocess(image)).argmax(1)[0].numpy()
+                pred = segment(net, image[None], settings.get(name)).labels[0].numpy()
             cells.append(colorize(pred, dataset.palette))
         gap = np.full((image.shape[0], 4, 3), 255, np.uint8)
         row = [c for cell in cells for c in (cell, gap)][:-1]

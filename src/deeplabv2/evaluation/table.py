@@ -133,7 +133,7 @@ def _from_run(run: Path, label: str | None) -> Row:
                                                  or "none"))
             row.recorded = True
         if row.protocol.get("name") == "none" and cfg:  # training validates with eval's mode
-            row.protocol = {**row.protocol, "test_time": _test_time(cfg.get("eval"))}
+            row.protocol = {**row.protocol, "test_time": test_time(cfg.get("eval"))}
         limit = (cfg.get("train") or {}).get("val_limit") or 0
         if limit:  # the training's validation counted only the first images
             row.protocol = {**row.protocol, "images": f"first {limit}"}
@@ -142,7 +142,7 @@ def _from_run(run: Path, label: str | None) -> Row:
                      "metrics.json (a finished training run) in this folder")
 
 
-def _test_time(eval_section: dict | None, flags: dict | None = None) -> str:
+def test_time(eval_section: dict | None, flags: dict | None = None) -> str:
     """The test-time mode of protocol ``none`` (the config's ``eval`` section, overridden by
     ``evaluate``'s flags): it changes the numbers too."""
     e, f = dict(eval_section or {}), dict(flags or {})
@@ -207,7 +207,7 @@ def _from_series(path: Path, data: dict, label: str, selection: str) -> Row:
     metrics["pixels"] = chosen.get("pixels")
     flags = settings.get("flags") or {}
     if name == "none":
-        protocol["test_time"] = _test_time(settings.get("eval"), flags)
+        protocol["test_time"] = test_time(settings.get("eval"), flags)
     if flags.get("limit"):
         protocol["images"] = f"first {flags['limit']}"
     metrics["protocol"] = protocol
