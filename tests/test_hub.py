@@ -332,3 +332,27 @@ def test_hubconf_with_the_package_installed(exported, tmp_path, monkeypatch):
     assert torch.equal(_logits(model), _logits(load_model(exported / "out")))
     net = torch.hub.load(str(REPO), "deeplabv2_vgg16_largefov", source="local", num_classes=2)
     assert tuple(net.config["atrous_rates"]) == (12,)
+
+
+def test_a_builder_loading_our_checkpoint_carries_its_classes_and_palette(tmp_path):
+    """A builder (or ``load_weights``) given one of our checkpoints sets the classes and
+    palette it was trained with, as ``load_model`` does; without its head, or with another
+    number of classes, they are not the model's and are not set."""
+    from deeplabv2.model.deeplab import build_model
+    config = dict(num_classes=3, blocks=[1, 1, 1, 1], width=8)
+    torch.manual_seed(0)
+    trained = build_model(config)
+    deeplabv2.save_weights(trained, tmp_path / "m.pth", ["road", "car", "sky"],
+                           [[1, 2, 3], [4, 5, 6], [7, 8, 9]])
+    model = build_model(config)
+    report = deeplabv2.load_weights(model, tmp_path / "m.pth")
+    assert report.head_loaded
+    assert model.classes == ["road", "car", "sky"]
+    assert model.palette == [[1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    assert deeplabv2.load_model(tmp_path / "m.pth").classes == model.classes
+    skipped = build_model(config)
+    deeplabv2.load_weights(skipped, tmp_path / "m.pth", head="skip")
+    assert getattr(skipped, "classes", None) is None
+    other = build_model({**config, "num_classes": 5})
+    deeplabv2.load_weights(other, tmp_path / "m.pth")  # head left initialised
+    assert getattr(other, "classes", None) is None

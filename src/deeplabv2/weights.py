@@ -683,6 +683,9 @@ def load_state(model, raw: dict[str, torch.Tensor], metadata: dict[str, Any], *,
     model.alignment = align
     if layout == "mmseg" and report.head_loaded:
         _classes_from_meta(model, mmcv_meta, report)
+    elif layout == "deeplabv2" and report.head_loaded:  # ours: the classes it was trained on
+        _classes_from_meta(model, {"CLASSES": metadata.get("classes"),
+                                   "PALETTE": metadata.get("palette")}, report)
     if backbone_layout and hasattr(model.backbone, "set_layout"):
         model.backbone.set_layout(backbone_layout)
     report.backbone_layout = backbone_layout
@@ -799,9 +802,10 @@ def _load_attention(model, att: dict, report: LoadReport, source, head: str,
 
 def _classes_from_meta(model, meta: dict, report: LoadReport) -> None:
     """Class names and colours of an mmseg checkpoint (``meta['CLASSES']``/``['PALETTE']``,
-    written by mmseg's ``train.py``) onto ``model.classes``/``model.palette`` when they count
-    the model's classes, so that ``save_weights(model, path, model.classes, model.palette)``
-    keeps them."""
+    written by mmseg's ``train.py``; ours: the header's ``classes``/``palette``) onto
+    ``model.classes``/``model.palette`` when they count the model's classes, so that a model
+    built by a :mod:`deeplabv2.hub` builder and loaded carries them as :func:`load_model`'s
+    does, and ``save_weights(model, path, model.classes, model.palette)`` keeps them."""
     classes, palette = meta.get("CLASSES"), meta.get("PALETTE")
     n = model.num_classes
     if isinstance(classes, (list, tuple)) and len(classes) == n and \
