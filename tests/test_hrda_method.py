@@ -42,7 +42,8 @@ def test_released_values_fill_in_and_the_packaged_configs_carry_them():
         ([512, 512], 0.1, 0.5)
     for name, mode, mic in (("gta5_to_cityscapes_hrda_dlv2", "whole", None),
                             ("gta5_to_cityscapes_mic_hrda_dlv2", "sliding", 64),
-                            ("synthia_to_cityscapes_hrda_dlv2", "sliding", None)):
+                            ("synthia_to_cityscapes_hrda_dlv2", "sliding", None),
+                            ("synthia_to_cityscapes_mic_hrda_dlv2", "sliding", 64)):
         cfg = load_config(name)
         a, d, e = cfg.adapt, cfg.data, cfg.eval
         assert a.method == "hrda"
@@ -75,6 +76,16 @@ def test_released_values_fill_in_and_the_packaged_configs_carry_them():
             assert e.crop_size == [1024, 1024] and e.stride == [512, 512]
             assert e.window_fuse == "logits"
         assert (a.mic or {}).get("block_size") == mic
+        if mic:  # MIC's released module settings (id 80 and 81 alike): ratio 0.7, lambda 1,
+            # the target colour-augmented ('separatetrgaug')
+            assert a.mic == {"mask_ratio": 0.7, "block_size": 64, "lambda": 1.0,
+                             "augment": True}
+    # the SYNTHIA MIC config is the SYNTHIA HRDA one plus MIC, nothing else
+    plain = load_config("synthia_to_cityscapes_hrda_dlv2").to_dict()
+    mic = load_config("synthia_to_cityscapes_mic_hrda_dlv2").to_dict()
+    assert mic["adapt"].pop("mic") and plain["adapt"].pop("mic") is None
+    assert mic["train"].pop("out_dir") != plain["train"].pop("out_dir")
+    assert mic == plain
 
 
 def test_hrda_settings_are_checked():
