@@ -184,3 +184,45 @@ def test_memory_estimate_counts_what_checkpointing_keeps(tmp_path):
                                  run.net, run.device).activations)
     plain, ckpt = est
     assert 0 < ckpt < 0.8 * plain, est
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_hrda_with_checkpointing_is_the_plain_run(tmp_path):
+    """HRDA (two network passes inside each DDP forward, trainable BN, EMA teacher) with MIC as
+    2 gloo processes, once with the backbone checkpointed and once without: the same
+    weights, BN statistics and teacher (checkpointing under DDP recomputes inside the
+    backward that DDP's gradient hooks watch; a re-entrant checkpoint would break there)."""
+    import json
+
+    from deeplabv2.config import save_config
+    from test_daformer import DAFORMER as DAFORMER_TINY
+    from torchrun import run_torchrun
+    runs = {}
+    for on in ("false", "true"):
+        cfg_path = tmp_path / f"{on}.yaml"
+        save_config(uda_config(tmp_path / on, "hrda", *HRDA_TINY, *DAFORMER_TINY, MIC,
+                               "train.iterations=2", "train.checkpoint_every=2",
+                               "train.amp=none", "data.scale_range=[1, 1]",
+                               f"train.checkpoint_backbone={on}"), cfg_path)
+        code, _, stderr = run_torchrun(["train", "-c", cfg_path, "train.progress=false"],
+                                       tmp_path)
+        assert code == 0, stderr[-3000:]
+        adapt = json.loads((tmp_path / on / "replicas_adapt.json").read_text())
+        assert adapt["world_size"] == 2 and adapt["sha256"][0] == adapt["sha256"][1]
+        runs[on] = torch.load(tmp_path / on / "last.pth", weights_only=True)
+    plain, ckpt = runs["false"], runs["true"]
+    assert load_config(str(tmp_path / "true" / "config.yaml")).train.checkpoint_backbone
+    for part in ("model", "adapt_state"):
+        flat_a, flat_b = _flat(plain[part]), _flat(ckpt[part])
+        assert flat_a.keys() == flat_b.keys() and flat_a, part
+        for k, v in flat_a.items():
+            if torch.is_tensor(v) and v.is_floating_point():
+                assert torch.allclose(v.double(), flat_b[k].double(), atol=1e-5,
+                                      rtol=1e-4), f"{part}.{k}"
+
+
+def _flat(tree, prefix=""):
+    """The tensors of a nested checkpoint entry, by dotted key."""
+    if isinstance(tree, dict):
+        return {k2: v2 for k, v in tree.items() for k2, v2 in _flat(v, f"{prefix}{k}.").items()}
+    return {prefix[:-1]: tree} if torch.is_tensor(tree) else {}
