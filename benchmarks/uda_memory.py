@@ -62,7 +62,9 @@ RESULTS = HERE / "uda_memory_results.md"
 RAW = HERE / "uda_memory_results.json"
 CONFIGS = ["gta5_to_cityscapes_dacs", "gta5_to_cityscapes_daformer_dlv2",
            "gta5_to_cityscapes_mic_daformer_dlv2", "gta5_to_cityscapes_hrda_dlv2",
-           "gta5_to_cityscapes_mic_hrda_dlv2"]
+           "gta5_to_cityscapes_mic_hrda_dlv2", "synthia_to_cityscapes_dacs",
+           "synthia_to_cityscapes_daformer_dlv2", "synthia_to_cityscapes_hrda_dlv2",
+           "synthia_to_cityscapes_mic_hrda_dlv2"]
 VARIANTS = [("none", False), ("none", True), ("bf16", False), ("bf16", True)]
 GiB = 1024 ** 3
 #: glibc's malloc for the measured processes: every block of 64 KiB or more its own mapping,
@@ -221,8 +223,8 @@ def write_results(rows: list[dict]) -> None:
         "# Peak memory of one training step per self-training method (benchmarks/uda_memory.py)",
         "",
         f"{datetime.date.today().isoformat()}, torch {torch.__version__}, CPU: {cpu_line()}; "
-        "the machine was shared with other work (load 8 on its 2 cores): the seconds are not "
-        "the point, memory is.",
+        "some rows were measured while other work shared the 2 cores (load up to 8): the "
+        "seconds are not the point, memory is.",
         "",
         "Each measurement is a fresh process: the packaged config with `model.weights=null` "
         "(random weights of the real ResNet-101 V1c or DeepLab ResNet-101: the same memory), "
