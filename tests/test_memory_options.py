@@ -226,3 +226,31 @@ def _flat(tree, prefix=""):
     if isinstance(tree, dict):
         return {k2: v2 for k, v in tree.items() for k2, v2 in _flat(v, f"{prefix}{k}.").items()}
     return {prefix[:-1]: tree} if torch.is_tensor(tree) else {}
+
+
+def test_hrda_memory_estimate_follows_its_two_passes(tmp_path):
+    """HRDA's step at a 384x384 crop with a 192x192 detail crop (the released 512 of 1024):
+    the estimate's saved bytes (its activations less the backward margin) are those counted
+    at that size (the context at 0.5 and the detail pass), within 10%. The probes (about 97
+    pixels a side) shrink the detail crop with the crop. Before, both probes were raised to
+    the detail crop, the same size: the fit then read the whole step as growing with the
+    crop's pixels, four times over from 192 to 384 (the released config: 29 GiB estimated for
+    a step whose growth measures 7.7 GiB, refused on the 12 GB card it fits)."""
+    from deeplabv2.memory import BACKWARD_MARGIN, estimate_step, measure_saved
+    from deeplabv2.train import _set_up
+    from test_daformer import DAFORMER as DAFORMER_TINY
+    size = ["data.crop_size=[384, 384]", "data.scale_range=[1, 1]", "data.batch_size=1",
+            "data.options={num_samples: 2, size: [384, 384]}",
+            "adapt.target_options={num_samples: 2, size: [384, 384], style: target}",
+            "adapt.hrda_detail_crop=[192, 192]", "adapt.pseudo_margins=[2, 6, 1, 0]"]
+    cfg = uda_config(tmp_path, "hrda", *DAFORMER_TINY, *size, "train.iterations=2",
+                     "train.amp=none", "train.check_memory=false")
+    run = _set_up(cfg, None, False)
+    assert run.model.detail_crop == (192, 192)
+    estimate = estimate_step(cfg, run.model, run.optimizer, run.method, run.make_step,
+                             run.net, run.device)
+    assert run.model.detail_crop == (192, 192)  # the probes' crop given back
+    counted = max(measure_saved(run.method, run.make_step, run.net, run.device, cfg, 0,
+                                (384, 384), (384, 384)))
+    fitted = estimate.activations / BACKWARD_MARGIN
+    assert 0.9 * counted <= fitted <= 1.1 * counted, (fitted, counted)

@@ -58,6 +58,7 @@ line naming the key) and trains, since padding wastes the step but breaks nothin
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -147,19 +148,45 @@ def held_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
 def _probe_sizes(size, model=None) -> list[tuple[int, int]]:
     """Two small crops of ``size``'s aspect (each side at least 33 pixels, at most the crop's).
     An HRDA wrapper (:mod:`deeplabv2.model.hrda`) runs crops on its grid only: each side a
-    multiple of ``8 / context scale`` pixels and at least the detail crop (its detail pass is
-    of fixed size: the probes' linear fit keeps it in the constant term)."""
+    multiple of ``8 / context scale`` pixels (at least two of them); its detail crop shrinks
+    with the probe (:func:`_probe_detail`), so that both of its passes grow with the crop's
+    pixels as the linear fit takes them to."""
     h, w = size
     big = min(1.0, math.sqrt(PROBE_PIXELS / (h * w)))
     if getattr(model, "is_hrda", False):
         m = int(round(8 / model.context_scale))
-        dh, dw = model.detail_crop
 
-        def fit(v, low, top):
-            return min(top, max(low, -(-v // m) * m))
-        return [(fit(round(h * f), dh, h), fit(round(w * f), dw, w)) for f in (0.6 * big, big)]
+        def fit(v, top):
+            return min(top, max(2 * m, -(-v // m) * m))
+        return [(fit(round(h * f), h), fit(round(w * f), w)) for f in (0.6 * big, big)]
     return [(min(h, max(33, round(h * f))), min(w, max(33, round(w * f))))
             for f in (0.6 * big, big)]
+
+
+def _probe_detail(detail, crop, probe) -> tuple[int, int]:
+    """HRDA's detail crop for a probe crop: the same share of each side as ``detail`` of
+    ``crop`` (512 of 1024: half), on the 8-pixel grid, at most the probe's side."""
+    return tuple(min(p, max(8, int(round(d * p / c / 8)) * 8))
+                 for d, c, p in zip(detail, crop, probe))
+
+
+class _DetailCrops:
+    """Every HRDA wrapper among ``modules`` (the network, the method's teacher) runs with the
+    detail crop ``detail`` inside the block, its own again after it."""
+
+    def __init__(self, modules, detail):
+        self.wrappers = [m for mod in modules for m in mod.modules()
+                         if getattr(m, "is_hrda", False)]
+        self.detail = tuple(detail)
+
+    def __enter__(self):
+        self.saved = [w.detail_crop for w in self.wrappers]
+        for w in self.wrappers:
+            w.detail_crop = self.detail
+
+    def __exit__(self, *exc):
+        for w, d in zip(self.wrappers, self.saved):
+            w.detail_crop = d
 
 
 def measure_saved(method, make_step, net: torch.nn.Module, device: torch.device, cfg,
@@ -231,10 +258,17 @@ def estimate_step(cfg, model, optimizer, method, make_step, net, device: torch.d
     crop = tuple(d.crop_size)
     target_crop = tuple(a.target_crop_size or d.crop_size)
     probes = []
+    hrda = getattr(model, "is_hrda", False)
     for size, target_size in zip(_probe_sizes(crop, model), _probe_sizes(target_crop, model)):
-        probes.append((size[0] * size[1],
-                       measure_saved(method, make_step, net, device, cfg, iteration, size,
-                                     target_size)))
+        if hrda:  # the detail crop the same share of the probe as of the crop
+            inner = _DetailCrops([model, getattr(net, "module", net), method],
+                                 _probe_detail(model.detail_crop, crop, size))
+        else:
+            inner = contextlib.nullcontext()
+        with inner:
+            probes.append((size[0] * size[1],
+                           measure_saved(method, make_step, net, device, cfg, iteration, size,
+                                         target_size)))
     (p1, s1), (p2, s2) = probes
     pixels = d.batch_size * crop[0] * crop[1]
     saved = 0
