@@ -15,7 +15,7 @@ from torch.nn import functional as F
 from deeplabv2.adapt.methods import HRDA as HRDAMethod, build_method
 from deeplabv2.config import ConfigError, load_config, save_config
 from deeplabv2.evaluation.evaluate import evaluate
-from deeplabv2.memory import _probe_sizes
+from deeplabv2.memory import _probe_detail, _probe_sizes
 from deeplabv2.model.deeplab import build_model
 from deeplabv2.model.hrda import HRDA, detail_crop_box
 from deeplabv2.train import _build_model, build_optimizer, train
@@ -161,8 +161,13 @@ def test_memory_probes_run_on_the_hrda_grid(tmp_path):
     model = _build_model(hrda_config(tmp_path), 7)
     for h, w in _probe_sizes((48, 64), model):
         assert h % 16 == 0 and w % 16 == 0 and h >= 32 and w >= 32 and h <= 48 and w <= 64
-    for h, w in _probe_sizes((1024, 1024), HRDA(model.network, detail_crop=512)):
-        assert h % 16 == 0 and w % 16 == 0 and 512 <= h <= 1024
+    # the released 1024 crop: two distinct small probes on the 16-pixel grid (97 pixels a side
+    # rounded up: 112; 0.6 of it, 58: 64), each with the detail crop at half its side, as 512
+    # of 1024 (two equal probes would leave the fit nothing to tell the passes apart by)
+    probes = _probe_sizes((1024, 1024), HRDA(model.network, detail_crop=512))
+    assert probes == [(64, 64), (112, 112)]
+    assert [_probe_detail((512, 512), (1024, 1024), p) for p in probes] == [(32, 32), (56, 56)]
+    assert _probe_detail((512, 256), (1024, 1024), (64, 112)) == (32, 32)  # 28 onto the grid
 
 
 # -- the passes against hand computations -------------------------------------------------------
