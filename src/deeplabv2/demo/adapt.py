@@ -83,12 +83,24 @@ TARGET_METRICS = "target_val_metrics.json"
 #   re-draw at cat_max_ratio 0.75.
 PSEUDO_MARGINS = [3, 22, 0, 0]
 RCS_MIN_PIXELS = 176
+
+
+def _rcs_setting(min_pixels: int, min_crop_ratio: float) -> str:
+    """The demo's rare-class sampling override (T 0.01 as released)."""
+    return (f"data.rare_class_sampling={{temperature: 0.01, min_pixels: {min_pixels}, "
+            f"min_crop_ratio: {min_crop_ratio}}}")
+
+
+def _mic_setting(block_size: int) -> str:
+    """The demo's MIC override: ratio 0.7, lambda 1 and the colour augmentation as released."""
+    return (f"adapt.mic={{mask_ratio: 0.7, block_size: {block_size}, lambda: 1.0, "
+            f"augment: true}}")
+
+
 DAFORMER = ["train.warmup_iters=11", "adapt.ema_alpha=0.999",  # 11: see warmup_iterations
             f"adapt.pseudo_margins={PSEUDO_MARGINS}", "adapt.fdist_lambda=0.005",
             "adapt.fdist_classes=[5]", "adapt.fdist_min_ratio=0.75",
-            f"data.rare_class_sampling={{temperature: 0.01, min_pixels: {RCS_MIN_PIXELS}, "
-            f"min_crop_ratio: 0.5}}",
-            "data.cat_max_ratio=0.75"]
+            _rcs_setting(RCS_MIN_PIXELS, 0.5), "data.cat_max_ratio=0.75"]
 # MIC's masked image consistency (adapt.mic) on the demo's 96x160 crop:
 # - block size: released 32 pixels on the 512x512 crops of the DeepLab v2 rows (64 on HRDA's
 #   1024 crops: the same 1/16 of the crop side); the crop is the 96-row scene here, so 32 x
@@ -96,7 +108,7 @@ DAFORMER = ["train.warmup_iters=11", "adapt.ema_alpha=0.999",  # 11: see warmup_
 # - mask ratio 0.7, lambda 1 and the target's colour augmentation as released (no tie to the
 #   network, crop or iterations); the pseudo-labels and weights are the host row's.
 MIC_BLOCK = 6
-MIC = [f"adapt.mic={{mask_ratio: 0.7, block_size: {MIC_BLOCK}, lambda: 1.0, augment: true}}"]
+MIC = [_mic_setting(MIC_BLOCK)]
 # HRDA (adapt.method hrda) on the daformer row's settings. Released: a 1024x1024 crop of images
 # at twice DAFormer's resolution (GTA5 2560x1407, Cityscapes 2048x1024), seen whole at scale 0.5
 # (the context: the 512x512 view DAFormer trains on) and a 512x512 detail crop inside it at full
@@ -195,17 +207,14 @@ def scale_overrides(name: str, scale: int) -> list[str]:
         out = [f"data.resize={list(SIZE)}", f"adapt.target_resize={list(SIZE)}",
                f"eval.avg_scales=[{1 / scale}]"]
         if rcs:
-            out.append(f"data.rare_class_sampling={{temperature: 0.01, min_pixels: {min_pixels}, "
-                       f"min_crop_ratio: {0.5 / scale ** 2}}}")
+            out.append(_rcs_setting(min_pixels, 0.5 / scale ** 2))
         return out
     crop = [s * scale for s in SIZE]
     out = [f"data.crop_size={crop}", f"adapt.hrda_detail_crop={[c // 2 for c in crop]}",
            f"adapt.pseudo_margins={[m * scale for m in PSEUDO_MARGINS]}",
-           f"data.rare_class_sampling={{temperature: 0.01, min_pixels: {min_pixels}, "
-           f"min_crop_ratio: 0.5}}"]
+           _rcs_setting(min_pixels, 0.5)]
     if mic:
-        out.append(f"adapt.mic={{mask_ratio: 0.7, block_size: {MIC_BLOCK * scale}, "
-                   f"lambda: 1.0, augment: true}}")
+        out.append(_mic_setting(MIC_BLOCK * scale))
     return out
 
 
