@@ -170,23 +170,20 @@ def _probe_detail(detail, crop, probe) -> tuple[int, int]:
                  for d, c, p in zip(detail, crop, probe))
 
 
-class _DetailCrops:
-    """Every HRDA wrapper among ``modules`` (the network, the method's teacher) runs with the
-    detail crop ``detail`` inside the block, its own again after it."""
-
-    def __init__(self, modules, detail):
-        self.wrappers = [m for mod in modules for m in mod.modules()
-                         if getattr(m, "is_hrda", False)]
-        self.detail = tuple(detail)
-
-    def __enter__(self):
-        self.saved = [w.detail_crop for w in self.wrappers]
-        for w in self.wrappers:
-            w.detail_crop = self.detail
-
-    def __exit__(self, *exc):
-        for w, d in zip(self.wrappers, self.saved):
-            w.detail_crop = d
+@contextlib.contextmanager
+def _detail_crop(modules, detail):
+    """Every HRDA wrapper among ``modules`` (the network, the method's teacher; each once)
+    runs with the detail crop ``detail`` inside the block, its own again after it."""
+    wrappers = {id(m): m for mod in modules for m in mod.modules()
+                if getattr(m, "is_hrda", False)}.values()
+    saved = [(w, w.detail_crop) for w in wrappers]
+    for w, _ in saved:
+        w.detail_crop = tuple(detail)
+    try:
+        yield
+    finally:
+        for w, own in saved:
+            w.detail_crop = own
 
 
 def measure_saved(method, make_step, net: torch.nn.Module, device: torch.device, cfg,
@@ -258,13 +255,11 @@ def estimate_step(cfg, model, optimizer, method, make_step, net, device: torch.d
     crop = tuple(d.crop_size)
     target_crop = tuple(a.target_crop_size or d.crop_size)
     probes = []
-    hrda = getattr(model, "is_hrda", False)
     for size, target_size in zip(_probe_sizes(crop, model), _probe_sizes(target_crop, model)):
-        if hrda:  # the detail crop the same share of the probe as of the crop
-            inner = _DetailCrops([model, getattr(net, "module", net), method],
-                                 _probe_detail(model.detail_crop, crop, size))
-        else:
-            inner = contextlib.nullcontext()
+        # HRDA: the detail crop the same share of the probe as of the crop
+        inner = (_detail_crop([model, getattr(net, "module", net), method],
+                              _probe_detail(model.detail_crop, crop, size))
+                 if getattr(model, "is_hrda", False) else contextlib.nullcontext())
         with inner:
             probes.append((size[0] * size[1],
                            measure_saved(method, make_step, net, device, cfg, iteration, size,
